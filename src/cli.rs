@@ -1,0 +1,85 @@
+//! The command line, as clap derive structs. Parsing only: validation that needs the filesystem
+//! happens in the commands, before any tensor is read.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Proves a LoRA merge is faithful before it ships.
+#[derive(Debug, Parser)]
+#[command(name = "lora-doctor", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check that adapters fit a base checkpoint and gate on the findings.
+    #[command(after_help = CHECK_EXAMPLES)]
+    Check(CheckArgs),
+    /// Summarise an adapter folder or a checkpoint from its headers alone.
+    #[command(after_help = INSPECT_EXAMPLES)]
+    Inspect(InspectArgs),
+    /// Explain a finding code: what it checks, why it matters, how to fix it.
+    #[command(after_help = EXPLAIN_EXAMPLES)]
+    Explain(ExplainArgs),
+}
+
+const CHECK_EXAMPLES: &str = "\
+Examples:
+  lora-doctor check --base fixtures/models/tiny-llama --adapter fixtures/adapters/llama-lora
+  lora-doctor check --base model.safetensors --adapter out/adapter --json report.json
+  lora-doctor check --base base/ --adapter sft/ --adapter ppo/ --json - | jq .verdict
+
+Exit status: 0 gate passed, 1 gate failed (a deny-level finding), 2 could not run.";
+
+const INSPECT_EXAMPLES: &str = "\
+Examples:
+  lora-doctor inspect fixtures/adapters/llama-rslora-patterns
+  lora-doctor inspect fixtures/models/tiny-llama-sharded";
+
+const EXPLAIN_EXAMPLES: &str = "\
+Examples:
+  lora-doctor explain vocab-mismatch
+  lora-doctor explain            # list every code";
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Base model: an HF folder (config.json + safetensors, sharded or not) or one .safetensors file.
+    #[arg(long, value_name = "PATH")]
+    pub base: PathBuf,
+    /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors); repeat to stack
+    /// adapters in the order they were trained.
+    #[arg(long = "adapter", value_name = "DIR", required = true)]
+    pub adapters: Vec<PathBuf>,
+    /// Only run the weight-level checks (no forward pass).
+    #[arg(long)]
+    pub weights_only: bool,
+    /// Write the JSON report to FILE, or to stdout with `-` (the summary then goes to stderr).
+    #[arg(long, value_name = "FILE|-")]
+    pub json: Option<PathBuf>,
+    /// Print nothing but errors (and the JSON when `--json -`).
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Always exit 0 when the check ran, whatever the verdict.
+    #[arg(long)]
+    pub exit_zero: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// An adapter folder, a checkpoint folder, or a .safetensors file.
+    #[arg(value_name = "PATH")]
+    pub path: PathBuf,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// A finding code such as `shape-mismatch`; omit to list every code.
+    #[arg(value_name = "CODE")]
+    pub code: Option<String>,
+}

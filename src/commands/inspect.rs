@@ -1,0 +1,165 @@
+//! `lora-doctor inspect PATH`: what an adapter or a checkpoint holds, from headers only.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::Context;
+use serde::Serialize;
+
+use super::check::base_folder;
+use crate::ExitStatus;
+use crate::cli::InspectArgs;
+use crate::findings::structure::ModuleMatch;
+use crate::io::adapter::{self, Adapter, ModuleSelector, TensorRole};
+use crate::io::checkpoint::Checkpoint;
+use crate::io::config::ModelConfig;
+use crate::report::{self, terminal};
+
+/// An adapter folder's summary.
+#[derive(Debug, Serialize)]
+pub struct AdapterSummary {
+    pub path: String,
+    pub peft_type: String,
+    pub r: usize,
+    pub lora_alpha: f64,
+    /// The default scale (before rank/alpha patterns).
+    pub scale: f64,
+    pub use_rslora: bool,
+    pub use_dora: bool,
+    pub fan_in_fan_out: bool,
+    pub base_model_name_or_path: Option<String>,
+    pub target_modules: Option<String>,
+    pub modules_to_save: Vec<String>,
+    pub tensors: usize,
+    pub bytes: usize,
+    pub dtypes: Vec<String>,
+    pub modules: Vec<ModuleMatch>,
+}
+
+/// A checkpoint's summary.
+#[derive(Debug, Serialize)]
+pub struct CheckpointSummary {
+    pub path: String,
+    pub architecture: Option<String>,
+    pub parameters: usize,
+    pub tensors: usize,
+    pub bytes: usize,
+    pub files: usize,
+    pub dtypes: BTreeMap<String, usize>,
+    pub layers: Option<usize>,
+    pub hidden_size: Option<usize>,
+    pub vocab_size: Option<usize>,
+    pub tie_word_embeddings: Option<bool>,
+    pub quantization: Option<String>,
+}
+
+pub fn run(args: &InspectArgs) -> anyhow::Result<ExitStatus> {
+    let path = &args.path;
+    let is_adapter = path.is_dir() && path.join(adapter::CONFIG_FILE).is_file();
+    let (text, json) = if is_adapter {
+        let summary = summarize_adapter(path)?;
+        (
+            terminal::adapter_summary(&summary),
+            serde_json::to_string_pretty(&summary)?,
+        )
+    } else {
+        let summary = summarize_checkpoint(path)?;
+        (
+            terminal::checkpoint_summary(&summary),
+            serde_json::to_string_pretty(&summary)?,
+        )
+    };
+    if args.json {
+        report::print_human(&format!("{json}\n"), false)?;
+    } else {
+        report::print_human(&text, false)?;
+    }
+    Ok(ExitStatus::Success)
+}
+
+fn summarize_adapter(dir: &Path) -> anyhow::Result<AdapterSummary> {
+    let adapter = Adapter::open(dir)
+        .with_context(|| format!("cannot read the adapter `{}`", dir.display()))?;
+    let config = &adapter.config;
+    let mut dtypes: Vec<String> = adapter
+        .weights
+        .tensors()
+        .map(|t| t.dtype.name().to_string())
+        .collect();
+    dtypes.sort();
+    dtypes.dedup();
+    let modules = adapter
+        .modules
+        .values()
+        .map(|m| {
+            let scaling = m.has_lora().then(|| config.scaling_for(&m.name));
+            let kind = if m.is_embedding_lora() {
+                "embedding-lora"
+            } else if m.has_lora() && m.get(TensorRole::Magnitude).is_some() {
+                "dora"
+            } else if m.has_lora() {
+                "lora"
+            } else {
+                "replace"
+            };
+            ModuleMatch {
+                module: m.name.clone(),
+                base_tensor: None,
+                resolution: None,
+                kind,
+                r: scaling.as_ref().map(|s| s.r),
+                alpha: scaling.as_ref().map(|s| s.alpha),
+                scale: scaling.as_ref().map(|s| s.scale),
+            }
+        })
+        .collect();
+    Ok(AdapterSummary {
+        path: dir.display().to_string(),
+        peft_type: config.peft_type.clone(),
+        r: config.r,
+        lora_alpha: config.lora_alpha,
+        scale: adapter::lora_scale(config.lora_alpha, config.r, config.use_rslora),
+        use_rslora: config.use_rslora,
+        use_dora: config.use_dora,
+        fan_in_fan_out: config.fan_in_fan_out,
+        base_model_name_or_path: config.base_model_name_or_path.clone(),
+        target_modules: config.target_modules.as_ref().map(|t| match t {
+            ModuleSelector::Names(names) => names.join(", "),
+            ModuleSelector::Regex(re) => format!("regex {re}"),
+        }),
+        modules_to_save: config.modules_to_save.clone(),
+        tensors: adapter.weights.len(),
+        bytes: adapter.nbytes(),
+        dtypes,
+        modules,
+    })
+}
+
+fn summarize_checkpoint(path: &Path) -> anyhow::Result<CheckpointSummary> {
+    let checkpoint = Checkpoint::open(path)
+        .with_context(|| format!("cannot open the checkpoint `{}`", path.display()))?;
+    let config = ModelConfig::read_dir(&base_folder(path))?;
+    let mut dtypes = BTreeMap::new();
+    for t in checkpoint.tensors() {
+        *dtypes.entry(t.dtype.name().to_string()).or_insert(0) += 1;
+    }
+    Ok(CheckpointSummary {
+        path: path.display().to_string(),
+        architecture: config.as_ref().and_then(|c| {
+            c.architectures
+                .first()
+                .cloned()
+                .or_else(|| c.model_type.clone())
+        }),
+        parameters: checkpoint.tensors().map(|t| t.numel()).sum(),
+        tensors: checkpoint.len(),
+        bytes: checkpoint.tensors().map(|t| t.nbytes()).sum(),
+        files: checkpoint.files().count(),
+        dtypes,
+        layers: config.as_ref().and_then(|c| c.num_hidden_layers),
+        hidden_size: config.as_ref().and_then(|c| c.hidden_size),
+        vocab_size: config.as_ref().and_then(|c| c.vocab_size),
+        tie_word_embeddings: config.as_ref().map(|c| c.tie_word_embeddings),
+        quantization: config.as_ref().and_then(ModelConfig::quantization_summary),
+    })
+}

@@ -1,0 +1,6 @@
+//! One module per subcommand. Each turns validated arguments into a finished report and hands it
+//! to the reporters; none of them prints directly.
+
+pub mod check;
+pub mod explain;
+pub mod inspect;

@@ -1,0 +1,363 @@
+//! Findings: the stable codes lora-doctor reports, their default levels, their documentation
+//! (printed by `lora-doctor explain`), and the verdict they add up to.
+//!
+//! A code's spelling is part of the CI contract (JSON `findings[].code`, `--deny CODE`); codes are
+//! never renamed, only added. Each rule family lives in its own submodule and returns `Finding`s;
+//! only this module knows every code.
+
+pub mod structure;
+
+use serde::Serialize;
+
+/// How serious a finding is. `Deny` fails the gate (exit 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Allow,
+    Warn,
+    Deny,
+}
+
+impl Level {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Allow => "allow",
+            Level::Warn => "warn",
+            Level::Deny => "deny",
+        }
+    }
+}
+
+/// Every finding code. The kebab-case spelling is the contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Code {
+    NoMatch,
+    MissingTarget,
+    ShapeMismatch,
+    RankMismatch,
+    UnusedTensor,
+    VocabMismatch,
+    TiedEmbeddings,
+    NonfiniteAdapter,
+    UntrainedAdapter,
+    BaseMismatch,
+    QuantizedBase,
+}
+
+/// Documentation of one code, in ruff's "what it checks / why it matters / how to fix" shape.
+pub struct CodeDoc {
+    pub code: Code,
+    pub default_level: Level,
+    pub summary: &'static str,
+    pub what: &'static str,
+    pub why: &'static str,
+    pub fix: &'static str,
+}
+
+impl Code {
+    /// Every code, in documentation order.
+    pub const ALL: &'static [Code] = &[
+        Code::NoMatch,
+        Code::MissingTarget,
+        Code::ShapeMismatch,
+        Code::RankMismatch,
+        Code::UnusedTensor,
+        Code::VocabMismatch,
+        Code::TiedEmbeddings,
+        Code::NonfiniteAdapter,
+        Code::UntrainedAdapter,
+        Code::BaseMismatch,
+        Code::QuantizedBase,
+    ];
+
+    /// The stable kebab-case name.
+    pub fn as_str(self) -> &'static str {
+        self.doc().name()
+    }
+
+    /// Looks a code up by its kebab-case name.
+    pub fn parse(name: &str) -> Option<Code> {
+        Code::ALL.iter().copied().find(|c| c.as_str() == name)
+    }
+
+    pub fn default_level(self) -> Level {
+        self.doc().default_level
+    }
+
+    /// The code's documentation.
+    pub fn doc(self) -> CodeDoc {
+        use Code::*;
+        use Level::*;
+        let (default_level, summary, what, why, fix) = match self {
+            NoMatch => (
+                Deny,
+                "not one adapter module maps to a base tensor",
+                "Maps every module path in the adapter to a tensor of the base checkpoint (exact name, a \
+                 toggled `model.` prefix, known multimodal prefixes, a unique suffix) and fires when none \
+                 maps at all.",
+                "PEFT loads adapter weights with strict=False: keys that match nothing are dropped without a \
+                 warning, so the 'fine-tuned' model is the base model. vLLM accepts such adapters too.",
+                "Check that --base is the model the adapter was trained on (its adapter_config.json names it \
+                 in base_model_name_or_path). If the names were rewritten by a converter, rename the keys \
+                 back to `base_model.model.<module>.lora_A.weight`.",
+            ),
+            MissingTarget => (
+                Deny,
+                "an adapter module has no tensor in the base",
+                "Fires for each adapter module whose path resolves to no base tensor while others do.",
+                "That module's update is silently dropped at load or merge time; the merged model lacks part \
+                 of the fine-tune (often a wrong layer count, a different revision, or a renamed module).",
+                "Use the base revision the adapter was trained on; compare `lora-doctor inspect` of both. If \
+                 the module is a stray from another model, remove it from the adapter.",
+            ),
+            ShapeMismatch => (
+                Deny,
+                "adapter tensor shapes do not fit the base tensor",
+                "Checks lora_A [r, in] and lora_B [out, r] against the base weight [out, in] ([in, out] for \
+                 GPT-2 Conv1D / fan_in_fan_out), lora_embedding_A/B against [vocab, dim], magnitude vectors \
+                 against the output size, and full replacement tensors against the base shape.",
+                "PEFT refuses to load a mismatched adapter; hand-written merges broadcast or transpose \
+                 silently and produce garbage.",
+                "The adapter was trained on a different model size or architecture: point --base at the \
+                 right checkpoint. If only the orientation differs, fix `fan_in_fan_out` in adapter_config.json.",
+            ),
+            RankMismatch => (
+                Deny,
+                "lora_A and lora_B disagree on r, or r differs from the config",
+                "Compares the rows of lora_A, the columns of lora_B and the rank adapter_config.json gives \
+                 the module (`r`, or its `rank_pattern` entry).",
+                "The scale alpha/r uses the configured r; a file with another r was edited or saved by a \
+                 different tool, and PEFT refuses it at load. A merge that trusts the config mis-scales it.",
+                "Restore the adapter_config.json that was saved with these weights, or fix `r` / \
+                 `rank_pattern` to the rank stored in the tensors.",
+            ),
+            UnusedTensor => (
+                Warn,
+                "an adapter tensor maps to nothing the merge uses",
+                "Flags keys the merge ignores: `lora_B.bias` without `lora_bias: true` (mergekit writes \
+                 these), `lora_magnitude_vector` without `use_dora`, lora_A without lora_B (or the reverse), \
+                 duplicate adapter-name infixes, and keys outside PEFT's grammar.",
+                "PEFT drops unexpected keys silently, so part of what was trained never reaches the model.",
+                "Set the config flag that makes the tensor count (`lora_bias`, `use_dora`), or delete the \
+                 stray tensor so the file says what is merged.",
+            ),
+            VocabMismatch => (
+                Deny,
+                "embedding rows, config vocab_size and tokenizer size disagree",
+                "Compares the rows of the adapter's embedding / lm_head tensors, the base's, \
+                 config.vocab_size and the tokenizer's id range (the adapter folder's tokenizer wins).",
+                "Adding tokens resizes the embeddings; merging onto the unresized base either fails or \
+                 leaves the new tokens without rows, and a tokenizer larger than the embedding crashes \
+                 or emits ids the model cannot embed.",
+                "Resize the base first (`model.resize_token_embeddings(len(tokenizer))` with the adapter's \
+                 tokenizer), then merge; ship the adapter's tokenizer with the merged model.",
+            ),
+            TiedEmbeddings => (
+                Deny,
+                "tied embeddings but the adapter changes embed_tokens and lm_head differently",
+                "Fires when tie_word_embeddings is true (or the base stores no lm_head) and the adapter trains \
+                 or replaces only one of embed_tokens / lm_head, or both with different tensors.",
+                "In the unmerged model the two are separate; after a merge into the single shared tensor one \
+                 silently overwrites the other (a trained lm_head is lost, or the input embeddings change).",
+                "Untie before merging: set `tie_word_embeddings: false` in the merged config and store both \
+                 tensors, or retrain with both modules in modules_to_save.",
+            ),
+            NonfiniteAdapter => (
+                Deny,
+                "NaN or Inf in an adapter tensor",
+                "Scans every adapter tensor for NaN and ±Inf and reports the count per tensor.",
+                "One non-finite value poisons every output that touches it: the merged weight row becomes NaN \
+                 and the model emits garbage or crashes.",
+                "Retrain from the last finite checkpoint (lower the learning rate, use bf16 instead of fp16, \
+                 clip gradients); never ship this adapter.",
+            ),
+            UntrainedAdapter => (
+                Warn,
+                "every lora_B is zero: the adapter does nothing",
+                "Fires when every lora_B / lora_embedding_B is exactly zero and nothing else (full tensors, \
+                 DoRA magnitudes) is stored.",
+                "PEFT initialises B to zero; an adapter saved before training, or an empty state dict saved \
+                 by a patched `state_dict`, merges to the base model unchanged.",
+                "Save after training with `model.save_pretrained(...)` (not a patched state_dict), and check \
+                 that the trainer actually updated the LoRA parameters.",
+            ),
+            BaseMismatch => (
+                Warn,
+                "the adapter names a different base model",
+                "Compares adapter_config.json's base_model_name_or_path with the base's config (model type, \
+                 architecture, `_name_or_path`) and folder name: a different model family or size warns.",
+                "An adapter merged onto another base, even of identical shape, applies a delta learned for \
+                 different weights; the result is unpredictable.",
+                "Pass the base the adapter was trained on, or confirm the base is a renamed copy of it and \
+                 allow this code.",
+            ),
+            QuantizedBase => (
+                Warn,
+                "the base is quantized, or the adapter was trained on a 4-bit base",
+                "Fires when the base config carries a quantization_config or stores integer weights, or the \
+                 adapter's base name says bnb-4bit / GPTQ / AWQ.",
+                "A QLoRA adapter learned against dequant(W4), not the 16-bit weights; merging into the 16-bit \
+                 base adds the quantization error, and merging into the 4-bit model re-quantizes and can \
+                 erase the delta.",
+                "Check with the adapter's training precision in mind (`--trained-on nf4` once the merge engine \
+                 lands) and merge into the 16-bit base, then quantize the merged model.",
+            ),
+        };
+        CodeDoc {
+            code: self,
+            default_level,
+            summary,
+            what,
+            why,
+            fix,
+        }
+    }
+}
+
+impl CodeDoc {
+    /// The kebab-case name of the documented code.
+    pub fn name(&self) -> &'static str {
+        use Code::*;
+        match self.code {
+            NoMatch => "no-match",
+            MissingTarget => "missing-target",
+            ShapeMismatch => "shape-mismatch",
+            RankMismatch => "rank-mismatch",
+            UnusedTensor => "unused-tensor",
+            VocabMismatch => "vocab-mismatch",
+            TiedEmbeddings => "tied-embeddings",
+            NonfiniteAdapter => "nonfinite-adapter",
+            UntrainedAdapter => "untrained-adapter",
+            BaseMismatch => "base-mismatch",
+            QuantizedBase => "quantized-base",
+        }
+    }
+}
+
+impl std::fmt::Display for Code {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One reported problem. Field names are the JSON contract.
+#[derive(Debug, Clone, Serialize)]
+pub struct Finding {
+    pub code: Code,
+    pub level: Level,
+    /// The adapter folder the finding concerns, when several are checked.
+    pub adapter: Option<String>,
+    pub precision: Option<String>,
+    pub module: Option<String>,
+    pub message: String,
+    pub advice: String,
+    pub observed: Option<f64>,
+    pub threshold: Option<f64>,
+}
+
+impl Finding {
+    /// A finding at the code's default level, with the code's generic advice.
+    pub fn new(code: Code, module: Option<String>, message: String) -> Self {
+        let doc = code.doc();
+        Finding {
+            code,
+            level: doc.default_level,
+            adapter: None,
+            precision: None,
+            module,
+            message,
+            advice: doc.fix.to_string(),
+            observed: None,
+            threshold: None,
+        }
+    }
+
+    /// Replaces the generic advice with advice specific to this occurrence.
+    pub fn advice(mut self, advice: impl Into<String>) -> Self {
+        self.advice = advice.into();
+        self
+    }
+
+    /// Records the measured value and the limit it was held against.
+    pub fn observed(mut self, observed: f64, threshold: Option<f64>) -> Self {
+        self.observed = Some(observed);
+        self.threshold = threshold;
+        self
+    }
+}
+
+/// The gate's outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Pass,
+    Warn,
+    Fail,
+}
+
+impl Verdict {
+    /// `fail` with any deny-level finding, `warn` with any warn-level one, else `pass`.
+    pub fn of(findings: &[Finding]) -> Verdict {
+        match findings.iter().map(|f| f.level).max() {
+            Some(Level::Deny) => Verdict::Fail,
+            Some(Level::Warn) => Verdict::Warn,
+            _ => Verdict::Pass,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Pass => "pass",
+            Verdict::Warn => "warn",
+            Verdict::Fail => "fail",
+        }
+    }
+}
+
+/// Sorts findings for deterministic output: most severe first, then code, module, adapter.
+pub fn sort(findings: &mut [Finding]) {
+    findings.sort_by(|a, b| {
+        b.level
+            .cmp(&a.level)
+            .then(a.code.cmp(&b.code))
+            .then(a.adapter.cmp(&b.adapter))
+            .then(a.module.cmp(&b.module))
+            .then(a.message.cmp(&b.message))
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn codes_are_unique_kebab_case_and_round_trip() {
+        let mut seen = HashSet::new();
+        for &code in Code::ALL {
+            let name = code.as_str();
+            assert!(seen.insert(name), "duplicate code {name}");
+            assert!(
+                name.chars().all(|c| c.is_ascii_lowercase() || c == '-'),
+                "{name} is not kebab-case"
+            );
+            assert_eq!(Code::parse(name), Some(code));
+            assert_eq!(
+                serde_json::to_value(code).expect("serialize"),
+                serde_json::Value::String(name.to_string())
+            );
+            let doc = code.doc();
+            assert!(!doc.what.is_empty() && !doc.why.is_empty() && !doc.fix.is_empty());
+        }
+    }
+
+    #[test]
+    fn verdict_follows_the_most_severe_level() {
+        let warn = Finding::new(Code::UnusedTensor, None, "x".into());
+        let deny = Finding::new(Code::NoMatch, None, "y".into());
+        assert_eq!(Verdict::of(&[]), Verdict::Pass);
+        assert_eq!(Verdict::of(std::slice::from_ref(&warn)), Verdict::Warn);
+        assert_eq!(Verdict::of(&[warn, deny]), Verdict::Fail);
+    }
+}

@@ -1,0 +1,500 @@
+//! Memory-mapped safetensors checkpoints: one file, a folder with `model.safetensors`, or a sharded
+//! folder with `model.safetensors.index.json`.
+//!
+//! Opening a checkpoint maps every file and validates every header (offsets, lengths, dtypes) but
+//! copies no tensor data. Tensors are read one at a time, converted to f32, when a caller asks —
+//! so memory stays a few tensors wide however large the model is.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use thiserror::Error;
+
+/// Storage dtype of one tensor. Only the three float formats can be read as numbers; the rest are
+/// kept by name so an inventory (and a quantized-base finding) can still be produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TensorDtype {
+    F32,
+    F16,
+    Bf16,
+    /// Any other safetensors dtype (U8 packed 4-bit, I8, I64 buffers, F8…), by its safetensors name.
+    Other(String),
+}
+
+impl TensorDtype {
+    fn from_safetensors(dtype: Dtype) -> Self {
+        match dtype {
+            Dtype::F32 => TensorDtype::F32,
+            Dtype::F16 => TensorDtype::F16,
+            Dtype::BF16 => TensorDtype::Bf16,
+            other => TensorDtype::Other(format!("{other:?}")),
+        }
+    }
+
+    /// The name safetensors and torch users know (`F32`, `BF16`, …).
+    pub fn name(&self) -> &str {
+        match self {
+            TensorDtype::F32 => "F32",
+            TensorDtype::F16 => "F16",
+            TensorDtype::Bf16 => "BF16",
+            TensorDtype::Other(name) => name,
+        }
+    }
+
+    /// True for the float formats this tool computes with.
+    pub fn is_float(&self) -> bool {
+        !matches!(self, TensorDtype::Other(_))
+    }
+
+    fn bytes_per_element(&self) -> Option<usize> {
+        match self {
+            TensorDtype::F32 => Some(4),
+            TensorDtype::F16 | TensorDtype::Bf16 => Some(2),
+            TensorDtype::Other(_) => None,
+        }
+    }
+}
+
+/// Errors opening or reading a checkpoint; every variant names the file or tensor concerned.
+#[derive(Debug, Error)]
+pub enum CheckpointError {
+    #[error("cannot read `{path}`: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{path}` is not a valid safetensors file: {reason}")]
+    Header { path: PathBuf, reason: String },
+    #[error("`{path}` is not valid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(
+        "no safetensors weights in `{path}` (expected `model.safetensors` or `model.safetensors.index.json`)"
+    )]
+    NoWeights { path: PathBuf },
+    #[error(
+        "`{path}` holds only PyTorch pickles (`{file}`); lora-doctor never unpickles files — convert them with `safetensors.torch.save_file` or `save_pretrained(safe_serialization=True)`"
+    )]
+    PickleOnly { path: PathBuf, file: String },
+    #[error("shard `{file}` listed in `{index}` is missing")]
+    MissingShard { index: PathBuf, file: String },
+    #[error(
+        "tensor `{tensor}` is listed in `{index}` under `{file}` but that shard does not contain it"
+    )]
+    IndexMismatch {
+        index: PathBuf,
+        file: String,
+        tensor: String,
+    },
+    #[error("tensor `{tensor}` appears in both `{first}` and `{second}`")]
+    DuplicateTensor {
+        tensor: String,
+        first: PathBuf,
+        second: PathBuf,
+    },
+    #[error("no tensor `{tensor}` in the checkpoint at `{path}`")]
+    NoSuchTensor { path: PathBuf, tensor: String },
+    #[error(
+        "tensor `{tensor}` has dtype {dtype}; lora-doctor reads F32, F16 and BF16 only (is this a quantized checkpoint?)"
+    )]
+    UnsupportedDtype { tensor: String, dtype: String },
+}
+
+/// Where one tensor lives and what it is, from the header alone.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub name: String,
+    pub dtype: TensorDtype,
+    pub shape: Vec<usize>,
+    file: usize,
+    start: usize,
+    end: usize,
+}
+
+impl TensorInfo {
+    /// Number of elements (1 for a scalar).
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Size of the stored data in bytes.
+    pub fn nbytes(&self) -> usize {
+        self.end - self.start
+    }
+}
+
+struct MappedFile {
+    path: PathBuf,
+    mmap: Mmap,
+}
+
+/// A set of memory-mapped safetensors files viewed as one name → tensor map.
+pub struct Checkpoint {
+    /// What the user pointed at (folder or file), for messages.
+    pub path: PathBuf,
+    files: Vec<MappedFile>,
+    tensors: BTreeMap<String, TensorInfo>,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("path", &self.path)
+            .field("files", &self.files.len())
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+const INDEX_FILE: &str = "model.safetensors.index.json";
+const SINGLE_FILE: &str = "model.safetensors";
+
+impl Checkpoint {
+    /// Opens a base checkpoint: a `.safetensors` file, or a folder holding `model.safetensors`,
+    /// `model.safetensors.index.json`, or (as a last resort) exactly the `*.safetensors` files.
+    pub fn open(path: &Path) -> Result<Self, CheckpointError> {
+        let meta = std::fs::metadata(path).map_err(|source| CheckpointError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if meta.is_file() {
+            return Self::from_files(path, &[path.to_path_buf()]);
+        }
+        let index = path.join(INDEX_FILE);
+        if index.is_file() {
+            return Self::open_sharded(path, &index);
+        }
+        let single = path.join(SINGLE_FILE);
+        if single.is_file() {
+            return Self::from_files(path, &[single]);
+        }
+        let mut found = list_with_extension(path, "safetensors")?;
+        if found.is_empty() {
+            if let Some(pickle) = list_with_extension(path, "bin")?.first() {
+                return Err(CheckpointError::PickleOnly {
+                    path: path.to_path_buf(),
+                    file: file_name(pickle),
+                });
+            }
+            return Err(CheckpointError::NoWeights {
+                path: path.to_path_buf(),
+            });
+        }
+        found.sort();
+        Self::from_files(path, &found)
+    }
+
+    /// Opens exactly one safetensors file (used for adapters, whose file name is fixed).
+    pub fn open_file(file: &Path) -> Result<Self, CheckpointError> {
+        Self::from_files(file, &[file.to_path_buf()])
+    }
+
+    fn open_sharded(dir: &Path, index: &Path) -> Result<Self, CheckpointError> {
+        let text = std::fs::read_to_string(index).map_err(|source| CheckpointError::Io {
+            path: index.to_path_buf(),
+            source,
+        })?;
+        #[derive(serde::Deserialize)]
+        struct Index {
+            weight_map: BTreeMap<String, String>,
+        }
+        let parsed: Index =
+            serde_json::from_str(&text).map_err(|source| CheckpointError::Json {
+                path: index.to_path_buf(),
+                source,
+            })?;
+        let mut shard_names: Vec<&String> = parsed.weight_map.values().collect();
+        shard_names.sort();
+        shard_names.dedup();
+        let mut shard_paths = Vec::with_capacity(shard_names.len());
+        for name in &shard_names {
+            let shard = dir.join(name);
+            if !shard.is_file() {
+                return Err(CheckpointError::MissingShard {
+                    index: index.to_path_buf(),
+                    file: (*name).clone(),
+                });
+            }
+            shard_paths.push(shard);
+        }
+        let checkpoint = Self::from_files(dir, &shard_paths)?;
+        for (tensor, file) in &parsed.weight_map {
+            let located = checkpoint
+                .tensors
+                .get(tensor)
+                .map(|info| file_name(&checkpoint.files[info.file].path));
+            if located.as_deref() != Some(file.as_str()) {
+                return Err(CheckpointError::IndexMismatch {
+                    index: index.to_path_buf(),
+                    file: file.clone(),
+                    tensor: tensor.clone(),
+                });
+            }
+        }
+        Ok(checkpoint)
+    }
+
+    fn from_files(path: &Path, files: &[PathBuf]) -> Result<Self, CheckpointError> {
+        let mut mapped = Vec::with_capacity(files.len());
+        let mut tensors: BTreeMap<String, TensorInfo> = BTreeMap::new();
+        for (file_index, file) in files.iter().enumerate() {
+            let mmap = map_file(file)?;
+            let parsed = SafeTensors::deserialize(&mmap).map_err(|e| CheckpointError::Header {
+                path: file.clone(),
+                reason: e.to_string(),
+            })?;
+            let base = mmap.as_ptr() as usize;
+            for (name, view) in parsed.iter() {
+                let data = view.data();
+                let start = data.as_ptr() as usize - base;
+                let info = TensorInfo {
+                    name: name.to_string(),
+                    dtype: TensorDtype::from_safetensors(view.dtype()),
+                    shape: view.shape().to_vec(),
+                    file: file_index,
+                    start,
+                    end: start + data.len(),
+                };
+                if let Some(previous) = tensors.insert(name.to_string(), info) {
+                    return Err(CheckpointError::DuplicateTensor {
+                        tensor: name.to_string(),
+                        first: files[previous.file].clone(),
+                        second: file.clone(),
+                    });
+                }
+            }
+            mapped.push(MappedFile {
+                path: file.clone(),
+                mmap,
+            });
+        }
+        Ok(Checkpoint {
+            path: path.to_path_buf(),
+            files: mapped,
+            tensors,
+        })
+    }
+
+    /// All tensors, sorted by name.
+    pub fn tensors(&self) -> impl Iterator<Item = &TensorInfo> {
+        self.tensors.values()
+    }
+
+    /// Header of one tensor, if present.
+    pub fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.get(name)
+    }
+
+    /// True when the checkpoint holds a tensor of this exact name.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// True when the checkpoint holds no tensors at all.
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// The files backing this checkpoint, in load order.
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        self.files.iter().map(|f| f.path.as_path())
+    }
+
+    /// The raw little-endian bytes of a tensor, borrowed from the mmap.
+    pub fn raw(&self, name: &str) -> Result<(&TensorInfo, &[u8]), CheckpointError> {
+        let info = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| CheckpointError::NoSuchTensor {
+                path: self.path.clone(),
+                tensor: name.to_string(),
+            })?;
+        let bytes = &self.files[info.file].mmap[info.start..info.end];
+        Ok((info, bytes))
+    }
+
+    /// Reads one tensor and converts it to f32 (exact for every supported dtype).
+    pub fn read_f32(&self, name: &str) -> Result<Vec<f32>, CheckpointError> {
+        let (info, bytes) = self.raw(name)?;
+        decode_f32(info, bytes)
+    }
+}
+
+/// Converts little-endian tensor bytes of a float dtype to f32.
+pub fn decode_f32(info: &TensorInfo, bytes: &[u8]) -> Result<Vec<f32>, CheckpointError> {
+    let width =
+        info.dtype
+            .bytes_per_element()
+            .ok_or_else(|| CheckpointError::UnsupportedDtype {
+                tensor: info.name.clone(),
+                dtype: info.dtype.name().to_string(),
+            })?;
+    let chunks = bytes.chunks_exact(width);
+    let values = match info.dtype {
+        TensorDtype::F32 => chunks
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        TensorDtype::F16 => chunks
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        TensorDtype::Bf16 => chunks
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        TensorDtype::Other(_) => unreachable!("bytes_per_element is None for Other"),
+    };
+    Ok(values)
+}
+
+fn map_file(path: &Path) -> Result<Mmap, CheckpointError> {
+    let io = |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    if len < 8 {
+        return Err(CheckpointError::Header {
+            path: path.to_path_buf(),
+            reason: format!("file is {len} bytes, shorter than the 8-byte header length"),
+        });
+    }
+    // SAFETY: the map is read-only; a file truncated by another process while we hold the map
+    // is the one hazard, the same one every mmap-based checkpoint loader (safetensors, candle)
+    // accepts.
+    unsafe { Mmap::map(&file) }.map_err(io)
+}
+
+fn list_with_extension(dir: &Path, extension: &str) -> Result<Vec<PathBuf>, CheckpointError> {
+    let entries = std::fs::read_dir(dir).map_err(|source| CheckpointError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_file() && path.extension().and_then(|e| e.to_str()) == Some(extension) {
+            found.push(path);
+        }
+    }
+    Ok(found)
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).expect("write test file");
+        path
+    }
+
+    /// A minimal valid safetensors file with one F32 tensor `t` of shape [2].
+    fn valid_bytes() -> Vec<u8> {
+        let header = br#"{"t":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+        let mut out = (header.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(header);
+        out.extend_from_slice(&1.5f32.to_le_bytes());
+        out.extend_from_slice(&(-2.0f32).to_le_bytes());
+        out
+    }
+
+    #[test]
+    fn reads_a_valid_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = write(dir.path(), "model.safetensors", &valid_bytes());
+        let ckpt = Checkpoint::open(&file).expect("open");
+        assert_eq!(ckpt.read_f32("t").expect("read"), vec![1.5, -2.0]);
+        let via_dir = Checkpoint::open(dir.path()).expect("open dir");
+        assert_eq!(via_dir.len(), 1);
+    }
+
+    #[test]
+    fn short_file_is_a_header_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = write(dir.path(), "x.safetensors", b"abc");
+        assert!(matches!(
+            Checkpoint::open(&file),
+            Err(CheckpointError::Header { .. })
+        ));
+    }
+
+    #[test]
+    fn truncated_data_is_a_header_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut bytes = valid_bytes();
+        bytes.truncate(bytes.len() - 3);
+        let file = write(dir.path(), "x.safetensors", &bytes);
+        assert!(matches!(
+            Checkpoint::open(&file),
+            Err(CheckpointError::Header { .. })
+        ));
+    }
+
+    #[test]
+    fn header_length_beyond_file_is_a_header_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut bytes = u64::MAX.to_le_bytes().to_vec();
+        bytes.extend_from_slice(b"{}");
+        let file = write(dir.path(), "x.safetensors", &bytes);
+        assert!(matches!(
+            Checkpoint::open(&file),
+            Err(CheckpointError::Header { .. })
+        ));
+    }
+
+    #[test]
+    fn unsupported_dtype_names_the_tensor() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let header = br#"{"q":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}"#;
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header);
+        bytes.extend_from_slice(&[1, 2]);
+        let file = write(dir.path(), "x.safetensors", &bytes);
+        let ckpt = Checkpoint::open(&file).expect("headers of any dtype open");
+        let err = ckpt.read_f32("q").expect_err("U8 cannot be read as f32");
+        assert!(err.to_string().contains("`q`") && err.to_string().contains("U8"));
+    }
+
+    #[test]
+    fn pickle_only_folder_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), "pytorch_model.bin", b"PK");
+        assert!(matches!(
+            Checkpoint::open(dir.path()),
+            Err(CheckpointError::PickleOnly { .. })
+        ));
+    }
+
+    #[test]
+    fn missing_shard_is_reported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(
+            dir.path(),
+            INDEX_FILE,
+            br#"{"metadata":{},"weight_map":{"t":"model-00001-of-00002.safetensors"}}"#,
+        );
+        assert!(matches!(
+            Checkpoint::open(dir.path()),
+            Err(CheckpointError::MissingShard { .. })
+        ));
+    }
+}

@@ -1,0 +1,8 @@
+//! Reading inputs: safetensors checkpoints (mmap, shards), PEFT adapters, model configs and
+//! tokenizer headers, and mapping adapter modules onto base tensors. Nothing here writes.
+
+pub mod adapter;
+pub mod checkpoint;
+pub mod config;
+pub mod mapping;
+pub mod tokenizer;

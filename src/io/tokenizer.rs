@@ -1,0 +1,109 @@
+//! Tokenizer facts read from `tokenizer.json` headers: how many ids it can emit, and which tokens
+//! were added on top of the base vocabulary. Enough to check vocabulary sizes against embedding
+//! rows without loading a tokenizer runtime.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use thiserror::Error;
+
+/// Errors reading `tokenizer.json`.
+#[derive(Debug, Error)]
+pub enum TokenizerError {
+    #[error("cannot read `{path}`: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{path}` is not valid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// What a `tokenizer.json` says about its id space.
+#[derive(Debug, Clone)]
+pub struct TokenizerInfo {
+    pub path: PathBuf,
+    /// Highest token id + 1, over the model vocabulary and the added tokens — what `len(tokenizer)`
+    /// returns in transformers, and the number of embedding rows the model needs at least.
+    pub size: usize,
+    /// Contents of `added_tokens` (special or not), in file order.
+    pub added_tokens: Vec<String>,
+}
+
+impl TokenizerInfo {
+    /// Reads `<dir>/tokenizer.json`; `Ok(None)` when the folder has none.
+    pub fn read_dir(dir: &Path) -> Result<Option<Self>, TokenizerError> {
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path).map_err(|source| TokenizerError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let raw: Value = serde_json::from_str(&text).map_err(|source| TokenizerError::Json {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Some(Self::from_value(path, &raw)))
+    }
+
+    fn from_value(path: PathBuf, raw: &Value) -> Self {
+        let mut max_id: Option<u64> = None;
+        let mut bump = |id: u64| max_id = Some(max_id.map_or(id, |m| m.max(id)));
+        match raw.pointer("/model/vocab") {
+            // BPE / WordPiece / WordLevel: token -> id.
+            Some(Value::Object(map)) => map.values().filter_map(Value::as_u64).for_each(&mut bump),
+            // Unigram: [[token, score], ...], ids are positions.
+            Some(Value::Array(items)) if !items.is_empty() => bump(items.len() as u64 - 1),
+            _ => {}
+        }
+        let mut added_tokens = Vec::new();
+        if let Some(Value::Array(items)) = raw.get("added_tokens") {
+            for item in items {
+                if let Some(id) = item.get("id").and_then(Value::as_u64) {
+                    bump(id);
+                }
+                if let Some(content) = item.get("content").and_then(Value::as_str) {
+                    added_tokens.push(content.to_string());
+                }
+            }
+        }
+        TokenizerInfo {
+            path,
+            size: max_id.map_or(0, |m| m as usize + 1),
+            added_tokens,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn size_covers_added_tokens_beyond_the_vocab() {
+        let raw = json!({
+            "model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "c": 2}},
+            "added_tokens": [{"id": 3, "content": "<x>"}, {"id": 4, "content": "<y>"}]
+        });
+        let info = TokenizerInfo::from_value(PathBuf::from("t.json"), &raw);
+        assert_eq!(info.size, 5);
+        assert_eq!(info.added_tokens, vec!["<x>", "<y>"]);
+    }
+
+    #[test]
+    fn unigram_vocab_is_positional() {
+        let raw = json!({"model": {"type": "Unigram", "vocab": [["a", 0.0], ["b", -1.0]]}});
+        assert_eq!(
+            TokenizerInfo::from_value(PathBuf::from("t.json"), &raw).size,
+            2
+        );
+    }
+}

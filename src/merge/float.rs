@@ -1,0 +1,447 @@
+//! IEEE rounding to the storage dtypes a merged weight ships in (f32, f16, bf16) and
+//! unit-in-the-last-place arithmetic on their grids.
+//!
+//! Every rounding here is round-to-nearest, ties-to-even (RNE) with overflow to ±inf, which is what
+//! PyTorch's `.to(dtype)`, numpy's `astype`, ggml's `GGML_FP32_TO_FP16` and the `half` crate do.
+//!
+//! Rounding from f64 is done **once**. The tempting `f16::from_f32(x as f32)` rounds twice and is
+//! wrong when the first rounding lands exactly on a tie of the second (see the unit test
+//! `double_rounding_differs_from_single_rounding`); `half`'s own `from_f64` goes through f32 on x86
+//! with F16C, or drops the low 32 mantissa bits in its fallback, so it is not used for f64 either.
+//! Instead [`round_to_grid_f64`] scales by the format's quantum at `|x|` and rounds to an integer
+//! with ties-to-even, which is exact in f64 for all three formats.
+//!
+//! Non-finite inputs: NaN stays NaN and ±inf stays ±inf. Signed zeros keep their sign.
+
+use half::{bf16, f16};
+
+/// Largest finite f16, `0x7BFF`.
+pub const F16_MAX: f32 = 65504.0;
+/// Largest finite bf16, `0x7F7F` (= (2 − 2⁻⁷)·2¹²⁷ ≈ 3.3895314e38).
+pub const BF16_MAX: f32 = 3.389_531_4e38;
+/// Largest finite f32.
+pub const F32_MAX: f32 = f32::MAX;
+
+/// A binary floating-point storage format, described by the three numbers that fix its grid.
+struct Grid {
+    /// Significand precision in bits, including the implicit leading one.
+    precision: i32,
+    /// Exponent of the smallest normal binade.
+    min_exp: i32,
+    /// Exponent of the largest finite binade.
+    max_exp: i32,
+    /// Largest finite value.
+    max_finite: f64,
+}
+
+const F32_GRID: Grid = Grid {
+    precision: 24,
+    min_exp: -126,
+    max_exp: 127,
+    max_finite: F32_MAX as f64,
+};
+const F16_GRID: Grid = Grid {
+    precision: 11,
+    min_exp: -14,
+    max_exp: 15,
+    max_finite: F16_MAX as f64,
+};
+const BF16_GRID: Grid = Grid {
+    precision: 8,
+    min_exp: -126,
+    max_exp: 127,
+    max_finite: BF16_MAX as f64,
+};
+
+/// Round an f32 to the nearest f16 (RNE, overflow to ±inf) and return it widened back to f32.
+pub fn round_f16(x: f32) -> f32 {
+    f16::from_f32(x).to_f32()
+}
+
+/// Round an f32 to the nearest bf16 (RNE, overflow to ±inf) and return it widened back to f32.
+pub fn round_bf16(x: f32) -> f32 {
+    bf16::from_f32(x).to_f32()
+}
+
+/// Round an f64 to the nearest f32 once (RNE, overflow to ±inf).
+///
+/// Rust's `as` cast from f64 to f32 is specified as round-to-nearest-even, so this is that cast;
+/// it exists so callers name the intent and so the f64 family is complete.
+pub fn round_f32_from_f64(x: f64) -> f32 {
+    x as f32
+}
+
+/// Round an f64 to the nearest f16 in a single rounding (RNE, overflow to ±inf), widened to f32.
+///
+/// Differs from `round_f16(x as f32)` when `x as f32` lands exactly halfway between two f16
+/// values that `x` itself was not halfway between.
+pub fn round_f16_from_f64(x: f64) -> f32 {
+    round_to_grid_f64(x, &F16_GRID)
+}
+
+/// Round an f64 to the nearest bf16 in a single rounding (RNE, overflow to ±inf), widened to f32.
+pub fn round_bf16_from_f64(x: f64) -> f32 {
+    round_to_grid_f64(x, &BF16_GRID)
+}
+
+/// Spacing of the f16 grid at `|x|`: `2^(e − 10)` with `e = floor(log2 |x|)` clamped to the
+/// format's exponent range, so zero and subnormals get the subnormal spacing `2⁻²⁴` and values
+/// beyond [`F16_MAX`] get the spacing of the top binade (`32`). NaN and ±inf give NaN.
+pub fn ulp_f16(x: f32) -> f32 {
+    ulp_on_grid(x, &F16_GRID)
+}
+
+/// Spacing of the bf16 grid at `|x|` (`2^(e − 7)`, subnormal spacing `2⁻¹³³`); see [`ulp_f16`].
+pub fn ulp_bf16(x: f32) -> f32 {
+    ulp_on_grid(x, &BF16_GRID)
+}
+
+/// Spacing of the f32 grid at `|x|` (`2^(e − 23)`, subnormal spacing `2⁻¹⁴⁹`); see [`ulp_f16`].
+pub fn ulp_f32(x: f32) -> f32 {
+    ulp_on_grid(x, &F32_GRID)
+}
+
+/// The storage dtypes a merged weight can be written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FloatFormat {
+    /// IEEE binary32.
+    F32,
+    /// IEEE binary16 (`torch.float16`).
+    F16,
+    /// bfloat16 (`torch.bfloat16`): f32's exponent range with an 8-bit significand.
+    Bf16,
+}
+
+impl FloatFormat {
+    /// Round an f32 to this format (RNE, overflow to ±inf), widened back to f32.
+    pub fn round(self, x: f32) -> f32 {
+        match self {
+            FloatFormat::F32 => x,
+            FloatFormat::F16 => round_f16(x),
+            FloatFormat::Bf16 => round_bf16(x),
+        }
+    }
+
+    /// Round an f64 to this format in a single rounding, widened to f32.
+    pub fn round_from_f64(self, x: f64) -> f32 {
+        match self {
+            FloatFormat::F32 => round_f32_from_f64(x),
+            FloatFormat::F16 => round_f16_from_f64(x),
+            FloatFormat::Bf16 => round_bf16_from_f64(x),
+        }
+    }
+
+    /// Spacing of this format's grid at `|x|` (see [`ulp_f16`] for the edge cases).
+    pub fn ulp(self, x: f32) -> f32 {
+        ulp_on_grid(x, self.grid())
+    }
+
+    /// Largest finite value of this format.
+    pub fn max_finite(self) -> f32 {
+        match self {
+            FloatFormat::F32 => F32_MAX,
+            FloatFormat::F16 => F16_MAX,
+            FloatFormat::Bf16 => BF16_MAX,
+        }
+    }
+
+    /// Unit roundoff `u = 2^−p` (half an ulp at 1.0): the bound on the relative error of one
+    /// rounding in the normal range. `2⁻²⁴` for f32, `2⁻¹¹` for f16, `2⁻⁸` for bf16.
+    pub fn unit_roundoff(self) -> f32 {
+        // 2^-p is exact in f32 for every p used here.
+        exp2i(-self.grid().precision) as f32
+    }
+
+    /// Lower-case dtype name as users write it: `f32`, `f16`, `bf16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            FloatFormat::F32 => "f32",
+            FloatFormat::F16 => "f16",
+            FloatFormat::Bf16 => "bf16",
+        }
+    }
+
+    fn grid(self) -> &'static Grid {
+        match self {
+            FloatFormat::F32 => &F32_GRID,
+            FloatFormat::F16 => &F16_GRID,
+            FloatFormat::Bf16 => &BF16_GRID,
+        }
+    }
+
+    /// Bit pattern of `x` rounded to this format, mapped to a signed integer that is monotone in
+    /// the value: consecutive representable values differ by one, and ±0 both map to 0.
+    fn ordinal(self, x: f32) -> i64 {
+        let (bits, sign_bit) = match self {
+            FloatFormat::F32 => (u64::from(x.to_bits()), 1u64 << 31),
+            FloatFormat::F16 => (u64::from(f16::from_f32(x).to_bits()), 1u64 << 15),
+            FloatFormat::Bf16 => (u64::from(bf16::from_f32(x).to_bits()), 1u64 << 15),
+        };
+        // Magnitudes are below 2^31, so the conversions cannot fail; saturate rather than unwrap.
+        let magnitude = i64::try_from(bits & (sign_bit - 1)).unwrap_or(i64::MAX);
+        if bits & sign_bit != 0 {
+            -magnitude
+        } else {
+            magnitude
+        }
+    }
+}
+
+/// Number of representable `fmt` values one has to step over to get from `a` to `b`
+/// (0 when they are equal, 1 for neighbours; +0 and −0 count as the same value; ±inf is one step
+/// beyond the largest finite value). Both inputs are first rounded to `fmt`, so the distance is
+/// measured on that format's grid. Returns `None` if either is NaN.
+///
+/// Used to compare our merged weights with PEFT goldens: "max 1 ulp apart" is `<= Some(1)`.
+pub fn ulp_distance(a: f32, b: f32, fmt: FloatFormat) -> Option<u64> {
+    if a.is_nan() || b.is_nan() {
+        return None;
+    }
+    Some(fmt.ordinal(a).abs_diff(fmt.ordinal(b)))
+}
+
+/// `2^e` as an f64 for `e` in f64's normal range (all uses here are within ±200).
+fn exp2i(e: i32) -> f64 {
+    // The biased exponent is in 1..=2046 for e in -1022..=1023; clamp keeps the bit trick valid.
+    let biased = (e.clamp(-1022, 1023) + 1023) as u64;
+    f64::from_bits(biased << 52)
+}
+
+/// `floor(log2 |x|)` for finite non-zero `x`; f64 subnormals report −1023 (below every grid here).
+fn binade_f64(x: f64) -> i32 {
+    let biased = ((x.to_bits() >> 52) & 0x7FF) as i32;
+    biased - 1023
+}
+
+/// Quantum (ulp) of `grid` for a magnitude whose binade is `e`.
+fn quantum(e: i32, grid: &Grid) -> f64 {
+    exp2i(e.clamp(grid.min_exp, grid.max_exp) - (grid.precision - 1))
+}
+
+/// Round `x` to the nearest value on `grid` with ties to even, in one step.
+///
+/// `|x| / q` is exact (division by a power of two that stays in f64's normal range),
+/// `round_ties_even` is exact, and `r · q` is exact because it is a value of the grid. Ties-to-even
+/// on the integer `r` is ties-to-even on the significand because `q` is the last significand bit.
+/// A result past the largest finite value is the RNE overflow to infinity.
+fn round_to_grid_f64(x: f64, grid: &Grid) -> f32 {
+    if !x.is_finite() || x == 0.0 {
+        return x as f32;
+    }
+    let magnitude = x.abs();
+    let q = quantum(binade_f64(magnitude), grid);
+    let rounded = (magnitude / q).round_ties_even() * q;
+    let result = if rounded > grid.max_finite {
+        f64::INFINITY
+    } else {
+        rounded
+    };
+    (result as f32).copysign(x as f32)
+}
+
+fn ulp_on_grid(x: f32, grid: &Grid) -> f32 {
+    if !x.is_finite() {
+        return f32::NAN;
+    }
+    let magnitude = f64::from(x.abs());
+    let e = if magnitude == 0.0 {
+        grid.min_exp
+    } else {
+        binade_f64(magnitude)
+    };
+    quantum(e, grid) as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every f16 value, as f32.
+    fn all_f16() -> impl Iterator<Item = f32> {
+        (0..=u16::MAX).map(|b| f16::from_bits(b).to_f32())
+    }
+
+    #[test]
+    fn max_finite_constants_are_the_bit_patterns() {
+        assert_eq!(F16_MAX.to_bits(), f16::from_bits(0x7BFF).to_f32().to_bits());
+        assert_eq!(
+            BF16_MAX.to_bits(),
+            bf16::from_bits(0x7F7F).to_f32().to_bits()
+        );
+        assert_eq!(F16_MAX, f16::MAX.to_f32());
+        assert_eq!(BF16_MAX, bf16::MAX.to_f32());
+    }
+
+    #[test]
+    fn round_f16_is_rne_with_overflow_to_inf() {
+        // 1 + 2^-11 is the tie between 1 and 1 + 2^-10: goes to even (1.0).
+        assert_eq!(round_f16(1.0 + 2f32.powi(-11)), 1.0);
+        // 1 + 3·2^-11 is the tie between 1 + 2^-10 and 1 + 2^-9: goes to even (1 + 2^-9).
+        assert_eq!(round_f16(1.0 + 3.0 * 2f32.powi(-11)), 1.0 + 2f32.powi(-9));
+        assert_eq!(round_f16(65519.0), 65504.0);
+        assert_eq!(round_f16(65520.0), f32::INFINITY);
+        assert_eq!(round_f16(-65520.0), f32::NEG_INFINITY);
+        assert_eq!(round_f16(2f32.powi(-25)), 0.0); // tie with the smallest subnormal → 0
+        assert_eq!(round_f16(2f32.powi(-25) * 1.5), 2f32.powi(-24));
+        assert!(round_f16(f32::NAN).is_nan());
+        assert!(round_f16(-0.0).is_sign_negative());
+    }
+
+    #[test]
+    fn round_bf16_is_rne_with_overflow_to_inf() {
+        assert_eq!(round_bf16(1.0 + 2f32.powi(-8)), 1.0);
+        assert_eq!(round_bf16(1.0 + 3.0 * 2f32.powi(-8)), 1.0 + 2f32.powi(-6));
+        assert_eq!(round_bf16(f32::MAX), f32::INFINITY);
+        assert_eq!(round_bf16(-f32::MAX), f32::NEG_INFINITY);
+        assert_eq!(round_bf16(BF16_MAX), BF16_MAX);
+        assert!(round_bf16(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn double_rounding_differs_from_single_rounding() {
+        // x = 1 + 2^-11 + 2^-40: just above the f16 tie between 1 and 1 + 2^-10, so the correct
+        // f16 is 1 + 2^-10. Rounding to f32 first drops 2^-40 and lands on the tie, which then
+        // goes to even (1.0).
+        let x = 1.0 + 2f64.powi(-11) + 2f64.powi(-40);
+        let naive = round_f16(x as f32);
+        assert_eq!(naive, 1.0);
+        assert_eq!(round_f16_from_f64(x), 1.0 + 2f32.powi(-10));
+        // The same trap for bf16.
+        let y = 1.0 + 2f64.powi(-8) + 2f64.powi(-40);
+        assert_eq!(round_bf16(y as f32), 1.0);
+        assert_eq!(round_bf16_from_f64(y), 1.0 + 2f32.powi(-7));
+        // And in the f16 subnormal range.
+        let z = 2f64.powi(-25) + 2f64.powi(-60);
+        assert_eq!(round_f16(z as f32), 0.0);
+        assert_eq!(round_f16_from_f64(z), 2f32.powi(-24));
+    }
+
+    #[test]
+    fn single_rounding_agrees_with_half_on_f32_inputs() {
+        // For inputs that are already f32, one rounding is what `half` does.
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..200_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let x = f32::from_bits((state >> 32) as u32);
+            let d = f64::from(x);
+            assert_eq!(
+                round_f16_from_f64(d).to_bits(),
+                round_f16(x).to_bits(),
+                "{x:e}"
+            );
+            assert_eq!(
+                round_bf16_from_f64(d).to_bits(),
+                round_bf16(x).to_bits(),
+                "{x:e}"
+            );
+            if !x.is_nan() {
+                assert_eq!(
+                    round_to_grid_f64(d, &F32_GRID).to_bits(),
+                    x.to_bits(),
+                    "{x:e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn single_rounding_from_f64_matches_exact_midpoint_rule() {
+        // For every pair of adjacent positive finite f16 values, probe just below, at and just
+        // above their midpoint in f64.
+        let values: Vec<f32> = all_f16().filter(|v| v.is_finite() && *v >= 0.0).collect();
+        for pair in values.windows(2) {
+            let (lo, hi) = (f64::from(pair[0]), f64::from(pair[1]));
+            let mid = (lo + hi) / 2.0;
+            let eps = mid * 2f64.powi(-45) + 2f64.powi(-1000);
+            assert_eq!(f64::from(round_f16_from_f64(mid - eps)), lo);
+            assert_eq!(f64::from(round_f16_from_f64(mid + eps)), hi);
+            let lo_even = f16::from_f64(lo).to_bits() % 2 == 0;
+            let want = if lo_even { lo } else { hi };
+            assert_eq!(f64::from(round_f16_from_f64(mid)), want);
+            assert_eq!(f64::from(round_f16_from_f64(-mid)), -want);
+        }
+        // Overflow: the midpoint between F16_MAX and 2^16 goes to infinity (2^16 is "even").
+        assert_eq!(round_f16_from_f64(65519.999), 65504.0);
+        assert_eq!(round_f16_from_f64(65520.0), f32::INFINITY);
+        assert_eq!(round_bf16_from_f64(1e300), f32::INFINITY);
+        assert_eq!(round_f32_from_f64(-1e300), f32::NEG_INFINITY);
+        assert_eq!(round_bf16_from_f64(1e-300), 0.0);
+        assert!(round_bf16_from_f64(-1e-300).is_sign_negative());
+        assert!(round_f16_from_f64(f64::NAN).is_nan());
+        assert_eq!(round_f16_from_f64(f64::NEG_INFINITY), f32::NEG_INFINITY);
+    }
+
+    #[test]
+    fn ulp_is_the_spacing_of_each_grid() {
+        assert_eq!(ulp_f16(1.0), 2f32.powi(-10));
+        assert_eq!(ulp_f16(1.999), 2f32.powi(-10));
+        assert_eq!(ulp_f16(-2.0), 2f32.powi(-9));
+        assert_eq!(ulp_f16(0.0), 2f32.powi(-24));
+        assert_eq!(ulp_f16(1e-7), 2f32.powi(-24));
+        assert_eq!(ulp_f16(F16_MAX), 32.0);
+        assert_eq!(ulp_f16(1e6), 32.0);
+        assert_eq!(ulp_bf16(1.0), 2f32.powi(-7));
+        assert_eq!(ulp_bf16(0.0), 2f32.powi(-133));
+        assert_eq!(ulp_f32(1.0), f32::EPSILON);
+        assert_eq!(ulp_f32(0.0), f32::from_bits(1));
+        assert_eq!(ulp_f32(f32::MIN_POSITIVE), f32::from_bits(1));
+        assert_eq!(ulp_f32(f32::MAX), 2f32.powi(104));
+        assert!(ulp_f32(f32::INFINITY).is_nan());
+        // The ulp is the distance to the next value up, wherever that is on the grid.
+        for v in all_f16().filter(|v| v.is_finite() && *v >= 0.0 && *v < F16_MAX) {
+            let next = f16::from_f32(v).to_bits() + 1;
+            assert_eq!(f16::from_bits(next).to_f32() - v, ulp_f16(v), "{v:e}");
+        }
+    }
+
+    #[test]
+    fn format_methods_are_consistent() {
+        for fmt in [FloatFormat::F32, FloatFormat::F16, FloatFormat::Bf16] {
+            assert_eq!(fmt.round(fmt.max_finite()), fmt.max_finite());
+            assert_eq!(fmt.ulp(1.0), 2.0 * fmt.unit_roundoff());
+            assert_eq!(
+                fmt.round_from_f64(1.0 / 3.0),
+                fmt.round((1.0f64 / 3.0) as f32)
+            );
+        }
+        assert_eq!(FloatFormat::F32.unit_roundoff(), 2f32.powi(-24));
+        assert_eq!(FloatFormat::F16.unit_roundoff(), 2f32.powi(-11));
+        assert_eq!(FloatFormat::Bf16.unit_roundoff(), 2f32.powi(-8));
+        assert_eq!(FloatFormat::Bf16.name(), "bf16");
+    }
+
+    #[test]
+    fn ulp_distance_counts_grid_steps() {
+        let fmt = FloatFormat::Bf16;
+        assert_eq!(ulp_distance(1.0, 1.0, fmt), Some(0));
+        assert_eq!(ulp_distance(1.0, 1.0 + 2f32.powi(-7), fmt), Some(1));
+        assert_eq!(
+            ulp_distance(1.0 - 2f32.powi(-8), 1.0 + 2f32.powi(-7), fmt),
+            Some(2)
+        );
+        assert_eq!(ulp_distance(0.0, -0.0, fmt), Some(0));
+        let tiny = bf16::from_bits(1).to_f32();
+        assert_eq!(ulp_distance(-tiny, tiny, fmt), Some(2));
+        assert_eq!(ulp_distance(BF16_MAX, f32::INFINITY, fmt), Some(1));
+        assert_eq!(ulp_distance(f32::NAN, 1.0, fmt), None);
+        assert_eq!(
+            ulp_distance(F16_MAX, -F16_MAX, FloatFormat::F16),
+            Some(2 * 0x7BFF)
+        );
+        assert_eq!(
+            ulp_distance(f32::MAX, -f32::MAX, FloatFormat::F32),
+            Some(2 * 0x7F7F_FFFF)
+        );
+        // ulp(1) in f16 is 2^-10, so 1 + 2^-9 is two steps away; 1 + 2^-12 rounds to 1 first.
+        assert_eq!(
+            ulp_distance(1.0, 1.0 + 2f32.powi(-9), FloatFormat::F16),
+            Some(2)
+        );
+        assert_eq!(
+            ulp_distance(1.0, 1.0 + 2f32.powi(-12), FloatFormat::F16),
+            Some(0)
+        );
+    }
+}

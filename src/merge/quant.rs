@@ -1,0 +1,1 @@
+//! Block quantizers (placeholder until the format helper lands).

@@ -1,0 +1,145 @@
+//! The finished report (the serde struct *is* the JSON schema) and where report files go.
+//!
+//! Reporters receive a complete `Report` and compute nothing. Output files are reserved before the
+//! expensive work starts (a bad path fails in the first second) and written atomically: a
+//! temporary file in the destination folder, renamed into place when complete.
+
+pub mod json;
+pub mod terminal;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+
+use crate::findings::structure::StructureReport;
+use crate::findings::{Finding, Verdict};
+
+/// Version of the JSON contract. Bumped whenever a field is renamed or removed.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// What was checked.
+#[derive(Debug, Clone, Serialize)]
+pub struct Inputs {
+    pub base: String,
+    pub base_files: Vec<String>,
+    pub adapters: Vec<String>,
+    pub merged: Option<String>,
+    /// Tokens scored by the forward pass; null when it did not run.
+    pub tokens: Option<usize>,
+    pub weights_only: bool,
+}
+
+/// The complete result of `check`. Field order is the JSON field order.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub schema_version: u32,
+    pub tool_version: &'static str,
+    pub verdict: Verdict,
+    pub inputs: Inputs,
+    /// The adapter's own effect on the logits; null until a forward pass ran.
+    pub adapter_effect: Option<serde_json::Value>,
+    pub findings: Vec<Finding>,
+    /// One entry per adapter: how its modules map onto the base.
+    pub structure: Vec<StructureReport>,
+    /// Per-precision merge results; null when no merge was evaluated.
+    pub precisions: Option<Vec<serde_json::Value>>,
+    /// Per (module, precision) weight statistics; null when no merge was evaluated.
+    pub layers: Option<Vec<serde_json::Value>>,
+}
+
+/// Where one report goes: stdout, or a file reserved up front and renamed into place at the end.
+pub enum OutputTarget {
+    Stdout,
+    File {
+        destination: PathBuf,
+        staging: tempfile::NamedTempFile,
+    },
+}
+
+impl OutputTarget {
+    /// Reserves an output: `-` is stdout; a path must not lie inside any input folder, and its
+    /// folder must exist and be writable (checked now, by creating the staging file there).
+    pub fn reserve(path: &Path, inputs: &[&Path]) -> anyhow::Result<Self> {
+        if path == Path::new("-") {
+            return Ok(OutputTarget::Stdout);
+        }
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let parent_abs = std::fs::canonicalize(&parent)
+            .with_context(|| format!("output folder `{}` does not exist", parent.display()))?;
+        for input in inputs {
+            if let Ok(input_abs) = std::fs::canonicalize(input) {
+                let input_dir = if input_abs.is_file() {
+                    input_abs
+                        .parent()
+                        .map(Path::to_path_buf)
+                        .unwrap_or_default()
+                } else {
+                    input_abs
+                };
+                if parent_abs.starts_with(&input_dir) {
+                    bail!(
+                        "refusing to write `{}` inside the input folder `{}`; inputs are never modified",
+                        path.display(),
+                        input_dir.display()
+                    );
+                }
+            }
+        }
+        let staging = tempfile::Builder::new()
+            .prefix(".lora-doctor-")
+            .tempfile_in(&parent)
+            .with_context(|| format!("cannot create a file in `{}`", parent.display()))?;
+        Ok(OutputTarget::File {
+            destination: path.to_path_buf(),
+            staging,
+        })
+    }
+
+    /// True when this output is stdout (so human output must go to stderr).
+    pub fn is_stdout(&self) -> bool {
+        matches!(self, OutputTarget::Stdout)
+    }
+
+    /// Writes the whole content and publishes it (rename for files).
+    pub fn write_all(self, content: &[u8]) -> anyhow::Result<()> {
+        match self {
+            OutputTarget::Stdout => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(content).context("writing to stdout")?;
+                out.flush().context("writing to stdout")?;
+            }
+            OutputTarget::File {
+                destination,
+                mut staging,
+            } => {
+                staging
+                    .write_all(content)
+                    .and_then(|()| staging.as_file().sync_all())
+                    .with_context(|| format!("writing `{}`", destination.display()))?;
+                staging.persist(&destination).with_context(|| {
+                    format!("moving the report into `{}`", destination.display())
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes human-readable text to stdout, or to stderr when stdout carries a machine report.
+/// The one place outside `main` that writes to the terminal.
+pub fn print_human(text: &str, to_stderr: bool) -> std::io::Result<()> {
+    if to_stderr {
+        let mut err = std::io::stderr().lock();
+        err.write_all(text.as_bytes())?;
+        err.flush()
+    } else {
+        let mut out = std::io::stdout().lock();
+        out.write_all(text.as_bytes())?;
+        out.flush()
+    }
+}

@@ -1,0 +1,489 @@
+//! The one integration test binary: drives the real `lora-doctor` executable on the committed
+//! fixtures and checks exit codes, both output streams and the JSON contract.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use lora_doctor::findings::Code;
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn fixture(rel: &str) -> String {
+    root().join("fixtures").join(rel).display().to_string()
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lora-doctor"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("the binary runs")
+}
+
+fn code(out: &Output) -> i32 {
+    out.status.code().expect("exited normally, not by a signal")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Runs `check --json -` and returns (exit code, parsed report).
+fn check_json(base: &str, adapters: &[&str]) -> (i32, Value) {
+    let base = fixture(base);
+    let adapter_paths: Vec<String> = adapters.iter().map(|a| fixture(a)).collect();
+    let mut args = vec!["check", "--weights-only", "--json", "-", "--base", &base];
+    for a in &adapter_paths {
+        args.push("--adapter");
+        args.push(a);
+    }
+    let out = run(&args);
+    assert!(
+        !stderr(&out).contains("panicked"),
+        "panic on {adapters:?}: {}",
+        stderr(&out)
+    );
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout of {adapters:?} is not JSON ({e}); stderr: {}",
+            stderr(&out)
+        )
+    });
+    (code(&out), json)
+}
+
+fn codes(report: &Value) -> BTreeSet<String> {
+    report["findings"]
+        .as_array()
+        .expect("findings is an array")
+        .iter()
+        .map(|f| f["code"].as_str().expect("code is a string").to_string())
+        .collect()
+}
+
+/// (base fixture, adapter fixture(s), exit code, the exact set of codes raised).
+const CASES: &[(&str, &[&str], i32, &[&str])] = &[
+    // Clean adapters raise nothing.
+    ("models/tiny-llama", &["adapters/llama-lora"], 0, &[]),
+    (
+        "models/tiny-llama",
+        &["adapters/llama-rslora-patterns"],
+        0,
+        &[],
+    ),
+    ("models/tiny-llama", &["adapters/llama-layers"], 0, &[]),
+    ("models/tiny-llama", &["adapters/llama-dora"], 0, &[]),
+    (
+        "models/tiny-llama",
+        &["adapters/llama-target-regex"],
+        0,
+        &[],
+    ),
+    (
+        "models/tiny-llama",
+        &["adapters/llama-stack-sft", "adapters/llama-stack-ppo"],
+        0,
+        &[],
+    ),
+    (
+        "models/tiny-llama-sharded",
+        &["adapters/llama-lora"],
+        0,
+        &[],
+    ),
+    ("models/tiny-gpt2", &["adapters/gpt2-lora"], 0, &[]),
+    ("models/tiny-neox", &["adapters/neox-lora"], 0, &[]),
+    ("models/tiny-neox", &["adapters/neox-embed"], 0, &[]),
+    // Each faulty adapter raises its code.
+    (
+        "models/tiny-llama",
+        &["adapters/untrained"],
+        0,
+        &["untrained-adapter"],
+    ),
+    (
+        "models/tiny-llama",
+        &["adapters/nonfinite"],
+        1,
+        &["nonfinite-adapter"],
+    ),
+    ("models/tiny-llama", &["adapters/renamed"], 1, &["no-match"]),
+    (
+        "models/tiny-llama",
+        &["adapters/gpt2-lora"],
+        1,
+        &["no-match"],
+    ),
+    (
+        "models/tiny-llama",
+        &["adapters/extra-layer"],
+        1,
+        &["missing-target"],
+    ),
+    (
+        "models/tiny-llama",
+        &["adapters/wrong-shape"],
+        1,
+        &["shape-mismatch"],
+    ),
+    (
+        "models/tiny-llama",
+        &["adapters/rank-config"],
+        1,
+        &["rank-mismatch"],
+    ),
+    (
+        "models/tiny-llama",
+        &["adapters/rank-ab"],
+        1,
+        &["rank-mismatch"],
+    ),
+    (
+        "models/tiny-llama",
+        &["adapters/stray-bias"],
+        0,
+        &["unused-tensor"],
+    ),
+    (
+        "models/tiny-llama",
+        &["adapters/added-tokens"],
+        1,
+        &["vocab-mismatch", "tied-embeddings"],
+    ),
+    (
+        "models/tiny-llama",
+        &["adapters/tied-head"],
+        1,
+        &["tied-embeddings"],
+    ),
+    (
+        "models/tiny-llama",
+        &["adapters/wrong-base-name"],
+        0,
+        &["base-mismatch"],
+    ),
+    (
+        "models/tiny-llama",
+        &["adapters/bnb-4bit-name"],
+        0,
+        &["quantized-base"],
+    ),
+];
+
+#[test]
+fn fixture_table_raises_exactly_the_expected_codes() {
+    let mut failures = Vec::new();
+    for (base, adapters, want_exit, want_codes) in CASES {
+        let (exit, report) = check_json(base, adapters);
+        let got = codes(&report);
+        let want: BTreeSet<String> = want_codes.iter().map(|c| c.to_string()).collect();
+        if exit != *want_exit || got != want {
+            failures.push(format!(
+                "{base} + {adapters:?}: exit {exit} (want {want_exit}), codes {got:?} (want {want:?})"
+            ));
+        }
+        let verdict = report["verdict"].as_str().expect("verdict");
+        let expected_verdict = match (*want_exit, want_codes.is_empty()) {
+            (1, _) => "fail",
+            (_, true) => "pass",
+            _ => "warn",
+        };
+        if verdict != expected_verdict {
+            failures.push(format!("{base} + {adapters:?}: verdict {verdict}"));
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+#[test]
+fn every_code_is_raised_by_some_fixture() {
+    let raised: BTreeSet<&str> = CASES.iter().flat_map(|c| c.3.iter().copied()).collect();
+    for code in Code::ALL {
+        assert!(
+            raised.contains(code.as_str()),
+            "no fixture raises `{code}`; add one to fixtures/gen/structure.py and CASES"
+        );
+    }
+}
+
+#[test]
+fn json_report_follows_the_contract() {
+    let (exit, report) = check_json("models/tiny-llama", &["adapters/nonfinite"]);
+    assert_eq!(exit, 1);
+    let object = report.as_object().expect("object");
+    assert_eq!(
+        object.keys().next().map(String::as_str),
+        Some("schema_version")
+    );
+    assert_eq!(report["schema_version"], 1);
+    assert_eq!(report["tool_version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(report["verdict"], "fail");
+    assert!(report["precisions"].is_null() && report["layers"].is_null());
+    assert!(report["adapter_effect"].is_null());
+    let finding = &report["findings"][0];
+    for field in [
+        "code",
+        "level",
+        "module",
+        "message",
+        "advice",
+        "observed",
+        "threshold",
+        "precision",
+    ] {
+        assert!(finding.get(field).is_some(), "finding lacks `{field}`");
+    }
+    assert_eq!(finding["level"], "deny");
+    let message = finding["message"].as_str().expect("message");
+    assert!(
+        message.contains("3 NaN") && message.contains("1 Inf"),
+        "{message}"
+    );
+    let structure = &report["structure"][0];
+    assert!(structure["matched"].as_u64().expect("matched") > 0);
+}
+
+#[test]
+fn terminal_summary_goes_to_stderr_with_json_on_stdout_and_to_stdout_otherwise() {
+    let base = fixture("models/tiny-llama");
+    let adapter = fixture("adapters/llama-lora");
+    let out = run(&["check", "--base", &base, "--adapter", &adapter]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("verdict: PASS"), "{text}");
+    assert!(text.contains("matched"), "{text}");
+    let out = run(&[
+        "check",
+        "--base",
+        &base,
+        "--adapter",
+        &adapter,
+        "--json",
+        "-",
+    ]);
+    assert!(stderr(&out).contains("verdict: PASS"));
+    let quiet = run(&["check", "--quiet", "--base", &base, "--adapter", &adapter]);
+    assert!(quiet.stdout.is_empty() && quiet.stderr.is_empty());
+}
+
+#[test]
+fn exit_zero_overrides_a_failed_gate() {
+    let base = fixture("models/tiny-llama");
+    let adapter = fixture("adapters/nonfinite");
+    let out = run(&[
+        "check",
+        "--base",
+        &base,
+        "--adapter",
+        &adapter,
+        "--exit-zero",
+    ]);
+    assert_eq!(code(&out), 0);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("verdict: FAIL"));
+}
+
+/// Inputs that cannot be checked exit 2 with one `error:` line naming the file, never a panic.
+#[test]
+fn unreadable_inputs_exit_2_with_a_named_cause() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "models/tiny-llama",
+            "adapters/bin-only",
+            "adapter_model.bin",
+        ),
+        ("models/tiny-llama", "adapters/not-lora", "IA3"),
+        (
+            "models/tiny-llama",
+            "adapters/no-config",
+            "adapter_config.json",
+        ),
+        (
+            "models/tiny-llama",
+            "adapters/truncated",
+            "adapter_model.safetensors",
+        ),
+        (
+            "models/tiny-llama",
+            "adapters/garbage",
+            "adapter_model.safetensors",
+        ),
+        (
+            "models/does-not-exist",
+            "adapters/llama-lora",
+            "does-not-exist",
+        ),
+        (
+            "models/tiny-llama",
+            "adapters/does-not-exist",
+            "does-not-exist",
+        ),
+    ];
+    for (base, adapter, needle) in cases {
+        let out = run(&[
+            "check",
+            "--base",
+            &fixture(base),
+            "--adapter",
+            &fixture(adapter),
+        ]);
+        let err = stderr(&out);
+        assert_eq!(code(&out), 2, "{adapter}: {err}");
+        assert!(err.starts_with("error: "), "{adapter}: {err}");
+        assert!(err.contains(needle), "{adapter}: `{needle}` not in {err}");
+        assert!(!err.contains("panicked"), "{adapter}: {err}");
+        assert!(out.stdout.is_empty(), "{adapter} printed a report");
+    }
+}
+
+#[test]
+fn a_bad_report_path_fails_before_work_and_inputs_are_never_written() {
+    let base = fixture("models/tiny-llama");
+    let adapter = fixture("adapters/llama-lora");
+    let out = run(&[
+        "check",
+        "--base",
+        &base,
+        "--adapter",
+        &adapter,
+        "--json",
+        "/nonexistent-dir/report.json",
+    ]);
+    assert_eq!(code(&out), 2);
+    assert!(stderr(&out).contains("nonexistent-dir"));
+    let inside = format!("{adapter}/report.json");
+    let out = run(&[
+        "check",
+        "--base",
+        &base,
+        "--adapter",
+        &adapter,
+        "--json",
+        &inside,
+    ]);
+    assert_eq!(code(&out), 2);
+    assert!(stderr(&out).contains("input folder"), "{}", stderr(&out));
+    assert!(!Path::new(&inside).exists());
+}
+
+#[test]
+fn json_report_is_written_atomically_to_a_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("report.json");
+    let out = run(&[
+        "check",
+        "--base",
+        &fixture("models/tiny-llama"),
+        "--adapter",
+        &fixture("adapters/llama-lora"),
+        "--json",
+        path.to_str().expect("utf-8 path"),
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("report written")).expect("JSON");
+    assert_eq!(report["verdict"], "pass");
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("list")
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name() != "report.json")
+        .collect();
+    assert!(leftovers.is_empty(), "staging files left: {leftovers:?}");
+}
+
+#[test]
+fn explain_documents_every_code() {
+    for code in Code::ALL {
+        let out = run(&["explain", code.as_str()]);
+        assert_eq!(code_of(&out), 0);
+        let text = String::from_utf8_lossy(&out.stdout);
+        for heading in ["What it checks", "Why it matters", "How to fix"] {
+            assert!(text.contains(heading), "{code}: {text}");
+        }
+    }
+    let index = run(&["explain"]);
+    let text = String::from_utf8_lossy(&index.stdout);
+    assert!(Code::ALL.iter().all(|c| text.contains(c.as_str())));
+    let unknown = run(&["explain", "no-such-code"]);
+    assert_eq!(code_of(&unknown), 2);
+    assert!(stderr(&unknown).contains("known codes"));
+}
+
+fn code_of(out: &Output) -> i32 {
+    code(out)
+}
+
+#[test]
+fn every_subcommand_help_has_examples() {
+    for sub in ["check", "inspect", "explain"] {
+        let out = run(&[sub, "--help"]);
+        assert_eq!(code(&out), 0);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Examples:"),
+            "{sub} --help lacks examples"
+        );
+    }
+}
+
+#[test]
+fn inspect_reads_headers_of_adapters_and_sharded_checkpoints() {
+    let out = run(&[
+        "inspect",
+        "--json",
+        &fixture("adapters/llama-rslora-patterns"),
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let summary: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(summary["use_rslora"], true);
+    let modules = summary["modules"].as_array().expect("modules");
+    let down = modules
+        .iter()
+        .find(|m| {
+            m["module"]
+                .as_str()
+                .is_some_and(|n| n.ends_with("layers.0.mlp.down_proj"))
+        })
+        .expect("a down_proj module");
+    // rank_pattern {"down_proj": 4}, alpha 8, rsLoRA: 8 / sqrt(4) = 4.
+    assert_eq!(down["r"], 4);
+    assert_eq!(down["scale"], 4.0);
+
+    let out = run(&["inspect", &fixture("models/tiny-llama-sharded")]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("BF16") && text.contains("files"), "{text}");
+}
+
+#[test]
+fn a_single_safetensors_file_is_accepted_as_base() {
+    let (exit, report) = check_json(
+        "models/tiny-llama/model.safetensors",
+        &["adapters/llama-lora"],
+    );
+    assert_eq!(exit, 0);
+    assert_eq!(report["verdict"], "pass");
+}
+
+/// Goldens are produced by fixtures/generate.py only; a hand edit changes a hash here.
+#[test]
+fn fixtures_match_their_manifest() {
+    use sha2::{Digest, Sha256};
+    let fixtures = root().join("fixtures");
+    let manifest =
+        std::fs::read_to_string(fixtures.join("MANIFEST.sha256")).expect("MANIFEST.sha256");
+    let mut checked = 0;
+    for line in manifest.lines().filter(|l| !l.is_empty()) {
+        let (digest, rel) = line.split_once("  ").expect("`<sha256>  <path>` lines");
+        let bytes = std::fs::read(fixtures.join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"));
+        let actual: String = Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(actual, digest, "{rel} differs from what generate.py wrote");
+        checked += 1;
+    }
+    assert!(checked > 20, "manifest lists only {checked} files");
+}
