@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::merge::precision::Recipe;
+
 /// Proves a LoRA merge is faithful before it ships.
 #[derive(Debug, Parser)]
 #[command(name = "lora-doctor", version, about, long_about = None)]
@@ -31,6 +33,8 @@ Examples:
   lora-doctor check --base fixtures/models/tiny-llama --adapter fixtures/adapters/llama-lora
   lora-doctor check --base model.safetensors --adapter out/adapter --json report.json
   lora-doctor check --base base/ --adapter sft/ --adapter ppo/ --json - | jq .verdict
+  lora-doctor check --base base/ --adapter qlora/ --trained-on nf4 --precision bf16,q4_0 --csv layers.csv
+  lora-doctor check --base base/ --adapter a/ --precision all --threshold min-retention.float=0.8
 
 Exit status: 0 gate passed, 1 gate failed (a deny-level finding), 2 could not run.";
 
@@ -53,9 +57,29 @@ pub struct CheckArgs {
     /// adapters in the order they were trained.
     #[arg(long = "adapter", value_name = "DIR", required = true)]
     pub adapters: Vec<PathBuf>,
+    /// Precisions to merge and evaluate: a comma-separated list of f32, bf16, f16, int8, q8_0,
+    /// nf4, fp4, q4_0, q4_1, or `all`. Default: f32 plus the base checkpoint's own dtype.
+    #[arg(long, value_name = "LIST|all")]
+    pub precision: Vec<String>,
+    /// How float merges are rounded: `exact` (f64 sum rounded once) or `peft` (what PEFT's
+    /// merge_and_unload does on CPU).
+    #[arg(long, value_enum, default_value_t = Recipe::Exact)]
+    pub recipe: Recipe,
+    /// The precision the adapter was trained against (QLoRA: `nf4`); the reference base becomes
+    /// dequant(P(W)).
+    #[arg(long, value_name = "PRECISION")]
+    pub trained_on: Option<String>,
+    /// Override a threshold: NAME[.CLASS]=VALUE, e.g. `min-retention.float=0.8` or
+    /// `quant-error.4bit=off` (names: floor-ratio, swamped-error, min-retention, quant-error,
+    /// outlier-z; classes: float, 8bit, 4bit).
+    #[arg(long, value_name = "NAME[.CLASS]=VALUE")]
+    pub threshold: Vec<String>,
     /// Only run the weight-level checks (no forward pass).
     #[arg(long)]
     pub weights_only: bool,
+    /// Write one CSV row per (module, precision) with every weight statistic (`-` for stdout).
+    #[arg(long, value_name = "FILE|-")]
+    pub csv: Option<PathBuf>,
     /// Write the JSON report to FILE, or to stdout with `-` (the summary then goes to stderr).
     #[arg(long, value_name = "FILE|-")]
     pub json: Option<PathBuf>,

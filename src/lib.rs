@@ -10,6 +10,7 @@ pub mod findings;
 pub mod io;
 pub mod merge;
 pub mod report;
+pub mod stats;
 
 /// The process outcome, in ruff's shape: the gate passed, the gate failed, or nothing could run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

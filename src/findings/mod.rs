@@ -6,6 +6,8 @@
 //! only this module knows every code.
 
 pub mod structure;
+pub mod thresholds;
+pub mod weights;
 
 use serde::Serialize;
 
@@ -43,6 +45,12 @@ pub enum Code {
     UntrainedAdapter,
     BaseMismatch,
     QuantizedBase,
+    NonfiniteMerge,
+    Overflow,
+    PrecisionDrift,
+    DeltaSwamped,
+    QuantizationError,
+    DeltaOutlier,
 }
 
 /// Documentation of one code, in ruff's "what it checks / why it matters / how to fix" shape.
@@ -69,6 +77,12 @@ impl Code {
         Code::UntrainedAdapter,
         Code::BaseMismatch,
         Code::QuantizedBase,
+        Code::NonfiniteMerge,
+        Code::Overflow,
+        Code::PrecisionDrift,
+        Code::DeltaSwamped,
+        Code::QuantizationError,
+        Code::DeltaOutlier,
     ];
 
     /// The stable kebab-case name.
@@ -200,8 +214,70 @@ impl Code {
                 "A QLoRA adapter learned against dequant(W4), not the 16-bit weights; merging into the 16-bit \
                  base adds the quantization error, and merging into the 4-bit model re-quantizes and can \
                  erase the delta.",
-                "Check with the adapter's training precision in mind (`--trained-on nf4` once the merge engine \
-                 lands) and merge into the 16-bit base, then quantize the merged model.",
+                "Check with the adapter's training precision in mind (`check --trained-on nf4`) \
+                 and merge into the 16-bit base, then quantize the merged model.",
+            ),
+            NonfiniteMerge => (
+                Deny,
+                "NaN or Inf in a merged weight",
+                "Counts NaN and ±Inf in every merged tensor, per precision.",
+                "A non-finite weight turns every activation it touches into NaN: the merged model emits \
+                 garbage or crashes, although the unmerged adapter may have run fine (the sum W + ΔW \
+                 overflowed, not W or ΔW alone).",
+                "Find the tensor named in the message; if the adapter is finite, merge in a wider dtype \
+                 (f32 or bf16 instead of f16). If the adapter itself holds NaN, see nonfinite-adapter.",
+            ),
+            Overflow => (
+                Deny,
+                "a merged value beyond the format's range",
+                "Counts entries of the exact merge W + ΔW whose magnitude the precision cannot store: \
+                 |w| > 65504 in f16 (and in int8, which casts to f16 first), scale overflow in ggml blocks.",
+                "Out-of-range values become ±Inf (f16) or saturate a block's scale; llama.cpp's \
+                 export-lora writes BF16 bases as F16, so a bf16-trained model can overflow silently.",
+                "Ship in bf16 or f32 instead of f16, or find the exploded lora_B that produced the huge \
+                 values (an adapter trained with fp16 overflow often has one).",
+            ),
+            PrecisionDrift => (
+                Deny,
+                "merge error well above the precision's rounding floor",
+                "Compares each candidate's error ‖W_p − W*‖ with the error of rounding the exact merge W* \
+                 once to that precision; their ratio should be ~1.",
+                "A ratio well above 1 means the merge itself is wrong — rounded twice, computed in low \
+                 precision, or merged onto another base (for QLoRA: the 16-bit weights instead of \
+                 dequant(W4)) — not just limited by the format.",
+                "Merge in f32 and cast once (`--recipe exact` shows what that gives); for QLoRA adapters \
+                 merge onto the dequantized 4-bit base.",
+            ),
+            DeltaSwamped => (
+                Warn,
+                "the precision erases the adapter's update",
+                "Per layer: the rounding error of the merged weight relative to ‖ΔW‖ (above 1 means the \
+                 noise is larger than the fine-tune), the retention ⟨W_p − p(W), ΔW⟩/‖ΔW‖², and the \
+                 share of ΔW entries below half an ULP of their weight.",
+                "A small update added to a large weight vanishes in bf16 (8 significant bits): the merged \
+                 model drifts back toward the base while the unmerged adapter does not.",
+                "Ship in f32 or f16 (more mantissa bits), serve the adapter unmerged, or train with a \
+                 larger learning rate / alpha so the update survives rounding.",
+            ),
+            QuantizationError => (
+                Warn,
+                "quantization error of a merged layer is much larger than its update",
+                "For quantized formats: ‖dequant(q(W*)) − W*‖ / ‖ΔW‖ per layer.",
+                "When the quantization noise is several times the fine-tune's update, what survives of \
+                 the fine-tune in that layer is luck; 4-bit merges (PEFT into bnb-4bit, export-lora onto \
+                 Q4) are where fine-tunes are lost.",
+                "Quantize with a better format (8-bit, or an imatrix K-quant), or serve the adapter \
+                 unmerged beside the quantized base (QLoRA / llama.cpp --lora).",
+            ),
+            DeltaOutlier => (
+                Warn,
+                "a layer's ‖ΔW‖ is an outlier among its peers",
+                "Modified z-score (median/MAD) of log ‖ΔW‖ across the layers of each module kind \
+                 (q_proj, down_proj, …); needs at least 5 layers of a kind.",
+                "One module whose update is orders of magnitude off its siblings is usually diverged \
+                 training or a mis-scaled module (a wrong alpha_pattern, a hand-edited tensor).",
+                "Inspect that module's lora_A/lora_B; retrain from an earlier checkpoint or fix its \
+                 scaling in adapter_config.json.",
             ),
         };
         CodeDoc {
@@ -231,6 +307,12 @@ impl CodeDoc {
             UntrainedAdapter => "untrained-adapter",
             BaseMismatch => "base-mismatch",
             QuantizedBase => "quantized-base",
+            NonfiniteMerge => "nonfinite-merge",
+            Overflow => "overflow",
+            PrecisionDrift => "precision-drift",
+            DeltaSwamped => "delta-swamped",
+            QuantizationError => "quantization-error",
+            DeltaOutlier => "delta-outlier",
         }
     }
 }

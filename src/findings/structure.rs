@@ -13,7 +13,7 @@ use regex::Regex;
 use serde::Serialize;
 
 use super::{Code, Finding};
-use crate::io::adapter::{Adapter, AdapterModule, ModuleSelector, TensorRole};
+use crate::io::adapter::{Adapter, AdapterModule, TensorRole};
 use crate::io::checkpoint::{Checkpoint, CheckpointError};
 use crate::io::config::ModelConfig;
 use crate::io::mapping::{self, BaseTarget, Resolution, Unresolved};
@@ -67,14 +67,14 @@ pub struct StructureReport {
 pub fn check(input: &StructureInput<'_>) -> Result<StructureReport, CheckpointError> {
     let adapter = input.adapter;
     let mut findings = Vec::new();
-    let conv1d = Conv1dRule::new(input.base_config, adapter.config.fan_in_fan_out);
+    let conv1d = mapping::Conv1dRule::new(input.base_config, adapter.config.fan_in_fan_out);
     let mut matches = Vec::new();
     let mut unresolved = Vec::new();
     for module in adapter.modules.values() {
         let merge_relevant = module
             .tensors
             .keys()
-            .any(|role| *role != TensorRole::Unknown);
+            .any(|role| !matches!(role, TensorRole::Unknown | TensorRole::OriginalModule));
         let target = mapping::resolve(&module.name, input.base);
         let scaling = module
             .has_lora()
@@ -146,36 +146,6 @@ fn module_kind(module: &AdapterModule) -> &'static str {
     }
 }
 
-/// Decides whether a base weight is stored `[in, out]` (GPT-2 style Conv1D).
-struct Conv1dRule {
-    gpt2_family: bool,
-    fan_in_fan_out: bool,
-}
-
-impl Conv1dRule {
-    fn new(config: Option<&ModelConfig>, fan_in_fan_out: bool) -> Self {
-        let gpt2_family = config
-            .and_then(|c| c.model_type.as_deref())
-            .is_some_and(|t| matches!(t, "gpt2" | "openai-gpt" | "imagegpt"));
-        Conv1dRule {
-            gpt2_family,
-            fan_in_fan_out,
-        }
-    }
-
-    /// PEFT forces fan_in_fan_out for `transformers.pytorch_utils.Conv1D` whatever the config
-    /// says; GPT-2's attention and MLP projections are Conv1D.
-    fn is_conv1d(&self, module: &str) -> bool {
-        if self.gpt2_family {
-            return matches!(
-                module.rsplit('.').next(),
-                Some("c_attn" | "c_proj" | "c_fc" | "q_attn")
-            );
-        }
-        self.fan_in_fan_out
-    }
-}
-
 fn shape_str(shape: &[usize]) -> String {
     format!(
         "[{}]",
@@ -191,7 +161,7 @@ fn shape_rules(
     base: &Checkpoint,
     module: &AdapterModule,
     target: &BaseTarget,
-    conv1d: &Conv1dRule,
+    conv1d: &mapping::Conv1dRule,
     findings: &mut Vec<Finding>,
 ) {
     let Some(weight) = base.info(&target.weight()) else {
@@ -401,6 +371,14 @@ fn unused_tensors(adapter: &Adapter, module: &AdapterModule, findings: &mut Vec<
         }
     }
     for t in &module.extra {
+        // PEFT ≥ 0.21 writes a modules_to_save copy both as `<M>.modules_to_save.weight` and, for
+        // resized embeddings, as `<M>.weight`; identical duplicates are harmless.
+        if let Some(primary) = module.get(t.role)
+            && t.role == TensorRole::FullWeight
+            && same_bytes(adapter, &primary.key, &t.key)
+        {
+            continue;
+        }
         let why = if t.role == TensorRole::Unknown {
             "the key is outside PEFT's LoRA key grammar".to_string()
         } else {
@@ -412,69 +390,11 @@ fn unused_tensors(adapter: &Adapter, module: &AdapterModule, findings: &mut Vec<
         };
         unused(&t.key, why);
     }
-    if module.has_lora() {
-        if let Some(false) = config.targets(&module.name)
-            && let Some(t) = module
-                .get(TensorRole::LoraA)
-                .or(module.get(TensorRole::EmbeddingA))
-        {
-            unused(
-                &t.key,
-                "`target_modules` does not select this module, so PEFT never wraps it".into(),
-            );
-        }
-        if let Some(selector) = &config.exclude_modules
-            && excluded(selector, &module.name)
-        {
-            unused(
-                &module.name,
-                "`exclude_modules` excludes this module, so PEFT never wraps it".into(),
-            );
-        }
-        if let (Some(layers), Some(index)) = (
-            &config.layers_to_transform,
-            layer_index(&module.name, &config.layers_pattern),
-        ) && !layers.contains(&index)
-        {
-            unused(
-                &module.name,
-                format!(
-                    "layer {index} is not in `layers_to_transform` {layers:?}, so PEFT never wraps it"
-                ),
-            );
-        }
+    if module.has_lora()
+        && let Err(why) = config.wraps(&module.name)
+    {
+        unused(&module.name, format!("{why}, so PEFT never wraps it"));
     }
-}
-
-/// PEFT's `exclude_modules`: a string is a full-match regex, a list matches exactly or as suffix.
-fn excluded(selector: &ModuleSelector, module: &str) -> bool {
-    match selector {
-        ModuleSelector::Regex(pattern) if pattern == "all-linear" => false,
-        other => other.matches(module),
-    }
-}
-
-/// The layer index PEFT's `layers_to_transform` filter reads from a module path
-/// (`check_target_module_exists`: the first `.<name>.<digits>.` segment, or the one after
-/// `layers_pattern`).
-pub fn layer_index(module: &str, layers_pattern: &[String]) -> Option<usize> {
-    let patterns: Vec<String> = if layers_pattern.is_empty() {
-        vec![r"^.*?\.[^.]*\.(\d+)\.".to_string()]
-    } else {
-        layers_pattern
-            .iter()
-            .map(|p| format!(r"^.*?\.{}\.(\d+)\.", regex::escape(p)))
-            .collect()
-    };
-    patterns.iter().find_map(|p| {
-        Regex::new(p)
-            .ok()?
-            .captures(module)?
-            .get(1)?
-            .as_str()
-            .parse()
-            .ok()
-    })
 }
 
 fn coverage_rules(
@@ -689,6 +609,13 @@ fn tied_rules(
     };
     findings.push(Finding::new(Code::TiedEmbeddings, Some(module), message));
     Ok(())
+}
+
+fn same_bytes(adapter: &Adapter, a: &str, b: &str) -> bool {
+    match (adapter.weights.raw(a), adapter.weights.raw(b)) {
+        (Ok((ia, xa)), Ok((ib, xb))) => ia.dtype == ib.dtype && ia.shape == ib.shape && xa == xb,
+        _ => false,
+    }
 }
 
 fn same_full_weight(
@@ -940,16 +867,6 @@ fn quantized_base_rules(input: &StructureInput<'_>, findings: &mut Vec<Finding>)
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn layer_index_follows_peft() {
-        assert_eq!(layer_index("model.layers.12.mlp.down_proj", &[]), Some(12));
-        assert_eq!(
-            layer_index("model.layers.3.mlp.experts.7.w1", &["layers".into()]),
-            Some(3)
-        );
-        assert_eq!(layer_index("lm_head", &[]), None);
-    }
 
     #[test]
     fn advertised_sizes() {

@@ -285,6 +285,29 @@ impl AdapterConfig {
             .as_ref()
             .map(|selector| selector.matches(module))
     }
+    /// Whether PEFT would wrap `module` with a LoRA layer given this config (`target_modules`,
+    /// `exclude_modules`, `layers_to_transform`). A LoRA tensor for a module PEFT does not wrap is
+    /// dropped at load time. `Err` carries the reason.
+    pub fn wraps(&self, module: &str) -> Result<(), String> {
+        if self.targets(module) == Some(false) {
+            return Err("`target_modules` does not select this module".into());
+        }
+        if let Some(selector) = &self.exclude_modules
+            && excluded(selector, module)
+        {
+            return Err("`exclude_modules` excludes this module".into());
+        }
+        if let (Some(layers), Some(index)) = (
+            &self.layers_to_transform,
+            layer_index(module, &self.layers_pattern),
+        ) && !layers.contains(&index)
+        {
+            return Err(format!(
+                "layer {index} is not in `layers_to_transform` {layers:?}"
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// PEFT's scaling rule (`LoraLayer.update_layer`): `alpha/sqrt(r)` with rsLoRA, else `alpha/r`.
@@ -384,6 +407,8 @@ pub enum TensorRole {
     /// A full replacement bias (`bias="all"/"lora_only"`, `modules_to_save`).
     FullBias,
     TrainableTokens,
+    /// `modules_to_save`'s frozen `original_module` copy: kept for unloading, never merged.
+    OriginalModule,
     /// A key this grammar does not know.
     Unknown,
 }
@@ -401,6 +426,7 @@ impl TensorRole {
             TensorRole::FullWeight => "full weight",
             TensorRole::FullBias => "full bias",
             TensorRole::TrainableTokens => "trainable_tokens_delta",
+            TensorRole::OriginalModule => "original_module",
             TensorRole::Unknown => "unknown",
         }
     }
@@ -534,6 +560,37 @@ impl Adapter {
     }
 }
 
+/// PEFT's `exclude_modules`: a string is a full-match regex, a list matches exactly or as suffix.
+fn excluded(selector: &ModuleSelector, module: &str) -> bool {
+    match selector {
+        ModuleSelector::Regex(pattern) if pattern == "all-linear" => false,
+        other => other.matches(module),
+    }
+}
+
+/// The layer index PEFT's `layers_to_transform` filter reads from a module path
+/// (`check_target_module_exists`: the first `.<name>.<digits>.` segment, or the one after
+/// `layers_pattern`).
+pub fn layer_index(module: &str, layers_pattern: &[String]) -> Option<usize> {
+    let patterns: Vec<String> = if layers_pattern.is_empty() {
+        vec![r"^.*?\.[^.]*\.(\d+)\.".to_string()]
+    } else {
+        layers_pattern
+            .iter()
+            .map(|p| format!(r"^.*?\.{}\.(\d+)\.", regex::escape(p)))
+            .collect()
+    };
+    patterns.iter().find_map(|p| {
+        Regex::new(p)
+            .ok()?
+            .captures(module)?
+            .get(1)?
+            .as_str()
+            .parse()
+            .ok()
+    })
+}
+
 /// The prefix PEFT puts before every module path on save.
 const PEFT_PREFIX: &str = "base_model.model.";
 
@@ -554,6 +611,7 @@ pub fn parse_key(info: TensorInfo) -> AdapterTensor {
                 | "base_layer"
                 | "token_adapter"
                 | "modules_to_save"
+                | "original_module"
         )
     });
     let (module, role, adapter_name) = match marker {
@@ -604,6 +662,7 @@ fn classify(marker: &str, rest: &[&str]) -> (TensorRole, Option<String>) {
         ("base_layer", ["weight"]) | ("modules_to_save", ["weight"]) => TensorRole::FullWeight,
         ("base_layer", ["bias"]) | ("modules_to_save", ["bias"]) => TensorRole::FullBias,
         ("token_adapter", ["trainable_tokens_delta"]) => TensorRole::TrainableTokens,
+        ("original_module", ["weight" | "bias"]) => TensorRole::OriginalModule,
         // `token_adapter.trainable_tokens_delta.<name>`: the name follows the parameter.
         ("token_adapter", []) if name.as_deref() == Some("trainable_tokens_delta") => {
             return (TensorRole::TrainableTokens, None);
@@ -733,6 +792,16 @@ mod tests {
         assert_eq!(cfg.scaling_for("model.layers.0.mlp.xdown_proj").r, 8);
         let s = cfg.scaling_for("model.layers.0.self_attn.v_proj");
         assert_eq!((s.r, s.alpha, s.scale), (8, 32.0, 4.0));
+    }
+
+    #[test]
+    fn layer_index_follows_peft() {
+        assert_eq!(layer_index("model.layers.12.mlp.down_proj", &[]), Some(12));
+        assert_eq!(
+            layer_index("model.layers.3.mlp.experts.7.w1", &["layers".into()]),
+            Some(3)
+        );
+        assert_eq!(layer_index("lm_head", &[]), None);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! A tied `lm_head` with no tensor of its own maps to the input embedding it shares.
 
 use super::checkpoint::Checkpoint;
+use super::config::ModelConfig;
 
 /// How a module found its base tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,4 +141,34 @@ pub fn find_head(base: &Checkpoint) -> Option<String> {
                 .any(|h| t.name == *h || t.name.ends_with(&format!(".{h}")))
         })
         .map(|t| t.name.clone())
+}
+
+/// Decides whether a base weight is stored `[in, out]` (GPT-2 style Conv1D).
+pub struct Conv1dRule {
+    gpt2_family: bool,
+    fan_in_fan_out: bool,
+}
+
+impl Conv1dRule {
+    pub fn new(config: Option<&ModelConfig>, fan_in_fan_out: bool) -> Self {
+        let gpt2_family = config
+            .and_then(|c| c.model_type.as_deref())
+            .is_some_and(|t| matches!(t, "gpt2" | "openai-gpt" | "imagegpt"));
+        Conv1dRule {
+            gpt2_family,
+            fan_in_fan_out,
+        }
+    }
+
+    /// PEFT forces fan_in_fan_out for `transformers.pytorch_utils.Conv1D` whatever the config
+    /// says; GPT-2's attention and MLP projections are Conv1D.
+    pub fn is_conv1d(&self, module: &str) -> bool {
+        if self.gpt2_family {
+            return matches!(
+                module.rsplit('.').next(),
+                Some("c_attn" | "c_proj" | "c_fc" | "q_attn")
+            );
+        }
+        self.fan_in_fan_out
+    }
 }

@@ -1,1 +1,841 @@
-//! Block quantizers (placeholder until the format helper lands).
+//! Block quantizers for the formats a merged weight is shipped in, bit-exact with the tools that
+//! write them: ggml `Q8_0`/`Q4_0`/`Q4_1` (as written by gguf-py and `convert_hf_to_gguf.py`),
+//! bitsandbytes `nf4`/`fp4` 4-bit blockwise quantization (its CUDA kernel and its CPU reference,
+//! see [`BnbBackend`]), and bitsandbytes LLM.int8 row-wise int8.
+//!
+//! The formulas are spec'd in `docs/merge-semantics.md` §4 (bitsandbytes) and §5.5 (ggml), with the
+//! upstream file and line for every step. Goldens from the real tools live in
+//! `fixtures/goldens/quant/` (made by `fixtures/gen/quant.py` with gguf-py 0.19 and bitsandbytes
+//! 0.50 on CPU) and the tests at the bottom of this file require identical bytes and identical
+//! dequantized bits.
+//!
+//! What is deliberately **not** modelled:
+//! - bitsandbytes double quantization (`compress_statistics=True`, §4.4). We quantize merged weights
+//!   to measure what quantization does to them, with `compress_statistics=False`; the 8-bit
+//!   re-quantization of `absmax` adds a second, smaller error, and its `offset = mean(absmax)`
+//!   depends on the device's summation order, so it could not be reproduced bit for bit anyway.
+//!   To read a double-quantized checkpoint, dequantize its `absmax` first and pass the f32 values.
+//! - ggml importance-matrix quantization (`quantize_row_q4_x_impl`), which only runs with an
+//!   imatrix; without one ggml and gguf-py use the `_ref` bodies reproduced here.
+//!
+//! Non-finite inputs are not an error (a merged weight with NaN is a finding elsewhere); they follow
+//! the C comparisons literally, so the behaviour is defined and deterministic, but the Python tools
+//! propagate NaN through numpy/torch reductions instead, so blocks containing NaN are not
+//! guaranteed to match them:
+//! - ggml: `Q8_0`'s `amax` uses ggml's `MAX(a, b) = a > b ? a : b`, `Q4_0`/`Q4_1` skip NaN in their
+//!   `<`/`>` scans. An infinite element makes the block's f32 scale infinite, `id = 0`, finite
+//!   elements code 0 (Q4_0: 8) and the stored f16 scale ±inf. A finite block whose scale exceeds
+//!   [`F16_MAX`](crate::merge::float::F16_MAX) also stores an infinite f16 scale (as ggml does),
+//!   so it dequantizes to ±inf/NaN.
+//! - bitsandbytes 4-bit: `absmax` uses `fmaxf`, which skips NaN. An infinite `absmax` gives
+//!   `inv = 0`: finite elements quantize as 0.0, infinite ones as NaN, and a NaN scaled value falls
+//!   through every strict `>` to code 0.
+//! - int8: an f16 overflow (|w| ≥ 65520) makes `SCB = inf`, the scale 0 and every code 0; the NaN
+//!   of `0 · inf` (also from an all-zero row) converts to code 0, as torch does on x86.
+//!
+//! Parallelism: blocks are independent, so rayon splits the work by block (or by row for int8) and
+//! every output element is computed by the same sequential code whatever the thread count.
+
+use crate::merge::float::{FloatFormat, round_f16};
+use half::f16;
+use rayon::prelude::*;
+
+/// Elements per ggml `Q8_0`/`Q4_0`/`Q4_1` block (`QK8_0`, `QK4_0`, `QK4_1`).
+pub const GGML_QK: usize = 32;
+/// Bytes per `Q8_0` block: `{f16 d; i8 qs[32]}`.
+pub const Q8_0_BLOCK_BYTES: usize = 34;
+/// Bytes per `Q4_0` block: `{f16 d; u8 qs[16]}`.
+pub const Q4_0_BLOCK_BYTES: usize = 18;
+/// Bytes per `Q4_1` block: `{f16 d; f16 m; u8 qs[16]}`.
+pub const Q4_1_BLOCK_BYTES: usize = 20;
+/// Default bitsandbytes 4-bit block size (`quantize_4bit`, `Params4bit`).
+pub const BNB_4BIT_BLOCKSIZE: usize = 64;
+
+/// The NF4 code, index 0..15, as the f32 literals of `bitsandbytes.functional.get_4bit_type("nf4")`
+/// and CUDA's `nf4_dequantization_lut` (§4.1).
+pub const NF4_CODE: [f32; 16] = [
+    -1.0,
+    -0.696_192_800_998_687_7,
+    -0.525_073_051_452_636_7,
+    -0.394_917_484_521_865_84,
+    -0.284_441_381_692_886_35,
+    -0.184_773_430_228_233_34,
+    -0.091_050_036_251_544_95,
+    0.0,
+    0.079_580_299_556_255_34,
+    0.160_930_201_411_247_25,
+    0.246_112_301_945_686_34,
+    0.337_915_241_718_292_24,
+    0.440_709_829_330_444_34,
+    0.562_617_003_917_694_1,
+    0.722_956_836_223_602_3,
+    1.0,
+];
+
+/// The FP4 (E2M1, bias 2) code as CUDA dequantizes it: `fp4_dequantization_lut[v & 7]` times
+/// `1 − 2·(v >> 3)`, so codes 8..15 are the exact negations of 0..7 (code 8 is −0.0).
+pub const FP4_CODE: [f32; 16] = [
+    0.0,
+    0.005_208_333_3,
+    0.666_666_7,
+    1.0,
+    0.333_333_33,
+    0.5,
+    0.166_666_67,
+    0.25,
+    -0.0,
+    -0.005_208_333_3,
+    -0.666_666_7,
+    -1.0,
+    -0.333_333_33,
+    -0.5,
+    -0.166_666_67,
+    -0.25,
+];
+
+/// `1/127` as the f32 constant bitsandbytes multiplies by in `int8_vectorwise_dequant`.
+pub const INT8_DEQUANT_SCALE: f32 = 7.874_015_718_698_502e-3;
+
+/// Blocks handed to one rayon task; smaller inputs run on the calling thread.
+const PAR_MIN_BLOCKS: usize = 512;
+
+/// Why a tensor cannot be quantized or a quantized buffer cannot be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QuantError {
+    /// ggml quantizes whole rows into 32-element blocks; `convert_hf_to_gguf.py` falls back to F16
+    /// for such tensors, so callers decide what to do.
+    #[error("row length {len} is not a multiple of the `{format}` block size {block}")]
+    RowNotBlockAligned {
+        format: &'static str,
+        len: usize,
+        block: usize,
+    },
+    /// A quantized byte buffer is not a whole number of blocks.
+    #[error("`{format}` data of {got} bytes is not a whole number of {block_bytes}-byte blocks")]
+    PartialBlock {
+        format: &'static str,
+        got: usize,
+        block_bytes: usize,
+    },
+    /// A buffer's length disagrees with the element count it claims to hold.
+    #[error("`{format}` {what} has {got} entries, expected {expected} for {elements} elements")]
+    LengthMismatch {
+        format: &'static str,
+        what: &'static str,
+        got: usize,
+        expected: usize,
+        elements: usize,
+    },
+    /// bitsandbytes accepts power-of-two block sizes from 32 to 4096.
+    #[error("`{format}` block size {blocksize} is not a power of two in 32..=4096")]
+    BadBlocksize {
+        format: &'static str,
+        blocksize: usize,
+    },
+}
+
+// ---------------------------------------------------------------------------------------------
+// ggml Q8_0 / Q4_0 / Q4_1
+// ---------------------------------------------------------------------------------------------
+
+/// Quantize a row to ggml `Q8_0` bytes, `quantize_row_q8_0_ref` exactly (§5.5):
+/// `d = amax/127`, `id = d ≠ 0 ? 1/d : 0` from the f32 `d`, `qs = (i8) roundf(x·id)` with
+/// `roundf` rounding half away from zero, `d` stored as f16 (RNE).
+pub fn quantize_q8_0(row: &[f32]) -> Result<Vec<u8>, QuantError> {
+    ggml_quantize(row, "q8_0", Q8_0_BLOCK_BYTES, q8_0_block)
+}
+
+/// Decode ggml `Q8_0` bytes: `x = qs · f32(d)` (`dequantize_row_q8_0`).
+pub fn dequantize_q8_0(bytes: &[u8]) -> Result<Vec<f32>, QuantError> {
+    ggml_dequantize(bytes, "q8_0", Q8_0_BLOCK_BYTES, dq8_0_block)
+}
+
+/// Quantize a row to ggml `Q4_0` bytes, `quantize_row_q4_0_ref` exactly (§5.5): the signed value
+/// of largest magnitude (first on ties) gives `d = max/−8`, `q = MIN(15, trunc(x·id + 8.5))`
+/// evaluated as a fused multiply-add (what FMA-contracted C builds and gguf-py's f64 emulation do),
+/// element `j` in the low nibble and `j+16` in the high nibble of byte `j`.
+pub fn quantize_q4_0(row: &[f32]) -> Result<Vec<u8>, QuantError> {
+    ggml_quantize(row, "q4_0", Q4_0_BLOCK_BYTES, q4_0_block)
+}
+
+/// Decode ggml `Q4_0` bytes: `x = (nibble − 8) · f32(d)` (`dequantize_row_q4_0`).
+pub fn dequantize_q4_0(bytes: &[u8]) -> Result<Vec<f32>, QuantError> {
+    ggml_dequantize(bytes, "q4_0", Q4_0_BLOCK_BYTES, dq4_0_block)
+}
+
+/// Quantize a row to ggml `Q4_1` bytes, `quantize_row_q4_1_ref` exactly (§5.5):
+/// `d = (max − min)/15`, `q = MIN(15, trunc((x − min)·id + 0.5))` with a separate multiply and
+/// add (gguf-py does not fuse here), using the f32 `min` and `d`; `d` and `m = min` stored as f16.
+pub fn quantize_q4_1(row: &[f32]) -> Result<Vec<u8>, QuantError> {
+    ggml_quantize(row, "q4_1", Q4_1_BLOCK_BYTES, q4_1_block)
+}
+
+/// Decode ggml `Q4_1` bytes: `x = nibble · f32(d) + f32(m)`, multiply then add as gguf-py does.
+pub fn dequantize_q4_1(bytes: &[u8]) -> Result<Vec<f32>, QuantError> {
+    ggml_dequantize(bytes, "q4_1", Q4_1_BLOCK_BYTES, dq4_1_block)
+}
+
+fn ggml_quantize(
+    row: &[f32],
+    format: &'static str,
+    block_bytes: usize,
+    block: fn(&[f32], &mut [u8]),
+) -> Result<Vec<u8>, QuantError> {
+    if row.len() % GGML_QK != 0 {
+        return Err(QuantError::RowNotBlockAligned {
+            format,
+            len: row.len(),
+            block: GGML_QK,
+        });
+    }
+    let mut out = vec![0u8; row.len() / GGML_QK * block_bytes];
+    row.par_chunks_exact(GGML_QK)
+        .zip(out.par_chunks_exact_mut(block_bytes))
+        .with_min_len(PAR_MIN_BLOCKS)
+        .for_each(|(x, y)| block(x, y));
+    Ok(out)
+}
+
+fn ggml_dequantize(
+    bytes: &[u8],
+    format: &'static str,
+    block_bytes: usize,
+    block: fn(&[u8], &mut [f32]),
+) -> Result<Vec<f32>, QuantError> {
+    if bytes.len() % block_bytes != 0 {
+        return Err(QuantError::PartialBlock {
+            format,
+            got: bytes.len(),
+            block_bytes,
+        });
+    }
+    let mut out = vec![0f32; bytes.len() / block_bytes * GGML_QK];
+    bytes
+        .par_chunks_exact(block_bytes)
+        .zip(out.par_chunks_exact_mut(GGML_QK))
+        .with_min_len(PAR_MIN_BLOCKS)
+        .for_each(|(x, y)| block(x, y));
+    Ok(out)
+}
+
+fn f16_bytes(x: f32) -> [u8; 2] {
+    f16::from_f32(x).to_le_bytes()
+}
+
+fn f16_at(bytes: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+}
+
+/// `1/d`, or 0 when `d` is zero (ggml's `d ? 1.0f/d : 0.0f`).
+fn inverse_or_zero(d: f32) -> f32 {
+    if d != 0.0 { 1.0 / d } else { 0.0 }
+}
+
+fn q8_0_block(x: &[f32], y: &mut [u8]) {
+    // ggml's MAX(a, b) is `a > b ? a : b`; written the same way so NaN behaves as in C.
+    let amax = x
+        .iter()
+        .fold(0.0f32, |m, v| if m > v.abs() { m } else { v.abs() });
+    let d = amax / 127.0;
+    let id = inverse_or_zero(d);
+    y[..2].copy_from_slice(&f16_bytes(d));
+    for (q, v) in y[2..].iter_mut().zip(x) {
+        // `as i8` saturates and maps NaN to 0; finite products are within ±127.5 by construction.
+        *q = ((v * id).round() as i8) as u8;
+    }
+}
+
+fn dq8_0_block(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    for (v, q) in y.iter_mut().zip(&b[2..]) {
+        *v = f32::from(*q as i8) * d;
+    }
+}
+
+/// `MIN(15, (int8_t) v)` for the non-negative `v` of Q4 quantization, as an unsigned nibble.
+fn nibble_from_trunc(v: f32) -> u8 {
+    (v as i8).clamp(0, 15) as u8
+}
+
+fn q4_0_block(x: &[f32], y: &mut [u8]) {
+    let (mut amax, mut max) = (0.0f32, 0.0f32);
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    let d = max / -8.0;
+    let id = inverse_or_zero(d);
+    y[..2].copy_from_slice(&f16_bytes(d));
+    let half = GGML_QK / 2;
+    for j in 0..half {
+        let lo = nibble_from_trunc(x[j].mul_add(id, 8.5));
+        let hi = nibble_from_trunc(x[j + half].mul_add(id, 8.5));
+        y[2 + j] = lo | (hi << 4);
+    }
+}
+
+fn dq4_0_block(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let half = GGML_QK / 2;
+    for (j, q) in b[2..].iter().enumerate() {
+        y[j] = f32::from(i16::from(q & 0x0F) - 8) * d;
+        y[j + half] = f32::from(i16::from(q >> 4) - 8) * d;
+    }
+}
+
+fn q4_1_block(x: &[f32], y: &mut [u8]) {
+    let (mut min, mut max) = (f32::MAX, -f32::MAX);
+    for &v in x {
+        if v < min {
+            min = v;
+        }
+        if v > max {
+            max = v;
+        }
+    }
+    let d = (max - min) / 15.0;
+    let id = inverse_or_zero(d);
+    y[..2].copy_from_slice(&f16_bytes(d));
+    y[2..4].copy_from_slice(&f16_bytes(min));
+    let half = GGML_QK / 2;
+    for j in 0..half {
+        let lo = nibble_from_trunc((x[j] - min) * id + 0.5);
+        let hi = nibble_from_trunc((x[j + half] - min) * id + 0.5);
+        y[4 + j] = lo | (hi << 4);
+    }
+}
+
+fn dq4_1_block(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let m = f16_at(b, 2);
+    let half = GGML_QK / 2;
+    for (j, q) in b[4..].iter().enumerate() {
+        y[j] = f32::from(q & 0x0F) * d + m;
+        y[j + half] = f32::from(q >> 4) * d + m;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// bitsandbytes 4-bit (NF4 / FP4)
+// ---------------------------------------------------------------------------------------------
+
+/// Which 4-bit code bitsandbytes uses (`quant_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Bnb4bitType {
+    /// NormalFloat4: 16 quantiles of N(0, 1) scaled to [−1, 1] (QLoRA's default).
+    Nf4,
+    /// E2M1 float with bias 2 and a sign bit (bitsandbytes' default `quant_type`).
+    Fp4,
+}
+
+impl Bnb4bitType {
+    /// `nf4` or `fp4`, as in `quant_type` and the `quant_state.bitsandbytes__<type>` key.
+    pub fn name(self) -> &'static str {
+        match self {
+            Bnb4bitType::Nf4 => "nf4",
+            Bnb4bitType::Fp4 => "fp4",
+        }
+    }
+
+    /// The 16-entry dequantization code.
+    pub fn code(self) -> &'static [f32; 16] {
+        match self {
+            Bnb4bitType::Nf4 => &NF4_CODE,
+            Bnb4bitType::Fp4 => &FP4_CODE,
+        }
+    }
+}
+
+/// Which bitsandbytes quantizer to reproduce. They agree on every ordinary weight and differ only
+/// on a handful of f32 values and on all-zero blocks, which matters when matching bytes.
+///
+/// Dequantization is the same for both: the CUDA kernel and the native CPU kernel both compute
+/// `code[q] · absmax` in f32 and round once (the CPU torch fallback, used only when the last dim
+/// is odd, differs only in giving +0.0 instead of −0.0 for FP4 code 8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BnbBackend {
+    /// CUDA `kQuantizeBlockwise` (`csrc/kernels.cu`): what GPU-quantized checkpoints contain.
+    /// `inv = 1/absmax` for every block; the `dQuantizeNF4`/`dQuantizeFP4` decision trees with
+    /// their f32 literal thresholds, strict `>`, FP4 on `|x|` with the sign from `x < 0`; an
+    /// all-zero block gives `0 · inf = NaN`, which every comparison sends to code 0.
+    Cuda,
+    /// The torch reference that bitsandbytes 0.50 runs for `quantize_4bit` on CPU
+    /// (`backends/default/ops.py`; there is no native CPU quantize kernel): `torch.bucketize` on
+    /// the f32 midpoints of the sorted code (ties to the lower bucket), with these differences:
+    /// - `absmax` is clamped to `1e-38` before the reciprocal, so an all-zero block quantizes as
+    ///   0.0 (NF4 code 7) and a partial all-zero last block stores `absmax = 1e-38`;
+    /// - the partial last block is divided by its absmax instead of multiplied by the reciprocal;
+    /// - FP4 midpoints are f32 sums of the codes (e.g. `0.5833334`, CUDA `0.583333`), negative
+    ///   values break ties toward the larger magnitude, and values in `(0, 0.0026]` get code 8
+    ///   (−0) while those in `(−0.0026, 0]` get code 0, the reverse of CUDA's sign bit.
+    Cpu,
+}
+
+/// A tensor quantized by bitsandbytes `quantize_4bit(..., compress_statistics=False)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bnb4bit {
+    /// NF4 or FP4.
+    pub quant_type: Bnb4bitType,
+    /// Elements per `absmax` block.
+    pub blocksize: usize,
+    /// Number of quantized elements (`prod(shape)`).
+    pub len: usize,
+    /// `(len + 1) / 2` bytes, element `2k` in the high nibble of byte `k`.
+    pub packed: Vec<u8>,
+    /// One f32 absmax per block of the row-major flattened tensor; the last block may be partial.
+    pub absmax: Vec<f32>,
+}
+
+/// NF4 thresholds: the f32 midpoints `(NF4_CODE[i] + NF4_CODE[i + 1]) / 2`. CUDA's `dQuantizeNF4`
+/// literals and the CPU reference's computed midpoints are the same f32 values (unit-tested).
+const NF4_MIDPOINTS: [f32; 15] = [
+    -0.848_096_4,
+    -0.610_632_9,
+    -0.459_995_27,
+    -0.339_679_42,
+    -0.234_607_4,
+    -0.137_911_74,
+    -0.045_525_018,
+    0.039_790_15,
+    0.120_255_25,
+    0.203_521_25,
+    0.292_013_76,
+    0.389_312_54,
+    0.501_663_45,
+    0.642_786_9,
+    0.861_478_45,
+];
+
+/// FP4 midpoints of the CPU reference: adjacent values of the sorted code, summed and halved in
+/// f32. The ±0 pair contributes the bound 0.0.
+const FP4_CPU_MIDPOINTS: [f32; 15] = [
+    -0.833_333_4,
+    -0.583_333_4,
+    -0.416_666_7,
+    -0.291_666_7,
+    -0.208_333_34,
+    -0.085_937_5,
+    -0.002_604_166_7,
+    0.0,
+    0.002_604_166_7,
+    0.085_937_5,
+    0.208_333_34,
+    0.291_666_7,
+    0.416_666_7,
+    0.583_333_4,
+    0.833_333_4,
+];
+
+/// Code index of each bucket of [`FP4_CPU_MIDPOINTS`] (`torch.argsort` of the code, with +0 at
+/// index 0 sorting before the second zero at index 8).
+const FP4_CPU_ORDER: [u8; 16] = [11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3];
+
+/// Number of `bounds` strictly below `x` (`torch.bucketize(x, bounds, right=False)`, and the same
+/// as walking a strict-`>` decision tree). NaN is below nothing and gets 0.
+fn bucket(x: f32, bounds: &[f32; 15]) -> u8 {
+    bounds.iter().take_while(|b| **b < x).count() as u8
+}
+
+/// CUDA `dQuantizeFP4`: sign bit from `x < 0`, strict `>` on `|x|` against the tree's literals.
+fn quantize_fp4_cuda(x: f32) -> u8 {
+    let sign = if x < 0.0 { 0b1000 } else { 0 };
+    let a = x.abs();
+    let magnitude = if a > 0.291_666_67 {
+        if a > 0.583_333 {
+            if a > 0.833_333_3 { 0b011 } else { 0b010 }
+        } else if a > 0.416_666_7 {
+            0b101
+        } else {
+            0b100
+        }
+    } else if a > 0.085_937_5 {
+        if a > 0.208_333_33 { 0b111 } else { 0b110 }
+    } else if a > 0.002_604_17 {
+        0b001
+    } else {
+        0b000
+    };
+    magnitude | sign
+}
+
+/// The 4-bit code of a value already scaled by `1/absmax`.
+fn quantize_scaled(xn: f32, quant_type: Bnb4bitType, backend: BnbBackend) -> u8 {
+    match (quant_type, backend) {
+        (Bnb4bitType::Nf4, _) => bucket(xn, &NF4_MIDPOINTS),
+        (Bnb4bitType::Fp4, BnbBackend::Cuda) => quantize_fp4_cuda(xn),
+        (Bnb4bitType::Fp4, BnbBackend::Cpu) => {
+            FP4_CPU_ORDER[usize::from(bucket(xn, &FP4_CPU_MIDPOINTS))]
+        }
+    }
+}
+
+fn check_blocksize(format: &'static str, blocksize: usize) -> Result<(), QuantError> {
+    if blocksize.is_power_of_two() && (32..=4096).contains(&blocksize) {
+        Ok(())
+    } else {
+        Err(QuantError::BadBlocksize { format, blocksize })
+    }
+}
+
+/// Quantize a tensor (flattened row-major) like bitsandbytes `quantize_4bit(A, blocksize,
+/// quant_type, compress_statistics=False)` (§4.2): per block `absmax = max |x|` (f32), the code of
+/// `x · (1/absmax)`, two codes per byte with the first in the high nibble. Blocks may straddle
+/// rows; the last one may be partial and has its own absmax. An odd element count pads the last
+/// low nibble with the code of a 0.0 element. See [`BnbBackend`] for the two quantizers.
+///
+/// `data` holds the tensor's values in its dtype (f32, or f16/bf16 widened exactly); its length is
+/// `prod(shape)`.
+pub fn quantize_4bit(
+    data: &[f32],
+    quant_type: Bnb4bitType,
+    blocksize: usize,
+    backend: BnbBackend,
+) -> Result<Bnb4bit, QuantError> {
+    check_blocksize(quant_type.name(), blocksize)?;
+    let mut packed = vec![0u8; data.len().div_ceil(2)];
+    let mut absmax = vec![0f32; data.len().div_ceil(blocksize)];
+    data.par_chunks(blocksize)
+        .zip(packed.par_chunks_mut(blocksize / 2))
+        .zip(absmax.par_iter_mut())
+        .with_min_len(PAR_MIN_BLOCKS / 4)
+        .for_each(|((x, bytes), amax)| {
+            let partial = x.len() < blocksize;
+            *amax = quantize_4bit_block(x, partial, quant_type, backend, bytes);
+        });
+    Ok(Bnb4bit {
+        quant_type,
+        blocksize,
+        len: data.len(),
+        packed,
+        absmax,
+    })
+}
+
+/// How a block maps an element to `[-1, 1]`.
+#[derive(Clone, Copy)]
+enum Scale {
+    /// `x · inv`, with `inv = 1/absmax` rounded to f32 first.
+    Mul(f32),
+    /// `x / absmax`.
+    Div(f32),
+}
+
+impl Scale {
+    fn apply(self, x: f32) -> f32 {
+        match self {
+            Scale::Mul(inv) => x * inv,
+            Scale::Div(absmax) => x / absmax,
+        }
+    }
+}
+
+/// Quantize one block into `bytes` and return the absmax to store.
+fn quantize_4bit_block(
+    x: &[f32],
+    partial: bool,
+    quant_type: Bnb4bitType,
+    backend: BnbBackend,
+    bytes: &mut [u8],
+) -> f32 {
+    // fmaxf semantics: NaN never wins (CUDA); starting at 0 equals CUDA's −FLT_MAX start.
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    // `stored` is the absmax written out; `pad` is the scaled value of the padding element of an
+    // odd-length tensor (CUDA pads the input with 0 and scales it, the CPU reference pads the
+    // scaled tensor with 0.0).
+    let (stored, pad, scale) = match backend {
+        BnbBackend::Cuda => {
+            let inv = 1.0 / amax;
+            (amax, 0.0 * inv, Scale::Mul(inv))
+        }
+        BnbBackend::Cpu => {
+            // `1e-38` is an f32 subnormal, the value torch's `clamp(min=1e-38)` uses.
+            let clamped = amax.max(1e-38);
+            if partial {
+                (clamped, 0.0, Scale::Div(clamped))
+            } else {
+                (amax, 0.0, Scale::Mul(1.0 / clamped))
+            }
+        }
+    };
+    for (byte, pair) in bytes.iter_mut().zip(x.chunks(2)) {
+        let hi = quantize_scaled(scale.apply(pair[0]), quant_type, backend);
+        let lo = quantize_scaled(
+            pair.get(1).map_or(pad, |v| scale.apply(*v)),
+            quant_type,
+            backend,
+        );
+        *byte = (hi << 4) | lo;
+    }
+    stored
+}
+
+/// Dequantize like bitsandbytes `dequantize_4bit` (§4.3): `code[q] · absmax` as one f32 multiply,
+/// then rounded once to `dtype` (the `quant_state.dtype`). Returned widened to f32.
+pub fn dequantize_4bit(q: &Bnb4bit, dtype: FloatFormat) -> Result<Vec<f32>, QuantError> {
+    let format = q.quant_type.name();
+    check_blocksize(format, q.blocksize)?;
+    let expected_bytes = q.len.div_ceil(2);
+    if q.packed.len() != expected_bytes {
+        return Err(QuantError::LengthMismatch {
+            format,
+            what: "packed data",
+            got: q.packed.len(),
+            expected: expected_bytes,
+            elements: q.len,
+        });
+    }
+    let expected_blocks = q.len.div_ceil(q.blocksize);
+    if q.absmax.len() != expected_blocks {
+        return Err(QuantError::LengthMismatch {
+            format,
+            what: "absmax",
+            got: q.absmax.len(),
+            expected: expected_blocks,
+            elements: q.len,
+        });
+    }
+    let code = q.quant_type.code();
+    let mut out = vec![0f32; q.len];
+    out.par_chunks_mut(q.blocksize)
+        .zip(q.packed.par_chunks(q.blocksize / 2))
+        .zip(q.absmax.par_iter())
+        .with_min_len(PAR_MIN_BLOCKS / 4)
+        .for_each(|((y, bytes), &amax)| {
+            for (k, v) in y.iter_mut().enumerate() {
+                let byte = bytes[k / 2];
+                let nibble = if k % 2 == 0 { byte >> 4 } else { byte & 0x0F };
+                *v = dtype.round(code[usize::from(nibble)] * amax);
+            }
+        });
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// bitsandbytes LLM.int8 (row-wise int8)
+// ---------------------------------------------------------------------------------------------
+
+/// A weight quantized like bitsandbytes `Int8Params` (§4.6): one int8 row per output row and one
+/// f32 scale (`SCB`, the row's absmax) per row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Int8Rowwise {
+    /// Number of rows (`out_features`).
+    pub rows: usize,
+    /// Number of columns (`in_features`).
+    pub cols: usize,
+    /// `rows × cols` int8 codes, row-major (`CB`).
+    pub cb: Vec<i8>,
+    /// Per-row absmax of the f16 weight, as f32 (`SCB`).
+    pub scb: Vec<f32>,
+}
+
+/// Quantize `[rows, cols]` like `Int8Params._quantize` with the torch reference kernel: cast to
+/// f16 first, `SCB = max |w16|` per row, `CB = round_half_even(w16 · (127/SCB))` with the
+/// division and multiply in f32. An all-zero row has `SCB = 0` and codes 0.
+///
+/// The CUDA kernel uses `__fdividef(127, SCB)` (≤ 2 ulp) for the scale, so GPU codes can differ
+/// from these by one LSB on elements that land near a rounding boundary.
+pub fn quantize_int8_rowwise(
+    data: &[f32],
+    rows: usize,
+    cols: usize,
+) -> Result<Int8Rowwise, QuantError> {
+    check_shape("int8", "input", data.len(), rows, cols)?;
+    let mut cb = vec![0i8; data.len()];
+    let mut scb = vec![0f32; rows];
+    if cols > 0 {
+        data.par_chunks_exact(cols)
+            .zip(cb.par_chunks_exact_mut(cols))
+            .zip(scb.par_iter_mut())
+            .for_each(|((w, q), s)| *s = quantize_int8_row(w, q));
+    }
+    Ok(Int8Rowwise {
+        rows,
+        cols,
+        cb,
+        scb,
+    })
+}
+
+fn quantize_int8_row(w: &[f32], q: &mut [i8]) -> f32 {
+    let scb = w.iter().fold(0.0f32, |m, v| m.max(round_f16(*v).abs()));
+    let scale = 127.0 / scb;
+    for (c, v) in q.iter_mut().zip(w) {
+        // `as i8` saturates and maps the NaN of 0·inf (all-zero row) to 0.
+        *c = (round_f16(*v) * scale).round_ties_even() as i8;
+    }
+    scb
+}
+
+/// Dequantize like `int8_vectorwise_dequant`: `CB · SCB · (1/127)` as two f32 multiplies in that
+/// order (`bitsandbytes/_ops.py`), giving f32.
+pub fn dequantize_int8_rowwise(q: &Int8Rowwise) -> Result<Vec<f32>, QuantError> {
+    check_shape("int8", "codes", q.cb.len(), q.rows, q.cols)?;
+    if q.scb.len() != q.rows {
+        return Err(QuantError::LengthMismatch {
+            format: "int8",
+            what: "SCB",
+            got: q.scb.len(),
+            expected: q.rows,
+            elements: q.cb.len(),
+        });
+    }
+    let mut out = vec![0f32; q.cb.len()];
+    if q.cols > 0 {
+        out.par_chunks_exact_mut(q.cols)
+            .zip(q.cb.par_chunks_exact(q.cols))
+            .zip(q.scb.par_iter())
+            .for_each(|((y, c), &s)| {
+                for (v, code) in y.iter_mut().zip(c) {
+                    *v = f32::from(*code) * s * INT8_DEQUANT_SCALE;
+                }
+            });
+    }
+    Ok(out)
+}
+
+fn check_shape(
+    format: &'static str,
+    what: &'static str,
+    got: usize,
+    rows: usize,
+    cols: usize,
+) -> Result<(), QuantError> {
+    let expected = rows.saturating_mul(cols);
+    if got == expected {
+        Ok(())
+    } else {
+        Err(QuantError::LengthMismatch {
+            format,
+            what,
+            got,
+            expected,
+            elements: expected,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One entry point per format
+// ---------------------------------------------------------------------------------------------
+
+/// Every quantized format lora-doctor can simulate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QuantFormat {
+    /// ggml 8-bit, 32-element blocks with an f16 scale.
+    Q8_0,
+    /// ggml 4-bit symmetric, 32-element blocks with an f16 scale.
+    Q4_0,
+    /// ggml 4-bit asymmetric, 32-element blocks with f16 scale and minimum.
+    Q4_1,
+    /// bitsandbytes NF4, 64-element blocks with an f32 absmax, no double quantization, CUDA
+    /// quantizer ([`BnbBackend::Cuda`]).
+    Nf4,
+    /// bitsandbytes FP4, 64-element blocks with an f32 absmax, no double quantization, CUDA
+    /// quantizer ([`BnbBackend::Cuda`]).
+    Fp4,
+    /// bitsandbytes LLM.int8 row-wise int8 with an f32 scale per row.
+    Int8,
+}
+
+impl QuantFormat {
+    /// Every format, in declaration order.
+    pub const ALL: [QuantFormat; 6] = [
+        QuantFormat::Q8_0,
+        QuantFormat::Q4_0,
+        QuantFormat::Q4_1,
+        QuantFormat::Nf4,
+        QuantFormat::Fp4,
+        QuantFormat::Int8,
+    ];
+
+    /// Lower-case name as the tools spell it: `q8_0`, `q4_0`, `q4_1`, `nf4`, `fp4`, `int8`.
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantFormat::Q8_0 => "q8_0",
+            QuantFormat::Q4_0 => "q4_0",
+            QuantFormat::Q4_1 => "q4_1",
+            QuantFormat::Nf4 => "nf4",
+            QuantFormat::Fp4 => "fp4",
+            QuantFormat::Int8 => "int8",
+        }
+    }
+
+    /// Storage cost including block scales: 8.5, 4.5, 5.0 for the ggml types, 4.5 for NF4/FP4
+    /// (one f32 per 64). For int8 it is 8.0 and excludes the per-row f32 `SCB` (`32/cols` more).
+    pub fn bits_per_weight(self) -> f64 {
+        match self {
+            QuantFormat::Q8_0 => (Q8_0_BLOCK_BYTES * 8) as f64 / GGML_QK as f64,
+            QuantFormat::Q4_0 => (Q4_0_BLOCK_BYTES * 8) as f64 / GGML_QK as f64,
+            QuantFormat::Q4_1 => (Q4_1_BLOCK_BYTES * 8) as f64 / GGML_QK as f64,
+            QuantFormat::Nf4 | QuantFormat::Fp4 => 4.0 + 32.0 / BNB_4BIT_BLOCKSIZE as f64,
+            QuantFormat::Int8 => 8.0,
+        }
+    }
+
+    /// Quantize a `[rows, cols]` tensor and dequantize it back to f32: the weight a runtime would
+    /// see. NF4/FP4 dequantize to f32 (`quant_state.dtype = float32`); see [`Self::fake_quantize_as`].
+    pub fn fake_quantize(
+        self,
+        data: &[f32],
+        rows: usize,
+        cols: usize,
+        out: &mut [f32],
+    ) -> Result<(), QuantError> {
+        self.fake_quantize_as(data, rows, cols, FloatFormat::F32, out)
+    }
+
+    /// [`Self::fake_quantize`] with the result stored in `dtype`. For NF4/FP4 this is the
+    /// `quant_state.dtype` that bitsandbytes rounds `code · absmax` to; for the other formats,
+    /// whose dequantization is defined in f32, it is a cast of that f32 result.
+    ///
+    /// ggml formats need `cols` to be a multiple of 32 ([`QuantError::RowNotBlockAligned`]).
+    pub fn fake_quantize_as(
+        self,
+        data: &[f32],
+        rows: usize,
+        cols: usize,
+        dtype: FloatFormat,
+        out: &mut [f32],
+    ) -> Result<(), QuantError> {
+        let name = self.name();
+        check_shape(name, "input", data.len(), rows, cols)?;
+        check_shape(name, "output", out.len(), rows, cols)?;
+        let dequantized = match self {
+            QuantFormat::Q8_0 | QuantFormat::Q4_0 | QuantFormat::Q4_1 => {
+                if cols % GGML_QK != 0 {
+                    return Err(QuantError::RowNotBlockAligned {
+                        format: name,
+                        len: cols,
+                        block: GGML_QK,
+                    });
+                }
+                // Rows are whole blocks, so the flat tensor quantizes exactly like row by row.
+                match self {
+                    QuantFormat::Q8_0 => dequantize_q8_0(&quantize_q8_0(data)?)?,
+                    QuantFormat::Q4_0 => dequantize_q4_0(&quantize_q4_0(data)?)?,
+                    _ => dequantize_q4_1(&quantize_q4_1(data)?)?,
+                }
+            }
+            QuantFormat::Nf4 | QuantFormat::Fp4 => {
+                let kind = if self == QuantFormat::Nf4 {
+                    Bnb4bitType::Nf4
+                } else {
+                    Bnb4bitType::Fp4
+                };
+                let q = quantize_4bit(data, kind, BNB_4BIT_BLOCKSIZE, BnbBackend::Cuda)?;
+                let values = dequantize_4bit(&q, dtype)?;
+                out.copy_from_slice(&values);
+                return Ok(());
+            }
+            QuantFormat::Int8 => {
+                dequantize_int8_rowwise(&quantize_int8_rowwise(data, rows, cols)?)?
+            }
+        };
+        for (o, v) in out.iter_mut().zip(dequantized) {
+            *o = dtype.round(v);
+        }
+        Ok(())
+    }
+}

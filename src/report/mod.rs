@@ -4,6 +4,7 @@
 //! expensive work starts (a bad path fails in the first second) and written atomically: a
 //! temporary file in the destination folder, renamed into place when complete.
 
+pub mod csv;
 pub mod json;
 pub mod terminal;
 
@@ -14,6 +15,7 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 
 use crate::findings::structure::StructureReport;
+use crate::findings::weights::{LayerRow, PrecisionReport};
 use crate::findings::{Finding, Verdict};
 
 /// Version of the JSON contract. Bumped whenever a field is renamed or removed.
@@ -31,6 +33,16 @@ pub struct Inputs {
     pub weights_only: bool,
 }
 
+/// The settings the weight stage ran with.
+#[derive(Debug, Clone, Serialize)]
+pub struct MergeSettings {
+    pub recipe: crate::merge::precision::Recipe,
+    pub trained_on: Option<String>,
+    pub thresholds: crate::findings::thresholds::Thresholds,
+    /// Why the weight stage did not run, when it did not.
+    pub skipped: Option<String>,
+}
+
 /// The complete result of `check`. Field order is the JSON field order.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -43,10 +55,12 @@ pub struct Report {
     pub findings: Vec<Finding>,
     /// One entry per adapter: how its modules map onto the base.
     pub structure: Vec<StructureReport>,
+    /// How the merge was evaluated; null when it was not (structural failure).
+    pub merge: Option<MergeSettings>,
     /// Per-precision merge results; null when no merge was evaluated.
-    pub precisions: Option<Vec<serde_json::Value>>,
+    pub precisions: Option<Vec<PrecisionReport>>,
     /// Per (module, precision) weight statistics; null when no merge was evaluated.
-    pub layers: Option<Vec<serde_json::Value>>,
+    pub layers: Option<Vec<LayerRow>>,
 }
 
 /// Where one report goes: stdout, or a file reserved up front and renamed into place at the end.

@@ -43,7 +43,7 @@ pub fn check_summary(report: &Report) -> String {
     let mode = if report.inputs.weights_only {
         "weights only"
     } else {
-        "structure (forward pass not available yet)"
+        "weights (the logit comparison is not built yet)"
     };
     let _ = writeln!(out, "lora-doctor {} — check, {mode}", report.tool_version);
     let _ = writeln!(
@@ -72,17 +72,66 @@ pub fn check_summary(report: &Report) -> String {
             human_bytes(s.bytes)
         );
     }
+    if let Some(settings) = &report.merge
+        && let Some(why) = &settings.skipped
+    {
+        let _ = writeln!(out, "\nmerge not evaluated: {why}");
+    }
+    if let Some(precisions) = &report.precisions {
+        let recipe = report.merge.as_ref().map_or("exact", |m| m.recipe.name());
+        let _ = writeln!(
+            out,
+            "\n{:<9} {:<7} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9}  worst layer   (recipe {recipe})",
+            "precision",
+            "verdict",
+            "worst err",
+            "mean err",
+            "floor×",
+            "retention",
+            "<½ulp",
+            "nonfinite"
+        );
+        let num = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
+        for p in precisions {
+            let w = &p.weights;
+            let _ = writeln!(
+                out,
+                "{:<9} {:<7} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9}  {}",
+                p.name,
+                p.verdict.as_str(),
+                num(w.worst_rel_error),
+                num(w.mean_rel_error),
+                num(w.max_floor_ratio),
+                num(w.min_retention),
+                w.mean_below_half_ulp
+                    .map_or("-".to_string(), |v| format!("{:.1}%", v * 100.0)),
+                w.nonfinite + w.overflow,
+                w.worst_module.as_deref().unwrap_or("-"),
+            );
+        }
+        let _ = writeln!(
+            out,
+            "err = ‖W_p − W*‖/‖ΔW‖ (worst / mean over {} layers); floor× = err / error of one rounding",
+            precisions.first().map_or(0, |p| p.weights.modules)
+        );
+    }
     if report.findings.is_empty() {
         let _ = writeln!(out, "\nno findings");
     } else {
         let _ = writeln!(out, "\nfindings");
         for f in &report.findings {
+            let scope = match (&f.precision, &f.module) {
+                (Some(p), Some(m)) => format!("{p} {m}"),
+                (Some(p), None) => p.clone(),
+                (None, Some(m)) => m.clone(),
+                (None, None) => "(adapter)".to_string(),
+            };
             let _ = writeln!(
                 out,
                 "  {:<5} {:<18} {}",
                 f.level.as_str(),
                 f.code.as_str(),
-                f.module.as_deref().unwrap_or("(adapter)")
+                scope
             );
             let _ = writeln!(out, "        {}", f.message);
             let _ = writeln!(out, "        advice: {}", f.advice);

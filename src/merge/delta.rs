@@ -1,0 +1,305 @@
+//! The merge math for one base tensor (merge-semantics.md §2 and §8): the LoRA product in the
+//! base tensor's own layout, DoRA's magnitude rescaling, full replacements, stacked in order —
+//! once exactly in f64, and once the way PEFT's `merge_and_unload` rounds on CPU.
+//!
+//! Every update is written as ΔW = s·L·R with L `[rows, r]` and R `[r, cols]` in the base
+//! tensor's layout, so one routine covers all three orientations:
+//! Linear (`W [out,in]`: L = B, R = A), GPT-2 Conv1D (`W [in,out]`: ΔW = (BA)ᵀ, L = Aᵀ, R = Bᵀ) and
+//! Embedding (`W [vocab,dim]`: ΔW = (B·A)ᵀ with A `[r,vocab]`, B `[dim,r]`: L = Aᵀ, R = Bᵀ).
+
+use rayon::prelude::*;
+
+use super::float::FloatFormat;
+
+/// How a LoRA pair is oriented against its base tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `nn.Linear`: base `[out, in]`, A `[r, in]`, B `[out, r]`.
+    Linear,
+    /// `transformers.pytorch_utils.Conv1D` (fan_in_fan_out): base `[in, out]`.
+    Conv1d,
+    /// `nn.Embedding`: base `[vocab, dim]`, lora_embedding_A `[r, vocab]`, B `[dim, r]`.
+    Embedding,
+}
+
+impl Layout {
+    /// DoRA normalises per output feature: base rows for Linear, base columns for Conv1D
+    /// (`[in, out]`) and Embedding (one norm per embedding dimension, over the vocabulary).
+    fn dora_per_column(self) -> bool {
+        !matches!(self, Layout::Linear)
+    }
+}
+
+/// A low-rank update as L `[rows, r]` · R `[r, cols]` · scale.
+#[derive(Debug, Clone)]
+pub struct LowRank {
+    pub left: Vec<f32>,
+    pub right: Vec<f32>,
+    pub rank: usize,
+    pub scale: f64,
+    pub layout: Layout,
+    /// DoRA `lora_magnitude_vector`, one entry per output feature.
+    pub magnitude: Option<Vec<f32>>,
+}
+
+impl LowRank {
+    /// Builds L and R from PEFT's A and B for a base tensor of `rows × cols`.
+    pub fn from_peft(
+        a: &[f32],
+        b: &[f32],
+        rank: usize,
+        scale: f64,
+        layout: Layout,
+        magnitude: Option<Vec<f32>>,
+    ) -> Self {
+        let (left, right) = match layout {
+            Layout::Linear => (b.to_vec(), a.to_vec()),
+            // (B·A)ᵀ = Aᵀ·Bᵀ
+            Layout::Conv1d | Layout::Embedding => (
+                transpose(a, rank, a.len() / rank.max(1)),
+                transpose(b, b.len() / rank.max(1), rank),
+            ),
+        };
+        LowRank {
+            left,
+            right,
+            rank,
+            scale,
+            layout,
+            magnitude,
+        }
+    }
+
+    /// ΔW = s·L·R, every element an exact-as-f64 dot product (the reference the precisions are
+    /// judged against).
+    pub fn delta_f64(&self, rows: usize, cols: usize) -> Vec<f64> {
+        let r = self.rank;
+        let mut out = vec![0.0f64; rows * cols];
+        out.par_chunks_mut(cols.max(1))
+            .enumerate()
+            .for_each(|(row, out_row)| {
+                for k in 0..r {
+                    let l = self.left[row * r + k] as f64;
+                    if l == 0.0 {
+                        continue;
+                    }
+                    let right = &self.right[k * cols..(k + 1) * cols];
+                    for (o, x) in out_row.iter_mut().zip(right) {
+                        *o += l * *x as f64;
+                    }
+                }
+                for o in out_row.iter_mut() {
+                    *o *= self.scale;
+                }
+            });
+        out
+    }
+
+    /// PEFT's f32 delta on CPU (`Linear.get_delta_weight`): `fl32(fl32(B·A) · fl32(s))`, the GEMM
+    /// accumulated in f32 in rank order.
+    pub fn delta_peft_f32(&self, rows: usize, cols: usize) -> Vec<f32> {
+        let r = self.rank;
+        let s32 = self.scale as f32;
+        let mut out = vec![0.0f32; rows * cols];
+        out.par_chunks_mut(cols.max(1))
+            .enumerate()
+            .for_each(|(row, out_row)| {
+                for k in 0..r {
+                    let l = self.left[row * r + k];
+                    let right = &self.right[k * cols..(k + 1) * cols];
+                    for (o, x) in out_row.iter_mut().zip(right) {
+                        *o = l.mul_add(*x, *o);
+                    }
+                }
+                for o in out_row.iter_mut() {
+                    *o *= s32;
+                }
+            });
+        out
+    }
+}
+
+fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; m.len()];
+    for i in 0..rows {
+        for j in 0..cols {
+            out[j * rows + i] = m[i * cols + j];
+        }
+    }
+    out
+}
+
+/// One adapter's change to one base tensor.
+#[derive(Debug, Clone)]
+pub enum Update {
+    LowRank(LowRank),
+    /// A full replacement (`modules_to_save`, resized embeddings).
+    Replace(Vec<f32>),
+}
+
+/// W* = the exact merge of every update, in order, in f64.
+pub fn merge_exact(base: &[f32], rows: usize, cols: usize, updates: &[Update]) -> Vec<f64> {
+    let mut w: Vec<f64> = base.iter().map(|v| *v as f64).collect();
+    for update in updates {
+        match update {
+            Update::Replace(values) => {
+                w = values.iter().map(|v| *v as f64).collect();
+            }
+            Update::LowRank(lr) => {
+                let delta = lr.delta_f64(rows, cols);
+                w.par_iter_mut().zip(&delta).for_each(|(w, d)| *w += d);
+                if let Some(m) = &lr.magnitude {
+                    let m: Vec<f64> = m.iter().map(|v| *v as f64).collect();
+                    dora_rescale_f64(&mut w, rows, cols, &m, lr.layout.dora_per_column());
+                }
+            }
+        }
+    }
+    w
+}
+
+/// `(m / ‖V‖) ⊙ V` per output feature, in f64.
+fn dora_rescale_f64(v: &mut [f64], rows: usize, cols: usize, m: &[f64], per_column: bool) {
+    let norms = feature_norms(v, rows, cols, per_column);
+    let factor: Vec<f64> = m
+        .iter()
+        .zip(&norms)
+        .map(|(m, n)| if *n > 0.0 { m / n } else { 0.0 })
+        .collect();
+    apply_feature_factor(v, cols, &factor, per_column, |x, f| *x *= f);
+}
+
+fn feature_norms<T: Copy + Into<f64> + Send + Sync>(
+    v: &[T],
+    rows: usize,
+    cols: usize,
+    per_column: bool,
+) -> Vec<f64> {
+    if per_column {
+        let mut sums = vec![0.0f64; cols];
+        for row in v.chunks(cols.max(1)).take(rows) {
+            for (s, x) in sums.iter_mut().zip(row) {
+                let x: f64 = (*x).into();
+                *s += x * x;
+            }
+        }
+        sums.into_iter().map(f64::sqrt).collect()
+    } else {
+        v.par_chunks(cols.max(1))
+            .map(|row| {
+                row.iter()
+                    .map(|x| {
+                        let x: f64 = (*x).into();
+                        x * x
+                    })
+                    .sum::<f64>()
+                    .sqrt()
+            })
+            .collect()
+    }
+}
+
+fn apply_feature_factor<T: Send, F: Copy + Send + Sync>(
+    v: &mut [T],
+    cols: usize,
+    factor: &[F],
+    per_column: bool,
+    op: impl Fn(&mut T, F) + Sync,
+) {
+    v.par_chunks_mut(cols.max(1))
+        .enumerate()
+        .for_each(|(row, values)| {
+            for (j, x) in values.iter_mut().enumerate() {
+                op(x, if per_column { factor[j] } else { factor[row] });
+            }
+        });
+}
+
+/// The merged tensor exactly as PEFT's `merge_and_unload` produces it on CPU with the base loaded
+/// in `dtype` and fp32 adapter weights (merge-semantics.md §8 R1, R5, R6): each update in order,
+/// `W ← dtype(f32(W) + Δ32)`; embeddings round ΔW first; DoRA rescales `V = f32(W) + Δ32` by
+/// `m / ‖V‖` computed in f32.
+pub fn merge_peft(
+    base: &[f32],
+    rows: usize,
+    cols: usize,
+    updates: &[Update],
+    dtype: FloatFormat,
+) -> Vec<f32> {
+    let mut w: Vec<f32> = base.iter().map(|v| dtype.round(*v)).collect();
+    for update in updates {
+        match update {
+            Update::Replace(values) => {
+                w = values.iter().map(|v| dtype.round(*v)).collect();
+            }
+            Update::LowRank(lr) => {
+                let delta = lr.delta_peft_f32(rows, cols);
+                match (&lr.magnitude, lr.layout) {
+                    (None, Layout::Embedding) => {
+                        w.par_iter_mut()
+                            .zip(&delta)
+                            .for_each(|(w, d)| *w = dtype.round(*w + dtype.round(*d)));
+                    }
+                    (None, _) => {
+                        w.par_iter_mut()
+                            .zip(&delta)
+                            .for_each(|(w, d)| *w = dtype.round(*w + *d));
+                    }
+                    (Some(m), layout) => {
+                        let mut v: Vec<f32> = w.iter().zip(&delta).map(|(w, d)| *w + *d).collect();
+                        let per_column = layout.dora_per_column();
+                        let factor: Vec<f32> = feature_norms(&v, rows, cols, per_column)
+                            .iter()
+                            .zip(m)
+                            .map(|(n, m)| m / (*n as f32))
+                            .collect();
+                        apply_feature_factor(&mut v, cols, &factor, per_column, |x, f| {
+                            *x = dtype.round(f * *x)
+                        });
+                        w = v;
+                    }
+                }
+            }
+        }
+    }
+    w
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linear_conv1d_and_embedding_orientations() {
+        // A [r=1, in=2], B [out=3, r=1]; BA = [[1,2],[2,4],[3,6]].
+        let a = [1.0f32, 2.0];
+        let b = [1.0f32, 2.0, 3.0];
+        let linear = LowRank::from_peft(&a, &b, 1, 0.5, Layout::Linear, None);
+        assert_eq!(linear.delta_f64(3, 2), vec![0.5, 1.0, 1.0, 2.0, 1.5, 3.0]);
+        let conv = LowRank::from_peft(&a, &b, 1, 1.0, Layout::Conv1d, None);
+        assert_eq!(conv.delta_f64(2, 3), vec![1.0, 2.0, 3.0, 2.0, 4.0, 6.0]);
+        // Embedding: A [r, vocab=2], B [dim=3, r]: ΔW [vocab, dim] = (B·A)ᵀ.
+        let emb = LowRank::from_peft(&a, &b, 1, 1.0, Layout::Embedding, None);
+        assert_eq!(emb.delta_f64(2, 3), vec![1.0, 2.0, 3.0, 2.0, 4.0, 6.0]);
+    }
+
+    #[test]
+    fn dora_rows_take_the_magnitude_norm() {
+        let base = [3.0f32, 4.0, 0.0, 2.0];
+        let a = [0.0f32, 0.0];
+        let b = [0.0f32, 0.0];
+        let lr = LowRank::from_peft(&a, &b, 1, 1.0, Layout::Linear, Some(vec![10.0, 1.0]));
+        let merged = merge_exact(&base, 2, 2, &[Update::LowRank(lr.clone())]);
+        assert_eq!(merged, vec![6.0, 8.0, 0.0, 1.0]);
+        let peft = merge_peft(&base, 2, 2, &[Update::LowRank(lr)], FloatFormat::F32);
+        assert_eq!(peft, vec![6.0, 8.0, 0.0, 1.0]);
+    }
+
+    #[test]
+    fn peft_rounds_the_sum_once_in_the_dtype() {
+        // 1 + 2^-9 is below half a bf16 ulp at 1.0 (2^-8): the update vanishes.
+        let lr = LowRank::from_peft(&[1.0], &[1.0], 1, 2f64.powi(-9), Layout::Linear, None);
+        let merged = merge_peft(&[1.0], 1, 1, &[Update::LowRank(lr)], FloatFormat::Bf16);
+        assert_eq!(merged, vec![1.0]);
+    }
+}

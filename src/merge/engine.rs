@@ -1,0 +1,449 @@
+//! Plans which base tensors a stack of adapters changes, loads one tensor's updates at a time,
+//! and produces the merged tensor in each precision — the single place both `check` (statistics)
+//! and `merge` (writing a checkpoint) get merged weights from.
+//!
+//! Nothing here holds more than one tensor's worth of data per worker: callers stream jobs
+//! through rayon and drop each tensor as soon as its statistics (or bytes) are out.
+
+use thiserror::Error;
+
+use super::delta::{self, Layout, LowRank, Update};
+use super::float::FloatFormat;
+use super::precision::{Precision, Recipe};
+use super::quant::{GGML_QK, QuantFormat};
+use crate::io::adapter::{Adapter, AdapterModule, TensorRole};
+use crate::io::checkpoint::{Checkpoint, CheckpointError};
+use crate::io::config::ModelConfig;
+use crate::io::mapping::{self, Conv1dRule};
+use crate::stats::weights::{self, CandidateArrays, DeltaStats, PrecisionStats};
+
+/// Why a merge cannot be planned or run.
+#[derive(Debug, Error)]
+pub enum MergeError {
+    #[error(
+        "`{tensor}` has shape {shape:?}; lora-doctor merges LoRA into 2-D weights only (Conv2d / 3-D expert tensors are not supported yet)"
+    )]
+    Unsupported { tensor: String, shape: Vec<usize> },
+    #[error("quantizing `{tensor}` to {format}: {source}")]
+    Quant {
+        tensor: String,
+        format: &'static str,
+        #[source]
+        source: super::quant::QuantError,
+    },
+    #[error(transparent)]
+    Read(#[from] CheckpointError),
+}
+
+/// Where one adapter's change to a tensor comes from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    LowRank {
+        adapter: usize,
+        a: String,
+        b: String,
+        magnitude: Option<String>,
+        rank: usize,
+        scale: f64,
+        layout: Layout,
+    },
+    Replace {
+        adapter: usize,
+        key: String,
+    },
+}
+
+/// One base weight and every update that applies to it, in adapter order.
+#[derive(Debug, Clone)]
+pub struct TensorJob {
+    /// Base module path (`model.layers.0.self_attn.q_proj`).
+    pub module: String,
+    /// Base tensor name (`….weight`).
+    pub tensor: String,
+    pub rows: usize,
+    pub cols: usize,
+    pub sources: Vec<Source>,
+}
+
+/// A change to a base bias.
+#[derive(Debug, Clone)]
+pub enum BiasSource {
+    /// `lora_B.bias` with `lora_bias: true`: `bias += s·b`.
+    Add {
+        adapter: usize,
+        key: String,
+        scale: f64,
+    },
+    /// `modules_to_save` / `bias="all"`: the stored bias replaces the base's.
+    Replace { adapter: usize, key: String },
+}
+
+/// One base bias and its changes.
+#[derive(Debug, Clone)]
+pub struct BiasJob {
+    pub tensor: String,
+    pub sources: Vec<BiasSource>,
+}
+
+/// Everything a stack of adapters changes in the base.
+#[derive(Debug, Clone, Default)]
+pub struct MergePlan {
+    pub weights: Vec<TensorJob>,
+    pub biases: Vec<BiasJob>,
+}
+
+impl MergePlan {
+    /// Plans the merge of `adapters` (in order) into `base`. Only what PEFT itself would merge is
+    /// planned: LoRA on modules the config wraps, DoRA magnitudes only with `use_dora`,
+    /// `lora_B.bias` only with `lora_bias`. Call after the structural checks passed.
+    pub fn build(
+        base: &Checkpoint,
+        config: Option<&ModelConfig>,
+        adapters: &[Adapter],
+    ) -> Result<Self, MergeError> {
+        let mut plan = MergePlan::default();
+        for (index, adapter) in adapters.iter().enumerate() {
+            let conv1d = Conv1dRule::new(config, adapter.config.fan_in_fan_out);
+            for module in adapter.modules.values() {
+                let Ok(target) = mapping::resolve(&module.name, base) else {
+                    continue;
+                };
+                if let Some(source) = weight_source(index, adapter, module, &conv1d) {
+                    let tensor = target.weight();
+                    let info = base
+                        .info(&tensor)
+                        .ok_or_else(|| CheckpointError::NoSuchTensor {
+                            path: base.path.clone(),
+                            tensor: tensor.clone(),
+                        })?;
+                    let [rows, cols] = info.shape[..] else {
+                        return Err(MergeError::Unsupported {
+                            tensor,
+                            shape: info.shape.clone(),
+                        });
+                    };
+                    match plan.weights.iter_mut().find(|j| j.tensor == tensor) {
+                        Some(job) => job.sources.push(source),
+                        None => plan.weights.push(TensorJob {
+                            module: target.prefix.clone(),
+                            tensor,
+                            rows,
+                            cols,
+                            sources: vec![source],
+                        }),
+                    }
+                }
+                if let Some(source) = bias_source(index, adapter, module) {
+                    let tensor = target.bias();
+                    match plan.biases.iter_mut().find(|j| j.tensor == tensor) {
+                        Some(job) => job.sources.push(source),
+                        None => plan.biases.push(BiasJob {
+                            tensor,
+                            sources: vec![source],
+                        }),
+                    }
+                }
+            }
+        }
+        plan.weights.sort_by(|a, b| a.tensor.cmp(&b.tensor));
+        plan.biases.sort_by(|a, b| a.tensor.cmp(&b.tensor));
+        Ok(plan)
+    }
+}
+
+fn weight_source(
+    index: usize,
+    adapter: &Adapter,
+    module: &AdapterModule,
+    conv1d: &Conv1dRule,
+) -> Option<Source> {
+    let config = &adapter.config;
+    let lora_pair = module
+        .get(TensorRole::LoraA)
+        .zip(module.get(TensorRole::LoraB))
+        .map(|(a, b)| (a, b, false))
+        .or_else(|| {
+            module
+                .get(TensorRole::EmbeddingA)
+                .zip(module.get(TensorRole::EmbeddingB))
+                .map(|(a, b)| (a, b, true))
+        });
+    if let Some((a, b, embedding)) = lora_pair
+        && config.wraps(&module.name).is_ok()
+    {
+        let scaling = config.scaling_for(&module.name);
+        let layout = if embedding {
+            Layout::Embedding
+        } else if conv1d.is_conv1d(&module.name) {
+            Layout::Conv1d
+        } else {
+            Layout::Linear
+        };
+        let magnitude = module
+            .get(TensorRole::Magnitude)
+            .filter(|_| config.use_dora)
+            .map(|m| m.key.clone());
+        return Some(Source::LowRank {
+            adapter: index,
+            a: a.key.clone(),
+            b: b.key.clone(),
+            magnitude,
+            rank: scaling.r,
+            scale: scaling.scale,
+            layout,
+        });
+    }
+    module
+        .get(TensorRole::FullWeight)
+        .map(|full| Source::Replace {
+            adapter: index,
+            key: full.key.clone(),
+        })
+}
+
+fn bias_source(index: usize, adapter: &Adapter, module: &AdapterModule) -> Option<BiasSource> {
+    if let Some(full) = module.get(TensorRole::FullBias) {
+        return Some(BiasSource::Replace {
+            adapter: index,
+            key: full.key.clone(),
+        });
+    }
+    let b = module
+        .get(TensorRole::LoraBBias)
+        .filter(|_| adapter.config.lora_bias)?;
+    Some(BiasSource::Add {
+        adapter: index,
+        key: b.key.clone(),
+        scale: adapter.config.scaling_for(&module.name).scale,
+    })
+}
+
+/// Reads one job's updates from the adapters (f32, in adapter order).
+pub fn load_updates(job: &TensorJob, adapters: &[Adapter]) -> Result<Vec<Update>, MergeError> {
+    job.sources
+        .iter()
+        .map(|source| {
+            Ok(match source {
+                Source::Replace { adapter, key } => {
+                    Update::Replace(adapters[*adapter].weights.read_f32(key)?)
+                }
+                Source::LowRank {
+                    adapter,
+                    a,
+                    b,
+                    magnitude,
+                    rank,
+                    scale,
+                    layout,
+                } => {
+                    let w = &adapters[*adapter].weights;
+                    let magnitude = magnitude.as_ref().map(|m| w.read_f32(m)).transpose()?;
+                    Update::LowRank(LowRank::from_peft(
+                        &w.read_f32(a)?,
+                        &w.read_f32(b)?,
+                        *rank,
+                        *scale,
+                        *layout,
+                        magnitude,
+                    ))
+                }
+            })
+        })
+        .collect()
+}
+
+/// Applies a bias job to the stored base bias (zeros when the base has none), in f32 as PEFT does.
+pub fn merged_bias(
+    job: &BiasJob,
+    base: &Checkpoint,
+    adapters: &[Adapter],
+) -> Result<Vec<f32>, MergeError> {
+    let mut bias = match base.info(&job.tensor) {
+        Some(_) => base.read_f32(&job.tensor)?,
+        None => Vec::new(),
+    };
+    for source in &job.sources {
+        match source {
+            BiasSource::Replace { adapter, key } => {
+                bias = adapters[*adapter].weights.read_f32(key)?
+            }
+            BiasSource::Add {
+                adapter,
+                key,
+                scale,
+            } => {
+                let b = adapters[*adapter].weights.read_f32(key)?;
+                if bias.is_empty() {
+                    bias = vec![0.0; b.len()];
+                }
+                let s32 = *scale as f32;
+                for (x, y) in bias.iter_mut().zip(&b) {
+                    *x += y * s32;
+                }
+            }
+        }
+    }
+    Ok(bias)
+}
+
+/// Quantizes and dequantizes a `[rows, cols]` tensor as the format's tools ship it. ggml tools
+/// store rows that are not a multiple of 32 in f16 instead (convert_hf_to_gguf's fallback).
+pub fn fake_quantize(
+    format: QuantFormat,
+    tensor: &str,
+    data: &[f32],
+    rows: usize,
+    cols: usize,
+) -> Result<(Vec<f32>, Option<String>), MergeError> {
+    let ggml = matches!(
+        format,
+        QuantFormat::Q8_0 | QuantFormat::Q4_0 | QuantFormat::Q4_1
+    );
+    if ggml && cols % GGML_QK != 0 {
+        let note = format!(
+            "rows of {cols} are not a multiple of {GGML_QK}: stored as f16, as convert_hf_to_gguf does"
+        );
+        return Ok((
+            data.iter().map(|v| FloatFormat::F16.round(*v)).collect(),
+            Some(note),
+        ));
+    }
+    let mut out = vec![0.0f32; data.len()];
+    format
+        .fake_quantize(data, rows, cols, &mut out)
+        .map_err(|source| MergeError::Quant {
+            tensor: tensor.to_string(),
+            format: format.name(),
+            source,
+        })?;
+    Ok((out, None))
+}
+
+/// A precision applied to any f32 tensor (rounding or quantize + dequantize).
+fn store_in(
+    precision: Precision,
+    tensor: &str,
+    data: &[f32],
+    rows: usize,
+    cols: usize,
+) -> Result<(Vec<f32>, Option<String>), MergeError> {
+    match precision {
+        Precision::Float(f) => Ok((data.iter().map(|v| f.round(*v)).collect(), None)),
+        Precision::Quant(q) => fake_quantize(q, tensor, data, rows, cols),
+    }
+}
+
+/// The merged tensor in a float dtype, by recipe: exact (f64 sum rounded once) or PEFT's.
+pub fn merged_float(
+    base: &[f32],
+    rows: usize,
+    cols: usize,
+    updates: &[Update],
+    dtype: FloatFormat,
+    recipe: Recipe,
+) -> Vec<f32> {
+    match recipe {
+        Recipe::Exact => delta::merge_exact(base, rows, cols, updates)
+            .iter()
+            .map(|v| dtype.round_from_f64(*v))
+            .collect(),
+        Recipe::Peft => delta::merge_peft(base, rows, cols, updates, dtype),
+    }
+}
+
+/// Statistics of one tensor in one precision, with a note when the format had to fall back.
+#[derive(Debug, Clone)]
+pub struct PrecisionResult {
+    pub precision: Precision,
+    pub stats: PrecisionStats,
+    pub note: Option<String>,
+}
+
+/// Everything measured on one merged tensor.
+#[derive(Debug, Clone)]
+pub struct TensorEvaluation {
+    pub module: String,
+    pub tensor: String,
+    pub delta: DeltaStats,
+    pub results: Vec<PrecisionResult>,
+}
+
+/// Options shared by every tensor of one evaluation.
+#[derive(Debug, Clone, Copy)]
+pub struct EvalOptions<'a> {
+    pub precisions: &'a [Precision],
+    pub recipe: Recipe,
+    /// The precision the adapter was trained against (QLoRA): the reference base is
+    /// dequant(P(W)) instead of W.
+    pub trained_on: Option<Precision>,
+}
+
+/// Merges one tensor exactly and in every precision and measures each candidate.
+pub fn evaluate(
+    job: &TensorJob,
+    base: &Checkpoint,
+    adapters: &[Adapter],
+    options: EvalOptions<'_>,
+) -> Result<TensorEvaluation, MergeError> {
+    let (rows, cols) = (job.rows, job.cols);
+    let stored = base.read_f32(&job.tensor)?;
+    let updates = load_updates(job, adapters)?;
+    let w_ref = match options.trained_on {
+        Some(p) => store_in(p, &job.tensor, &stored, rows, cols)?.0,
+        None => stored.clone(),
+    };
+    let wstar = delta::merge_exact(&w_ref, rows, cols, &updates);
+    let wstar_user = if options.trained_on.is_some() {
+        delta::merge_exact(&stored, rows, cols, &updates)
+    } else {
+        wstar.clone()
+    };
+    let delta = weights::delta_stats(
+        &wstar,
+        &w_ref,
+        options.trained_on.map(|_| stored.as_slice()),
+    );
+    let mut results = Vec::with_capacity(options.precisions.len());
+    for &precision in options.precisions {
+        let (candidate, floor, note) = match precision {
+            Precision::Float(f) => {
+                let candidate = match options.recipe {
+                    Recipe::Exact => wstar_user.iter().map(|v| f.round_from_f64(*v)).collect(),
+                    Recipe::Peft => delta::merge_peft(&stored, rows, cols, &updates, f),
+                };
+                let floor: Vec<f32> = wstar.iter().map(|v| f.round_from_f64(*v)).collect();
+                (candidate, floor, None)
+            }
+            Precision::Quant(q) => {
+                let user32: Vec<f32> = wstar_user.iter().map(|v| *v as f32).collect();
+                let (candidate, note) = fake_quantize(q, &job.tensor, &user32, rows, cols)?;
+                let star32: Vec<f32> = wstar.iter().map(|v| *v as f32).collect();
+                let (floor, _) = fake_quantize(q, &job.tensor, &star32, rows, cols)?;
+                (candidate, floor, note)
+            }
+        };
+        let (base_in_p, _) = store_in(precision, &job.tensor, &stored, rows, cols)?;
+        let stats = weights::precision_stats(
+            precision,
+            &CandidateArrays {
+                wstar: &wstar,
+                w_ref: &w_ref,
+                candidate: &candidate,
+                floor: &floor,
+                base_in_p: &base_in_p,
+                wstar_user: &wstar_user,
+            },
+        );
+        results.push(PrecisionResult {
+            precision,
+            stats,
+            note,
+        });
+    }
+    Ok(TensorEvaluation {
+        module: job.module.clone(),
+        tensor: job.tensor.clone(),
+        delta,
+        results,
+    })
+}

@@ -1,0 +1,179 @@
+//! The deployment precisions a merge is evaluated in (`--precision`), their classes (which pick
+//! default thresholds), and the two float merge recipes (`--recipe`).
+
+use std::fmt;
+
+use super::float::FloatFormat;
+use super::quant::QuantFormat;
+
+/// One storage format a merged model can ship in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Precision {
+    Float(FloatFormat),
+    Quant(QuantFormat),
+}
+
+/// Groups of precisions that share default thresholds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PrecisionClass {
+    /// f32, f16, bf16: the merge should lose no more than one rounding.
+    Float,
+    /// int8, q8_0.
+    EightBit,
+    /// nf4, fp4, q4_0, q4_1.
+    FourBit,
+}
+
+impl PrecisionClass {
+    pub fn name(self) -> &'static str {
+        match self {
+            PrecisionClass::Float => "float",
+            PrecisionClass::EightBit => "8bit",
+            PrecisionClass::FourBit => "4bit",
+        }
+    }
+}
+
+impl Precision {
+    /// Every precision, in the order reports list them.
+    pub const ALL: [Precision; 9] = [
+        Precision::Float(FloatFormat::F32),
+        Precision::Float(FloatFormat::Bf16),
+        Precision::Float(FloatFormat::F16),
+        Precision::Quant(QuantFormat::Int8),
+        Precision::Quant(QuantFormat::Q8_0),
+        Precision::Quant(QuantFormat::Nf4),
+        Precision::Quant(QuantFormat::Fp4),
+        Precision::Quant(QuantFormat::Q4_0),
+        Precision::Quant(QuantFormat::Q4_1),
+    ];
+
+    /// Parses a user-facing name (`bf16`, `q4_0`, …; `fp16`/`float16`/`bfloat16` accepted).
+    pub fn parse(name: &str) -> Option<Precision> {
+        let lower = name.trim().to_ascii_lowercase();
+        let canonical = match lower.as_str() {
+            "fp32" | "float32" | "float" => "f32",
+            "fp16" | "float16" | "half" => "f16",
+            "bfloat16" => "bf16",
+            other => other,
+        };
+        Precision::ALL
+            .iter()
+            .copied()
+            .find(|p| p.name() == canonical)
+    }
+
+    /// Parses a torch dtype name from config.json (`bfloat16`, `float16`, `float32`).
+    pub fn from_torch_dtype(dtype: &str) -> Option<Precision> {
+        match dtype {
+            "float32" => Some(Precision::Float(FloatFormat::F32)),
+            "float16" => Some(Precision::Float(FloatFormat::F16)),
+            "bfloat16" => Some(Precision::Float(FloatFormat::Bf16)),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Float(f) => f.name(),
+            Precision::Quant(q) => q.name(),
+        }
+    }
+
+    pub fn class(self) -> PrecisionClass {
+        match self {
+            Precision::Float(_) => PrecisionClass::Float,
+            Precision::Quant(QuantFormat::Int8 | QuantFormat::Q8_0) => PrecisionClass::EightBit,
+            Precision::Quant(_) => PrecisionClass::FourBit,
+        }
+    }
+
+    /// True for block/row quantized formats.
+    pub fn is_quantized(self) -> bool {
+        matches!(self, Precision::Quant(_))
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How a float merge is rounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Recipe {
+    /// W + ΔW computed in f64 and rounded once to the target dtype: the best the dtype allows.
+    #[default]
+    Exact,
+    /// What PEFT's `merge_and_unload` does on CPU: ΔW = fl32(fl32(B·A)·s) in f32, added to the base
+    /// in f32 and rounded to the dtype (embeddings: ΔW rounded first; DoRA: norm in f32).
+    Peft,
+}
+
+impl Recipe {
+    pub fn name(self) -> &'static str {
+        match self {
+            Recipe::Exact => "exact",
+            Recipe::Peft => "peft",
+        }
+    }
+}
+
+/// Parses `--precision` values: a comma-separated list and/or `all`. Collects every unknown name.
+pub fn parse_list(values: &[String]) -> Result<Vec<Precision>, String> {
+    let mut out = Vec::new();
+    let mut unknown = Vec::new();
+    for value in values {
+        for name in value.split(',').filter(|s| !s.trim().is_empty()) {
+            if name.trim().eq_ignore_ascii_case("all") {
+                for p in Precision::ALL {
+                    if !out.contains(&p) {
+                        out.push(p);
+                    }
+                }
+                continue;
+            }
+            match Precision::parse(name) {
+                Some(p) if !out.contains(&p) => out.push(p),
+                Some(_) => {}
+                None => unknown.push(name.trim().to_string()),
+            }
+        }
+    }
+    if unknown.is_empty() {
+        Ok(out)
+    } else {
+        let known: Vec<&str> = Precision::ALL.iter().map(|p| p.name()).collect();
+        Err(format!(
+            "unknown precision{} {}; known: {}, all",
+            if unknown.len() == 1 { "" } else { "s" },
+            unknown.join(", "),
+            known.join(", ")
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_names_aliases_and_all() {
+        assert_eq!(
+            parse_list(&["bf16,q4_0".into()]),
+            Ok(vec![
+                Precision::Float(FloatFormat::Bf16),
+                Precision::Quant(QuantFormat::Q4_0)
+            ])
+        );
+        assert_eq!(parse_list(&["all".into()]).map(|v| v.len()), Ok(9));
+        assert_eq!(
+            Precision::parse("float16"),
+            Some(Precision::Float(FloatFormat::F16))
+        );
+        let err = parse_list(&["bf16,q5_k,x".into()]).expect_err("unknown names");
+        assert!(err.contains("q5_k") && err.contains('x'));
+    }
+}

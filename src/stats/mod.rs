@@ -1,0 +1,5 @@
+//! Statistics over merged weights: per (module, precision) error and retention measures, and
+//! outlier detection across layers.
+
+pub mod outliers;
+pub mod weights;
