@@ -20,6 +20,9 @@ pub enum Command {
     /// Check that adapters fit a base checkpoint and gate on the findings.
     #[command(after_help = CHECK_EXAMPLES)]
     Check(CheckArgs),
+    /// Merge adapters into the base and write a checkpoint transformers loads.
+    #[command(after_help = MERGE_EXAMPLES)]
+    Merge(MergeArgs),
     /// Summarise an adapter folder or a checkpoint from its headers alone.
     #[command(after_help = INSPECT_EXAMPLES)]
     Inspect(InspectArgs),
@@ -37,6 +40,17 @@ Examples:
   lora-doctor check --base base/ --adapter a/ --precision all --threshold min-retention.float=0.8
 
 Exit status: 0 gate passed, 1 gate failed (a deny-level finding), 2 could not run.";
+
+const MERGE_EXAMPLES: &str = "\
+Examples:
+  lora-doctor merge --base fixtures/models/tiny-llama --adapter fixtures/adapters/llama-lora \\
+      --precision bf16 --out /tmp/merged
+  lora-doctor merge --base base/ --adapter sft/ --adapter ppo/ --precision bf16 --recipe peft \\
+      --out merged/ --max-shard-size 2GB --gate
+
+The output folder is written under a temporary name and renamed when complete; it must not exist
+and must not lie inside an input. With --gate, a merge whose weight check fails (exit 1) leaves
+nothing behind.";
 
 const INSPECT_EXAMPLES: &str = "\
 Examples:
@@ -106,4 +120,35 @@ pub struct ExplainArgs {
     /// A finding code such as `shape-mismatch`; omit to list every code.
     #[arg(value_name = "CODE")]
     pub code: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// Base model: an HF folder or one .safetensors file.
+    #[arg(long, value_name = "PATH")]
+    pub base: PathBuf,
+    /// PEFT adapter folder; repeat to merge stacked adapters in order.
+    #[arg(long = "adapter", value_name = "DIR", required = true)]
+    pub adapters: Vec<PathBuf>,
+    /// Output dtype: f32, bf16 or f16.
+    #[arg(long, value_name = "f32|bf16|f16")]
+    pub precision: String,
+    /// Output folder (must not exist yet).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// `exact` (f64 sum rounded once) or `peft` (bit-compatible with PEFT's merge_and_unload).
+    #[arg(long, value_enum, default_value_t = Recipe::Exact)]
+    pub recipe: Recipe,
+    /// Largest shard, e.g. 5GB, 500MB, 2GiB.
+    #[arg(long, value_name = "SIZE", default_value = "5GB")]
+    pub max_shard_size: String,
+    /// Check the merge's weights first and write nothing (exit 1) if the gate fails.
+    #[arg(long)]
+    pub gate: bool,
+    /// Threshold overrides for --gate, as for `check`.
+    #[arg(long, value_name = "NAME[.CLASS]=VALUE")]
+    pub threshold: Vec<String>,
+    /// No progress bars or summary.
+    #[arg(long, short)]
+    pub quiet: bool,
 }

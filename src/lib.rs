@@ -37,6 +37,7 @@ impl From<ExitStatus> for std::process::ExitCode {
 pub fn run(cli: cli::Cli) -> anyhow::Result<ExitStatus> {
     match cli.command {
         cli::Command::Check(args) => commands::check::run(&args),
+        cli::Command::Merge(args) => commands::merge::run(&args),
         cli::Command::Inspect(args) => commands::inspect::run(&args),
         cli::Command::Explain(args) => commands::explain::run(&args),
     }

@@ -5,7 +5,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 
 use crate::ExitStatus;
@@ -130,36 +129,30 @@ fn default_precisions(
     list
 }
 
-fn progress(len: usize, quiet: bool, message: &'static str) -> ProgressBar {
-    let bar = ProgressBar::with_draw_target(Some(len as u64), ProgressDrawTarget::stderr());
-    if quiet {
-        bar.set_draw_target(ProgressDrawTarget::hidden());
-    }
-    if let Ok(style) =
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} tensors ({elapsed})")
-    {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar.set_message(message);
-    bar
+/// Inputs opened and structurally checked, shared by `check` and `merge`.
+pub struct Loaded {
+    pub base: Checkpoint,
+    pub base_config: Option<ModelConfig>,
+    pub adapters: Vec<Adapter>,
+    pub findings: Vec<crate::findings::Finding>,
+    pub structures: Vec<structure::StructureReport>,
 }
 
-pub fn run(args: &CheckArgs) -> anyhow::Result<ExitStatus> {
-    let plan = plan(args)?;
-    let base = Checkpoint::open(&args.base)
-        .with_context(|| format!("cannot open the base `{}`", args.base.display()))?;
-    let folder = base_folder(&args.base);
+/// Opens the base and every adapter (exit 2 on unreadable input) and runs the structural rules.
+pub fn load(base_path: &Path, adapter_dirs: &[PathBuf]) -> anyhow::Result<Loaded> {
+    let base = Checkpoint::open(base_path)
+        .with_context(|| format!("cannot open the base `{}`", base_path.display()))?;
+    let folder = base_folder(base_path);
     let base_config = ModelConfig::read_dir(&folder)?;
     let base_tokenizer = TokenizerInfo::read_dir(&folder)?;
-
-    let mut adapters = Vec::with_capacity(args.adapters.len());
-    for dir in &args.adapters {
+    let mut adapters = Vec::with_capacity(adapter_dirs.len());
+    for dir in adapter_dirs {
         adapters.push(
             Adapter::open(dir)
                 .with_context(|| format!("cannot read the adapter `{}`", dir.display()))?,
         );
     }
-    let mut all_findings = Vec::new();
+    let mut findings = Vec::new();
     let mut structures = Vec::new();
     for adapter in &adapters {
         let adapter_tokenizer = TokenizerInfo::read_dir(&adapter.dir)?;
@@ -171,9 +164,28 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<ExitStatus> {
             adapter_tokenizer: adapter_tokenizer.as_ref(),
         })
         .with_context(|| format!("reading the adapter tensors in `{}`", adapter.dir.display()))?;
-        all_findings.append(&mut result.findings);
+        findings.append(&mut result.findings);
         structures.push(result);
     }
+    Ok(Loaded {
+        base,
+        base_config,
+        adapters,
+        findings,
+        structures,
+    })
+}
+
+pub fn run(args: &CheckArgs) -> anyhow::Result<ExitStatus> {
+    let plan = plan(args)?;
+    let Loaded {
+        base,
+        base_config,
+        adapters,
+        mut findings,
+        structures,
+    } = load(&args.base, &args.adapters)?;
+    let mut all_findings = std::mem::take(&mut findings);
 
     // Weight stage: only meaningful when the adapters fit the base.
     let structural_failure = Verdict::of(&all_findings) == Verdict::Fail;
@@ -199,7 +211,7 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<ExitStatus> {
             recipe: args.recipe,
             trained_on: plan.trained_on,
         };
-        let bar = progress(merge_plan.weights.len(), args.quiet, "merging");
+        let bar = report::progress::bar(merge_plan.weights.len(), args.quiet, "merging");
         let mut evaluations = merge_plan
             .weights
             .par_iter()

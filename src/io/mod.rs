@@ -1,8 +1,10 @@
 //! Reading inputs: safetensors checkpoints (mmap, shards), PEFT adapters, model configs and
-//! tokenizer headers, and mapping adapter modules onto base tensors. Nothing here writes.
+//! tokenizer headers, and mapping adapter modules onto base tensors; `writer` streams merged
+//! checkpoints out.
 
 pub mod adapter;
 pub mod checkpoint;
 pub mod config;
 pub mod mapping;
 pub mod tokenizer;
+pub mod writer;

@@ -14,7 +14,7 @@ use super::quant::{GGML_QK, QuantFormat};
 use crate::io::adapter::{Adapter, AdapterModule, TensorRole};
 use crate::io::checkpoint::{Checkpoint, CheckpointError};
 use crate::io::config::ModelConfig;
-use crate::io::mapping::{self, Conv1dRule};
+use crate::io::mapping::{self, Conv1dRule, Resolution};
 use crate::stats::weights::{self, CandidateArrays, DeltaStats, PrecisionStats};
 
 /// Why a merge cannot be planned or run.
@@ -58,8 +58,11 @@ pub enum Source {
 pub struct TensorJob {
     /// Base module path (`model.layers.0.self_attn.q_proj`).
     pub module: String,
-    /// Base tensor name (`….weight`).
+    /// Base tensor the merge starts from (`….weight`).
     pub tensor: String,
+    /// Tensor name in a merged checkpoint. Differs from `tensor` only for the head of a tied
+    /// model, which is written as its own (untied) tensor.
+    pub output: String,
     pub rows: usize,
     pub cols: usize,
     pub sources: Vec<Source>,
@@ -110,6 +113,11 @@ impl MergePlan {
                 };
                 if let Some(source) = weight_source(index, adapter, module, &conv1d) {
                     let tensor = target.weight();
+                    let (module_name, output) = if target.resolution == Resolution::TiedHead {
+                        (module.name.clone(), format!("{}.weight", module.name))
+                    } else {
+                        (target.prefix.clone(), tensor.clone())
+                    };
                     let info = base
                         .info(&tensor)
                         .ok_or_else(|| CheckpointError::NoSuchTensor {
@@ -122,11 +130,12 @@ impl MergePlan {
                             shape: info.shape.clone(),
                         });
                     };
-                    match plan.weights.iter_mut().find(|j| j.tensor == tensor) {
+                    match plan.weights.iter_mut().find(|j| j.output == output) {
                         Some(job) => job.sources.push(source),
                         None => plan.weights.push(TensorJob {
-                            module: target.prefix.clone(),
+                            module: module_name,
                             tensor,
+                            output,
                             rows,
                             cols,
                             sources: vec![source],
@@ -145,7 +154,7 @@ impl MergePlan {
                 }
             }
         }
-        plan.weights.sort_by(|a, b| a.tensor.cmp(&b.tensor));
+        plan.weights.sort_by(|a, b| a.output.cmp(&b.output));
         plan.biases.sort_by(|a, b| a.tensor.cmp(&b.tensor));
         Ok(plan)
     }

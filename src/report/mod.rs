@@ -6,6 +6,7 @@
 
 pub mod csv;
 pub mod json;
+pub mod progress;
 pub mod terminal;
 
 use std::io::Write;
@@ -135,6 +136,14 @@ impl OutputTarget {
                     .write_all(content)
                     .and_then(|()| staging.as_file().sync_all())
                     .with_context(|| format!("writing `{}`", destination.display()))?;
+                // Staging files are created private (0600); a report is an ordinary file.
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::PermissionsExt;
+                    let _ = staging
+                        .as_file()
+                        .set_permissions(std::fs::Permissions::from_mode(0o644));
+                }
                 staging.persist(&destination).with_context(|| {
                     format!("moving the report into `{}`", destination.display())
                 })?;

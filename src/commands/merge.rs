@@ -1,0 +1,336 @@
+//! `lora-doctor merge`: write the merged model as a folder transformers loads — safetensors
+//! (sharded with an index), config.json, tokenizer files, generation_config.json — into a
+//! temporary folder next to `--out`, renamed into place only when everything is written.
+//! With `--gate` the weights are checked first and nothing is written when the gate fails.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use rayon::prelude::*;
+use serde_json::Value;
+
+use super::check::{Loaded, base_folder, load};
+use crate::ExitStatus;
+use crate::cli::MergeArgs;
+use crate::findings::thresholds::Thresholds;
+use crate::findings::{self, Code, Level, Verdict, weights};
+use crate::io::checkpoint::TensorDtype;
+use crate::io::writer::{self, OutTensor};
+use crate::merge::engine::{self, EvalOptions, MergePlan, TensorJob};
+use crate::merge::float::FloatFormat;
+use crate::merge::precision::Precision;
+use crate::report::{self, terminal};
+
+/// Tokenizer and generation files copied into the merged folder.
+const SIDE_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+];
+
+fn dtype_of(format: FloatFormat) -> (TensorDtype, &'static str) {
+    match format {
+        FloatFormat::F32 => (TensorDtype::F32, "float32"),
+        FloatFormat::F16 => (TensorDtype::F16, "float16"),
+        FloatFormat::Bf16 => (TensorDtype::Bf16, "bfloat16"),
+    }
+}
+
+/// Refuses an output that exists, equals an input, or lies inside one.
+fn check_out(out: &Path, inputs: &[&Path]) -> anyhow::Result<PathBuf> {
+    if out.exists() {
+        bail!(
+            "`{}` already exists; choose a new folder (lora-doctor never overwrites)",
+            out.display()
+        );
+    }
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let parent = std::fs::canonicalize(&parent)
+        .with_context(|| format!("the folder of `{}` does not exist", out.display()))?;
+    for input in inputs {
+        let Ok(input) = std::fs::canonicalize(input) else {
+            continue;
+        };
+        let input_dir = if input.is_file() {
+            input.parent().map(Path::to_path_buf).unwrap_or_default()
+        } else {
+            input
+        };
+        if parent.starts_with(&input_dir) {
+            bail!(
+                "refusing to write `{}` inside the input folder `{}`",
+                out.display(),
+                input_dir.display()
+            );
+        }
+    }
+    Ok(parent)
+}
+
+pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
+    let format = match Precision::parse(&args.precision) {
+        Some(Precision::Float(f)) => f,
+        _ => bail!(
+            "--precision `{}`: merge writes f32, bf16 or f16 checkpoints (quantized formats are evaluated by `check`)",
+            args.precision
+        ),
+    };
+    let max_shard = writer::parse_size(&args.max_shard_size).with_context(|| {
+        format!(
+            "--max-shard-size `{}` is not a size like 5GB or 500MB",
+            args.max_shard_size
+        )
+    })?;
+    let mut thresholds = Thresholds::default();
+    for spec in &args.threshold {
+        thresholds
+            .apply_override(spec)
+            .map_err(|e| anyhow::anyhow!("--threshold {e}"))?;
+    }
+    let mut inputs: Vec<&Path> = vec![args.base.as_path()];
+    inputs.extend(args.adapters.iter().map(PathBuf::as_path));
+    let parent = check_out(&args.out, &inputs)?;
+
+    let Loaded {
+        base,
+        base_config,
+        adapters,
+        mut findings,
+        ..
+    } = load(&args.base, &args.adapters)?;
+    // A tied head that the adapter changes is written untied, which resolves tied-embeddings.
+    let blocking: Vec<_> = findings
+        .iter()
+        .filter(|f| f.level == Level::Deny && f.code != Code::TiedEmbeddings)
+        .collect();
+    if !blocking.is_empty() {
+        let lines: Vec<String> = blocking
+            .iter()
+            .map(|f| {
+                format!(
+                    "  {} {}: {}",
+                    f.code,
+                    f.module.as_deref().unwrap_or(""),
+                    f.message
+                )
+            })
+            .collect();
+        if !args.quiet {
+            report::print_human(
+                &format!(
+                    "not merged: the adapters do not fit the base\n{}\nrun `lora-doctor check` for advice\n",
+                    lines.join("\n")
+                ),
+                true,
+            )?;
+        }
+        return Ok(ExitStatus::Failure);
+    }
+    let plan = MergePlan::build(&base, base_config.as_ref(), &adapters)?;
+    let precision = Precision::Float(format);
+
+    if args.gate {
+        let options = EvalOptions {
+            precisions: &[precision],
+            recipe: args.recipe,
+            trained_on: None,
+        };
+        let bar = report::progress::bar(plan.weights.len(), args.quiet, "checking");
+        let mut evaluations = plan
+            .weights
+            .par_iter()
+            .map(|job| {
+                let e = engine::evaluate(job, &base, &adapters, options);
+                bar.inc(1);
+                e
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        bar.finish_and_clear();
+        evaluations.sort_by(|a, b| a.tensor.cmp(&b.tensor));
+        let mut outcome = weights::assess(&evaluations, &[precision], &thresholds);
+        findings.append(&mut outcome.findings);
+        findings.retain(|f| f.code != Code::TiedEmbeddings);
+        findings::sort(&mut findings);
+        if Verdict::of(&findings) == Verdict::Fail {
+            if !args.quiet {
+                let mut text = String::from("gate failed: nothing was written\n");
+                for f in findings.iter().filter(|f| f.level == Level::Deny) {
+                    text.push_str(&format!(
+                        "  deny {} {}\n    {}\n    advice: {}\n",
+                        f.code,
+                        f.module.as_deref().unwrap_or(""),
+                        f.message,
+                        f.advice
+                    ));
+                }
+                report::print_human(&text, true)?;
+            }
+            return Ok(ExitStatus::Failure);
+        }
+    }
+
+    let staging = tempfile::Builder::new()
+        .prefix(".lora-doctor-merge-")
+        .tempdir_in(&parent)
+        .with_context(|| format!("cannot create a folder in `{}`", parent.display()))?;
+    let (out_dtype, torch_name) = dtype_of(format);
+    let jobs: HashMap<&str, &TensorJob> = plan
+        .weights
+        .iter()
+        .map(|j| (j.output.as_str(), j))
+        .collect();
+    let biases: HashMap<&str, &engine::BiasJob> =
+        plan.biases.iter().map(|b| (b.tensor.as_str(), b)).collect();
+
+    // Every base tensor, plus heads that become untied; floats in the output dtype.
+    let mut tensors: Vec<OutTensor> = base
+        .tensors()
+        .map(|t| OutTensor {
+            name: t.name.clone(),
+            dtype: if t.dtype.is_float() {
+                out_dtype.clone()
+            } else {
+                t.dtype.clone()
+            },
+            shape: t.shape.clone(),
+        })
+        .collect();
+    let mut untied = false;
+    for job in &plan.weights {
+        if !base.contains(&job.output) {
+            untied = true;
+            tensors.push(OutTensor {
+                name: job.output.clone(),
+                dtype: out_dtype.clone(),
+                shape: vec![job.rows, job.cols],
+            });
+        }
+    }
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+
+    let bar = report::progress::bar(tensors.len(), args.quiet, "writing");
+    let files = writer::write_checkpoint(
+        staging.path(),
+        &tensors,
+        max_shard,
+        |t| {
+            if let Some(job) = jobs.get(t.name.as_str()) {
+                let stored = base.read_f32(&job.tensor)?;
+                let updates = engine::load_updates(job, &adapters)?;
+                let merged = engine::merged_float(
+                    &stored,
+                    job.rows,
+                    job.cols,
+                    &updates,
+                    format,
+                    args.recipe,
+                );
+                return writer::encode(&merged, &out_dtype);
+            }
+            if let Some(bias) = biases.get(t.name.as_str()) {
+                let merged = engine::merged_bias(bias, &base, &adapters)?;
+                return writer::encode(&merged, &out_dtype);
+            }
+            let (info, raw) = base.raw(&t.name)?;
+            if !info.dtype.is_float() {
+                return Ok(raw.to_vec());
+            }
+            let values = crate::io::checkpoint::decode_f32(info, raw)?;
+            writer::encode(&values, &out_dtype)
+        },
+        || bar.inc(1),
+    )?;
+    bar.finish_and_clear();
+
+    // Side files: config (dtype, untied head), tokenizer (the last adapter that has one, else the
+    // base's), generation config.
+    let base_dir = base_folder(&args.base);
+    if let Some(config) = &base_config {
+        let mut raw = config.raw.clone();
+        if let Value::Object(map) = &mut raw {
+            let key = if map.contains_key("dtype") {
+                "dtype"
+            } else {
+                "torch_dtype"
+            };
+            map.insert(key.into(), Value::String(torch_name.into()));
+            if untied {
+                map.insert("tie_word_embeddings".into(), Value::Bool(false));
+            }
+            map.remove("quantization_config");
+        }
+        std::fs::write(
+            staging.path().join("config.json"),
+            serde_json::to_vec_pretty(&raw)?,
+        )?;
+    }
+    let tokenizer_dir = adapters
+        .iter()
+        .rev()
+        .map(|a| a.dir.as_path())
+        .find(|d| d.join("tokenizer.json").is_file() || d.join("tokenizer_config.json").is_file())
+        .unwrap_or(base_dir.as_path());
+    for name in SIDE_FILES {
+        let from = tokenizer_dir.join(name);
+        if from.is_file() {
+            std::fs::copy(&from, staging.path().join(name))
+                .with_context(|| format!("copying `{}`", from.display()))?;
+        }
+    }
+    let generation = base_dir.join("generation_config.json");
+    if generation.is_file() {
+        std::fs::copy(&generation, staging.path().join("generation_config.json"))
+            .with_context(|| format!("copying `{}`", generation.display()))?;
+    }
+
+    let staged = staging.keep();
+    std::fs::rename(&staged, &args.out).with_context(|| {
+        format!(
+            "moving the merged model from `{}` to `{}`",
+            staged.display(),
+            args.out.display()
+        )
+    })?;
+    if !args.quiet {
+        let bytes: usize = tensors
+            .iter()
+            .map(|t| {
+                t.shape.iter().product::<usize>()
+                    * match t.dtype {
+                        TensorDtype::F32 => 4,
+                        _ => 2,
+                    }
+            })
+            .sum();
+        report::print_human(
+            &format!(
+                "merged {} tensor(s) from {} adapter(s) into `{}` ({}, recipe {}, {} in {} file(s){}{})\n",
+                plan.weights.len(),
+                adapters.len(),
+                args.out.display(),
+                format.name(),
+                args.recipe.name(),
+                terminal::human_bytes(bytes),
+                files.iter().filter(|f| f.ends_with(".safetensors")).count(),
+                if untied { ", lm_head untied" } else { "" },
+                if tokenizer_dir != base_dir.as_path() {
+                    ", tokenizer from the adapter"
+                } else {
+                    ""
+                }
+            ),
+            false,
+        )?;
+    }
+    Ok(ExitStatus::Success)
+}
