@@ -578,7 +578,11 @@ fn merge_matches_peft_goldens() {
         }
     }
     assert!(checked >= 15, "only {checked} golden merges checked");
-    eprintln!("{}", report.join("\n"));
+    // Shown with `cargo test -- --nocapture`: the measured agreement per case.
+    #[allow(clippy::disallowed_macros)]
+    {
+        eprintln!("{}", report.join("\n"));
+    }
 }
 
 #[test]

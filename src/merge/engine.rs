@@ -308,7 +308,7 @@ pub fn fake_quantize(
         format,
         QuantFormat::Q8_0 | QuantFormat::Q4_0 | QuantFormat::Q4_1
     );
-    if ggml && cols % GGML_QK != 0 {
+    if ggml && !cols.is_multiple_of(GGML_QK) {
         let note = format!(
             "rows of {cols} are not a multiple of {GGML_QK}: stored as f16, as convert_hf_to_gguf does"
         );

@@ -8,7 +8,7 @@
 //! wrong when the first rounding lands exactly on a tie of the second (see the unit test
 //! `double_rounding_differs_from_single_rounding`); `half`'s own `from_f64` goes through f32 on x86
 //! with F16C, or drops the low 32 mantissa bits in its fallback, so it is not used for f64 either.
-//! Instead [`round_to_grid_f64`] scales by the format's quantum at `|x|` and rounds to an integer
+//! Instead `round_to_grid_f64` scales by the format's quantum at `|x|` and rounds to an integer
 //! with ties-to-even, which is exact in f64 for all three formats.
 //!
 //! Non-finite inputs: NaN stays NaN and ±inf stays ±inf. Signed zeros keep their sign.
@@ -354,7 +354,7 @@ mod tests {
             let eps = mid * 2f64.powi(-45) + 2f64.powi(-1000);
             assert_eq!(f64::from(round_f16_from_f64(mid - eps)), lo);
             assert_eq!(f64::from(round_f16_from_f64(mid + eps)), hi);
-            let lo_even = f16::from_f64(lo).to_bits() % 2 == 0;
+            let lo_even = f16::from_f64(lo).to_bits().is_multiple_of(2);
             let want = if lo_even { lo } else { hi };
             assert_eq!(f64::from(round_f16_from_f64(mid)), want);
             assert_eq!(f64::from(round_f16_from_f64(-mid)), -want);

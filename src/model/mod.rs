@@ -1,0 +1,319 @@
+//! The decoder forward pass on candle-core, layer-streamed: every model under test (the unmerged
+//! reference, each merged candidate, the base alone) advances **block by block together**, and a
+//! block's f32 weights exist only while that block runs (design.md, "Forward").
+//!
+//! Weights come from a [`WeightProvider`], which decides what a tensor *is* for its model: the stored
+//! base, the base plus unmerged LoRA terms ([`UnmergedLora`], applied in the forward the way PEFT does),
+//! or a merged weight rounded or quantized on the fly. The decoder itself only knows transformers'
+//! architectures ([`Architecture`]): the Llama family (llama, mistral, qwen2, qwen3), GPT-2 and
+//! GPT-NeoX. Everything computes in f32 on the CPU, one sequence at a time, and returns logits for
+//! every position.
+//!
+//! ```text
+//! let arch = Architecture::from_config(&config, &|name| base.contains(name))?;
+//! let mut hidden: Vec<Tensor> = models.iter().map(|m| arch.embed(m, &tokens)).collect()?;
+//! for i in 0..arch.num_layers() {
+//!     for (h, m) in hidden.iter_mut().zip(&models) { *h = arch.block(i, m, h)?; }  // drift here
+//! }
+//! let logits = arch.head(model, &hidden)?;   // [T, vocab]
+//! ```
+
+mod gpt2;
+mod linear;
+mod llama;
+mod neox;
+mod ops;
+mod provider;
+pub mod rope;
+
+#[cfg(test)]
+mod goldens;
+
+use candle_core::Tensor;
+use serde_json::Value;
+use thiserror::Error;
+
+use crate::io::config::ModelConfig;
+pub use crate::merge::delta::Layout;
+
+pub use gpt2::Gpt2Config;
+pub use llama::LlamaConfig;
+pub use neox::NeoXConfig;
+pub use ops::Activation;
+pub use provider::CheckpointProvider;
+pub use rope::Rope;
+
+/// Errors while running the forward pass. Each names the tensor and the shape involved.
+#[derive(Debug, Error)]
+pub enum ModelError {
+    #[error("tensor `{tensor}` is missing")]
+    Missing { tensor: String },
+    #[error("tensor `{tensor}` holds {got} values; expected shape {expected:?}")]
+    Shape {
+        tensor: String,
+        expected: Vec<usize>,
+        got: usize,
+    },
+    #[error("LoRA on `{tensor}`: {part} holds {got} values; expected shape {expected:?}")]
+    LoraShape {
+        tensor: String,
+        part: &'static str,
+        expected: Vec<usize>,
+        got: usize,
+    },
+    #[error("hidden state has shape {got:?}; expected [tokens, {hidden}]")]
+    Hidden { got: Vec<usize>, hidden: usize },
+    #[error("token id {token} at position {position} is outside the vocabulary of {vocab}")]
+    Token {
+        token: u32,
+        position: usize,
+        vocab: usize,
+    },
+    #[error("the token sequence is empty")]
+    Empty,
+    #[error("{tokens} tokens exceed the {max} learned positions of `{tensor}`")]
+    TooLong {
+        tokens: usize,
+        max: usize,
+        tensor: String,
+    },
+    #[error("block {index} does not exist; the model has {layers}")]
+    NoBlock { index: usize, layers: usize },
+    #[error("cannot read `{tensor}`: {source}")]
+    Read {
+        tensor: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Why logits cannot be computed for a model at all: the caller reports "logits skipped: …" and the
+/// weight checks still run.
+#[derive(Debug, Clone, Error)]
+#[error("{reason}")]
+pub struct Unsupported {
+    pub reason: String,
+}
+
+impl Unsupported {
+    pub(crate) fn new(reason: impl Into<String>) -> Self {
+        Unsupported {
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Supplies f32 weights by base tensor name. The provider decides what a weight is for its model
+/// (stored base, merged and rounded, quantized and dequantized, …).
+pub trait WeightProvider: Sync {
+    /// The tensor's values in the checkpoint's own layout (row-major, as stored).
+    fn weight(&self, name: &str) -> Result<Vec<f32>, ModelError>;
+    /// True when the provider can serve `name`. Biases are applied exactly when present; a tied
+    /// model's head is `lm_head.weight` when served, else the input embedding.
+    fn has(&self, name: &str) -> bool;
+    /// LoRA terms to apply *unmerged* on top of `weight(name)`, in adapter order. Empty for merged
+    /// candidates. A tied head's terms are asked for under the head's name (`lm_head.weight`).
+    fn lora(&self, name: &str) -> Result<Vec<UnmergedLora>, ModelError>;
+}
+
+/// One adapter's low-rank term for one weight, exactly as PEFT stores it.
+///
+/// Linear and Conv1D: A `[r, in]`, B `[out, r]` (Conv1D keeps A and B in this orientation; only the
+/// base weight is `[in, out]`). Embedding: A `[r, vocab]`, B `[dim, r]`. The forward adds
+/// `s·(x Aᵀ) Bᵀ` (embeddings: `s·A[:, t]ᵀ Bᵀ`). With a DoRA `magnitude` m (one entry per output
+/// feature) the layer's output before its bias becomes `(m / n) ⊙ (x W'ᵀ + s·(x Aᵀ) Bᵀ)`, where W' is
+/// the weight this adapter was trained on (the base with every earlier adapter of the stack merged)
+/// and `n = ‖W' + s·B·A‖` per output feature, in f32 — PEFT's unmerged DoRA forward
+/// (merge-semantics.md §2.6), extended to stacks the way `merge::delta::merge_exact` merges them.
+#[derive(Debug, Clone)]
+pub struct UnmergedLora {
+    pub a: Vec<f32>,
+    pub b: Vec<f32>,
+    pub rank: usize,
+    pub scale: f64,
+    pub layout: Layout,
+    pub magnitude: Option<Vec<f32>>,
+}
+
+/// A decoder architecture with its resolved hyper-parameters and tensor names.
+#[derive(Debug, Clone)]
+pub enum Architecture {
+    Llama(LlamaConfig),
+    Gpt2(Gpt2Config),
+    NeoX(NeoXConfig),
+}
+
+impl Architecture {
+    /// Resolves the architecture from `config.json`. `has` answers whether the base checkpoint holds a
+    /// tensor, to find the naming prefix (`model.`, `transformer.`, bare GPT-2 names…) and whether the
+    /// head is stored. Unknown model types and unimplemented features are `Unsupported`, never a panic.
+    pub fn from_config(
+        config: &ModelConfig,
+        has: &dyn Fn(&str) -> bool,
+    ) -> Result<Self, Unsupported> {
+        let model_type = config
+            .model_type
+            .as_deref()
+            .ok_or_else(|| Unsupported::new("config.json has no `model_type`"))?;
+        match model_type {
+            "llama" | "mistral" | "qwen2" | "qwen3" => {
+                LlamaConfig::from_config(config, has).map(Architecture::Llama)
+            }
+            "gpt2" => Gpt2Config::from_config(config, has).map(Architecture::Gpt2),
+            "gpt_neox" => NeoXConfig::from_config(config, has).map(Architecture::NeoX),
+            other => Err(Unsupported::new(format!(
+                "architecture `{other}` has no forward pass in lora-doctor yet (llama, mistral, qwen2, qwen3, gpt2 and gpt_neox do)"
+            ))),
+        }
+    }
+
+    /// Number of decoder blocks.
+    pub fn num_layers(&self) -> usize {
+        match self {
+            Architecture::Llama(c) => c.num_layers,
+            Architecture::Gpt2(c) => c.num_layers,
+            Architecture::NeoX(c) => c.num_layers,
+        }
+    }
+
+    /// Width of the residual stream.
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            Architecture::Llama(c) => c.hidden_size,
+            Architecture::Gpt2(c) => c.hidden_size,
+            Architecture::NeoX(c) => c.hidden_size,
+        }
+    }
+
+    /// Every tensor `embed` reads.
+    pub fn embed_tensors(&self) -> Vec<String> {
+        match self {
+            Architecture::Llama(c) => vec![c.embed.clone()],
+            Architecture::Gpt2(c) => vec![c.embed.clone(), c.positions.clone()],
+            Architecture::NeoX(c) => vec![c.embed.clone()],
+        }
+    }
+
+    /// Every tensor block `i` reads (biases included when the config declares them), so callers can
+    /// prepare exactly these weights before running the block.
+    pub fn block_tensors(&self, i: usize) -> Vec<String> {
+        match self {
+            Architecture::Llama(c) => c.block_tensors(i),
+            Architecture::Gpt2(c) => c.block_tensors(i),
+            Architecture::NeoX(c) => c.block_tensors(i),
+        }
+    }
+
+    /// Every tensor `head` reads: the final norm and the output matrix (the input embedding for tied
+    /// models; a provider that serves `lm_head.weight` for a tied model overrides it).
+    pub fn head_tensors(&self) -> Vec<String> {
+        match self {
+            Architecture::Llama(c) => c.head_tensors(),
+            Architecture::Gpt2(c) => c.head_tensors(),
+            Architecture::NeoX(c) => c.head_tensors(),
+        }
+    }
+
+    /// Token embeddings (GPT-2: plus learned positions): `[T, hidden]`.
+    pub fn embed(&self, w: &dyn WeightProvider, tokens: &[u32]) -> Result<Tensor, ModelError> {
+        if tokens.is_empty() {
+            return Err(ModelError::Empty);
+        }
+        match self {
+            Architecture::Llama(c) => c.embed(w, tokens),
+            Architecture::Gpt2(c) => c.embed(w, tokens),
+            Architecture::NeoX(c) => c.embed(w, tokens),
+        }
+    }
+
+    /// Decoder block `i`: causal self-attention over all T positions and the MLP, with residuals.
+    /// `hidden` is `[T, hidden]`; so is the result.
+    pub fn block(
+        &self,
+        i: usize,
+        w: &dyn WeightProvider,
+        hidden: &Tensor,
+    ) -> Result<Tensor, ModelError> {
+        let layers = self.num_layers();
+        if i >= layers {
+            return Err(ModelError::NoBlock { index: i, layers });
+        }
+        self.check_hidden(hidden)?;
+        match self {
+            Architecture::Llama(c) => c.block(i, w, hidden),
+            Architecture::Gpt2(c) => c.block(i, w, hidden),
+            Architecture::NeoX(c) => c.block(i, w, hidden),
+        }
+    }
+
+    /// Final norm and output projection: logits `[T, vocab]` in f32 for every position.
+    pub fn head(&self, w: &dyn WeightProvider, hidden: &Tensor) -> Result<Tensor, ModelError> {
+        self.check_hidden(hidden)?;
+        match self {
+            Architecture::Llama(c) => c.head(w, hidden),
+            Architecture::Gpt2(c) => c.head(w, hidden),
+            Architecture::NeoX(c) => c.head(w, hidden),
+        }
+    }
+
+    /// The whole model on one sequence (embed, every block, head), for callers that do not need to
+    /// interleave models.
+    pub fn forward(&self, w: &dyn WeightProvider, tokens: &[u32]) -> Result<Tensor, ModelError> {
+        let mut hidden = self.embed(w, tokens)?;
+        for i in 0..self.num_layers() {
+            hidden = self.block(i, w, &hidden)?;
+        }
+        self.head(w, &hidden)
+    }
+
+    fn check_hidden(&self, hidden: &Tensor) -> Result<(), ModelError> {
+        let dims = hidden.dims();
+        if dims.len() != 2 || dims[1] != self.hidden_size() || dims[0] == 0 {
+            return Err(ModelError::Hidden {
+                got: dims.to_vec(),
+                hidden: self.hidden_size(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The part of `config.json` that describes the language model (multimodal configs nest it).
+pub(crate) fn text_config(config: &ModelConfig) -> &Value {
+    config
+        .raw
+        .get("text_config")
+        .filter(|v| v.is_object())
+        .unwrap_or(&config.raw)
+}
+
+/// A required size, or why the config cannot be run.
+pub(crate) fn required(value: Option<usize>, key: &str) -> Result<usize, Unsupported> {
+    value
+        .filter(|v| *v > 0)
+        .ok_or_else(|| Unsupported::new(format!("config.json has no usable `{key}`")))
+}
+
+/// The first prefix under which `suffix` exists in the checkpoint (`""` included as a candidate).
+pub(crate) fn find_prefix(
+    prefixes: &[&str],
+    suffix: &str,
+    has: &dyn Fn(&str) -> bool,
+) -> Result<String, Unsupported> {
+    prefixes
+        .iter()
+        .find(|p| has(&format!("{p}{suffix}")))
+        .map(|p| p.to_string())
+        .ok_or_else(|| {
+            Unsupported::new(format!(
+                "no `{suffix}` in the checkpoint under any known prefix ({})",
+                prefixes
+                    .iter()
+                    .map(|p| format!("`{p}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })
+}
