@@ -6,9 +6,11 @@
 
 pub mod cli;
 pub mod commands;
+pub mod divergence;
 pub mod findings;
 pub mod io;
 pub mod merge;
+pub mod model;
 pub mod report;
 pub mod stats;
 

@@ -34,9 +34,15 @@ fn stderr(out: &Output) -> String {
 
 /// Runs `check --json -` and returns (exit code, parsed report).
 fn check_json(base: &str, adapters: &[&str]) -> (i32, Value) {
+    check_json_with(base, adapters, &[])
+}
+
+/// `check_json` with extra flags.
+fn check_json_with(base: &str, adapters: &[&str], extra: &[&str]) -> (i32, Value) {
     let base = fixture(base);
     let adapter_paths: Vec<String> = adapters.iter().map(|a| fixture(a)).collect();
     let mut args = vec!["check", "--weights-only", "--json", "-", "--base", &base];
+    args.extend_from_slice(extra);
     for a in &adapter_paths {
         args.push("--adapter");
         args.push(a);
@@ -205,9 +211,120 @@ fn fixture_table_raises_exactly_the_expected_codes() {
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
 }
 
+/// Weight-level findings: (base, adapters, flags, exit code, the exact set of codes raised).
+const WEIGHT_CASES: &[(&str, &[&str], &[&str], i32, &[&str])] = &[
+    // One lora_B blown up ×1e7: |W + ΔW| passes 65504, f16 stores Inf.
+    (
+        "models/tiny-llama",
+        &["adapters/exploded"],
+        &["--precision", "f16"],
+        1,
+        &["overflow", "nonfinite-merge"],
+    ),
+    // The same adapter is fine in bf16 (range of f32): no overflow there.
+    (
+        "models/tiny-llama",
+        &["adapters/exploded"],
+        &["--precision", "bf16"],
+        0,
+        &[],
+    ),
+    // lr 1e-6: bf16 rounding noise is 7–27× ‖ΔW‖.
+    (
+        "models/tiny-llama",
+        &["adapters/tiny-lr"],
+        &["--precision", "bf16"],
+        0,
+        &["delta-swamped"],
+    ),
+    (
+        "models/tiny-llama",
+        &["adapters/tiny-lr"],
+        &["--precision", "f32"],
+        0,
+        &[],
+    ),
+    (
+        "models/tiny-llama",
+        &["adapters/tiny-lr"],
+        &["--precision", "q4_0"],
+        0,
+        &["quantization-error", "delta-swamped"],
+    ),
+    // One v_proj's lora_B ×50 among 6 layers.
+    (
+        "models/tiny-llama-deep",
+        &["adapters/deep-outlier"],
+        &[],
+        0,
+        &["delta-outlier"],
+    ),
+    (
+        "models/tiny-llama-deep",
+        &["adapters/deep-lora"],
+        &[],
+        0,
+        &[],
+    ),
+    // Trained against dequant(nf4(W)); a 16-bit merge carries the quantization error.
+    (
+        "models/tiny-llama",
+        &["adapters/qlora-nf4"],
+        &["--trained-on", "nf4", "--precision", "bf16"],
+        1,
+        &["quantized-base", "precision-drift"],
+    ),
+    // Clean adapters stay clean in every precision's default thresholds for floats.
+    (
+        "models/tiny-llama",
+        &["adapters/llama-dora"],
+        &["--precision", "f32,bf16,f16"],
+        0,
+        &[],
+    ),
+    (
+        "models/tiny-gpt2",
+        &["adapters/gpt2-lora"],
+        &["--precision", "f32,bf16,f16"],
+        0,
+        &[],
+    ),
+    (
+        "models/tiny-neox",
+        &["adapters/neox-embed"],
+        &["--precision", "f32,bf16,f16"],
+        0,
+        &[],
+    ),
+];
+
+#[test]
+fn weight_cases_raise_exactly_the_expected_codes() {
+    let mut failures = Vec::new();
+    for (base, adapters, flags, want_exit, want_codes) in WEIGHT_CASES {
+        let (exit, report) = check_json_with(base, adapters, flags);
+        let got = codes(&report);
+        let want: BTreeSet<String> = want_codes.iter().map(|c| c.to_string()).collect();
+        if exit != *want_exit || got != want {
+            failures.push(format!(
+                "{base} + {adapters:?} {flags:?}: exit {exit} (want {want_exit}), codes {got:?} (want {want:?})"
+            ));
+        }
+        assert!(
+            report["precisions"].is_array(),
+            "{adapters:?}: no precisions"
+        );
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
 #[test]
 fn every_code_is_raised_by_some_fixture() {
-    let raised: BTreeSet<&str> = CASES.iter().flat_map(|c| c.3.iter().copied()).collect();
+    let raised: BTreeSet<&str> = CASES
+        .iter()
+        .flat_map(|c| c.3.iter().copied())
+        .chain(WEIGHT_CASES.iter().flat_map(|c| c.4.iter().copied()))
+        .collect();
     for code in Code::ALL {
         assert!(
             raised.contains(code.as_str()),
@@ -711,4 +828,41 @@ fn tied_head_is_written_untied() {
         base.read_f32("model.embed_tokens.weight")
             .expect("base embedding")
     );
+}
+
+#[test]
+fn csv_has_one_row_per_module_and_precision() {
+    let out = run(&[
+        "check",
+        "--base",
+        &fixture("models/tiny-llama"),
+        "--adapter",
+        &fixture("adapters/llama-lora"),
+        "--precision",
+        "bf16,q4_0,nf4",
+        "--csv",
+        "-",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let mut lines = text.lines();
+    let header = lines.next().expect("header");
+    for column in [
+        "module",
+        "precision",
+        "rel_error",
+        "rounding_floor",
+        "delta_retention",
+        "delta_below_half_ulp",
+        "snr_db",
+        "out_of_range",
+    ] {
+        assert!(
+            header.split(',').any(|c| c == column),
+            "no `{column}` in {header}"
+        );
+    }
+    // 14 target modules × 3 precisions; the summary went to stderr.
+    assert_eq!(lines.count(), 14 * 3);
+    assert!(stderr(&out).contains("verdict: PASS"));
 }

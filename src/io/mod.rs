@@ -6,5 +6,6 @@ pub mod adapter;
 pub mod checkpoint;
 pub mod config;
 pub mod mapping;
+pub mod prompts;
 pub mod tokenizer;
 pub mod writer;

@@ -160,7 +160,7 @@ pub fn merge_exact(base: &[f32], rows: usize, cols: usize, updates: &[Update]) -
 
 /// `(m / ‖V‖) ⊙ V` per output feature, in f64.
 fn dora_rescale_f64(v: &mut [f64], rows: usize, cols: usize, m: &[f64], per_column: bool) {
-    let norms = feature_norms(v, rows, cols, per_column);
+    let norms = feature_norms_f64(v, rows, cols, per_column);
     let factor: Vec<f64> = m
         .iter()
         .zip(&norms)
@@ -169,32 +169,18 @@ fn dora_rescale_f64(v: &mut [f64], rows: usize, cols: usize, m: &[f64], per_colu
     apply_feature_factor(v, cols, &factor, per_column, |x, f| *x *= f);
 }
 
-fn feature_norms<T: Copy + Into<f64> + Send + Sync>(
-    v: &[T],
-    rows: usize,
-    cols: usize,
-    per_column: bool,
-) -> Vec<f64> {
+fn feature_norms_f64(v: &[f64], rows: usize, cols: usize, per_column: bool) -> Vec<f64> {
     if per_column {
         let mut sums = vec![0.0f64; cols];
         for row in v.chunks(cols.max(1)).take(rows) {
             for (s, x) in sums.iter_mut().zip(row) {
-                let x: f64 = (*x).into();
                 *s += x * x;
             }
         }
         sums.into_iter().map(f64::sqrt).collect()
     } else {
         v.par_chunks(cols.max(1))
-            .map(|row| {
-                row.iter()
-                    .map(|x| {
-                        let x: f64 = (*x).into();
-                        x * x
-                    })
-                    .sum::<f64>()
-                    .sqrt()
-            })
+            .map(|row| row.iter().map(|x| x * x).sum::<f64>().sqrt())
             .collect()
     }
 }
@@ -213,6 +199,44 @@ fn apply_feature_factor<T: Send, F: Copy + Send + Sync>(
                 op(x, if per_column { factor[j] } else { factor[row] });
             }
         });
+}
+
+/// `torch.linalg.norm(V, dim=1)` in f32 as PyTorch's CPU kernels reduce it, so DoRA merges
+/// reproduce PEFT's bits. Rows (a contiguous last dimension) take ATen's vectorised path: 8 f32
+/// lanes (AVX2, PyTorch's usual x86-64 capability) each summing `x·x` without FMA, the lanes
+/// added in order, the tail added one by one, then `sqrt` in f32. Columns (a strided reduction:
+/// Conv1D and embedding DoRA norms over a transposed weight) accumulate sequentially in f32.
+/// Other CPU capabilities (AVX-512: 16 lanes) reduce in another order and can differ by an ULP.
+fn torch_f32_norms(v: &[f32], rows: usize, cols: usize, per_column: bool) -> Vec<f32> {
+    const LANES: usize = 8;
+    if per_column {
+        let mut sums = vec![0.0f32; cols];
+        for row in v.chunks(cols.max(1)).take(rows) {
+            for (s, x) in sums.iter_mut().zip(row) {
+                *s += *x * *x;
+            }
+        }
+        return sums.into_iter().map(f32::sqrt).collect();
+    }
+    v.par_chunks(cols.max(1))
+        .map(|row| {
+            let whole = row.len() - row.len() % LANES;
+            let mut acc = [0.0f32; LANES];
+            for chunk in row[..whole].chunks_exact(LANES) {
+                for (a, x) in acc.iter_mut().zip(chunk) {
+                    *a += *x * *x;
+                }
+            }
+            let mut total = acc[0];
+            for a in &acc[1..] {
+                total += *a;
+            }
+            for x in &row[whole..] {
+                total += *x * *x;
+            }
+            total.sqrt()
+        })
+        .collect()
 }
 
 /// The merged tensor exactly as PEFT's `merge_and_unload` produces it on CPU with the base loaded
@@ -248,10 +272,10 @@ pub fn merge_peft(
                     (Some(m), layout) => {
                         let mut v: Vec<f32> = w.iter().zip(&delta).map(|(w, d)| *w + *d).collect();
                         let per_column = layout.dora_per_column();
-                        let factor: Vec<f32> = feature_norms(&v, rows, cols, per_column)
+                        let factor: Vec<f32> = torch_f32_norms(&v, rows, cols, per_column)
                             .iter()
                             .zip(m)
-                            .map(|(n, m)| m / (*n as f32))
+                            .map(|(n, m)| m / n)
                             .collect();
                         apply_feature_factor(&mut v, cols, &factor, per_column, |x, f| {
                             *x = dtype.round(f * *x)

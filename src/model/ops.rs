@@ -127,7 +127,9 @@ pub(crate) fn attention(
 /// `[T, H·Dh]` → `[H, T, Dh]`, contiguous.
 pub(crate) fn split_heads(x: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor, ModelError> {
     let (t, _) = x.dims2()?;
-    Ok(x.reshape((t, heads, head_dim))?.transpose(0, 1)?.contiguous()?)
+    Ok(x.reshape((t, heads, head_dim))?
+        .transpose(0, 1)?
+        .contiguous()?)
 }
 
 /// An f32 tensor on the CPU from owned data (no copy).

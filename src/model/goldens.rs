@@ -1,0 +1,278 @@
+//! The forward pass against transformers + PEFT: every case of `fixtures/goldens/forward/cases.json`
+//! (written by `fixtures/gen/forward.py`) runs block by block through [`CheckpointProvider`] and must
+//! match the stored logits (every position) and hidden states within 1e-4.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+use super::*;
+use crate::io::adapter::Adapter;
+use crate::io::checkpoint::Checkpoint;
+use crate::merge::engine::MergePlan;
+
+const TOLERANCE: f32 = 1e-4;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn goldens() -> Value {
+    let path = root().join("fixtures/goldens/forward/cases.json");
+    let text = std::fs::read_to_string(&path).expect("read forward cases.json");
+    serde_json::from_str(&text).expect("parse forward cases.json")
+}
+
+fn tokens(doc: &Value) -> Vec<u32> {
+    doc["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .map(|t| t.as_u64().expect("token id") as u32)
+        .collect()
+}
+
+/// A variant's extra tensors (`overlay.<name>` in its golden file) over the base checkpoint.
+struct Overlay<'a> {
+    inner: CheckpointProvider<'a>,
+    golden: &'a Checkpoint,
+}
+
+impl Overlay<'_> {
+    fn key(name: &str) -> String {
+        format!("overlay.{name}")
+    }
+}
+
+impl WeightProvider for Overlay<'_> {
+    fn weight(&self, name: &str) -> Result<Vec<f32>, ModelError> {
+        if self.golden.contains(&Self::key(name)) {
+            return self
+                .golden
+                .read_f32(&Self::key(name))
+                .map_err(|e| ModelError::Read {
+                    tensor: name.to_string(),
+                    source: Box::new(e),
+                });
+        }
+        self.inner.weight(name)
+    }
+    fn has(&self, name: &str) -> bool {
+        self.golden.contains(&Self::key(name)) || self.inner.has(name)
+    }
+    fn lora(&self, name: &str) -> Result<Vec<UnmergedLora>, ModelError> {
+        self.inner.lora(name)
+    }
+}
+
+fn max_abs_diff(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| (g - w).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Largest |difference| of the logits and of the hidden states (0 when none are stored).
+fn run_case(case: &Value, tokens: &[u32]) -> (f32, f32) {
+    let name = case["case"].as_str().expect("case name");
+    let base_dir = root().join(case["base"].as_str().expect("base"));
+    let base = Checkpoint::open(&base_dir).expect("open base");
+    let config = match &case["config"] {
+        Value::Null => ModelConfig::read_dir(&base_dir)
+            .expect("read config")
+            .expect("base has config.json"),
+        v => ModelConfig::from_value(v.clone()),
+    };
+    let adapters: Vec<Adapter> = case["adapters"]
+        .as_array()
+        .expect("adapters")
+        .iter()
+        .map(|a| Adapter::open(&root().join(a.as_str().expect("adapter path"))).expect("adapter"))
+        .collect();
+    let plan = MergePlan::build(&base, Some(&config), &adapters).expect("plan");
+    let golden = Checkpoint::open_file(&root().join(case["file"].as_str().expect("file")))
+        .expect("open golden");
+    let provider = Overlay {
+        inner: CheckpointProvider::with_adapters(&base, &adapters, &plan),
+        golden: &golden,
+    };
+    let arch = Architecture::from_config(&config, &|n| provider.has(n))
+        .unwrap_or_else(|e| panic!("{name}: unsupported: {e}"));
+
+    let mut hidden = arch.embed(&provider, tokens).expect("embed");
+    let mut hidden_diff = 0.0f32;
+    let stored_hidden = case["hidden"].as_u64().expect("hidden count") as usize;
+    for i in 0..arch.num_layers() {
+        hidden = arch.block(i, &provider, &hidden).expect("block");
+        if stored_hidden > 0 {
+            let want = golden
+                .read_f32(&format!("hidden.{i}"))
+                .expect("hidden golden");
+            let got = hidden
+                .flatten_all()
+                .expect("flat")
+                .to_vec1::<f32>()
+                .expect("vec");
+            hidden_diff = hidden_diff.max(max_abs_diff(&got, &want));
+        }
+    }
+    let logits = arch.head(&provider, &hidden).expect("head");
+    let (t, vocab) = logits.dims2().expect("logits [T, vocab]");
+    assert_eq!(t, tokens.len());
+    assert_eq!(vocab, case["vocab"].as_u64().expect("vocab") as usize);
+    let step = case["column_step"].as_u64().expect("column_step") as usize;
+    let rows = logits.to_vec2::<f32>().expect("logits");
+    let got: Vec<f32> = rows
+        .iter()
+        .flat_map(|row| row.iter().step_by(step).copied())
+        .collect();
+    let want = golden.read_f32("logits").expect("logits golden");
+    (max_abs_diff(&got, &want), hidden_diff)
+}
+
+/// Every case: base models, unmerged LoRA / DoRA / embedding LoRA / stacked adapters, the variants
+/// (rope scaling, qwen2 biases and sliding window, qwen3 q/k norm, mistral window, NeoX sequential).
+#[test]
+fn logits_and_hidden_states_match_transformers() {
+    let doc = goldens();
+    let tokens = tokens(&doc);
+    let cases = doc["cases"].as_array().expect("cases");
+    assert!(cases.len() >= 17, "{} cases", cases.len());
+    let mut table = Vec::new();
+    let mut failures = Vec::new();
+    for case in cases {
+        let name = case["case"].as_str().expect("case name").to_string();
+        let (logit_diff, hidden_diff) = run_case(case, &tokens);
+        table.push(format!(
+            "{name:20} max |Δlogit| {logit_diff:.2e}  max |Δhidden| {hidden_diff:.2e}"
+        ));
+        if !(logit_diff <= TOLERANCE && hidden_diff <= TOLERANCE) {
+            failures.push(name);
+        }
+    }
+    // Shown with `cargo test -- --nocapture`; the numbers quoted in reviews come from here.
+    let _ = writeln!(std::io::stderr(), "{}", table.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "over {TOLERANCE}: {failures:?}\n{}",
+        table.join("\n")
+    );
+}
+
+fn tiny(name: &str) -> (Checkpoint, ModelConfig) {
+    let dir = root().join("fixtures/models").join(name);
+    let base = Checkpoint::open(&dir).expect("open");
+    let config = ModelConfig::read_dir(&dir)
+        .expect("config")
+        .expect("config.json");
+    (base, config)
+}
+
+#[test]
+fn a_later_token_never_changes_earlier_logits() {
+    let (base, config) = tiny("tiny-llama");
+    let w = CheckpointProvider::base(&base);
+    let arch = Architecture::from_config(&config, &|n| base.contains(n)).expect("llama");
+    let tokens = tokens(&goldens());
+    let mut changed = tokens.clone();
+    for t in changed.iter_mut().skip(30) {
+        *t = (*t + 7) % 320;
+    }
+    let a = arch
+        .forward(&w, &tokens)
+        .expect("forward")
+        .to_vec2::<f32>()
+        .expect("vec");
+    let b = arch
+        .forward(&w, &changed)
+        .expect("forward")
+        .to_vec2::<f32>()
+        .expect("vec");
+    for p in 0..30 {
+        assert!(
+            max_abs_diff(&a[p], &b[p]) < 1e-5,
+            "position {p} saw the future"
+        );
+    }
+    assert!(
+        max_abs_diff(&a[30], &b[30]) > 1e-3,
+        "position 30 must see its own token"
+    );
+}
+
+#[test]
+fn unknown_architecture_is_unsupported_not_a_panic() {
+    let config = ModelConfig::from_value(serde_json::json!({"model_type": "mamba"}));
+    let err = Architecture::from_config(&config, &|_| true).expect_err("mamba");
+    assert!(err.reason.contains("`mamba`"), "{}", err.reason);
+    let config = ModelConfig::from_value(serde_json::json!({}));
+    assert!(Architecture::from_config(&config, &|_| true).is_err());
+    // A llama config whose checkpoint has no embedding under any known prefix.
+    let (_, config) = tiny("tiny-llama");
+    let err = Architecture::from_config(&config, &|_| false).expect_err("no tensors");
+    assert!(err.reason.contains("embed_tokens.weight"), "{}", err.reason);
+}
+
+#[test]
+fn errors_name_the_tensor_and_its_shape() {
+    struct Missing<'a>(CheckpointProvider<'a>);
+    impl WeightProvider for Missing<'_> {
+        fn weight(&self, name: &str) -> Result<Vec<f32>, ModelError> {
+            let mut v = self.0.weight(name)?;
+            if name.ends_with("layers.1.self_attn.k_proj.weight") {
+                v.pop();
+            }
+            Ok(v)
+        }
+        fn has(&self, name: &str) -> bool {
+            self.0.has(name)
+        }
+        fn lora(&self, name: &str) -> Result<Vec<UnmergedLora>, ModelError> {
+            self.0.lora(name)
+        }
+    }
+    let (base, config) = tiny("tiny-llama");
+    let w = Missing(CheckpointProvider::base(&base));
+    let arch = Architecture::from_config(&config, &|n| base.contains(n)).expect("llama");
+    let err = arch.forward(&w, &[1, 2, 3]).expect_err("short k_proj");
+    let text = err.to_string();
+    assert!(
+        text.contains("`model.layers.1.self_attn.k_proj.weight`") && text.contains("[32, 64]"),
+        "{text}"
+    );
+    let err = arch.forward(&w, &[]).expect_err("empty");
+    assert!(matches!(err, ModelError::Empty));
+    let err = arch.embed(&w, &[5, 320]).expect_err("out of vocab");
+    assert!(matches!(
+        err,
+        ModelError::Token {
+            token: 320,
+            position: 1,
+            vocab: 320
+        }
+    ));
+    let h = arch.embed(&w, &[1, 2]).expect("embed");
+    assert!(matches!(
+        arch.block(2, &w, &h),
+        Err(ModelError::NoBlock { .. })
+    ));
+}
+
+#[test]
+fn block_tensors_are_exactly_what_the_checkpoint_holds() {
+    for name in ["tiny-llama", "tiny-gpt2", "tiny-neox"] {
+        let (base, config) = tiny(name);
+        let arch = Architecture::from_config(&config, &|n| base.contains(n)).expect("arch");
+        let mut listed: Vec<String> = arch.embed_tensors();
+        for i in 0..arch.num_layers() {
+            listed.extend(arch.block_tensors(i));
+        }
+        listed.extend(arch.head_tensors());
+        listed.sort();
+        listed.dedup();
+        let stored: Vec<String> = base.tensors().map(|t| t.name.clone()).collect();
+        assert_eq!(listed, stored, "{name}");
+    }
+}
