@@ -844,7 +844,7 @@ fn csv_has_one_row_per_module_and_precision() {
         "-",
     ]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let text = String::from_utf8(out.stdout.clone()).expect("utf-8");
     let mut lines = text.lines();
     let header = lines.next().expect("header");
     for column in [

@@ -276,3 +276,46 @@ fn block_tensors_are_exactly_what_the_checkpoint_holds() {
         assert_eq!(listed, stored, "{name}");
     }
 }
+
+/// One f32 forward of SmolLM2-135M over 512 tokens, block by block, timed (release build):
+/// `cargo test --release --lib model::goldens::smollm2 -- --ignored --nocapture`. Uses the model in
+/// `${LD_CACHE:-~/.cache/lora-doctor}/smollm2-135m` when present. With `LD_SMOLLM2_LOGITS` naming a
+/// safetensors file holding transformers' `logits` [512, vocab] for the same tokens, also compares.
+#[test]
+#[ignore = "needs the real SmolLM2-135M checkpoint; a timing, not a check"]
+fn smollm2_forward_timing() {
+    let cache = std::env::var_os("LD_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/lora-doctor")));
+    let Some(dir) = cache.map(|c| c.join("smollm2-135m")).filter(|d| d.is_dir()) else {
+        return;
+    };
+    let base = Checkpoint::open(&dir).expect("open SmolLM2");
+    let config = ModelConfig::read_dir(&dir).expect("config").expect("config.json");
+    let arch = Architecture::from_config(&config, &|n| base.contains(n)).expect("llama");
+    let w = CheckpointProvider::base(&base);
+    let tokens: Vec<u32> = (0..512u32).map(|i| (i * 7919 + 13) % 49152).collect();
+    let start = std::time::Instant::now();
+    let mut hidden = arch.embed(&w, &tokens).expect("embed");
+    for i in 0..arch.num_layers() {
+        hidden = arch.block(i, &w, &hidden).expect("block");
+    }
+    let blocks = start.elapsed();
+    let logits = arch.head(&w, &hidden).expect("head");
+    let total = start.elapsed();
+    let mut line = format!(
+        "SmolLM2-135M f32, 512 tokens: {:.2} s total ({:.2} s in {} blocks, {:.2} s head), {:.0} tokens/s",
+        total.as_secs_f64(),
+        blocks.as_secs_f64(),
+        arch.num_layers(),
+        (total - blocks).as_secs_f64(),
+        512.0 / total.as_secs_f64()
+    );
+    if let Some(path) = std::env::var_os("LD_SMOLLM2_LOGITS") {
+        let golden = Checkpoint::open_file(std::path::Path::new(&path)).expect("golden");
+        let want = golden.read_f32("logits").expect("logits");
+        let got = logits.flatten_all().expect("flat").to_vec1::<f32>().expect("vec");
+        line.push_str(&format!("; max |Δlogit| vs transformers {:.2e}", max_abs_diff(&got, &want)));
+    }
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
