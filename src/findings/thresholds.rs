@@ -6,7 +6,7 @@
 //! |---|---|---|---|---|
 //! | `floor-ratio` | 2.0 | 2.0 | 2.0 | precision-drift when rel_error / rounding_floor exceeds it |
 //! | `swamped-error` | 1.0 | — | — | delta-swamped when rel_error exceeds it (rounding noise > update) |
-//! | `min-retention` | 0.9 | 0.5 | 0.25 | delta-swamped when retention falls below it |
+//! | `min-retention` | 0.5 | 0.5 | 0.25 | delta-swamped when retention falls below it |
 //! | `quant-error` | — | 3.0 | 3.0 | quantization-error when rel_error exceeds it |
 //! | `outlier-z` | 3.5 | 3.5 | 3.5 | delta-outlier when |modified z| of log ‖ΔW‖ exceeds it |
 
@@ -36,7 +36,7 @@ impl Default for Thresholds {
             float: ClassThresholds {
                 floor_ratio: Some(2.0),
                 swamped_error: Some(1.0),
-                min_retention: Some(0.9),
+                min_retention: Some(0.5),
                 quant_error: None,
             },
             eight_bit: ClassThresholds {

@@ -402,11 +402,11 @@ pub fn evaluate(
         None => stored.clone(),
     };
     let wstar = delta::merge_exact(&w_ref, rows, cols, &updates);
-    let wstar_user = if options.trained_on.is_some() {
-        delta::merge_exact(&stored, rows, cols, &updates)
-    } else {
-        wstar.clone()
-    };
+    // Without --trained-on the user's merge and the reference merge are the same array.
+    let wstar_user_owned = options
+        .trained_on
+        .map(|_| delta::merge_exact(&stored, rows, cols, &updates));
+    let wstar_user: &[f64] = wstar_user_owned.as_deref().unwrap_or(&wstar);
     let delta = weights::delta_stats(
         &wstar,
         &w_ref,
@@ -414,33 +414,44 @@ pub fn evaluate(
     );
     let mut results = Vec::with_capacity(options.precisions.len());
     for &precision in options.precisions {
+        let same_merge = wstar_user_owned.is_none();
         let (candidate, floor, note) = match precision {
             Precision::Float(f) => {
-                let candidate = match options.recipe {
-                    Recipe::Exact => wstar_user.iter().map(|v| f.round_from_f64(*v)).collect(),
-                    Recipe::Peft => delta::merge_peft(&stored, rows, cols, &updates, f),
-                };
                 let floor: Vec<f32> = wstar.iter().map(|v| f.round_from_f64(*v)).collect();
+                let candidate = match (options.recipe, same_merge) {
+                    (Recipe::Exact, true) => None,
+                    (Recipe::Exact, false) => {
+                        Some(wstar_user.iter().map(|v| f.round_from_f64(*v)).collect())
+                    }
+                    (Recipe::Peft, _) => Some(delta::merge_peft(&stored, rows, cols, &updates, f)),
+                };
                 (candidate, floor, None)
             }
             Precision::Quant(q) => {
-                let user32: Vec<f32> = wstar_user.iter().map(|v| *v as f32).collect();
-                let (candidate, note) = fake_quantize(q, &job.tensor, &user32, rows, cols)?;
                 let star32: Vec<f32> = wstar.iter().map(|v| *v as f32).collect();
-                let (floor, _) = fake_quantize(q, &job.tensor, &star32, rows, cols)?;
+                let (floor, note) = fake_quantize(q, &job.tensor, &star32, rows, cols)?;
+                let candidate = if same_merge {
+                    None
+                } else {
+                    let user32: Vec<f32> = wstar_user.iter().map(|v| *v as f32).collect();
+                    Some(fake_quantize(q, &job.tensor, &user32, rows, cols)?.0)
+                };
                 (candidate, floor, note)
             }
         };
-        let (base_in_p, _) = store_in(precision, &job.tensor, &stored, rows, cols)?;
+        let base_in_p_owned = match precision {
+            Precision::Float(FloatFormat::F32) => None,
+            _ => Some(store_in(precision, &job.tensor, &stored, rows, cols)?.0),
+        };
         let stats = weights::precision_stats(
             precision,
             &CandidateArrays {
                 wstar: &wstar,
                 w_ref: &w_ref,
-                candidate: &candidate,
+                candidate: candidate.as_deref().unwrap_or(&floor),
                 floor: &floor,
-                base_in_p: &base_in_p,
-                wstar_user: &wstar_user,
+                base_in_p: base_in_p_owned.as_deref().unwrap_or(&stored),
+                wstar_user,
             },
         );
         results.push(PrecisionResult {

@@ -230,13 +230,21 @@ fn round_to_grid_f64(x: f64, grid: &Grid) -> f32 {
     }
     let magnitude = x.abs();
     let q = quantum(binade_f64(magnitude), grid);
-    let rounded = (magnitude / q).round_ties_even() * q;
+    let rounded = round_ties_even_nonnegative(magnitude / q) * q;
     let result = if rounded > grid.max_finite {
         f64::INFINITY
     } else {
         rounded
     };
     (result as f32).copysign(x as f32)
+}
+
+/// Ties-to-even rounding of a non-negative f64 without a libm call (x86-64 baseline has no
+/// `roundsd`): adding and subtracting 2⁵² leaves the nearest integer under the default
+/// round-to-nearest-even mode. Values ≥ 2⁵² are integers already.
+fn round_ties_even_nonnegative(y: f64) -> f64 {
+    const TWO_52: f64 = 4_503_599_627_370_496.0;
+    if y < TWO_52 { (y + TWO_52) - TWO_52 } else { y }
 }
 
 fn ulp_on_grid(x: f32, grid: &Grid) -> f32 {

@@ -270,9 +270,13 @@ fn q4_0_block(x: &[f32], y: &mut [u8]) {
     let id = inverse_or_zero(d);
     y[..2].copy_from_slice(&f16_bytes(d));
     let half = GGML_QK / 2;
+    // gguf-py's FMA emulation: the f32·f32 product is exact in f64, one rounding for the sum,
+    // then truncation — the same integers as a fused multiply-add (tested below), and fast on
+    // CPUs built without FMA, where `mul_add` is a software call.
+    let fused = |v: f32| (f64::from(v) * f64::from(id) + 8.5) as f32;
     for j in 0..half {
-        let lo = nibble_from_trunc(x[j].mul_add(id, 8.5));
-        let hi = nibble_from_trunc(x[j + half].mul_add(id, 8.5));
+        let lo = nibble_from_trunc(fused(x[j]));
+        let hi = nibble_from_trunc(fused(x[j + half]));
         y[2 + j] = lo | (hi << 4);
     }
 }

@@ -291,31 +291,58 @@ fn smollm2_forward_timing() {
         return;
     };
     let base = Checkpoint::open(&dir).expect("open SmolLM2");
-    let config = ModelConfig::read_dir(&dir).expect("config").expect("config.json");
+    let config = ModelConfig::read_dir(&dir)
+        .expect("config")
+        .expect("config.json");
     let arch = Architecture::from_config(&config, &|n| base.contains(n)).expect("llama");
     let w = CheckpointProvider::base(&base);
     let tokens: Vec<u32> = (0..512u32).map(|i| (i * 7919 + 13) % 49152).collect();
-    let start = std::time::Instant::now();
-    let mut hidden = arch.embed(&w, &tokens).expect("embed");
-    for i in 0..arch.num_layers() {
-        hidden = arch.block(i, &w, &hidden).expect("block");
+    // Best of a few runs: the machines this runs on are shared.
+    let runs: usize = std::env::var("LD_TIMING_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let mut best = (f64::INFINITY, 0.0, 0.0);
+    let mut logits = None;
+    for _ in 0..runs.max(1) {
+        let start = std::time::Instant::now();
+        let mut hidden = arch.embed(&w, &tokens).expect("embed");
+        for i in 0..arch.num_layers() {
+            hidden = arch.block(i, &w, &hidden).expect("block");
+        }
+        let blocks = start.elapsed().as_secs_f64();
+        logits = Some(arch.head(&w, &hidden).expect("head"));
+        let total = start.elapsed().as_secs_f64();
+        if total < best.0 {
+            best = (total, blocks, total - blocks);
+        }
     }
-    let blocks = start.elapsed();
-    let logits = arch.head(&w, &hidden).expect("head");
-    let total = start.elapsed();
+    let start = std::time::Instant::now();
+    for i in 0..arch.num_layers() {
+        for name in arch.block_tensors(i) {
+            w.weight(&name).expect("weight");
+        }
+    }
+    let decode = start.elapsed().as_secs_f64();
+    let (total, blocks, head) = best;
     let mut line = format!(
-        "SmolLM2-135M f32, 512 tokens: {:.2} s total ({:.2} s in {} blocks, {:.2} s head), {:.0} tokens/s",
-        total.as_secs_f64(),
-        blocks.as_secs_f64(),
+        "SmolLM2-135M f32, 512 tokens, best of {runs}: {total:.2} s ({blocks:.2} s in {} blocks, of which {decode:.2} s reading bf16 weights to f32; {head:.2} s head), {:.0} tokens/s",
         arch.num_layers(),
-        (total - blocks).as_secs_f64(),
-        512.0 / total.as_secs_f64()
+        512.0 / total
     );
+    let logits = logits.expect("at least one run");
     if let Some(path) = std::env::var_os("LD_SMOLLM2_LOGITS") {
         let golden = Checkpoint::open_file(std::path::Path::new(&path)).expect("golden");
         let want = golden.read_f32("logits").expect("logits");
-        let got = logits.flatten_all().expect("flat").to_vec1::<f32>().expect("vec");
-        line.push_str(&format!("; max |Δlogit| vs transformers {:.2e}", max_abs_diff(&got, &want)));
+        let got = logits
+            .flatten_all()
+            .expect("flat")
+            .to_vec1::<f32>()
+            .expect("vec");
+        line.push_str(&format!(
+            "; max |Δlogit| vs transformers {:.2e}",
+            max_abs_diff(&got, &want)
+        ));
     }
     let _ = writeln!(std::io::stderr(), "{line}");
 }

@@ -386,4 +386,90 @@ mod tests {
             "{text}"
         );
     }
+
+    /// Deterministic values in [-1, 1).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The unmerged forward of a stack (plain, DoRA, plain, DoRA) equals running the weight
+    /// `merge::delta::merge_exact` produces, for all three layouts: the forward and the merge engine
+    /// agree on orientation, on DoRA's per-feature norms and on stacking.
+    #[test]
+    fn unmerged_stacks_match_the_exact_merge_in_every_layout() {
+        use crate::merge::delta::{self, LowRank, Update};
+        let (out, inp, r, t) = (5usize, 7usize, 2usize, 3usize);
+        for layout in [Layout::Linear, Layout::Conv1d, Layout::Embedding] {
+            // Stored shape of the base tensor.
+            let (stored_rows, stored_cols) = match layout {
+                Layout::Linear => (out, inp),
+                Layout::Conv1d | Layout::Embedding => (inp, out),
+            };
+            let base = values(stored_rows * stored_cols, 1);
+            let mut terms = Vec::new();
+            let mut updates = Vec::new();
+            for (k, dora) in [false, true, false, true].into_iter().enumerate() {
+                let a = values(r * inp, 10 + k as u64);
+                let b = values(out * r, 20 + k as u64);
+                let m = dora.then(|| values(out, 30 + k as u64).iter().map(|v| v + 2.0).collect());
+                let scale = 0.5 + k as f64;
+                updates.push(Update::LowRank(LowRank::from_peft(
+                    &a,
+                    &b,
+                    r,
+                    scale,
+                    layout,
+                    m.clone(),
+                )));
+                terms.push(UnmergedLora {
+                    a,
+                    b,
+                    rank: r,
+                    scale,
+                    layout,
+                    magnitude: m,
+                });
+            }
+            let merged: Vec<f32> = delta::merge_exact(&base, stored_rows, stored_cols, &updates)
+                .iter()
+                .map(|v| *v as f32)
+                .collect();
+            let mut weights = HashMap::new();
+            weights.insert("p.weight".to_string(), base);
+            let mut loras = HashMap::new();
+            loras.insert("p.weight".to_string(), terms);
+            let unmerged = Table { weights, loras };
+            let mut weights = HashMap::new();
+            weights.insert("p.weight".to_string(), merged);
+            let merged = Table {
+                weights,
+                loras: HashMap::new(),
+            };
+            let run = |w: &Table| -> Vec<Vec<f32>> {
+                let y = match layout {
+                    Layout::Embedding => embedding(w, "p.weight", &[3, 0, 6], out),
+                    _ => {
+                        let x = Tensor::from_vec(values(t * inp, 99), (t, inp), &Device::Cpu)
+                            .expect("x");
+                        linear(w, "p", &x, out, layout)
+                    }
+                };
+                rows(&y.expect("forward"))
+            };
+            let (got, want) = (run(&unmerged), run(&merged));
+            for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+                assert!((g - w).abs() < 1e-5, "{layout:?}: {got:?} vs {want:?}");
+            }
+        }
+    }
 }

@@ -174,23 +174,23 @@ impl LlamaConfig {
             kv_heads * dh,
             Layout::Linear,
         )?;
-        let (mut q, mut k) = (
-            ops::split_heads(&q, heads, dh)?,
-            ops::split_heads(&k, kv_heads, dh)?,
-        );
-        let v = ops::split_heads(&v, kv_heads, dh)?;
-        if self.qk_norm {
+        let (q, k) = if self.qk_norm {
             let qn = load(w, &format!("{attn}q_norm.weight"), &[dh])?;
             let kn = load(w, &format!("{attn}k_norm.weight"), &[dh])?;
-            q = ops::rms_norm(&q, &qn, eps)?;
-            k = ops::rms_norm(&k, &kn, eps)?;
-        }
-        let (cos, sin) = self.rope.tables(t)?;
-        let q = self.rope.apply(&q, &cos, &sin)?;
-        let k = self.rope.apply(&k, &cos, &sin)?;
-        let mask = ops::causal_mask(t, self.windows[i])?;
+            (
+                ops::rms_norm(&q.reshape((t * heads, dh))?, &qn, eps)?.reshape((t, heads * dh))?,
+                ops::rms_norm(&k.reshape((t * kv_heads, dh))?, &kn, eps)?
+                    .reshape((t, kv_heads * dh))?,
+            )
+        } else {
+            (q, k)
+        };
+        let tables = self.rope.tables(t)?;
+        let q = self.rope.apply(&q, heads, dh, &tables)?;
+        let k = self.rope.apply(&k, kv_heads, dh, &tables)?;
+        let v = ops::split_heads(&v, kv_heads, dh)?;
         let scale = 1.0 / (dh as f64).sqrt();
-        let a = ops::attention(&q, &k, &v, scale, &mask)?;
+        let a = ops::attention(&q, &k, &v, scale, self.windows[i])?;
         let a = linear::linear(w, &format!("{attn}o_proj"), &a, hidden, Layout::Linear)?;
         let x = (x + a)?;
 
@@ -200,7 +200,7 @@ impl LlamaConfig {
         let inter = self.intermediate_size;
         let gate = linear::linear(w, &format!("{mlp}gate_proj"), &h, inter, Layout::Linear)?;
         let up = linear::linear(w, &format!("{mlp}up_proj"), &h, inter, Layout::Linear)?;
-        let act = (self.activation.apply(&gate)? * up)?;
+        let act = self.activation.gated(&gate, &up)?;
         let down = linear::linear(w, &format!("{mlp}down_proj"), &act, hidden, Layout::Linear)?;
         Ok((x + down)?)
     }

@@ -24,7 +24,7 @@ mod llama;
 mod neox;
 mod ops;
 mod provider;
-pub mod rope;
+mod rope;
 
 #[cfg(test)]
 mod goldens;
@@ -41,7 +41,7 @@ pub use llama::LlamaConfig;
 pub use neox::NeoXConfig;
 pub use ops::Activation;
 pub use provider::CheckpointProvider;
-pub use rope::Rope;
+pub use rope::{Rope, RopeScaling};
 
 /// Errors while running the forward pass. Each names the tensor and the shape involved.
 #[derive(Debug, Error)]
@@ -63,6 +63,15 @@ pub enum ModelError {
     },
     #[error("hidden state has shape {got:?}; expected [tokens, {hidden}]")]
     Hidden { got: Vec<usize>, hidden: usize },
+    #[error(
+        "projection of shape {got:?} does not split into {positions} positions × {heads} heads of {head_dim}"
+    )]
+    Heads {
+        got: Vec<usize>,
+        positions: usize,
+        heads: usize,
+        head_dim: usize,
+    },
     #[error("token id {token} at position {position} is outside the vocabulary of {vocab}")]
     Token {
         token: u32,

@@ -174,15 +174,12 @@ impl NeoXConfig {
         )?;
         // [T, 3·hidden] viewed as [T, heads, 3·head_dim]: q, k, v interleaved per head.
         let qkv = qkv.reshape((t, heads, 3 * dh))?;
-        let part = |j: usize| -> Result<Tensor, ModelError> {
-            Ok(qkv.narrow(2, j * dh, dh)?.transpose(0, 1)?.contiguous()?)
-        };
-        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-        let (cos, sin) = self.rope.tables(t)?;
-        let q = self.rope.apply(&q, &cos, &sin)?;
-        let k = self.rope.apply(&k, &cos, &sin)?;
-        let mask = ops::causal_mask(t, None)?;
-        let a = ops::attention(&q, &k, &v, 1.0 / (dh as f64).sqrt(), &mask)?;
+        let part = |j: usize| qkv.narrow(2, j * dh, dh)?.reshape((t, hidden));
+        let tables = self.rope.tables(t)?;
+        let q = self.rope.apply(&part(0)?, heads, dh, &tables)?;
+        let k = self.rope.apply(&part(1)?, heads, dh, &tables)?;
+        let v = ops::split_heads(&part(2)?, heads, dh)?;
+        let a = ops::attention(&q, &k, &v, 1.0 / (dh as f64).sqrt(), None)?;
         let a = linear::linear(
             w,
             &format!("{p}attention.dense"),

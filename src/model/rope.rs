@@ -4,10 +4,11 @@
 //! `partial_rotary_factor`), and the `rotate_half` convention: the rotated dimensions are split in a
 //! first and a second half, not interleaved in pairs.
 
-use candle_core::Tensor;
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use rayon::prelude::*;
 use serde_json::Value;
 
-use super::{ModelError, Unsupported, ops, text_config};
+use super::{ModelError, Unsupported, text_config};
 use crate::io::config::ModelConfig;
 
 /// How the inverse frequencies are rescaled (`rope_scaling` / `rope_parameters`, `rope_type`).
@@ -17,6 +18,9 @@ pub enum RopeScaling {
     None,
     /// `linear`: every frequency divided by `factor`.
     Linear { factor: f64 },
+    /// `dynamic` (NTK-aware): transformers only rescales once a sequence is longer than
+    /// `max_position_embeddings`; up to that length the frequencies are the default ones.
+    Dynamic { max_positions: usize },
     /// `llama3` (Llama 3.1): low frequencies divided by `factor`, high ones kept, a smooth blend between.
     Llama3 {
         factor: f64,
@@ -31,6 +35,8 @@ pub enum RopeScaling {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rope {
     inv_freq: Vec<f32>,
+    /// Longest sequence these frequencies are valid for (dynamic scaling changes them beyond).
+    max_positions: Option<usize>,
 }
 
 impl Rope {
@@ -50,7 +56,7 @@ impl Rope {
             .unwrap_or(default_partial);
         // transformers: `int(head_dim * partial_rotary_factor)`.
         let rotary_dim = (head_dim as f64 * partial).floor() as usize;
-        if rotary_dim == 0 || rotary_dim % 2 != 0 || rotary_dim > head_dim {
+        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) || rotary_dim > head_dim {
             return Err(Unsupported::new(format!(
                 "rotary dimension {rotary_dim} (head_dim {head_dim} × {partial}) is not an even number in 1..={head_dim}"
             )));
@@ -66,8 +72,12 @@ impl Rope {
     /// The frequencies for `rotary_dim` rotated dimensions.
     pub fn new(theta: f64, rotary_dim: usize, scaling: &RopeScaling) -> Self {
         let base = default_inv_freq(theta, rotary_dim);
+        let max_positions = match *scaling {
+            RopeScaling::Dynamic { max_positions } => Some(max_positions),
+            _ => None,
+        };
         let inv_freq = match *scaling {
-            RopeScaling::None => base,
+            RopeScaling::None | RopeScaling::Dynamic { .. } => base,
             RopeScaling::Linear { factor } => {
                 let f = factor as f32;
                 base.into_iter().map(|v| v / f).collect()
@@ -85,7 +95,10 @@ impl Rope {
                 original_max_position_embeddings,
             ),
         };
-        Rope { inv_freq }
+        Rope {
+            inv_freq,
+            max_positions,
+        }
     }
 
     /// One inverse frequency per rotated pair.
@@ -98,9 +111,17 @@ impl Rope {
         2 * self.inv_freq.len()
     }
 
-    /// `cos` and `sin` of the angles `p·inv_freq[j]` for positions 0..t: two `[t, rotary_dim/2]`
-    /// tensors (transformers concatenates each with itself; the halves are identical).
-    pub(crate) fn tables(&self, t: usize) -> Result<(Tensor, Tensor), ModelError> {
+    /// `cos` and `sin` of the angles `p·inv_freq[j]` for positions 0..t.
+    pub(crate) fn tables(&self, t: usize) -> Result<RopeTables, ModelError> {
+        if let Some(max) = self.max_positions.filter(|max| t > *max) {
+            return Err(ModelError::TooLong {
+                tokens: t,
+                max,
+                tensor:
+                    "rotary embedding (dynamic NTK scaling beyond this length is not implemented)"
+                        .to_string(),
+            });
+        }
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(t * half);
         let mut sin = Vec::with_capacity(t * half);
@@ -112,29 +133,90 @@ impl Rope {
                 sin.push(angle.sin());
             }
         }
-        Ok((ops::tensor(cos, &[t, half])?, ops::tensor(sin, &[t, half])?))
+        Ok(RopeTables {
+            cos,
+            sin,
+            positions: t,
+        })
     }
 
-    /// Rotates `x` `[H, T, Dh]`: with x₁, x₂ the two halves of the rotated part,
-    /// `(x₁·cos − x₂·sin, x₂·cos + x₁·sin)`, the remaining `Dh − rotary_dim` dimensions unchanged.
+    /// Rotates the heads of `x` `[T, heads·Dh]` (a projection's output) and returns them as
+    /// `[heads, T, Dh]`: with x₁, x₂ the two halves of the rotated part,
+    /// `(x₁·cos − x₂·sin, x₂·cos + x₁·sin)`; the remaining `Dh − rotary_dim` dimensions are copied.
     pub(crate) fn apply(
         &self,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        heads: usize,
+        head_dim: usize,
+        tables: &RopeTables,
     ) -> Result<Tensor, ModelError> {
-        let (_heads, _t, head_dim) = x.dims3()?;
-        let half = self.inv_freq.len();
-        let x1 = x.narrow(2, 0, half)?;
-        let x2 = x.narrow(2, half, half)?;
-        let first = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
-        let second = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
-        let rotary = 2 * half;
-        let mut parts = vec![first, second];
-        if rotary < head_dim {
-            parts.push(x.narrow(2, rotary, head_dim - rotary)?);
+        let (t, width) = x.dims2()?;
+        if t != tables.positions || head_dim * heads != width || head_dim < self.rotary_dim() {
+            return Err(ModelError::Heads {
+                got: vec![t, width],
+                positions: tables.positions,
+                heads,
+                head_dim,
+            });
         }
-        Ok(Tensor::cat(&parts, 2)?)
+        let op = Rotate {
+            tables,
+            heads,
+            head_dim,
+            half: self.inv_freq.len(),
+        };
+        Ok(x.contiguous()?.apply_op1_no_bwd(&op)?)
+    }
+}
+
+/// Precomputed `cos`/`sin` of every (position, frequency) pair, `[T, rotary_dim/2]` row-major.
+#[derive(Debug, Clone)]
+pub(crate) struct RopeTables {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    positions: usize,
+}
+
+/// The rotation as one pass that also moves heads to the front (`[T, H·Dh]` → `[H, T, Dh]`).
+struct Rotate<'a> {
+    tables: &'a RopeTables,
+    heads: usize,
+    head_dim: usize,
+    half: usize,
+}
+
+impl CustomOp1 for Rotate<'_> {
+    fn name(&self) -> &'static str {
+        "rotary-embedding"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets())
+        else {
+            return Err(candle_core::Error::Msg(
+                "rotary embedding takes contiguous f32 input".into(),
+            ));
+        };
+        let x = &data[start..end];
+        let (t, dh, half) = (self.tables.positions, self.head_dim, self.half);
+        let mut out = vec![0.0f32; x.len()];
+        out.par_chunks_mut(dh).enumerate().for_each(|(row, out)| {
+            let (h, p) = (row / t, row % t);
+            let src = &x[(p * self.heads + h) * dh..][..dh];
+            let cos = &self.tables.cos[p * half..][..half];
+            let sin = &self.tables.sin[p * half..][..half];
+            for j in 0..half {
+                let (x1, x2) = (src[j], src[j + half]);
+                out[j] = x1 * cos[j] - x2 * sin[j];
+                out[j + half] = x2 * cos[j] + x1 * sin[j];
+            }
+            out[2 * half..].copy_from_slice(&src[2 * half..]);
+        });
+        Ok((CpuStorage::F32(out), Shape::from((self.heads, t, dh))))
     }
 }
 
@@ -160,6 +242,11 @@ fn parse_scaling(
     };
     match kind {
         "default" => Ok(RopeScaling::None),
+        "dynamic" => Ok(RopeScaling::Dynamic {
+            max_positions: max_position_embeddings.ok_or_else(|| {
+                Unsupported::new("rope scaling `dynamic` needs `max_position_embeddings`")
+            })?,
+        }),
         "linear" => Ok(RopeScaling::Linear {
             factor: number("factor")?,
         }),
@@ -182,7 +269,7 @@ fn parse_scaling(
             })
         }
         other => Err(Unsupported::new(format!(
-            "rope scaling `{other}` is not implemented (default, linear and llama3 are)"
+            "rope scaling `{other}` is not implemented (default, linear, dynamic and llama3 are)"
         ))),
     }
 }
@@ -217,7 +304,8 @@ fn llama3(base: &[f32], factor: f64, low: f64, high: f64, original: f64) -> Vec<
             };
             let smooth = ((1.0 / wavelen) * original32 - low32) / span32;
             let smoothed = (1.0 - smooth) * scaled / factor32 + smooth * scaled;
-            let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+            // transformers: ~(wavelen < high) & ~(wavelen > low); wavelengths are never NaN.
+            let medium = (high_wavelen..=low_wavelen).contains(&wavelen);
             if medium { smoothed } else { scaled }
         })
         .collect()
@@ -290,6 +378,21 @@ mod tests {
     }
 
     #[test]
+    fn dynamic_scaling_is_the_default_up_to_max_positions() {
+        let config = ModelConfig::from_value(serde_json::json!({
+            "model_type": "llama", "max_position_embeddings": 8,
+            "rope_scaling": {"type": "dynamic", "factor": 2.0}
+        }));
+        let rope = Rope::from_config(&config, 8, 1.0).expect("dynamic");
+        assert_eq!(
+            rope.inv_freq(),
+            Rope::new(10_000.0, 8, &RopeScaling::None).inv_freq()
+        );
+        assert!(rope.tables(8).is_ok());
+        assert!(matches!(rope.tables(9), Err(ModelError::TooLong { .. })));
+    }
+
+    #[test]
     fn unknown_rope_type_is_unsupported() {
         let config = ModelConfig::from_value(serde_json::json!({
             "model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}
@@ -301,10 +404,10 @@ mod tests {
     #[test]
     fn rotation_keeps_position_zero_and_the_pass_through_part() {
         let rope = Rope::new(10_000.0, 4, &RopeScaling::None);
-        let (cos, sin) = rope.tables(3).expect("tables");
+        let tables = rope.tables(3).expect("tables");
         let data: Vec<f32> = (0..18).map(|v| v as f32 * 0.1 - 0.5).collect();
-        let x = Tensor::from_vec(data.clone(), (1, 3, 6), &candle_core::Device::Cpu).expect("x");
-        let y = rope.apply(&x, &cos, &sin).expect("apply");
+        let x = Tensor::from_vec(data.clone(), (3, 6), &candle_core::Device::Cpu).expect("x");
+        let y = rope.apply(&x, 1, 6, &tables).expect("apply");
         let y = y
             .flatten_all()
             .expect("flat")

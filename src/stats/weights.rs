@@ -6,7 +6,6 @@
 //! than a division by zero.
 
 use serde::Serialize;
-use statrs::statistics::{Accumulate, OnlineMoments};
 
 use crate::merge::float::{F16_MAX, FloatFormat};
 use crate::merge::precision::Precision;
@@ -27,25 +26,29 @@ pub struct DeltaStats {
     pub qlora_base_error: Option<f64>,
 }
 
-/// ΔW statistics; `delta[i] = W*[i] − W_ref[i]`.
+/// ΔW statistics; `delta[i] = W*[i] − W_ref[i]`. Two passes in f64: sums, then central moments
+/// (a per-element online update would divide once per element — too slow for 100M weights).
 pub fn delta_stats(wstar: &[f64], w_ref: &[f32], stored: Option<&[f32]>) -> DeltaStats {
-    let mut moments = OnlineMoments::<3>::default();
-    let mut sum_d2 = 0.0;
-    let mut sum_w2 = 0.0;
-    for (ws, wr) in wstar.iter().zip(w_ref) {
-        let d = ws - *wr as f64;
-        moments = moments.push(d);
-        sum_d2 += d * d;
-        sum_w2 += (*wr as f64) * (*wr as f64);
-    }
-    let mean = moments.mean().unwrap_or(0.0);
     let n = wstar.len().max(1) as f64;
-    let (m2, m4) = wstar
-        .iter()
-        .zip(w_ref)
-        .map(|(ws, wr)| ws - *wr as f64 - mean)
-        .fold((0.0, 0.0), |(m2, m4), c| (m2 + c * c, m4 + c.powi(4)));
-    let (var, m4) = (m2 / n, m4 / n);
+    let (mut sum_d, mut sum_d2, mut sum_w2) = (0.0f64, 0.0f64, 0.0f64);
+    for (ws, wr) in wstar.iter().zip(w_ref) {
+        let w = *wr as f64;
+        let d = ws - w;
+        sum_d += d;
+        sum_d2 += d * d;
+        sum_w2 += w * w;
+    }
+    let mean = sum_d / n;
+    let (mut m2, mut m3, mut m4) = (0.0f64, 0.0f64, 0.0f64);
+    for (ws, wr) in wstar.iter().zip(w_ref) {
+        let c = ws - *wr as f64 - mean;
+        let c2 = c * c;
+        m2 += c2;
+        m3 += c2 * c;
+        m4 += c2 * c2;
+    }
+    let (var, m3, m4) = (m2 / n, m3 / n, m4 / n);
+    let skewness = if var > 0.0 { m3 / var.powf(1.5) } else { 0.0 };
     let kurtosis = if var > 0.0 {
         m4 / (var * var) - 3.0
     } else {
@@ -73,7 +76,7 @@ pub fn delta_stats(wstar: &[f64], w_ref: &[f32], stored: Option<&[f32]>) -> Delt
         weight_norm: sum_w2.sqrt(),
         delta_mean: mean,
         delta_std: var.sqrt(),
-        delta_skewness: moments.skewness().unwrap_or(0.0),
+        delta_skewness: skewness,
         delta_kurtosis: kurtosis,
         qlora_base_error,
     }
@@ -146,39 +149,39 @@ pub fn precision_stats(precision: Precision, a: &CandidateArrays<'_>) -> Precisi
     let mut max_abs_error = 0.0f64;
     let (mut nan, mut inf, mut out_of_range) = (0, 0, 0);
     let (mut nonzero, mut vanished) = (0usize, 0usize);
-    for i in 0..a.wstar.len() {
-        let ws = a.wstar[i];
-        let c = a.candidate[i] as f64;
-        let d = ws - a.w_ref[i] as f64;
-        if a.candidate[i].is_nan() {
-            nan += 1;
-        } else if a.candidate[i].is_infinite() {
-            inf += 1;
-        } else {
-            let e = c - ws;
-            sum_err2 += e * e;
-            max_abs_error = max_abs_error.max(e.abs());
-        }
-        if limit.is_some_and(|l| a.wstar_user[i].abs() > l) {
-            out_of_range += 1;
-        }
-        let f = a.floor[i] as f64 - ws;
-        if f.is_finite() {
-            sum_floor2 += f * f;
-        }
+    let n = a.wstar.len();
+    let (wstar, w_ref, cand) = (&a.wstar[..n], &a.w_ref[..n], &a.candidate[..n]);
+    let (floor, base_p, user) = (&a.floor[..n], &a.base_in_p[..n], &a.wstar_user[..n]);
+    let limit = limit.unwrap_or(f64::INFINITY);
+    // Branch-light so the loop stays fast on 100M-element models: selects instead of ifs.
+    for i in 0..n {
+        let ws = wstar[i];
+        let c32 = cand[i];
+        let c = c32 as f64;
+        let d = ws - w_ref[i] as f64;
+        let finite = c32.is_finite();
+        nan += c32.is_nan() as usize;
+        inf += c32.is_infinite() as usize;
+        let e = if finite { c - ws } else { 0.0 };
+        sum_err2 += e * e;
+        max_abs_error = max_abs_error.max(e.abs());
+        out_of_range += (user[i].abs() > limit) as usize;
+        let f = floor[i] as f64 - ws;
+        sum_floor2 += if f.is_finite() { f * f } else { 0.0 };
         sum_d2 += d * d;
         sum_w2 += ws * ws;
-        dot += (c - a.base_in_p[i] as f64) * d;
-        if d != 0.0 {
-            nonzero += 1;
-            let lost = match precision {
-                Precision::Float(fmt) => d.abs() < half_ulp(fmt, a.w_ref[i]),
-                Precision::Quant(_) => a.candidate[i] == a.base_in_p[i],
-            };
-            if lost {
-                vanished += 1;
-            }
-        }
+        dot += if finite {
+            (c - base_p[i] as f64) * d
+        } else {
+            0.0
+        };
+        let moved = d != 0.0;
+        nonzero += moved as usize;
+        let lost = match precision {
+            Precision::Float(fmt) => d.abs() < half_ulp(fmt, w_ref[i]),
+            Precision::Quant(_) => c32 == base_p[i],
+        };
+        vanished += (moved && lost) as usize;
     }
     let delta_norm = sum_d2.sqrt();
     let rel = |x: f64| (delta_norm > 0.0).then(|| x.sqrt() / delta_norm);
@@ -207,8 +210,19 @@ pub fn precision_stats(precision: Precision, a: &CandidateArrays<'_>) -> Precisi
     }
 }
 
+/// Half the spacing of `fmt`'s grid at |w|, from the exponent bits of `w` (the binade of `w`
+/// itself; rounding `w` to the grid first would only move a value sitting just below a power of
+/// two into the next binade).
 fn half_ulp(fmt: FloatFormat, w: f32) -> f64 {
-    fmt.ulp(fmt.round(w)) as f64 / 2.0
+    let (precision, min_exp) = match fmt {
+        FloatFormat::F32 => (24, -126),
+        FloatFormat::F16 => (11, -14),
+        FloatFormat::Bf16 => (8, -126),
+    };
+    let biased = ((w.to_bits() >> 23) & 0xff) as i32;
+    let exponent = if biased == 0 { -127 } else { biased - 127 };
+    let e = exponent.max(min_exp) - (precision - 1) - 1;
+    f64::from_bits(((e + 1023) as u64) << 52)
 }
 
 #[cfg(test)]
@@ -273,6 +287,18 @@ mod tests {
         );
         assert_eq!(f16.out_of_range, 1);
         assert_eq!(f16.inf, 1);
+    }
+
+    #[test]
+    fn half_ulp_agrees_with_the_grid_spacing() {
+        for fmt in [FloatFormat::F32, FloatFormat::F16, FloatFormat::Bf16] {
+            for w in [1.0f32, 0.75, -3.5e-3, 1e-30, 0.0, 6e-8, 1000.0, -2.5e10] {
+                if fmt == FloatFormat::F16 && w.abs() > 65504.0 {
+                    continue;
+                }
+                assert_eq!(half_ulp(fmt, w), fmt.ulp(w) as f64 / 2.0, "{fmt:?} {w}");
+            }
+        }
     }
 
     #[test]
