@@ -212,7 +212,15 @@ fn fixture_table_raises_exactly_the_expected_codes() {
 }
 
 /// Weight-level findings: (base, adapters, flags, exit code, the exact set of codes raised).
-const WEIGHT_CASES: &[(&str, &[&str], &[&str], i32, &[&str])] = &[
+type WeightCase = (
+    &'static str,
+    &'static [&'static str],
+    &'static [&'static str],
+    i32,
+    &'static [&'static str],
+);
+
+const WEIGHT_CASES: &[WeightCase] = &[
     // One lora_B blown up ×1e7: |W + ΔW| passes 65504, f16 stores Inf.
     (
         "models/tiny-llama",
