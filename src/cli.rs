@@ -91,6 +91,16 @@ pub struct CheckArgs {
     /// Only run the weight-level checks (no forward pass).
     #[arg(long)]
     pub weights_only: bool,
+    /// Evaluation text: plain text (paragraphs separated by blank lines) or .jsonl with a `text`
+    /// field. Default: a built-in text of prose, code, numbers and a chat turn.
+    #[arg(long, value_name = "FILE")]
+    pub prompts: Option<PathBuf>,
+    /// Tokens scored by the logit comparison.
+    #[arg(long, value_name = "N", default_value_t = 512)]
+    pub max_tokens: usize,
+    /// Worker threads (default: all cores).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
     /// Write one CSV row per (module, precision) with every weight statistic (`-` for stdout).
     #[arg(long, value_name = "FILE|-")]
     pub csv: Option<PathBuf>,

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod commands;
 pub mod divergence;
 pub mod findings;
+pub mod forward;
 pub mod io;
 pub mod merge;
 pub mod model;

@@ -1,6 +1,8 @@
 //! The one integration test binary: drives the real `lora-doctor` executable on the committed
 //! fixtures and checks exit codes, both output streams and the JSON contract.
 
+mod reports;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -37,11 +39,18 @@ fn check_json(base: &str, adapters: &[&str]) -> (i32, Value) {
     check_json_with(base, adapters, &[])
 }
 
-/// `check_json` with extra flags.
+/// `check_json` with extra flags (weights only).
 fn check_json_with(base: &str, adapters: &[&str], extra: &[&str]) -> (i32, Value) {
+    let mut flags = vec!["--weights-only"];
+    flags.extend_from_slice(extra);
+    check_json_full(base, adapters, &flags)
+}
+
+/// `check --json -` with exactly these flags (the logit comparison runs unless they say not to).
+fn check_json_full(base: &str, adapters: &[&str], extra: &[&str]) -> (i32, Value) {
     let base = fixture(base);
     let adapter_paths: Vec<String> = adapters.iter().map(|a| fixture(a)).collect();
-    let mut args = vec!["check", "--weights-only", "--json", "-", "--base", &base];
+    let mut args = vec!["check", "--json", "-", "--base", &base];
     args.extend_from_slice(extra);
     for a in &adapter_paths {
         args.push("--adapter");
@@ -326,12 +335,88 @@ fn weight_cases_raise_exactly_the_expected_codes() {
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
 }
 
+/// Logit-level findings (the forward pass runs): same shape as WEIGHT_CASES.
+const LOGIT_CASES: &[WeightCase] = &[
+    // Clean in every float format and in q8_0.
+    (
+        "models/tiny-llama",
+        &["adapters/llama-lora"],
+        &["--precision", "f32,bf16,f16,q8_0"],
+        0,
+        &[],
+    ),
+    // A lr-1e-6 adapter: its effect (KL 1e-6) drowns in bf16 storage noise.
+    (
+        "models/tiny-llama",
+        &["adapters/tiny-lr"],
+        &["--precision", "bf16"],
+        1,
+        &["effect-lost", "delta-swamped"],
+    ),
+    // Infinite weights make NaN logits.
+    (
+        "models/tiny-llama",
+        &["adapters/exploded"],
+        &["--precision", "f16"],
+        1,
+        &[
+            "overflow",
+            "nonfinite-merge",
+            "nonfinite-logits",
+            "high-kl",
+            "effect-lost",
+            "top1-disagreement",
+        ],
+    ),
+    // A QLoRA adapter merged into the 16-bit weights it never saw.
+    (
+        "models/tiny-llama",
+        &["adapters/qlora-nf4"],
+        &["--trained-on", "nf4", "--precision", "bf16"],
+        1,
+        &[
+            "quantized-base",
+            "precision-drift",
+            "high-kl",
+            "top1-disagreement",
+        ],
+    ),
+];
+
+#[test]
+fn logit_cases_raise_exactly_the_expected_codes() {
+    let mut failures = Vec::new();
+    for (base, adapters, flags, want_exit, want_codes) in LOGIT_CASES {
+        let (exit, report) = check_json_full(base, adapters, flags);
+        let got = codes(&report);
+        let want: BTreeSet<String> = want_codes.iter().map(|c| c.to_string()).collect();
+        if exit != *want_exit || got != want {
+            failures.push(format!(
+                "{base} + {adapters:?} {flags:?}: exit {exit} (want {want_exit}), codes {got:?} (want {want:?})"
+            ));
+        }
+        assert!(
+            report["adapter_effect"]["mean_kl"].is_number(),
+            "{adapters:?}"
+        );
+        for p in report["precisions"].as_array().expect("precisions") {
+            assert!(
+                p["logits"].is_object(),
+                "{adapters:?}: {} has no logits",
+                p["name"]
+            );
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
 #[test]
 fn every_code_is_raised_by_some_fixture() {
     let raised: BTreeSet<&str> = CASES
         .iter()
         .flat_map(|c| c.3.iter().copied())
         .chain(WEIGHT_CASES.iter().flat_map(|c| c.4.iter().copied()))
+        .chain(LOGIT_CASES.iter().flat_map(|c| c.4.iter().copied()))
         .collect();
     for code in Code::ALL {
         assert!(

@@ -13,13 +13,16 @@ use crate::findings::structure::{self, StructureInput};
 use crate::findings::thresholds::Thresholds;
 use crate::findings::weights::{self, WeightOutcome};
 use crate::findings::{self, Verdict};
+use crate::forward::ForwardInputs;
 use crate::io::adapter::Adapter;
 use crate::io::checkpoint::{Checkpoint, TensorDtype};
 use crate::io::config::ModelConfig;
+use crate::io::prompts::{self, TokenizedPrompts};
 use crate::io::tokenizer::TokenizerInfo;
 use crate::merge::engine::{self, EvalOptions, MergePlan};
 use crate::merge::float::FloatFormat;
 use crate::merge::precision::{self, Precision};
+use crate::model::Architecture;
 use crate::report::{self, Inputs, MergeSettings, OutputTarget, Report};
 
 /// The folder whose config.json / tokenizer.json describe a base given as a folder or a file.
@@ -34,16 +37,58 @@ pub fn base_folder(base: &Path) -> PathBuf {
 }
 
 /// Validated `check` settings: every flag problem is collected and reported at once.
-struct Plan {
+struct Settings {
     precisions: Option<Vec<Precision>>,
     trained_on: Option<Precision>,
     thresholds: Thresholds,
+}
+
+/// Settings plus the reserved outputs.
+struct Plan {
+    settings: Settings,
     json: Option<OutputTarget>,
     csv: Option<OutputTarget>,
 }
 
 fn plan(args: &CheckArgs) -> anyhow::Result<Plan> {
+    let settings = plan_without_outputs(args)?;
+    let mut inputs: Vec<&Path> = vec![args.base.as_path()];
+    inputs.extend(args.adapters.iter().map(PathBuf::as_path));
+    let json = args
+        .json
+        .as_deref()
+        .map(|p| OutputTarget::reserve(p, &inputs))
+        .transpose()?;
+    let csv = args
+        .csv
+        .as_deref()
+        .map(|p| OutputTarget::reserve(p, &inputs))
+        .transpose()?;
+    if json.as_ref().is_some_and(OutputTarget::is_stdout)
+        && csv.as_ref().is_some_and(OutputTarget::is_stdout)
+    {
+        bail!("--json - and --csv - cannot both write to stdout");
+    }
+    Ok(Plan {
+        settings,
+        json,
+        csv,
+    })
+}
+
+fn plan_without_outputs(args: &CheckArgs) -> anyhow::Result<Settings> {
     let mut problems = Vec::new();
+    if args.max_tokens < 2 {
+        problems.push("--max-tokens must be at least 2".to_string());
+    }
+    if let Some(p) = &args.prompts
+        && !p.is_file()
+    {
+        problems.push(format!(
+            "--prompts `{}` is not a readable file",
+            p.display()
+        ));
+    }
     let precisions = if args.precision.is_empty() {
         None
     } else {
@@ -76,29 +121,10 @@ fn plan(args: &CheckArgs) -> anyhow::Result<Plan> {
     if !problems.is_empty() {
         bail!("invalid flags:\n  {}", problems.join("\n  "));
     }
-    let mut inputs: Vec<&Path> = vec![args.base.as_path()];
-    inputs.extend(args.adapters.iter().map(PathBuf::as_path));
-    let json = args
-        .json
-        .as_deref()
-        .map(|p| OutputTarget::reserve(p, &inputs))
-        .transpose()?;
-    let csv = args
-        .csv
-        .as_deref()
-        .map(|p| OutputTarget::reserve(p, &inputs))
-        .transpose()?;
-    if json.as_ref().is_some_and(OutputTarget::is_stdout)
-        && csv.as_ref().is_some_and(OutputTarget::is_stdout)
-    {
-        bail!("--json - and --csv - cannot both write to stdout");
-    }
-    Ok(Plan {
+    Ok(Settings {
         precisions,
         trained_on,
         thresholds,
-        json,
-        csv,
     })
 }
 
@@ -176,8 +202,14 @@ pub fn load(base_path: &Path, adapter_dirs: &[PathBuf]) -> anyhow::Result<Loaded
     })
 }
 
-pub fn run(args: &CheckArgs) -> anyhow::Result<ExitStatus> {
-    let plan = plan(args)?;
+/// Validates the flags and builds the complete report (no output is written). Used by `run` and
+/// by tests and tools that want the `Report` itself.
+pub fn build_report(args: &CheckArgs) -> anyhow::Result<Report> {
+    let plan = plan_without_outputs(args)?;
+    build(args, &plan)
+}
+
+fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
     let Loaded {
         base,
         base_config,
@@ -196,10 +228,14 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<ExitStatus> {
         skipped: None,
     };
     let mut outcome: Option<WeightOutcome> = None;
+    let mut logits_skipped = None;
+    let mut adapter_effect = None;
+    let mut token_kl = std::collections::BTreeMap::new();
+    let mut tokens = None;
     if structural_failure {
-        settings.skipped = Some(
-            "structural deny findings: merging an adapter that does not fit is meaningless".into(),
-        );
+        let why = "structural deny findings: merging an adapter that does not fit is meaningless";
+        settings.skipped = Some(why.into());
+        logits_skipped = Some(why.to_string());
     } else {
         let merge_plan = MergePlan::build(&base, base_config.as_ref(), &adapters)?;
         let precisions = plan
@@ -225,6 +261,67 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<ExitStatus> {
         evaluations.sort_by(|a, b| a.tensor.cmp(&b.tensor));
         let mut result = weights::assess(&evaluations, &precisions, &plan.thresholds);
         all_findings.append(&mut result.findings);
+
+        // Logit stage.
+        let arch = if args.weights_only {
+            Err("--weights-only".to_string())
+        } else {
+            match &base_config {
+                None => Err("the base has no config.json, so its architecture is unknown".into()),
+                Some(config) => {
+                    Architecture::from_config(config, &|n| base.contains(n)).map_err(|e| e.reason)
+                }
+            }
+        };
+        match arch {
+            Err(why) => logits_skipped = Some(why),
+            Ok(arch) => {
+                let prompts = prompts_for(args, &adapters)?;
+                tokens = Some(prompts.tokens());
+                let bar = report::progress::bar(arch.num_layers() + 2, args.quiet, "forward");
+                let forward = crate::forward::compare(
+                    &ForwardInputs {
+                        arch: &arch,
+                        base: &base,
+                        adapters: &adapters,
+                        plan: &merge_plan,
+                        prompts: &prompts,
+                        precisions: &precisions,
+                        recipe: args.recipe,
+                        trained_on: plan.trained_on,
+                    },
+                    &|| bar.inc(1),
+                )
+                .context("running the logit comparison")?;
+                bar.finish_and_clear();
+                for p in &mut result.precisions {
+                    p.logits = forward.stats.get(&p.name).cloned();
+                    p.unmerged_logits = forward.stats.get(&format!("{}+lora", p.name)).cloned();
+                }
+                for (label, stats) in &forward.stats {
+                    let nonfinite = forward.nonfinite.get(label).copied().unwrap_or(0);
+                    let mut found =
+                        crate::findings::logits::assess(label, stats, nonfinite, &plan.thresholds);
+                    // P+lora rows inform the choice; they do not gate the merge.
+                    if label.ends_with("+lora") {
+                        for f in &mut found {
+                            f.level = crate::findings::Level::Allow;
+                        }
+                    }
+                    all_findings.append(&mut found);
+                }
+                for p in &mut result.precisions {
+                    let own: Vec<_> = all_findings
+                        .iter()
+                        .filter(|f| f.precision.as_deref() == Some(p.name.as_str()))
+                        .cloned()
+                        .collect();
+                    p.verdict = Verdict::of(&own);
+                }
+                adapter_effect = Some(forward.adapter_effect);
+                token_kl = forward.token_kl;
+            }
+        }
         outcome = Some(result);
     }
 
@@ -234,7 +331,7 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<ExitStatus> {
         Some(o) => (Some(o.precisions), Some(o.rows)),
         None => (None, None),
     };
-    let report = Report {
+    Ok(Report {
         schema_version: report::SCHEMA_VERSION,
         tool_version: env!("CARGO_PKG_VERSION"),
         verdict,
@@ -247,16 +344,43 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<ExitStatus> {
                 .map(|a| a.display().to_string())
                 .collect(),
             merged: None,
-            tokens: None,
+            tokens,
             weights_only: args.weights_only,
         },
-        adapter_effect: None,
+        adapter_effect,
+        logits_skipped,
         findings: all_findings,
         structure: structures,
         merge: Some(settings),
         precisions,
         layers,
+        token_kl,
+    })
+}
+
+/// The evaluation tokens: `--prompts` or the built-in text, with the adapters' tokenizer if they
+/// ship one (added tokens), else the base's.
+fn prompts_for(args: &CheckArgs, adapters: &[Adapter]) -> anyhow::Result<TokenizedPrompts> {
+    let texts = match &args.prompts {
+        Some(path) => prompts::read_prompts(path)?,
+        None => prompts::split_paragraphs(prompts::BUILTIN_TEXT),
     };
+    let dirs: Vec<&Path> = adapters.iter().map(|a| a.dir.as_path()).collect();
+    let tokenizer = prompts::find_tokenizer(&dirs, &base_folder(&args.base))
+        .ok_or(prompts::PromptError::NoTokenizer)?;
+    Ok(prompts::tokenize(&tokenizer, &texts, args.max_tokens, 512)?)
+}
+
+pub fn run(args: &CheckArgs) -> anyhow::Result<ExitStatus> {
+    let plan = plan(args)?;
+    if let Some(n) = args.threads {
+        // Ignored when a pool already exists (tests calling run twice); the first setting wins.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .build_global();
+    }
+    let report = build(args, &plan.settings)?;
+    let verdict = report.verdict;
 
     let machine_on_stdout = plan.json.as_ref().is_some_and(OutputTarget::is_stdout)
         || plan.csv.as_ref().is_some_and(OutputTarget::is_stdout);

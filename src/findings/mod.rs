@@ -5,6 +5,7 @@
 //! never renamed, only added. Each rule family lives in its own submodule and returns `Finding`s;
 //! only this module knows every code.
 
+pub mod logits;
 pub mod structure;
 pub mod thresholds;
 pub mod weights;
@@ -51,6 +52,10 @@ pub enum Code {
     DeltaSwamped,
     QuantizationError,
     DeltaOutlier,
+    HighKl,
+    Top1Disagreement,
+    EffectLost,
+    NonfiniteLogits,
 }
 
 /// Documentation of one code, in ruff's "what it checks / why it matters / how to fix" shape.
@@ -83,6 +88,10 @@ impl Code {
         Code::DeltaSwamped,
         Code::QuantizationError,
         Code::DeltaOutlier,
+        Code::HighKl,
+        Code::Top1Disagreement,
+        Code::EffectLost,
+        Code::NonfiniteLogits,
     ];
 
     /// The stable kebab-case name.
@@ -279,6 +288,43 @@ impl Code {
                 "Inspect that module's lora_A/lora_B; retrain from an earlier checkpoint or fix its \
                  scaling in adapter_config.json.",
             ),
+            HighKl => (
+                Deny,
+                "the candidate's next-token distribution drifts from the unmerged adapter",
+                "Mean KL(reference ‖ candidate) in nats over the evaluation tokens, minus two standard \
+                 errors, against per-class limits (warn and deny) anchored on llama.cpp's published \
+                 quantization numbers.",
+                "KL measures how much the merged model's predictions moved away from what the adapter \
+                 model predicts; above ~1e-2 for a float merge the difference shows in sampled text.",
+                "Check the weight findings for the layer that drifts (drift_by_layer shows where it \
+                 enters); merge in a wider dtype, or serve the adapter unmerged.",
+            ),
+            Top1Disagreement => (
+                Warn,
+                "the candidate often picks a different top token than the unmerged adapter",
+                "Same-top-1 rate (plus two standard errors) against a per-class minimum.",
+                "Greedy decoding follows the top token; each disagreement is a place where the merged \
+                 model writes something else than the adapter model.",
+                "See high-kl; with quantized formats prefer 8-bit or serve the adapter beside the \
+                 quantized base (the P+lora rows).",
+            ),
+            EffectLost => (
+                Deny,
+                "the merge destroys a large share of the fine-tune's effect",
+                "effect lost = mean KL(reference ‖ candidate) / mean KL(reference ‖ base): the candidate's \
+                 distance from the adapter model relative to the base's.",
+                "A merged model at 50 % has moved half as far from the adapter model as the plain base \
+                 model is — the fine-tune is partly gone although the merge 'worked'.",
+                "Ship in a precision that keeps the update (f32/f16 for tiny updates), serve the adapter \
+                 unmerged, or retrain with a larger learning rate / alpha.",
+            ),
+            NonfiniteLogits => (
+                Deny,
+                "NaN or Inf in the candidate's logits",
+                "Counts non-finite logits of each candidate over the evaluation tokens.",
+                "A model that produces NaN logits cannot generate at all.",
+                "Look for nonfinite-merge / overflow in the same precision; merge in bf16 or f32.",
+            ),
         };
         CodeDoc {
             code: self,
@@ -313,6 +359,10 @@ impl CodeDoc {
             DeltaSwamped => "delta-swamped",
             QuantizationError => "quantization-error",
             DeltaOutlier => "delta-outlier",
+            HighKl => "high-kl",
+            Top1Disagreement => "top1-disagreement",
+            EffectLost => "effect-lost",
+            NonfiniteLogits => "nonfinite-logits",
         }
     }
 }
@@ -421,7 +471,8 @@ mod tests {
             let name = code.as_str();
             assert!(seen.insert(name), "duplicate code {name}");
             assert!(
-                name.chars().all(|c| c.is_ascii_lowercase() || c == '-'),
+                name.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
                 "{name} is not kebab-case"
             );
             assert_eq!(Code::parse(name), Some(code));

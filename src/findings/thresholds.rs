@@ -9,6 +9,14 @@
 //! | `min-retention` | 0.5 | 0.5 | 0.25 | delta-swamped when retention falls below it |
 //! | `quant-error` | — | 3.0 | 3.0 | quantization-error when rel_error exceeds it |
 //! | `outlier-z` | 3.5 | 3.5 | 3.5 | delta-outlier when |modified z| of log ‖ΔW‖ exceeds it |
+//! | `high-kl-warn` / `high-kl` | 1e-3 / 1e-2 | 1e-2 / 5e-2 | 0.1 / 0.5 | high-kl (warn / deny) when mean KL − 2σ exceeds it |
+//! | `top1` | 0.98 | 0.95 | 0.85 | top1-disagreement when same-top-1 + 2σ falls below it |
+//! | `effect-lost-warn` / `effect-lost` | 0.2 / 0.5 | 0.5 / 1.0 | 1.0 / 2.0 | effect-lost (warn / deny) |
+//!
+//! The logit defaults are anchored on llama.cpp's published KL statistics (user-pain.md §B2):
+//! Llama-3-8B q8_0 mean KL 0.0014 and same-top 97.7 %, q4_0 0.072, q4_K_M 0.031 / 91.9 %, q2_K
+//! 0.445 / 71 %; a pure bf16-vs-f16 storage change 2.5e-5. A float merge should sit near that
+//! floor, so 1e-3 already means "measurably different"; 4-bit formats start near 0.03–0.1.
 
 use crate::merge::precision::PrecisionClass;
 
@@ -19,6 +27,11 @@ pub struct ClassThresholds {
     pub swamped_error: Option<f64>,
     pub min_retention: Option<f64>,
     pub quant_error: Option<f64>,
+    pub high_kl_warn: Option<f64>,
+    pub high_kl: Option<f64>,
+    pub top1: Option<f64>,
+    pub effect_lost_warn: Option<f64>,
+    pub effect_lost: Option<f64>,
 }
 
 /// Every threshold the weight rules use.
@@ -38,18 +51,33 @@ impl Default for Thresholds {
                 swamped_error: Some(1.0),
                 min_retention: Some(0.5),
                 quant_error: None,
+                high_kl_warn: Some(1e-3),
+                high_kl: Some(1e-2),
+                top1: Some(0.98),
+                effect_lost_warn: Some(0.2),
+                effect_lost: Some(0.5),
             },
             eight_bit: ClassThresholds {
                 floor_ratio: Some(2.0),
                 swamped_error: None,
                 min_retention: Some(0.5),
                 quant_error: Some(3.0),
+                high_kl_warn: Some(1e-2),
+                high_kl: Some(5e-2),
+                top1: Some(0.95),
+                effect_lost_warn: Some(0.5),
+                effect_lost: Some(1.0),
             },
             four_bit: ClassThresholds {
                 floor_ratio: Some(2.0),
                 swamped_error: None,
                 min_retention: Some(0.25),
                 quant_error: Some(3.0),
+                high_kl_warn: Some(0.1),
+                high_kl: Some(0.5),
+                top1: Some(0.85),
+                effect_lost_warn: Some(1.0),
+                effect_lost: Some(2.0),
             },
             outlier_z: crate::stats::outliers::DEFAULT_THRESHOLD,
         }
@@ -63,6 +91,11 @@ pub const NAMES: &[&str] = &[
     "min-retention",
     "quant-error",
     "outlier-z",
+    "high-kl-warn",
+    "high-kl",
+    "top1",
+    "effect-lost-warn",
+    "effect-lost",
 ];
 
 impl Thresholds {
@@ -132,7 +165,12 @@ impl Thresholds {
                 "floor-ratio" => t.floor_ratio = value,
                 "swamped-error" => t.swamped_error = value,
                 "min-retention" => t.min_retention = value,
-                _ => t.quant_error = value,
+                "quant-error" => t.quant_error = value,
+                "high-kl-warn" => t.high_kl_warn = value,
+                "high-kl" => t.high_kl = value,
+                "top1" => t.top1 = value,
+                "effect-lost-warn" => t.effect_lost_warn = value,
+                _ => t.effect_lost = value,
             }
         }
         Ok(())

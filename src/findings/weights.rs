@@ -68,8 +68,11 @@ pub struct PrecisionReport {
     pub class: &'static str,
     pub verdict: Verdict,
     pub weights: WeightSummary,
-    /// Filled by the logit comparison; null until it runs.
-    pub logits: Option<serde_json::Value>,
+    /// The merged model's logits against the unmerged reference; null when not run.
+    pub logits: Option<crate::divergence::LogitStats>,
+    /// Quantized formats: the quantized base with the adapter served unmerged beside it (`P+lora`).
+    pub unmerged_logits: Option<crate::divergence::LogitStats>,
+    /// Greedy generation check; null when not run.
     pub generation: Option<serde_json::Value>,
 }
 
@@ -145,6 +148,7 @@ pub fn assess(
             verdict: Verdict::of(&own),
             weights: summarize(&mine),
             logits: None,
+            unmerged_logits: None,
             generation: None,
         });
         findings.append(&mut own);
@@ -347,7 +351,8 @@ fn precision_findings(
     }
 
     let mut swamped: Vec<(&LayerRow, f64)> = Vec::new();
-    for r in rows {
+    // Layers with NaN/Inf are nonfinite-merge's; their retention is meaningless.
+    for r in rows.iter().filter(|r| r.nan + r.inf == 0) {
         let noisy = t
             .swamped_error
             .zip(r.rel_error)

@@ -325,10 +325,36 @@ impl Checkpoint {
         Ok((info, bytes))
     }
 
-    /// Reads one tensor and converts it to f32 (exact for every supported dtype).
+    /// Reads one tensor and converts it to f32 (exact for every supported dtype). The tensor's
+    /// pages are then handed back to the kernel, so streaming a whole model through does not keep
+    /// it resident: peak memory stays a few tensors wide.
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>, CheckpointError> {
         let (info, bytes) = self.raw(name)?;
-        decode_f32(info, bytes)
+        let values = decode_f32(info, bytes)?;
+        self.release(info);
+        Ok(values)
+    }
+
+    /// Drops a tensor's resident pages (they are re-read from the page cache if needed again).
+    fn release(&self, info: &TensorInfo) {
+        #[cfg(unix)]
+        {
+            let mmap = &self.files[info.file].mmap;
+            if info.end > info.start {
+                // SAFETY: the map is a read-only, file-backed shared mapping. MADV_DONTNEED only
+                // discards the resident copy; any later (or concurrent) read faults the same bytes
+                // back in from the file, so no reader can observe changed data.
+                let _ = unsafe {
+                    mmap.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        info.start,
+                        info.end - info.start,
+                    )
+                };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = info;
     }
 }
 

@@ -14,17 +14,17 @@ use crate::merge::engine::MergePlan;
 
 const TOLERANCE: f32 = 1e-4;
 
-fn root() -> PathBuf {
+pub(super) fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn goldens() -> Value {
+pub(super) fn goldens() -> Value {
     let path = root().join("fixtures/goldens/forward/cases.json");
     let text = std::fs::read_to_string(&path).expect("read forward cases.json");
     serde_json::from_str(&text).expect("parse forward cases.json")
 }
 
-fn tokens(doc: &Value) -> Vec<u32> {
+pub(super) fn tokens(doc: &Value) -> Vec<u32> {
     doc["tokens"]
         .as_array()
         .expect("tokens")
@@ -36,20 +36,23 @@ fn tokens(doc: &Value) -> Vec<u32> {
 /// A variant's extra tensors (`overlay.<name>` in its golden file) over the base checkpoint.
 struct Overlay<'a> {
     inner: CheckpointProvider<'a>,
-    golden: &'a Checkpoint,
+    golden: Option<&'a Checkpoint>,
 }
 
 impl Overlay<'_> {
     fn key(name: &str) -> String {
         format!("overlay.{name}")
     }
+
+    fn overlaid(&self, name: &str) -> Option<&Checkpoint> {
+        self.golden.filter(|g| g.contains(&Self::key(name)))
+    }
 }
 
 impl WeightProvider for Overlay<'_> {
     fn weight(&self, name: &str) -> Result<Vec<f32>, ModelError> {
-        if self.golden.contains(&Self::key(name)) {
-            return self
-                .golden
+        if let Some(golden) = self.overlaid(name) {
+            return golden
                 .read_f32(&Self::key(name))
                 .map_err(|e| ModelError::Read {
                     tensor: name.to_string(),
@@ -59,7 +62,7 @@ impl WeightProvider for Overlay<'_> {
         self.inner.weight(name)
     }
     fn has(&self, name: &str) -> bool {
-        self.golden.contains(&Self::key(name)) || self.inner.has(name)
+        self.overlaid(name).is_some() || self.inner.has(name)
     }
     fn lora(&self, name: &str) -> Result<Vec<UnmergedLora>, ModelError> {
         self.inner.lora(name)
@@ -74,38 +77,86 @@ fn max_abs_diff(got: &[f32], want: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// Everything one case of cases.json runs on: its base, config, adapters and golden file.
+pub(super) struct CaseModel {
+    name: String,
+    base: Checkpoint,
+    config: ModelConfig,
+    adapters: Vec<Adapter>,
+    plan: MergePlan,
+    golden: Option<Checkpoint>,
+}
+
+impl CaseModel {
+    /// Opens a case: `base` and `adapters` (repository-relative paths), `config` (null: the base's
+    /// config.json), and `file`, the golden whose `overlay.*` tensors extend the base, when present.
+    pub(super) fn open(case: &Value) -> Self {
+        let name = case["case"].as_str().expect("case name").to_string();
+        let base_dir = root().join(case["base"].as_str().expect("base"));
+        let base = Checkpoint::open(&base_dir).expect("open base");
+        let config = match &case["config"] {
+            Value::Null => ModelConfig::read_dir(&base_dir)
+                .expect("read config")
+                .expect("base has config.json"),
+            v => ModelConfig::from_value(v.clone()),
+        };
+        let adapters: Vec<Adapter> = case["adapters"]
+            .as_array()
+            .expect("adapters")
+            .iter()
+            .map(|a| {
+                Adapter::open(&root().join(a.as_str().expect("adapter path"))).expect("adapter")
+            })
+            .collect();
+        let plan = MergePlan::build(&base, Some(&config), &adapters).expect("plan");
+        let golden = case["file"]
+            .as_str()
+            .map(|file| Checkpoint::open_file(&root().join(file)).expect("open golden"));
+        CaseModel {
+            name,
+            base,
+            config,
+            adapters,
+            plan,
+            golden,
+        }
+    }
+
+    /// Runs `f` on the case's architecture and its reference provider (base with the adapters
+    /// unmerged, plus the overlay).
+    pub(super) fn with<R>(&self, f: impl FnOnce(&Architecture, &dyn WeightProvider) -> R) -> R {
+        let provider = Overlay {
+            inner: CheckpointProvider::with_adapters(&self.base, &self.adapters, &self.plan),
+            golden: self.golden.as_ref(),
+        };
+        let arch = Architecture::from_config(&self.config, &|n| provider.has(n))
+            .unwrap_or_else(|e| panic!("{}: unsupported: {e}", self.name));
+        f(&arch, &provider)
+    }
+}
+
 /// Largest |difference| of the logits and of the hidden states (0 when none are stored).
 fn run_case(case: &Value, tokens: &[u32]) -> (f32, f32) {
-    let name = case["case"].as_str().expect("case name");
-    let base_dir = root().join(case["base"].as_str().expect("base"));
-    let base = Checkpoint::open(&base_dir).expect("open base");
-    let config = match &case["config"] {
-        Value::Null => ModelConfig::read_dir(&base_dir)
-            .expect("read config")
-            .expect("base has config.json"),
-        v => ModelConfig::from_value(v.clone()),
-    };
-    let adapters: Vec<Adapter> = case["adapters"]
-        .as_array()
-        .expect("adapters")
-        .iter()
-        .map(|a| Adapter::open(&root().join(a.as_str().expect("adapter path"))).expect("adapter"))
-        .collect();
-    let plan = MergePlan::build(&base, Some(&config), &adapters).expect("plan");
-    let golden = Checkpoint::open_file(&root().join(case["file"].as_str().expect("file")))
-        .expect("open golden");
-    let provider = Overlay {
-        inner: CheckpointProvider::with_adapters(&base, &adapters, &plan),
-        golden: &golden,
-    };
-    let arch = Architecture::from_config(&config, &|n| provider.has(n))
-        .unwrap_or_else(|e| panic!("{name}: unsupported: {e}"));
+    let model = CaseModel::open(case);
+    let golden = model
+        .golden
+        .as_ref()
+        .expect("a forward case has a golden file");
+    model.with(|arch, provider| compare_case(case, tokens, arch, provider, golden))
+}
 
-    let mut hidden = arch.embed(&provider, tokens).expect("embed");
+fn compare_case(
+    case: &Value,
+    tokens: &[u32],
+    arch: &Architecture,
+    provider: &dyn WeightProvider,
+    golden: &Checkpoint,
+) -> (f32, f32) {
+    let mut hidden = arch.embed(provider, tokens).expect("embed");
     let mut hidden_diff = 0.0f32;
     let stored_hidden = case["hidden"].as_u64().expect("hidden count") as usize;
     for i in 0..arch.num_layers() {
-        hidden = arch.block(i, &provider, &hidden).expect("block");
+        hidden = arch.block(i, provider, &hidden).expect("block");
         if stored_hidden > 0 {
             let want = golden
                 .read_f32(&format!("hidden.{i}"))
@@ -118,7 +169,7 @@ fn run_case(case: &Value, tokens: &[u32]) -> (f32, f32) {
             hidden_diff = hidden_diff.max(max_abs_diff(&got, &want));
         }
     }
-    let logits = arch.head(&provider, &hidden).expect("head");
+    let logits = arch.head(provider, &hidden).expect("head");
     let (t, vocab) = logits.dims2().expect("logits [T, vocab]");
     assert_eq!(t, tokens.len());
     assert_eq!(vocab, case["vocab"].as_u64().expect("vocab") as usize);

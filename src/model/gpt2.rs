@@ -5,6 +5,7 @@
 use candle_core::Tensor;
 use serde_json::Value;
 
+use super::cache::LayerCache;
 use super::linear::{self, load};
 use super::ops::{self, Activation};
 use super::{Layout, ModelError, Unsupported, WeightProvider, find_prefix, required, text_config};
@@ -102,21 +103,23 @@ impl Gpt2Config {
         ]
     }
 
-    pub(crate) fn embed(
+    /// Word embeddings plus the learned positions `start..start + T`.
+    pub(crate) fn embed_at(
         &self,
         w: &dyn WeightProvider,
         tokens: &[u32],
+        start: usize,
     ) -> Result<Tensor, ModelError> {
-        let t = tokens.len();
-        if t > self.max_positions {
+        let end = start + tokens.len();
+        if end > self.max_positions {
             return Err(ModelError::TooLong {
-                tokens: t,
+                tokens: end,
                 max: self.max_positions,
                 tensor: self.positions.clone(),
             });
         }
         let words = linear::embedding(w, &self.embed, tokens, self.hidden_size)?;
-        let positions: Vec<u32> = (0..t as u32).collect();
+        let positions: Vec<u32> = (start as u32..end as u32).collect();
         let places = linear::embedding(w, &self.positions, &positions, self.hidden_size)?;
         Ok((words + places)?)
     }
@@ -133,11 +136,15 @@ impl Gpt2Config {
         ops::layer_norm(x, &weight, &bias, self.layer_norm_eps)
     }
 
-    pub(crate) fn block(
+    /// Block `i` on new positions `x` `[T, hidden]` following the ones whose keys and values are in
+    /// `cache` (GPT-2's positions are in the embedding, so the block needs no offset), appending
+    /// its own.
+    pub(crate) fn block_step(
         &self,
         i: usize,
         w: &dyn WeightProvider,
         x: &Tensor,
+        cache: &mut LayerCache,
     ) -> Result<Tensor, ModelError> {
         let p = self.layer(i);
         let (_t, hidden) = x.dims2()?;
@@ -154,6 +161,7 @@ impl Gpt2Config {
         let q = ops::split_heads(&qkv.narrow(1, 0, hidden)?, heads, dh)?;
         let k = ops::split_heads(&qkv.narrow(1, hidden, hidden)?, heads, dh)?;
         let v = ops::split_heads(&qkv.narrow(1, 2 * hidden, hidden)?, heads, dh)?;
+        let (k, v) = cache.append(k, v)?;
         // transformers folds both factors into one scalar before multiplying.
         let mut scale = if self.scale_attn_weights {
             1.0 / (dh as f64).sqrt()

@@ -7,14 +7,25 @@ use candle_core::{Device, Tensor};
 
 use super::{Layout, ModelError, UnmergedLora, WeightProvider, ops};
 
-/// Reads `name` and checks it holds exactly `shape`'s worth of values.
+/// Reads `name` and checks it holds exactly `shape`'s worth of values. A tensor the provider
+/// keeps in memory ([`WeightProvider::shared`]) is reshaped without a copy.
 pub(crate) fn load(
     w: &dyn WeightProvider,
     name: &str,
     shape: &[usize],
 ) -> Result<Tensor, ModelError> {
-    let data = w.weight(name)?;
     let expected: usize = shape.iter().product();
+    if let Some(t) = w.shared(name) {
+        if t.elem_count() != expected {
+            return Err(ModelError::Shape {
+                tensor: name.to_string(),
+                expected: shape.to_vec(),
+                got: t.elem_count(),
+            });
+        }
+        return Ok(t.reshape(shape)?);
+    }
+    let data = w.weight(name)?;
     if data.len() != expected {
         return Err(ModelError::Shape {
             tensor: name.to_string(),
@@ -28,6 +39,17 @@ pub(crate) fn load(
 /// Reads a `[rows, width]` matrix whose row count is not known in advance (embeddings and heads:
 /// adapters may resize the vocabulary).
 fn load_rows(w: &dyn WeightProvider, name: &str, width: usize) -> Result<Tensor, ModelError> {
+    if let Some(t) = w.shared(name) {
+        let n = t.elem_count();
+        if n == 0 || n % width != 0 {
+            return Err(ModelError::Shape {
+                tensor: name.to_string(),
+                expected: vec![n / width.max(1), width],
+                got: n,
+            });
+        }
+        return Ok(t.reshape((n / width, width))?);
+    }
     let data = w.weight(name)?;
     if data.is_empty() || data.len() % width != 0 {
         return Err(ModelError::Shape {

@@ -6,6 +6,7 @@
 use candle_core::Tensor;
 use serde_json::Value;
 
+use super::cache::LayerCache;
 use super::linear::{self, load};
 use super::ops::{self, Activation};
 use super::rope::Rope;
@@ -145,11 +146,15 @@ impl LlamaConfig {
         linear::embedding(w, &self.embed, tokens, self.hidden_size)
     }
 
-    pub(crate) fn block(
+    /// Block `i` on the new positions `start..start + T` of `x` `[T, hidden]`, attending to the
+    /// keys and values in `cache` (positions `0..start`) and appending its own.
+    pub(crate) fn block_step(
         &self,
         i: usize,
         w: &dyn WeightProvider,
         x: &Tensor,
+        cache: &mut LayerCache,
+        start: usize,
     ) -> Result<Tensor, ModelError> {
         let p = self.layer(i);
         let (t, hidden) = x.dims2()?;
@@ -185,10 +190,11 @@ impl LlamaConfig {
         } else {
             (q, k)
         };
-        let tables = self.rope.tables(t)?;
+        let tables = self.rope.tables_at(start, t)?;
         let q = self.rope.apply(&q, heads, dh, &tables)?;
         let k = self.rope.apply(&k, kv_heads, dh, &tables)?;
         let v = ops::split_heads(&v, kv_heads, dh)?;
+        let (k, v) = cache.append(k, v)?;
         let scale = 1.0 / (dh as f64).sqrt();
         let a = ops::attention(&q, &k, &v, scale, self.windows[i])?;
         let a = linear::linear(w, &format!("{attn}o_proj"), &a, hidden, Layout::Linear)?;

@@ -17,7 +17,14 @@
 //! }
 //! let logits = arch.head(model, &hidden)?;   // [T, vocab]
 //! ```
+//!
+//! Generation ([`generate_greedy`]) instead runs one model at a time, token by token, over a
+//! key/value cache ([`KvCache`], [`Architecture::block_step`]); its weights are fetched once into a
+//! [`MaterializedModel`] (one f32 copy of the model in memory) rather than per decoding step.
+//! [`sequence_nll`] scores a continuation under a model.
 
+mod cache;
+mod generate;
 mod gpt2;
 mod linear;
 mod llama;
@@ -36,6 +43,8 @@ use thiserror::Error;
 use crate::io::config::ModelConfig;
 pub use crate::merge::delta::Layout;
 
+pub use cache::{KvCache, LayerCache};
+pub use generate::{MaterializedModel, argmax, generate_greedy, sequence_nll};
 pub use gpt2::Gpt2Config;
 pub use llama::LlamaConfig;
 pub use neox::NeoXConfig;
@@ -88,6 +97,8 @@ pub enum ModelError {
     },
     #[error("block {index} does not exist; the model has {layers}")]
     NoBlock { index: usize, layers: usize },
+    #[error("a decoding step starts at position {start} but the cache holds {cached} positions")]
+    CachePosition { start: usize, cached: usize },
     #[error("cannot read `{tensor}`: {source}")]
     Read {
         tensor: String,
@@ -125,6 +136,13 @@ pub trait WeightProvider: Sync {
     /// LoRA terms to apply *unmerged* on top of `weight(name)`, in adapter order. Empty for merged
     /// candidates. A tied head's terms are asked for under the head's name (`lm_head.weight`).
     fn lora(&self, name: &str) -> Result<Vec<UnmergedLora>, ModelError>;
+    /// The weight as an f32 tensor the provider already keeps in memory (any shape holding the
+    /// stored values in order), which the forward then reshapes without copying. `None` (the
+    /// default) makes the forward call [`weight`](Self::weight), which hands out a fresh copy.
+    /// [`MaterializedModel`] serves every weight this way, so a decoding step copies nothing.
+    fn shared(&self, _name: &str) -> Option<Tensor> {
+        None
+    }
 }
 
 /// One adapter's low-rank term for one weight, exactly as PEFT stores it.
@@ -227,33 +245,69 @@ impl Architecture {
 
     /// Token embeddings (GPT-2: plus learned positions): `[T, hidden]`.
     pub fn embed(&self, w: &dyn WeightProvider, tokens: &[u32]) -> Result<Tensor, ModelError> {
+        self.embed_at(w, tokens, 0)
+    }
+
+    /// Embeddings of `tokens` sitting at absolute positions `start_pos..` of their sequence (only
+    /// GPT-2's learned positions depend on it; rotary models rotate inside the blocks):
+    /// `[T, hidden]`.
+    pub fn embed_at(
+        &self,
+        w: &dyn WeightProvider,
+        tokens: &[u32],
+        start_pos: usize,
+    ) -> Result<Tensor, ModelError> {
         if tokens.is_empty() {
             return Err(ModelError::Empty);
         }
         match self {
             Architecture::Llama(c) => c.embed(w, tokens),
-            Architecture::Gpt2(c) => c.embed(w, tokens),
+            Architecture::Gpt2(c) => c.embed_at(w, tokens, start_pos),
             Architecture::NeoX(c) => c.embed(w, tokens),
         }
     }
 
     /// Decoder block `i`: causal self-attention over all T positions and the MLP, with residuals.
-    /// `hidden` is `[T, hidden]`; so is the result.
+    /// `hidden` is `[T, hidden]`; so is the result. The same computation as
+    /// [`block_step`](Self::block_step) from an empty cache.
     pub fn block(
         &self,
         i: usize,
         w: &dyn WeightProvider,
         hidden: &Tensor,
     ) -> Result<Tensor, ModelError> {
+        self.block_step(i, w, hidden, &mut LayerCache::new(), 0)
+    }
+
+    /// Decoder block `i` on `t_new` new positions `start_pos..start_pos + t_new` of a sequence
+    /// whose earlier positions' keys and values are in `cache` (which must hold exactly
+    /// `start_pos` positions): rotary angles at the absolute positions, attention over the cached
+    /// keys plus the new ones (causal among the new ones, sliding windows measured in absolute
+    /// positions). The new keys and values are appended to `cache`. `hidden_new` is
+    /// `[t_new, hidden]`; so is the result.
+    pub fn block_step(
+        &self,
+        i: usize,
+        w: &dyn WeightProvider,
+        hidden_new: &Tensor,
+        cache: &mut LayerCache,
+        start_pos: usize,
+    ) -> Result<Tensor, ModelError> {
         let layers = self.num_layers();
         if i >= layers {
             return Err(ModelError::NoBlock { index: i, layers });
         }
-        self.check_hidden(hidden)?;
+        self.check_hidden(hidden_new)?;
+        if cache.len() != start_pos {
+            return Err(ModelError::CachePosition {
+                start: start_pos,
+                cached: cache.len(),
+            });
+        }
         match self {
-            Architecture::Llama(c) => c.block(i, w, hidden),
-            Architecture::Gpt2(c) => c.block(i, w, hidden),
-            Architecture::NeoX(c) => c.block(i, w, hidden),
+            Architecture::Llama(c) => c.block_step(i, w, hidden_new, cache, start_pos),
+            Architecture::Gpt2(c) => c.block_step(i, w, hidden_new, cache),
+            Architecture::NeoX(c) => c.block_step(i, w, hidden_new, cache, start_pos),
         }
     }
 

@@ -6,6 +6,7 @@
 use candle_core::Tensor;
 use serde_json::Value;
 
+use super::cache::LayerCache;
 use super::linear::{self, load};
 use super::ops::{self, Activation};
 use super::rope::Rope;
@@ -154,11 +155,15 @@ impl NeoXConfig {
         )
     }
 
-    pub(crate) fn block(
+    /// Block `i` on the new positions `start..start + T` of `x` `[T, hidden]`, attending to the
+    /// keys and values in `cache` (positions `0..start`) and appending its own.
+    pub(crate) fn block_step(
         &self,
         i: usize,
         w: &dyn WeightProvider,
         x: &Tensor,
+        cache: &mut LayerCache,
+        start: usize,
     ) -> Result<Tensor, ModelError> {
         let p = self.layer(i);
         let (t, hidden) = x.dims2()?;
@@ -175,10 +180,11 @@ impl NeoXConfig {
         // [T, 3·hidden] viewed as [T, heads, 3·head_dim]: q, k, v interleaved per head.
         let qkv = qkv.reshape((t, heads, 3 * dh))?;
         let part = |j: usize| qkv.narrow(2, j * dh, dh)?.reshape((t, hidden));
-        let tables = self.rope.tables(t)?;
+        let tables = self.rope.tables_at(start, t)?;
         let q = self.rope.apply(&part(0)?, heads, dh, &tables)?;
         let k = self.rope.apply(&part(1)?, heads, dh, &tables)?;
         let v = ops::split_heads(&part(2)?, heads, dh)?;
+        let (k, v) = cache.append(k, v)?;
         let a = ops::attention(&q, &k, &v, 1.0 / (dh as f64).sqrt(), None)?;
         let a = linear::linear(
             w,

@@ -262,10 +262,13 @@ impl CustomOp2 for Activate {
 /// Scaled dot-product attention with grouped key/value heads and a causal (optionally
 /// sliding-window) mask.
 ///
-/// `q` is `[H, T, Dh]`, `k` and `v` are `[KV, T, Dh]` with H a multiple of KV; query head h reads
-/// key/value head h / (H/KV), as transformers' `repeat_kv` lays them out. Query i sees keys j ≤ i
-/// (and i − j < window: transformers' `sliding_window_overlay` keeps `kv_idx > q_idx − window`).
-/// Scores `q·kᵀ·scale` are softmaxed in f32. Returns `[T, H·Dh]` (heads concatenated per position).
+/// `q` is `[H, T, Dh]`, `k` and `v` are `[KV, S, Dh]` with H a multiple of KV and S ≥ T: the T
+/// queries are the *last* T of the S positions (S = T for a whole sequence; S > T when earlier
+/// keys and values come from a cache), so query i sits at absolute position p = S − T + i. Query
+/// head h reads key/value head h / (H/KV), as transformers' `repeat_kv` lays them out. Query p sees
+/// keys j ≤ p (and p − j < window: transformers' `sliding_window_overlay` keeps
+/// `kv_idx > q_idx − window`). Scores `q·kᵀ·scale` are softmaxed in f32. Returns `[T, H·Dh]` (heads
+/// concatenated per position).
 pub(crate) fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -279,7 +282,7 @@ pub(crate) fn attention(
     // Queries of one key/value group are consecutive heads: fold them into the row dimension so
     // one batched matmul per kv head serves the whole group without repeating k or v.
     let q = q.contiguous()?.reshape((kv_heads, group * t, dh))?;
-    let scores = q.matmul(&k.t()?)?; // [KV, G·T, T]
+    let scores = q.matmul(&k.t()?)?; // [KV, G·T, S]
     let probs = scores.apply_op1_no_bwd(&CausalSoftmax {
         scale: scale as f32,
         window: window.unwrap_or(usize::MAX),
@@ -290,10 +293,11 @@ pub(crate) fn attention(
     Ok(out.reshape((t, heads * dh))?)
 }
 
-/// `softmax(scores·scale + causal mask)` over the last axis in one pass: rows are query positions
-/// (row index mod `queries`), hidden keys get exactly 0 and are never exponentiated. Equal to
+/// `softmax(scores·scale + causal mask)` over the last axis in one pass: rows are queries (row
+/// index mod `queries`), the last `queries` of the row's keys, so with S keys query i sits at
+/// position S − queries + i; hidden keys get exactly 0 and are never exponentiated. Equal to
 /// adding a −∞ mask and softmaxing, without materialising the mask or four intermediate
-/// `[H, T, T]` tensors.
+/// `[H, T, S]` tensors.
 struct CausalSoftmax {
     scale: f32,
     window: usize,
@@ -312,18 +316,20 @@ impl CustomOp1 for CausalSoftmax {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let scores = contiguous(storage, layout, self.name())?;
         let keys = layout.dims().last().copied().unwrap_or(0);
-        if keys != self.queries || keys == 0 {
+        if keys < self.queries || self.queries == 0 {
             return Err(candle_core::Error::Msg(format!(
                 "causal softmax: {} queries against {keys} keys",
                 self.queries
             )));
         }
+        // Absolute position of query 0: the keys before it are cached ones.
+        let offset = keys - self.queries;
         let mut out = vec![0.0f32; scores.len()];
         out.par_chunks_mut(keys)
             .zip(scores.par_chunks(keys))
             .enumerate()
             .for_each(|(row, (out, scores))| {
-                let i = row % self.queries;
+                let i = offset + row % self.queries;
                 let first = (i + 1).saturating_sub(self.window);
                 let visible = &scores[first..=i];
                 let max = visible
@@ -404,6 +410,38 @@ mod tests {
         assert!((out[1][0] - 1.0).abs() < 1e-6 && (out[1][1] - 3.0).abs() < 1e-6);
         assert!((out[1][2] - expect_h1[0]).abs() < 1e-5);
         assert!((out[1][3] - expect_h1[1]).abs() < 1e-5);
+    }
+
+    #[test]
+    fn queries_after_cached_keys_see_them_and_the_window_counts_absolute_positions() {
+        // 4 keys, the last 2 are the queries (positions 2 and 3).
+        let scores = t(&[1.0; 8], &[1, 2, 4]);
+        let probs = |window| {
+            scores
+                .apply_op1_no_bwd(&CausalSoftmax {
+                    scale: 1.0,
+                    window,
+                    queries: 2,
+                })
+                .expect("softmax")
+                .squeeze(0)
+                .expect("squeeze")
+                .to_vec2::<f32>()
+                .expect("vec")
+        };
+        let full = probs(usize::MAX);
+        assert_eq!(full[0], vec![1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 0.0]);
+        assert_eq!(full[1], vec![0.25; 4]);
+        let slide = probs(2);
+        assert_eq!(slide[0], vec![0.0, 0.5, 0.5, 0.0]);
+        assert_eq!(slide[1], vec![0.0, 0.0, 0.5, 0.5]);
+        // More queries than keys is an error, not a panic.
+        let err = t(&[1.0; 6], &[1, 3, 2]).apply_op1_no_bwd(&CausalSoftmax {
+            scale: 1.0,
+            window: usize::MAX,
+            queries: 3,
+        });
+        assert!(err.is_err());
     }
 
     #[test]

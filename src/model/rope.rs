@@ -111,11 +111,14 @@ impl Rope {
         2 * self.inv_freq.len()
     }
 
-    /// `cos` and `sin` of the angles `p·inv_freq[j]` for positions 0..t.
-    pub(crate) fn tables(&self, t: usize) -> Result<RopeTables, ModelError> {
-        if let Some(max) = self.max_positions.filter(|max| t > *max) {
+    /// `cos` and `sin` of the angles `p·inv_freq[j]` for the t absolute positions
+    /// `start..start + t` (a whole sequence from 0; decoding with a cache, the new tokens rotate by
+    /// where they sit in the whole sequence). Row r of the tables is position `start + r`.
+    pub(crate) fn tables_at(&self, start: usize, t: usize) -> Result<RopeTables, ModelError> {
+        let end = start + t;
+        if let Some(max) = self.max_positions.filter(|max| end > *max) {
             return Err(ModelError::TooLong {
-                tokens: t,
+                tokens: end,
                 max,
                 tensor:
                     "rotary embedding (dynamic NTK scaling beyond this length is not implemented)"
@@ -125,7 +128,7 @@ impl Rope {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(t * half);
         let mut sin = Vec::with_capacity(t * half);
-        for p in 0..t {
+        for p in start..end {
             for f in &self.inv_freq {
                 // f32 product then f32 cos/sin, as transformers' rotary forward computes them.
                 let angle = p as f32 * f;
@@ -388,8 +391,25 @@ mod tests {
             rope.inv_freq(),
             Rope::new(10_000.0, 8, &RopeScaling::None).inv_freq()
         );
-        assert!(rope.tables(8).is_ok());
-        assert!(matches!(rope.tables(9), Err(ModelError::TooLong { .. })));
+        assert!(rope.tables_at(0, 8).is_ok());
+        assert!(matches!(
+            rope.tables_at(0, 9),
+            Err(ModelError::TooLong { .. })
+        ));
+        assert!(matches!(
+            rope.tables_at(7, 2),
+            Err(ModelError::TooLong { tokens: 9, .. })
+        ));
+    }
+
+    #[test]
+    fn tables_at_an_offset_are_the_rows_of_the_whole_sequence() {
+        let rope = Rope::new(10_000.0, 8, &RopeScaling::None);
+        let whole = rope.tables_at(0, 7).expect("whole");
+        let tail = rope.tables_at(5, 2).expect("tail");
+        assert_eq!(tail.positions, 2);
+        assert_eq!(tail.cos, whole.cos[5 * 4..]);
+        assert_eq!(tail.sin, whole.sin[5 * 4..]);
     }
 
     #[test]
@@ -404,7 +424,7 @@ mod tests {
     #[test]
     fn rotation_keeps_position_zero_and_the_pass_through_part() {
         let rope = Rope::new(10_000.0, 4, &RopeScaling::None);
-        let tables = rope.tables(3).expect("tables");
+        let tables = rope.tables_at(0, 3).expect("tables");
         let data: Vec<f32> = (0..18).map(|v| v as f32 * 0.1 - 0.5).collect();
         let x = Tensor::from_vec(data.clone(), (3, 6), &candle_core::Device::Cpu).expect("x");
         let y = rope.apply(&x, 1, 6, &tables).expect("apply");

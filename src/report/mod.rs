@@ -51,8 +51,10 @@ pub struct Report {
     pub tool_version: &'static str,
     pub verdict: Verdict,
     pub inputs: Inputs,
-    /// The adapter's own effect on the logits; null until a forward pass ran.
-    pub adapter_effect: Option<serde_json::Value>,
+    /// The adapter's own effect on the logits; null when the forward pass did not run.
+    pub adapter_effect: Option<crate::forward::AdapterEffect>,
+    /// Why the logit comparison did not run (`--weights-only`, unknown architecture…).
+    pub logits_skipped: Option<String>,
     pub findings: Vec<Finding>,
     /// One entry per adapter: how its modules map onto the base.
     pub structure: Vec<StructureReport>,
@@ -62,6 +64,10 @@ pub struct Report {
     pub precisions: Option<Vec<PrecisionReport>>,
     /// Per (module, precision) weight statistics; null when no merge was evaluated.
     pub layers: Option<Vec<LayerRow>>,
+    /// Per-token KL(reference ‖ model) by model label (`base`, precisions, `P+lora`), for
+    /// tokens.csv and the KL chart; not part of the JSON.
+    #[serde(skip)]
+    pub token_kl: std::collections::BTreeMap<String, Vec<f64>>,
 }
 
 /// Where one report goes: stdout, or a file reserved up front and renamed into place at the end.

@@ -43,7 +43,7 @@ pub fn check_summary(report: &Report) -> String {
     let mode = if report.inputs.weights_only {
         "weights only"
     } else {
-        "weights (the logit comparison is not built yet)"
+        "weights and logits"
     };
     let _ = writeln!(out, "lora-doctor {} — check, {mode}", report.tool_version);
     let _ = writeln!(
@@ -114,6 +114,61 @@ pub fn check_summary(report: &Report) -> String {
             "err = ‖W_p − W*‖/‖ΔW‖ (worst / mean over {} layers); floor× = err / error of one rounding",
             precisions.first().map_or(0, |p| p.weights.modules)
         );
+    }
+    match (&report.adapter_effect, &report.logits_skipped) {
+        (Some(effect), _) => {
+            let _ = writeln!(
+                out,
+                "\nlogits over {} tokens — the adapter's own effect: mean KL(reference ‖ base) = {:.4} nats, same top-1 {:.1}%",
+                effect.tokens,
+                effect.mean_kl,
+                effect.same_top1 * 100.0
+            );
+            let _ = writeln!(
+                out,
+                "{:<10} {:>11} {:>10} {:>10} {:>9} {:>9} {:>9} {:>12}",
+                "model", "mean KL", "± σ", "p99 KL", "top-1", "PPL ×", "lost", "worst drift"
+            );
+            let rows = report.precisions.iter().flatten().flat_map(|p| {
+                [
+                    p.logits.as_ref().map(|l| (p.name.clone(), l)),
+                    p.unmerged_logits
+                        .as_ref()
+                        .map(|l| (format!("{}+lora", p.name), l)),
+                ]
+            });
+            for (name, l) in rows.flatten() {
+                let (worst_layer, worst) =
+                    l.drift_by_layer
+                        .iter()
+                        .enumerate()
+                        .fold(
+                            (0, 0.0f64),
+                            |acc, (i, d)| if *d > acc.1 { (i, *d) } else { acc },
+                        );
+                let _ = writeln!(
+                    out,
+                    "{:<10} {:>11.3e} {:>10.1e} {:>10.3e} {:>8.1}% {:>9.4} {:>8} {:>12}",
+                    name,
+                    l.mean_kl,
+                    l.mean_kl_stderr,
+                    l.p99_kl,
+                    l.same_top1 * 100.0,
+                    l.ppl_ratio,
+                    l.effect_lost
+                        .map_or("-".to_string(), |e| format!("{:.1}%", e * 100.0)),
+                    format!("{worst:.1e} @{worst_layer}"),
+                );
+            }
+            let _ = writeln!(
+                out,
+                "lost = KL(ref‖model) / KL(ref‖base); drift = ‖h − h_ref‖/‖h_ref‖ after a block"
+            );
+        }
+        (None, Some(why)) => {
+            let _ = writeln!(out, "\nlogits not compared: {why}");
+        }
+        (None, None) => {}
     }
     if report.findings.is_empty() {
         let _ = writeln!(out, "\nno findings");

@@ -1,0 +1,102 @@
+//! Logit rules: high-kl, top1-disagreement, effect-lost, nonfinite-logits — one finding per
+//! (code, model), judged with the uncertainty of the estimate (mean − 2σ, rate + 2σ) so small
+//! samples do not flap in CI.
+
+use super::thresholds::Thresholds;
+use super::{Code, Finding, Level};
+use crate::divergence::LogitStats;
+use crate::merge::precision::Precision;
+
+/// The precision a model label belongs to (`q4_0+lora` → q4_0).
+fn precision_of(label: &str) -> Option<Precision> {
+    Precision::parse(label.trim_end_matches("+lora"))
+}
+
+/// Findings for one model's statistics. `label` is the precision name or `P+lora`.
+pub fn assess(
+    label: &str,
+    stats: &LogitStats,
+    nonfinite: usize,
+    thresholds: &Thresholds,
+) -> Vec<Finding> {
+    let Some(precision) = precision_of(label) else {
+        return Vec::new();
+    };
+    let t = thresholds.class(precision.class());
+    let mut out = Vec::new();
+    let mut push =
+        |code: Code, level: Level, message: String, observed: f64, threshold: Option<f64>| {
+            let mut f = Finding::new(code, None, message).observed(observed, threshold);
+            f.level = level;
+            f.precision = Some(label.to_string());
+            out.push(f);
+        };
+    if nonfinite > 0 {
+        push(
+            Code::NonfiniteLogits,
+            Level::Deny,
+            format!(
+                "{nonfinite} NaN/Inf logits from the {label} model over {} tokens",
+                stats.tokens
+            ),
+            nonfinite as f64,
+            Some(0.0),
+        );
+    }
+    let kl_low = stats.mean_kl - 2.0 * stats.mean_kl_stderr.max(0.0);
+    let kl_level = match (t.high_kl, t.high_kl_warn) {
+        (Some(deny), _) if kl_low > deny => Some((Level::Deny, deny)),
+        (_, Some(warn)) if kl_low > warn => Some((Level::Warn, warn)),
+        _ => None,
+    };
+    if let Some((level, limit)) = kl_level {
+        push(
+            Code::HighKl,
+            level,
+            format!(
+                "mean KL(reference ‖ {label}) = {:.3e} ± {:.1e} nats over {} tokens (p99 {:.3e}, max {:.3e}); limit {limit:.0e}",
+                stats.mean_kl, stats.mean_kl_stderr, stats.tokens, stats.p99_kl, stats.max_kl
+            ),
+            stats.mean_kl,
+            Some(limit),
+        );
+    }
+    if let Some(min) = t.top1
+        && stats.same_top1 + 2.0 * stats.same_top1_stderr.max(0.0) < min
+    {
+        push(
+            Code::Top1Disagreement,
+            Level::Warn,
+            format!(
+                "the {label} model picks the reference's top token {:.1}% ± {:.1}% of the time (minimum {:.0}%)",
+                stats.same_top1 * 100.0,
+                stats.same_top1_stderr * 100.0,
+                min * 100.0
+            ),
+            stats.same_top1,
+            Some(min),
+        );
+    }
+    if let Some(lost) = stats.effect_lost {
+        let level = match (t.effect_lost, t.effect_lost_warn) {
+            (Some(deny), _) if lost > deny => Some((Level::Deny, deny)),
+            (_, Some(warn)) if lost > warn => Some((Level::Warn, warn)),
+            _ => None,
+        };
+        if let Some((level, limit)) = level {
+            push(
+                Code::EffectLost,
+                level,
+                format!(
+                    "the {label} model has lost {:.0}% of the fine-tune's effect (KL to the reference {:.3e} vs the base's); limit {:.0}%",
+                    lost * 100.0,
+                    stats.mean_kl,
+                    limit * 100.0
+                ),
+                lost,
+                Some(limit),
+            );
+        }
+    }
+    out
+}

@@ -1,0 +1,433 @@
+//! The logit comparison: the unmerged reference, the base alone, every merged candidate and, for
+//! quantized formats, the quantized base with the adapter served beside it (`P+lora`), advanced
+//! **block by block together** over the same tokens (design.md "Forward"). For block i each
+//! model's f32 weights are built (merged, rounded or quantized on the fly), every sequence goes
+//! through, the residual-stream drift against the reference is measured, and the weights are
+//! dropped. Only the reference's logits are kept while candidates are scored one by one.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use candle_core::Tensor;
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::divergence::{LogitStats, TokenScores};
+use crate::io::adapter::Adapter;
+use crate::io::checkpoint::Checkpoint;
+use crate::io::prompts::TokenizedPrompts;
+use crate::merge::engine::{self, MergePlan, TensorJob};
+use crate::merge::precision::{Precision, Recipe};
+use crate::merge::quant::QuantFormat;
+use crate::model::{Architecture, CheckpointProvider, ModelError, UnmergedLora, WeightProvider};
+
+/// What one model in the comparison is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelKind {
+    /// Base (or dequant(P(W)) with --trained-on) with the adapters unmerged, in f32.
+    Reference,
+    /// The base alone: the adapter's own effect.
+    Base,
+    /// The merged model in a precision.
+    Merged(Precision),
+    /// The base quantized in a format, adapters unmerged beside it (QLoRA / llama.cpp `--lora`).
+    AdapterBeside(QuantFormat),
+}
+
+impl ModelKind {
+    pub fn label(self) -> String {
+        match self {
+            ModelKind::Reference => "reference".into(),
+            ModelKind::Base => "base".into(),
+            ModelKind::Merged(p) => p.name().into(),
+            ModelKind::AdapterBeside(q) => format!("{}+lora", q.name()),
+        }
+    }
+}
+
+/// Serves a merged candidate: target tensors merged (by recipe) or quantized after an exact f32
+/// merge; other tensors as the format ships them (floats: every tensor in the dtype; quantized:
+/// every linear weight inside the decoder blocks quantized, embeddings, head and norms as stored).
+struct MergedProvider<'a> {
+    base: &'a Checkpoint,
+    adapters: &'a [Adapter],
+    jobs: &'a HashMap<String, TensorJob>,
+    precision: Precision,
+    recipe: Recipe,
+    block_linear: &'a HashSet<String>,
+}
+
+fn model_error(tensor: &str, e: impl std::error::Error + Send + Sync + 'static) -> ModelError {
+    ModelError::Read {
+        tensor: tensor.to_string(),
+        source: Box::new(e),
+    }
+}
+
+/// Applies a deployment format to one stored tensor.
+fn ship(
+    precision: Precision,
+    name: &str,
+    data: Vec<f32>,
+    shape: &[usize],
+    block_linear: &HashSet<String>,
+) -> Result<Vec<f32>, ModelError> {
+    match precision {
+        Precision::Float(f) => Ok(data.into_iter().map(|v| f.round(v)).collect()),
+        Precision::Quant(q) if block_linear.contains(name) && shape.len() == 2 => {
+            engine::fake_quantize(q, name, &data, shape[0], shape[1])
+                .map(|(v, _)| v)
+                .map_err(|e| model_error(name, e))
+        }
+        Precision::Quant(_) => Ok(data),
+    }
+}
+
+impl WeightProvider for MergedProvider<'_> {
+    fn weight(&self, name: &str) -> Result<Vec<f32>, ModelError> {
+        if let Some(job) = self.jobs.get(name) {
+            let stored = self
+                .base
+                .read_f32(&job.tensor)
+                .map_err(|e| model_error(name, e))?;
+            let updates =
+                engine::load_updates(job, self.adapters).map_err(|e| model_error(name, e))?;
+            return match self.precision {
+                Precision::Float(f) => Ok(engine::merged_float(
+                    &stored,
+                    job.rows,
+                    job.cols,
+                    &updates,
+                    f,
+                    self.recipe,
+                )),
+                Precision::Quant(q) => {
+                    let exact: Vec<f32> =
+                        crate::merge::delta::merge_exact(&stored, job.rows, job.cols, &updates)
+                            .iter()
+                            .map(|v| *v as f32)
+                            .collect();
+                    if self.block_linear.contains(name) {
+                        engine::fake_quantize(q, name, &exact, job.rows, job.cols)
+                            .map(|(v, _)| v)
+                            .map_err(|e| model_error(name, e))
+                    } else {
+                        Ok(exact)
+                    }
+                }
+            };
+        }
+        let info = self.base.info(name).ok_or_else(|| ModelError::Missing {
+            tensor: name.to_string(),
+        })?;
+        let shape = info.shape.clone();
+        let data = self.base.read_f32(name).map_err(|e| model_error(name, e))?;
+        ship(self.precision, name, data, &shape, self.block_linear)
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.base.contains(name) || self.jobs.contains_key(name)
+    }
+
+    fn lora(&self, _name: &str) -> Result<Vec<UnmergedLora>, ModelError> {
+        Ok(Vec::new())
+    }
+}
+
+/// The reference or base provider with its block linear weights quantized: the QLoRA reference
+/// (`--trained-on`) and `P+lora`.
+struct QuantizedBase<'a> {
+    inner: CheckpointProvider<'a>,
+    precision: Option<Precision>,
+    base: &'a Checkpoint,
+    block_linear: &'a HashSet<String>,
+}
+
+impl WeightProvider for QuantizedBase<'_> {
+    fn weight(&self, name: &str) -> Result<Vec<f32>, ModelError> {
+        let data = self.inner.weight(name)?;
+        match (self.precision, self.base.info(name)) {
+            (Some(p), Some(info)) if self.block_linear.contains(name) => {
+                let shape = info.shape.clone();
+                ship(p, name, data, &shape, self.block_linear)
+            }
+            _ => Ok(data),
+        }
+    }
+    fn has(&self, name: &str) -> bool {
+        self.inner.has(name)
+    }
+    fn lora(&self, name: &str) -> Result<Vec<UnmergedLora>, ModelError> {
+        self.inner.lora(name)
+    }
+}
+
+/// One block's (or the embedding's / head's) weights fetched once and served to every sequence.
+struct Prepared<'a> {
+    inner: &'a dyn WeightProvider,
+    weights: HashMap<String, Vec<f32>>,
+    loras: HashMap<String, Vec<UnmergedLora>>,
+}
+
+impl<'a> Prepared<'a> {
+    fn load(inner: &'a dyn WeightProvider, names: &[String]) -> Result<Self, ModelError> {
+        let mut weights = HashMap::new();
+        let mut loras = HashMap::new();
+        for name in names {
+            if inner.has(name) {
+                weights.insert(name.clone(), inner.weight(name)?);
+            }
+            let terms = inner.lora(name)?;
+            if !terms.is_empty() {
+                loras.insert(name.clone(), terms);
+            }
+        }
+        Ok(Prepared {
+            inner,
+            weights,
+            loras,
+        })
+    }
+}
+
+impl WeightProvider for Prepared<'_> {
+    fn weight(&self, name: &str) -> Result<Vec<f32>, ModelError> {
+        match self.weights.get(name) {
+            Some(w) => Ok(w.clone()),
+            None => self.inner.weight(name),
+        }
+    }
+    fn has(&self, name: &str) -> bool {
+        self.weights.contains_key(name) || self.inner.has(name)
+    }
+    fn lora(&self, name: &str) -> Result<Vec<UnmergedLora>, ModelError> {
+        match self.loras.get(name) {
+            Some(terms) => Ok(terms.clone()),
+            None => self.inner.lora(name),
+        }
+    }
+}
+
+/// What the forward stage measured.
+#[derive(Debug, Clone)]
+pub struct ForwardOutcome {
+    pub tokens: usize,
+    /// mean KL(reference ‖ base) and same-top-1: the adapter's own effect.
+    pub adapter_effect: AdapterEffect,
+    /// Statistics per model label (precision name or `q4_0+lora`), reference and base excluded.
+    pub stats: BTreeMap<String, LogitStats>,
+    /// Per-token KL(reference ‖ model) for every model label including `base`, in token order.
+    pub token_kl: BTreeMap<String, Vec<f64>>,
+    /// Models whose logits held NaN or Inf, with the count.
+    pub nonfinite: BTreeMap<String, usize>,
+}
+
+/// The `adapter_effect` section of the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct AdapterEffect {
+    pub tokens: usize,
+    pub mean_kl: f64,
+    pub same_top1: f64,
+    pub ppl_ratio: f64,
+}
+
+/// Everything the forward stage needs.
+pub struct ForwardInputs<'a> {
+    pub arch: &'a Architecture,
+    pub base: &'a Checkpoint,
+    pub adapters: &'a [Adapter],
+    pub plan: &'a MergePlan,
+    pub prompts: &'a TokenizedPrompts,
+    pub precisions: &'a [Precision],
+    pub recipe: Recipe,
+    pub trained_on: Option<Precision>,
+}
+
+/// Splits `[ΣT, hidden]` back into one tensor per sequence.
+fn split_rows(t: &Tensor, lengths: &[usize]) -> Result<Vec<Tensor>, ModelError> {
+    let mut start = 0;
+    let mut out = Vec::with_capacity(lengths.len());
+    for len in lengths {
+        out.push(t.narrow(0, start, *len)?.contiguous()?);
+        start += len;
+    }
+    Ok(out)
+}
+
+fn l2_sq(t: &Tensor) -> Result<f64, ModelError> {
+    Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()? as f64)
+}
+
+/// Runs every model over every sequence, block by block. `on_step` is called after the embedding,
+/// each block and the head (progress).
+pub fn compare(
+    inputs: &ForwardInputs<'_>,
+    on_step: &(dyn Fn() + Sync),
+) -> Result<ForwardOutcome, ModelError> {
+    let arch = inputs.arch;
+    let base = inputs.base;
+    let block_linear: HashSet<String> = (0..arch.num_layers())
+        .flat_map(|i| arch.block_tensors(i))
+        .filter(|n| base.info(n).is_some_and(|t| t.shape.len() == 2))
+        .collect();
+    let jobs: HashMap<String, TensorJob> = inputs
+        .plan
+        .weights
+        .iter()
+        .map(|j| (j.output.clone(), j.clone()))
+        .collect();
+
+    let mut kinds = vec![ModelKind::Reference, ModelKind::Base];
+    kinds.extend(inputs.precisions.iter().map(|p| ModelKind::Merged(*p)));
+    kinds.extend(inputs.precisions.iter().filter_map(|p| match p {
+        Precision::Quant(q) => Some(ModelKind::AdapterBeside(*q)),
+        Precision::Float(_) => None,
+    }));
+    let providers: Vec<Box<dyn WeightProvider + '_>> = kinds
+        .iter()
+        .map(|kind| -> Box<dyn WeightProvider + '_> {
+            match kind {
+                ModelKind::Reference => Box::new(QuantizedBase {
+                    inner: CheckpointProvider::with_adapters(base, inputs.adapters, inputs.plan),
+                    precision: inputs.trained_on,
+                    base,
+                    block_linear: &block_linear,
+                }),
+                ModelKind::Base => Box::new(CheckpointProvider::base(base)),
+                ModelKind::Merged(p) => Box::new(MergedProvider {
+                    base,
+                    adapters: inputs.adapters,
+                    jobs: &jobs,
+                    precision: *p,
+                    recipe: inputs.recipe,
+                    block_linear: &block_linear,
+                }),
+                ModelKind::AdapterBeside(q) => Box::new(QuantizedBase {
+                    inner: CheckpointProvider::with_adapters(base, inputs.adapters, inputs.plan),
+                    precision: Some(Precision::Quant(*q)),
+                    base,
+                    block_linear: &block_linear,
+                }),
+            }
+        })
+        .collect();
+    let sequences = &inputs.prompts.sequences;
+
+    // Embeddings, one model at a time (an embedding matrix can be the largest tensor). Without
+    // absolute position embeddings the lookup is per token, so all sequences go in one call.
+    let lengths: Vec<usize> = sequences.iter().map(Vec::len).collect();
+    let positional = matches!(arch, Architecture::Gpt2(_));
+    let all_tokens: Vec<u32> = sequences.iter().flatten().copied().collect();
+    let mut hidden: Vec<Vec<Tensor>> = Vec::with_capacity(providers.len());
+    for provider in &providers {
+        let states = if positional {
+            sequences
+                .iter()
+                .map(|s| arch.embed(provider.as_ref(), s))
+                .collect::<Result<_, _>>()?
+        } else {
+            split_rows(&arch.embed(provider.as_ref(), &all_tokens)?, &lengths)?
+        };
+        hidden.push(states);
+    }
+    on_step();
+
+    // Blocks: every model through block i, in parallel; then drift against the reference.
+    let mut drift: Vec<Vec<f64>> = vec![Vec::new(); providers.len()];
+    for i in 0..arch.num_layers() {
+        let names = arch.block_tensors(i);
+        hidden = providers
+            .par_iter()
+            .zip(hidden.into_par_iter())
+            .map(|(provider, states)| {
+                let prepared = Prepared::load(provider.as_ref(), &names)?;
+                states
+                    .iter()
+                    .map(|h| arch.block(i, &prepared, h))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let reference = &hidden[0];
+        let ref_norm: f64 = reference.iter().map(l2_sq).sum::<Result<f64, _>>()?;
+        for (m, states) in hidden.iter().enumerate() {
+            let mut diff = 0.0;
+            for (h, r) in states.iter().zip(reference) {
+                diff += l2_sq(&(h - r)?)?;
+            }
+            drift[m].push(if ref_norm > 0.0 {
+                (diff / ref_norm).sqrt()
+            } else {
+                0.0
+            });
+        }
+        on_step();
+    }
+
+    // Head: position-wise, so every sequence goes through in one call per model. The reference's
+    // logits are kept; every other model's are scored and dropped before the next one.
+    let next_tokens: Vec<Option<u32>> = sequences
+        .iter()
+        .flat_map(|s| (0..s.len()).map(move |i| s.get(i + 1).copied()))
+        .collect();
+    // Chunks of positions bound the [positions, vocab] buffers (49k-token vocabularies make a
+    // 512-position logit matrix 100 MB).
+    const HEAD_CHUNK: usize = 256;
+    let head_logits = |m: usize| -> Result<Vec<f32>, ModelError> {
+        let joined = Tensor::cat(&hidden[m], 0)?;
+        let total = joined.dims()[0];
+        let mut out = Vec::new();
+        let mut start = 0;
+        while start < total {
+            let len = HEAD_CHUNK.min(total - start);
+            let part = joined.narrow(0, start, len)?.contiguous()?;
+            let logits = arch.head(providers[m].as_ref(), &part)?;
+            out.extend(logits.flatten_all()?.to_vec1::<f32>()?);
+            start += len;
+        }
+        Ok(out)
+    };
+    let reference_logits = head_logits(0)?;
+    let positions = next_tokens.len().max(1);
+    let vocab = reference_logits.len() / positions;
+    let mut scores: Vec<TokenScores> = vec![TokenScores::default(); providers.len()];
+    let mut nonfinite = BTreeMap::new();
+    for m in 1..providers.len() {
+        let logits = head_logits(m)?;
+        let bad = logits.iter().filter(|v| !v.is_finite()).count();
+        scores[m].push_sequence(&reference_logits, &logits, vocab, &next_tokens);
+        if bad > 0 {
+            nonfinite.insert(kinds[m].label(), bad);
+        }
+    }
+    on_step();
+
+    let base_stats = LogitStats::summarize(&scores[1], None, drift[1].clone());
+    let adapter_effect = AdapterEffect {
+        tokens: base_stats.tokens,
+        mean_kl: base_stats.mean_kl,
+        same_top1: base_stats.same_top1,
+        ppl_ratio: base_stats.ppl_ratio,
+    };
+    let mut stats = BTreeMap::new();
+    let mut token_kl = BTreeMap::new();
+    for (m, kind) in kinds.iter().enumerate().skip(1) {
+        token_kl.insert(kind.label(), scores[m].kl.clone());
+        if *kind == ModelKind::Base {
+            continue;
+        }
+        stats.insert(
+            kind.label(),
+            LogitStats::summarize(
+                &scores[m],
+                Some(adapter_effect.mean_kl),
+                std::mem::take(&mut drift[m]),
+            ),
+        );
+    }
+    Ok(ForwardOutcome {
+        tokens: inputs.prompts.tokens(),
+        adapter_effect,
+        stats,
+        token_kl,
+        nonfinite,
+    })
+}

@@ -1,0 +1,1 @@
+//! Report renderer tests (written next).
