@@ -98,6 +98,10 @@ pub struct CheckArgs {
     /// Tokens scored by the logit comparison.
     #[arg(long, value_name = "N", default_value_t = 512)]
     pub max_tokens: usize,
+    /// Greedy tokens generated per prompt by the reference and each candidate (0 = no generation
+    /// check).
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    pub generate: usize,
     /// Worker threads (default: all cores).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,

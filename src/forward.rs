@@ -253,8 +253,199 @@ fn split_rows(t: &Tensor, lengths: &[usize]) -> Result<Vec<Tensor>, ModelError> 
     Ok(out)
 }
 
+/// The greedy-generation check of one candidate against the reference.
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerationStats {
+    pub prompts: usize,
+    pub max_new_tokens: usize,
+    /// Earliest position (over prompts) where the candidate's greedy token differs; null when
+    /// every continuation is identical.
+    pub first_divergence: Option<usize>,
+    /// Prompts whose continuation is identical to the reference's.
+    pub identical: usize,
+    /// Mean NLL (nats/token) of the reference's own continuation under the reference.
+    pub nll_reference: f64,
+    /// Mean NLL of the candidate's continuation under the reference.
+    pub nll_candidate: f64,
+    /// nll_candidate / nll_reference: gibberish shows as a large jump.
+    pub nll_ratio: f64,
+    /// Share of generated tokens that close a trigram already generated (degenerate loops).
+    pub repetition: f64,
+    pub reference_repetition: f64,
+    /// Generated token ids per prompt (reference, candidate), for reports that decode them.
+    #[serde(skip)]
+    pub samples: Vec<(Vec<u32>, Vec<u32>, Vec<u32>)>,
+}
+
+/// Share of tokens that complete a trigram seen earlier in the same continuation.
+pub fn repetition_rate(tokens: &[u32]) -> f64 {
+    if tokens.len() < 4 {
+        return 0.0;
+    }
+    let mut seen = HashSet::new();
+    let mut repeats = 0;
+    for w in tokens.windows(3) {
+        if !seen.insert((w[0], w[1], w[2])) {
+            repeats += 1;
+        }
+    }
+    repeats as f64 / (tokens.len() - 2) as f64
+}
+
+fn mean(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        0.0
+    } else {
+        values.iter().sum::<f64>() / values.len() as f64
+    }
+}
+
+/// Greedy continuations of `max_new` tokens from each prompt by the reference and every merged
+/// candidate; candidate texts are scored under the reference. One model is materialized (one
+/// f32 copy) at a time: candidates first, then the reference scores them all.
+pub fn generation_check(
+    inputs: &ForwardInputs<'_>,
+    prompts: &[Vec<u32>],
+    max_new: usize,
+    stop: &[u32],
+    on_model: &(dyn Fn() + Sync),
+) -> Result<BTreeMap<String, GenerationStats>, ModelError> {
+    use crate::model::{MaterializedModel, generate_greedy, sequence_nll};
+    let arch = inputs.arch;
+    let block_linear = block_linear_names(arch, inputs.base);
+    let jobs = plan_jobs(inputs.plan);
+    let mut outputs: Vec<(String, Vec<Vec<u32>>)> = Vec::new();
+    for p in inputs.precisions {
+        let kind = ModelKind::Merged(*p);
+        let provider = provider_for(kind, inputs, &jobs, &block_linear);
+        let model = MaterializedModel::new(arch, provider.as_ref())?;
+        let texts = prompts
+            .iter()
+            .map(|prompt| generate_greedy(arch, &model, prompt, max_new, stop))
+            .collect::<Result<Vec<_>, _>>()?;
+        outputs.push((kind.label(), texts));
+        on_model();
+    }
+    let provider = provider_for(ModelKind::Reference, inputs, &jobs, &block_linear);
+    let reference = MaterializedModel::new(arch, provider.as_ref())?;
+    let ref_texts = prompts
+        .iter()
+        .map(|prompt| generate_greedy(arch, &reference, prompt, max_new, stop))
+        .collect::<Result<Vec<_>, _>>()?;
+    let nll_of = |prompt: &[u32], text: &[u32]| -> Result<f64, ModelError> {
+        if text.is_empty() {
+            return Ok(0.0);
+        }
+        Ok(mean(&sequence_nll(arch, &reference, prompt, text)?))
+    };
+    let ref_nll = prompts
+        .iter()
+        .zip(&ref_texts)
+        .map(|(p, t)| nll_of(p, t))
+        .collect::<Result<Vec<_>, _>>()?;
+    let ref_repetition = mean(
+        &ref_texts
+            .iter()
+            .map(|t| repetition_rate(t))
+            .collect::<Vec<_>>(),
+    );
+    let mut stats = BTreeMap::new();
+    for (label, texts) in outputs {
+        let mut first = None::<usize>;
+        let mut identical = 0;
+        let mut cand_nll = Vec::new();
+        for ((prompt, text), reference_text) in prompts.iter().zip(&texts).zip(&ref_texts) {
+            match text.iter().zip(reference_text).position(|(a, b)| a != b) {
+                Some(i) => first = Some(first.map_or(i, |f| f.min(i))),
+                None if text.len() == reference_text.len() => identical += 1,
+                None => {
+                    let i = text.len().min(reference_text.len());
+                    first = Some(first.map_or(i, |f| f.min(i)));
+                }
+            }
+            cand_nll.push(nll_of(prompt, text)?);
+        }
+        let nll_reference = mean(&ref_nll);
+        let nll_candidate = mean(&cand_nll);
+        stats.insert(
+            label,
+            GenerationStats {
+                prompts: prompts.len(),
+                max_new_tokens: max_new,
+                first_divergence: first,
+                identical,
+                nll_reference,
+                nll_candidate,
+                nll_ratio: if nll_reference > 0.0 {
+                    nll_candidate / nll_reference
+                } else {
+                    1.0
+                },
+                repetition: mean(&texts.iter().map(|t| repetition_rate(t)).collect::<Vec<_>>()),
+                reference_repetition: ref_repetition,
+                samples: prompts
+                    .iter()
+                    .zip(&ref_texts)
+                    .zip(&texts)
+                    .map(|((p, r), c)| (p.clone(), r.clone(), c.clone()))
+                    .collect(),
+            },
+        );
+    }
+    on_model();
+    Ok(stats)
+}
+
 fn l2_sq(t: &Tensor) -> Result<f64, ModelError> {
     Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()? as f64)
+}
+
+/// The 2-D weights inside the decoder blocks (what quantized formats quantize).
+fn block_linear_names(arch: &Architecture, base: &Checkpoint) -> HashSet<String> {
+    (0..arch.num_layers())
+        .flat_map(|i| arch.block_tensors(i))
+        .filter(|n| base.info(n).is_some_and(|t| t.shape.len() == 2))
+        .collect()
+}
+
+fn plan_jobs(plan: &MergePlan) -> HashMap<String, TensorJob> {
+    plan.weights
+        .iter()
+        .map(|j| (j.output.clone(), j.clone()))
+        .collect()
+}
+
+/// The weight provider of one model of the comparison.
+fn provider_for<'a>(
+    kind: ModelKind,
+    inputs: &'a ForwardInputs<'a>,
+    jobs: &'a HashMap<String, TensorJob>,
+    block_linear: &'a HashSet<String>,
+) -> Box<dyn WeightProvider + 'a> {
+    let base = inputs.base;
+    match kind {
+        ModelKind::Reference => Box::new(QuantizedBase {
+            inner: CheckpointProvider::with_adapters(base, inputs.adapters, inputs.plan),
+            precision: inputs.trained_on,
+            base,
+            block_linear,
+        }),
+        ModelKind::Base => Box::new(CheckpointProvider::base(base)),
+        ModelKind::Merged(p) => Box::new(MergedProvider {
+            base,
+            adapters: inputs.adapters,
+            jobs,
+            precision: p,
+            recipe: inputs.recipe,
+            block_linear,
+        }),
+        ModelKind::AdapterBeside(q) => Box::new(QuantizedBase {
+            inner: CheckpointProvider::with_adapters(base, inputs.adapters, inputs.plan),
+            precision: Some(Precision::Quant(q)),
+            base,
+            block_linear,
+        }),
+    }
 }
 
 /// Runs every model over every sequence, block by block. `on_step` is called after the embedding,
@@ -265,16 +456,8 @@ pub fn compare(
 ) -> Result<ForwardOutcome, ModelError> {
     let arch = inputs.arch;
     let base = inputs.base;
-    let block_linear: HashSet<String> = (0..arch.num_layers())
-        .flat_map(|i| arch.block_tensors(i))
-        .filter(|n| base.info(n).is_some_and(|t| t.shape.len() == 2))
-        .collect();
-    let jobs: HashMap<String, TensorJob> = inputs
-        .plan
-        .weights
-        .iter()
-        .map(|j| (j.output.clone(), j.clone()))
-        .collect();
+    let block_linear = block_linear_names(arch, base);
+    let jobs = plan_jobs(inputs.plan);
 
     let mut kinds = vec![ModelKind::Reference, ModelKind::Base];
     kinds.extend(inputs.precisions.iter().map(|p| ModelKind::Merged(*p)));
@@ -284,31 +467,7 @@ pub fn compare(
     }));
     let providers: Vec<Box<dyn WeightProvider + '_>> = kinds
         .iter()
-        .map(|kind| -> Box<dyn WeightProvider + '_> {
-            match kind {
-                ModelKind::Reference => Box::new(QuantizedBase {
-                    inner: CheckpointProvider::with_adapters(base, inputs.adapters, inputs.plan),
-                    precision: inputs.trained_on,
-                    base,
-                    block_linear: &block_linear,
-                }),
-                ModelKind::Base => Box::new(CheckpointProvider::base(base)),
-                ModelKind::Merged(p) => Box::new(MergedProvider {
-                    base,
-                    adapters: inputs.adapters,
-                    jobs: &jobs,
-                    precision: *p,
-                    recipe: inputs.recipe,
-                    block_linear: &block_linear,
-                }),
-                ModelKind::AdapterBeside(q) => Box::new(QuantizedBase {
-                    inner: CheckpointProvider::with_adapters(base, inputs.adapters, inputs.plan),
-                    precision: Some(Precision::Quant(*q)),
-                    base,
-                    block_linear: &block_linear,
-                }),
-            }
-        })
+        .map(|kind| provider_for(*kind, inputs, &jobs, &block_linear))
         .collect();
     let sequences = &inputs.prompts.sequences;
 
@@ -431,3 +590,6 @@ pub fn compare(
         nonfinite,
     })
 }
+
+#[cfg(test)]
+mod goldens;

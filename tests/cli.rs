@@ -366,6 +366,7 @@ const LOGIT_CASES: &[WeightCase] = &[
             "high-kl",
             "effect-lost",
             "top1-disagreement",
+            "gibberish",
         ],
     ),
     // A QLoRA adapter merged into the 16-bit weights it never saw.

@@ -320,6 +320,53 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
                 }
                 adapter_effect = Some(forward.adapter_effect);
                 token_kl = forward.token_kl;
+
+                if args.generate > 0 {
+                    let gen_prompts: Vec<Vec<u32>> = prompts
+                        .sequences
+                        .iter()
+                        .take(GENERATION_PROMPTS)
+                        .map(|s| s[..s.len().min(GENERATION_PROMPT_TOKENS)].to_vec())
+                        .collect();
+                    let stop = eos_ids(base_config.as_ref());
+                    let bar = report::progress::bar(precisions.len() + 1, args.quiet, "generating");
+                    let generation = crate::forward::generation_check(
+                        &ForwardInputs {
+                            arch: &arch,
+                            base: &base,
+                            adapters: &adapters,
+                            plan: &merge_plan,
+                            prompts: &prompts,
+                            precisions: &precisions,
+                            recipe: args.recipe,
+                            trained_on: plan.trained_on,
+                        },
+                        &gen_prompts,
+                        args.generate,
+                        &stop,
+                        &|| bar.inc(1),
+                    )
+                    .context("running the generation check")?;
+                    bar.finish_and_clear();
+                    for p in &mut result.precisions {
+                        if let Some(g) = generation.get(&p.name) {
+                            all_findings.extend(crate::findings::logits::assess_generation(
+                                &p.name,
+                                g,
+                                &plan.thresholds,
+                            ));
+                            p.generation = Some(g.clone());
+                        }
+                    }
+                }
+                for p in &mut result.precisions {
+                    let own: Vec<_> = all_findings
+                        .iter()
+                        .filter(|f| f.precision.as_deref() == Some(p.name.as_str()))
+                        .cloned()
+                        .collect();
+                    p.verdict = Verdict::of(&own);
+                }
             }
         }
         outcome = Some(result);
@@ -356,6 +403,22 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
         layers,
         token_kl,
     })
+}
+
+/// Prompts the generation check continues, and how many of their tokens it keeps.
+const GENERATION_PROMPTS: usize = 3;
+const GENERATION_PROMPT_TOKENS: usize = 24;
+
+/// End-of-sequence ids from config.json (an int or a list).
+fn eos_ids(config: Option<&ModelConfig>) -> Vec<u32> {
+    match config.and_then(|c| c.eos_token_id.as_ref()) {
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| v as u32).into_iter().collect(),
+        Some(serde_json::Value::Array(items)) => items
+            .iter()
+            .filter_map(|v| v.as_u64().map(|v| v as u32))
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// The evaluation tokens: `--prompts` or the built-in text, with the adapters' tokenizer if they

@@ -100,3 +100,45 @@ pub fn assess(
     }
     out
 }
+
+/// gibberish: the candidate's greedy text is far less likely under the reference than the
+/// reference's own, or loops while the reference does not.
+pub fn assess_generation(
+    label: &str,
+    g: &crate::forward::GenerationStats,
+    thresholds: &Thresholds,
+) -> Vec<Finding> {
+    let unlikely = g.nll_ratio > thresholds.gibberish_nll_ratio;
+    let looping = g.repetition > thresholds.max_repetition
+        && g.reference_repetition <= thresholds.max_repetition / 2.0;
+    if !(unlikely || looping) {
+        return Vec::new();
+    }
+    let mut f = Finding::new(
+        Code::Gibberish,
+        None,
+        format!(
+            "the {label} model's greedy text ({} prompts × {} tokens) costs {:.2} nats/token under the \
+             reference vs {:.2} for the reference's own text ({:.1}×); {:.0}% repeated trigrams (reference \
+             {:.0}%); first divergence at token {}",
+            g.prompts,
+            g.max_new_tokens,
+            g.nll_candidate,
+            g.nll_reference,
+            g.nll_ratio,
+            g.repetition * 100.0,
+            g.reference_repetition * 100.0,
+            g.first_divergence.map_or("-".to_string(), |i| i.to_string()),
+        ),
+    )
+    .observed(
+        if unlikely { g.nll_ratio } else { g.repetition },
+        Some(if unlikely {
+            thresholds.gibberish_nll_ratio
+        } else {
+            thresholds.max_repetition
+        }),
+    );
+    f.precision = Some(label.to_string());
+    vec![f]
+}

@@ -56,6 +56,7 @@ pub enum Code {
     Top1Disagreement,
     EffectLost,
     NonfiniteLogits,
+    Gibberish,
 }
 
 /// Documentation of one code, in ruff's "what it checks / why it matters / how to fix" shape.
@@ -92,6 +93,7 @@ impl Code {
         Code::Top1Disagreement,
         Code::EffectLost,
         Code::NonfiniteLogits,
+        Code::Gibberish,
     ];
 
     /// The stable kebab-case name.
@@ -325,6 +327,17 @@ impl Code {
                 "A model that produces NaN logits cannot generate at all.",
                 "Look for nonfinite-merge / overflow in the same precision; merge in bf16 or f32.",
             ),
+            Gibberish => (
+                Deny,
+                "the merged model's greedy text is gibberish to the adapter model",
+                "Greedy continuations from several prompts by the reference and the candidate: the \
+                 candidate text's mean NLL under the reference against the reference's own (ratio), \
+                 and the share of degenerate trigram repeats.",
+                "The classic report — 'the adapter works, the merged model prints gibberish' — shows here \
+                 as a jump in NLL or a loop, even when average KL looks moderate.",
+                "Look at drift_by_layer for the block where the candidate leaves the reference and at the \
+                 weight findings of that block; re-merge in f32/bf16 with the right base and scaling.",
+            ),
         };
         CodeDoc {
             code: self,
@@ -363,6 +376,7 @@ impl CodeDoc {
             Top1Disagreement => "top1-disagreement",
             EffectLost => "effect-lost",
             NonfiniteLogits => "nonfinite-logits",
+            Gibberish => "gibberish",
         }
     }
 }

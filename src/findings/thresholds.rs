@@ -12,6 +12,8 @@
 //! | `high-kl-warn` / `high-kl` | 1e-3 / 1e-2 | 1e-2 / 5e-2 | 0.1 / 0.5 | high-kl (warn / deny) when mean KL − 2σ exceeds it |
 //! | `top1` | 0.98 | 0.95 | 0.85 | top1-disagreement when same-top-1 + 2σ falls below it |
 //! | `effect-lost-warn` / `effect-lost` | 0.2 / 0.5 | 0.5 / 1.0 | 1.0 / 2.0 | effect-lost (warn / deny) |
+//! | `gibberish-nll` | 2.5 | 2.5 | 2.5 | gibberish when the candidate's greedy text is this many times less likely under the reference |
+//! | `repetition` | 0.5 | 0.5 | 0.5 | gibberish when over this share of generated tokens repeat a trigram (and the reference's do not) |
 //!
 //! The logit defaults are anchored on llama.cpp's published KL statistics (user-pain.md §B2):
 //! Llama-3-8B q8_0 mean KL 0.0014 and same-top 97.7 %, q4_0 0.072, q4_K_M 0.031 / 91.9 %, q2_K
@@ -41,6 +43,11 @@ pub struct Thresholds {
     pub eight_bit: ClassThresholds,
     pub four_bit: ClassThresholds,
     pub outlier_z: f64,
+    /// gibberish: a candidate's greedy text is this many times less likely (NLL ratio) under the
+    /// reference than the reference's own text.
+    pub gibberish_nll_ratio: f64,
+    /// gibberish: share of generated tokens repeating an earlier trigram.
+    pub max_repetition: f64,
 }
 
 impl Default for Thresholds {
@@ -80,6 +87,8 @@ impl Default for Thresholds {
                 effect_lost: Some(2.0),
             },
             outlier_z: crate::stats::outliers::DEFAULT_THRESHOLD,
+            gibberish_nll_ratio: 2.5,
+            max_repetition: 0.5,
         }
     }
 }
@@ -96,6 +105,8 @@ pub const NAMES: &[&str] = &[
     "top1",
     "effect-lost-warn",
     "effect-lost",
+    "gibberish-nll",
+    "repetition",
 ];
 
 impl Thresholds {
@@ -140,8 +151,14 @@ impl Thresholds {
                 NAMES.join(", ")
             ));
         }
-        if name == "outlier-z" {
-            self.outlier_z = value.ok_or_else(|| format!("`{spec}`: outlier-z needs a number"))?;
+        let global = match name {
+            "outlier-z" => Some(&mut self.outlier_z),
+            "gibberish-nll" => Some(&mut self.gibberish_nll_ratio),
+            "repetition" => Some(&mut self.max_repetition),
+            _ => None,
+        };
+        if let Some(slot) = global {
+            *slot = value.ok_or_else(|| format!("`{spec}`: {name} needs a number"))?;
             return Ok(());
         }
         let classes: Vec<PrecisionClass> = match class {

@@ -73,7 +73,7 @@ pub struct PrecisionReport {
     /// Quantized formats: the quantized base with the adapter served unmerged beside it (`P+lora`).
     pub unmerged_logits: Option<crate::divergence::LogitStats>,
     /// Greedy generation check; null when not run.
-    pub generation: Option<serde_json::Value>,
+    pub generation: Option<crate::forward::GenerationStats>,
 }
 
 /// Everything the weight stage reports.
