@@ -71,6 +71,10 @@ pub struct CheckArgs {
     /// adapters in the order they were trained.
     #[arg(long = "adapter", value_name = "DIR", required = true)]
     pub adapters: Vec<PathBuf>,
+    /// An already-merged checkpoint to compare against the unmerged adapter, as one more candidate
+    /// (its own dtype).
+    #[arg(long, value_name = "DIR")]
+    pub merged: Option<PathBuf>,
     /// Precisions to merge and evaluate: a comma-separated list of f32, bf16, f16, int8, q8_0,
     /// nf4, fp4, q4_0, q4_1, or `all`. Default: f32 plus the base checkpoint's own dtype.
     #[arg(long, value_name = "LIST|all")]

@@ -31,6 +31,8 @@ pub enum ModelKind {
     Merged(Precision),
     /// The base quantized in a format, adapters unmerged beside it (QLoRA / llama.cpp `--lora`).
     AdapterBeside(QuantFormat),
+    /// An already-merged checkpoint (`--merged DIR`), in its own dtype.
+    MergedDir,
 }
 
 impl ModelKind {
@@ -40,9 +42,13 @@ impl ModelKind {
             ModelKind::Base => "base".into(),
             ModelKind::Merged(p) => p.name().into(),
             ModelKind::AdapterBeside(q) => format!("{}+lora", q.name()),
+            ModelKind::MergedDir => MERGED_LABEL.into(),
         }
     }
 }
+
+/// The label of the `--merged` checkpoint in reports.
+pub const MERGED_LABEL: &str = "merged";
 
 /// Serves a merged candidate: target tensors merged (by recipe) or quantized after an exact f32
 /// merge; other tensors as the format ships them (floats: every tensor in the dtype; quantized:
@@ -240,6 +246,8 @@ pub struct ForwardInputs<'a> {
     pub precisions: &'a [Precision],
     pub recipe: Recipe,
     pub trained_on: Option<Precision>,
+    /// An already-merged checkpoint to compare as one more candidate.
+    pub merged: Option<&'a Checkpoint>,
 }
 
 /// Splits `[ΣT, hidden]` back into one tensor per sequence.
@@ -315,8 +323,15 @@ pub fn generation_check(
     let block_linear = block_linear_names(arch, inputs.base);
     let jobs = plan_jobs(inputs.plan);
     let mut outputs: Vec<(String, Vec<Vec<u32>>)> = Vec::new();
-    for p in inputs.precisions {
-        let kind = ModelKind::Merged(*p);
+    let mut kinds: Vec<ModelKind> = inputs
+        .precisions
+        .iter()
+        .map(|p| ModelKind::Merged(*p))
+        .collect();
+    if inputs.merged.is_some() {
+        kinds.push(ModelKind::MergedDir);
+    }
+    for kind in kinds {
         let provider = provider_for(kind, inputs, &jobs, &block_linear);
         let model = MaterializedModel::new(arch, provider.as_ref())?;
         let texts = prompts
@@ -445,6 +460,8 @@ fn provider_for<'a>(
             base,
             block_linear,
         }),
+        // Without --merged the kind is never listed; serve the base rather than panic.
+        ModelKind::MergedDir => Box::new(CheckpointProvider::base(inputs.merged.unwrap_or(base))),
     }
 }
 
@@ -465,6 +482,9 @@ pub fn compare(
         Precision::Quant(q) => Some(ModelKind::AdapterBeside(*q)),
         Precision::Float(_) => None,
     }));
+    if inputs.merged.is_some() {
+        kinds.push(ModelKind::MergedDir);
+    }
     let providers: Vec<Box<dyn WeightProvider + '_>> = kinds
         .iter()
         .map(|kind| provider_for(*kind, inputs, &jobs, &block_linear))

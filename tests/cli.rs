@@ -385,6 +385,66 @@ const LOGIT_CASES: &[WeightCase] = &[
 ];
 
 #[test]
+fn a_broken_merged_checkpoint_is_caught_and_drift_points_at_the_broken_layer() {
+    let clean = check_json_full(
+        "models/tiny-llama-deep",
+        &["adapters/deep-lora"],
+        &[
+            "--merged",
+            "fixtures/merged/deep-peft-bf16",
+            "--precision",
+            "bf16",
+        ],
+    );
+    assert_eq!(
+        clean.0,
+        0,
+        "PEFT's own bf16 merge must pass: {:?}",
+        codes(&clean.1)
+    );
+    assert!(codes(&clean.1).is_empty(), "{:?}", codes(&clean.1));
+    // fixtures/merged/deep-broken-bf16: layer 3's v_proj update scaled ×50 by hand.
+    let (exit, report) = check_json_full(
+        "models/tiny-llama-deep",
+        &["adapters/deep-lora"],
+        &[
+            "--merged",
+            "fixtures/merged/deep-broken-bf16",
+            "--precision",
+            "bf16",
+        ],
+    );
+    assert_eq!(exit, 1);
+    let got = codes(&report);
+    for code in ["gibberish", "high-kl", "effect-lost"] {
+        assert!(got.contains(code), "{code} missing from {got:?}");
+    }
+    let merged = report["precisions"]
+        .as_array()
+        .expect("precisions")
+        .iter()
+        .find(|p| p["name"] == "merged")
+        .expect("a `merged` entry");
+    let drift: Vec<f64> = merged["logits"]["drift_by_layer"]
+        .as_array()
+        .expect("drift")
+        .iter()
+        .map(|v| v.as_f64().expect("number"))
+        .collect();
+    let jump = drift
+        .windows(2)
+        .enumerate()
+        .max_by(|a, b| (a.1[1] - a.1[0]).total_cmp(&(b.1[1] - b.1[0])))
+        .map(|(i, _)| i + 1)
+        .expect("layers");
+    assert_eq!(jump, 3, "drift {drift:?} should jump at block 3");
+    assert_eq!(
+        report["inputs"]["merged"],
+        "fixtures/merged/deep-broken-bf16"
+    );
+}
+
+#[test]
 fn logit_cases_raise_exactly_the_expected_codes() {
     let mut failures = Vec::new();
     for (base, adapters, flags, want_exit, want_codes) in LOGIT_CASES {

@@ -12,8 +12,9 @@ use crate::cli::CheckArgs;
 use crate::findings::structure::{self, StructureInput};
 use crate::findings::thresholds::Thresholds;
 use crate::findings::weights::{self, WeightOutcome};
+use crate::findings::weights::{PrecisionReport, WeightSummary};
 use crate::findings::{self, Verdict};
-use crate::forward::ForwardInputs;
+use crate::forward::{ForwardInputs, MERGED_LABEL};
 use crate::io::adapter::Adapter;
 use crate::io::checkpoint::{Checkpoint, TensorDtype};
 use crate::io::config::ModelConfig;
@@ -276,6 +277,16 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
         match arch {
             Err(why) => logits_skipped = Some(why),
             Ok(arch) => {
+                let merged = match &args.merged {
+                    None => None,
+                    Some(dir) => {
+                        let checkpoint = Checkpoint::open(dir).with_context(|| {
+                            format!("cannot open the merged checkpoint `{}`", dir.display())
+                        })?;
+                        let precision = stored_precision(&checkpoint);
+                        Some((checkpoint, precision))
+                    }
+                };
                 let prompts = prompts_for(args, &adapters)?;
                 tokens = Some(prompts.tokens());
                 let bar = report::progress::bar(arch.num_layers() + 2, args.quiet, "forward");
@@ -289,6 +300,7 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
                         precisions: &precisions,
                         recipe: args.recipe,
                         trained_on: plan.trained_on,
+                        merged: merged.as_ref().map(|(c, _)| c),
                     },
                     &|| bar.inc(1),
                 )
@@ -298,10 +310,36 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
                     p.logits = forward.stats.get(&p.name).cloned();
                     p.unmerged_logits = forward.stats.get(&format!("{}+lora", p.name)).cloned();
                 }
+                if let Some((_, precision)) = &merged {
+                    result.precisions.push(PrecisionReport {
+                        name: MERGED_LABEL.into(),
+                        class: precision.class().name(),
+                        verdict: Verdict::Pass,
+                        weights: WeightSummary::empty(),
+                        logits: None,
+                        unmerged_logits: None,
+                        generation: None,
+                    });
+                    if let Some(p) = result.precisions.last_mut() {
+                        p.logits = forward.stats.get(MERGED_LABEL).cloned();
+                    }
+                }
                 for (label, stats) in &forward.stats {
                     let nonfinite = forward.nonfinite.get(label).copied().unwrap_or(0);
-                    let mut found =
-                        crate::findings::logits::assess(label, stats, nonfinite, &plan.thresholds);
+                    let class_precision = match (&merged, label.as_str()) {
+                        (Some((_, p)), MERGED_LABEL) => Some(*p),
+                        _ => crate::findings::logits::precision_of(label),
+                    };
+                    let Some(class_precision) = class_precision else {
+                        continue;
+                    };
+                    let mut found = crate::findings::logits::assess(
+                        label,
+                        class_precision,
+                        stats,
+                        nonfinite,
+                        &plan.thresholds,
+                    );
                     // P+lora rows inform the choice; they do not gate the merge.
                     if label.ends_with("+lora") {
                         for f in &mut found {
@@ -340,6 +378,7 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
                             precisions: &precisions,
                             recipe: args.recipe,
                             trained_on: plan.trained_on,
+                            merged: merged.as_ref().map(|(c, _)| c),
                         },
                         &gen_prompts,
                         args.generate,
@@ -390,7 +429,7 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
                 .iter()
                 .map(|a| a.display().to_string())
                 .collect(),
-            merged: None,
+            merged: args.merged.as_ref().map(|m| m.display().to_string()),
             tokens,
             weights_only: args.weights_only,
         },
@@ -403,6 +442,27 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
         layers,
         token_kl,
     })
+}
+
+/// The float format most of a checkpoint's weights are stored in.
+fn stored_precision(checkpoint: &Checkpoint) -> Precision {
+    let (mut f16, mut bf16, mut f32) = (0usize, 0usize, 0usize);
+    for t in checkpoint.tensors() {
+        match t.dtype {
+            TensorDtype::F16 => f16 += t.numel(),
+            TensorDtype::Bf16 => bf16 += t.numel(),
+            TensorDtype::F32 => f32 += t.numel(),
+            TensorDtype::Other(_) => {}
+        }
+    }
+    let format = if bf16 >= f16 && bf16 >= f32 {
+        FloatFormat::Bf16
+    } else if f16 >= f32 {
+        FloatFormat::F16
+    } else {
+        FloatFormat::F32
+    };
+    Precision::Float(format)
 }
 
 /// Prompts the generation check continues, and how many of their tokens it keeps.

@@ -8,20 +8,19 @@ use crate::divergence::LogitStats;
 use crate::merge::precision::Precision;
 
 /// The precision a model label belongs to (`q4_0+lora` → q4_0).
-fn precision_of(label: &str) -> Option<Precision> {
+pub fn precision_of(label: &str) -> Option<Precision> {
     Precision::parse(label.trim_end_matches("+lora"))
 }
 
-/// Findings for one model's statistics. `label` is the precision name or `P+lora`.
+/// Findings for one model's statistics. `label` is the precision name, `P+lora` or `merged`;
+/// `precision` picks the threshold class.
 pub fn assess(
     label: &str,
+    precision: Precision,
     stats: &LogitStats,
     nonfinite: usize,
     thresholds: &Thresholds,
 ) -> Vec<Finding> {
-    let Some(precision) = precision_of(label) else {
-        return Vec::new();
-    };
     let t = thresholds.class(precision.class());
     let mut out = Vec::new();
     let mut push =

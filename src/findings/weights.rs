@@ -61,6 +61,23 @@ pub struct WeightSummary {
     pub overflow: usize,
 }
 
+impl WeightSummary {
+    /// A summary with no layers (a candidate whose weights were not merged here).
+    pub fn empty() -> Self {
+        WeightSummary {
+            modules: 0,
+            worst_rel_error: None,
+            worst_module: None,
+            mean_rel_error: None,
+            max_floor_ratio: None,
+            min_retention: None,
+            mean_below_half_ulp: None,
+            nonfinite: 0,
+            overflow: 0,
+        }
+    }
+}
+
 /// One precision's section of the report.
 #[derive(Debug, Clone, Serialize)]
 pub struct PrecisionReport {
