@@ -29,6 +29,9 @@ pub enum Command {
     /// Explain a finding code: what it checks, why it matters, how to fix it.
     #[command(after_help = EXPLAIN_EXAMPLES)]
     Explain(ExplainArgs),
+    /// Write a commented lora-doctor.toml with every default threshold and level.
+    #[command(after_help = INIT_EXAMPLES)]
+    Init(InitArgs),
 }
 
 const CHECK_EXAMPLES: &str = "\
@@ -38,6 +41,7 @@ Examples:
   lora-doctor check --base base/ --adapter sft/ --adapter ppo/ --json - | jq .verdict
   lora-doctor check --base base/ --adapter qlora/ --trained-on nf4 --precision bf16,q4_0 --csv layers.csv
   lora-doctor check --base base/ --adapter a/ --precision all --threshold min-retention.float=0.8
+  lora-doctor check --base base/ --adapter a/ --report-dir report/ --github --deny warnings
 
 Exit status: 0 gate passed, 1 gate failed (a deny-level finding), 2 could not run.";
 
@@ -56,6 +60,11 @@ const INSPECT_EXAMPLES: &str = "\
 Examples:
   lora-doctor inspect fixtures/adapters/llama-rslora-patterns
   lora-doctor inspect fixtures/models/tiny-llama-sharded";
+
+const INIT_EXAMPLES: &str = "\
+Examples:
+  lora-doctor init                          # ./lora-doctor.toml
+  lora-doctor init --out out/adapter/lora-doctor.toml   # found there by `check` automatically";
 
 const EXPLAIN_EXAMPLES: &str = "\
 Examples:
@@ -115,12 +124,44 @@ pub struct CheckArgs {
     /// Write the JSON report to FILE, or to stdout with `-` (the summary then goes to stderr).
     #[arg(long, value_name = "FILE|-")]
     pub json: Option<PathBuf>,
+    /// Write every report into DIR: report.html, report.json, layers.csv, tokens.csv, junit.xml,
+    /// summary.md (created if missing; must not be inside an input).
+    #[arg(long, value_name = "DIR")]
+    pub report_dir: Option<PathBuf>,
+    /// Write the self-contained HTML report (`-` for stdout).
+    #[arg(long, value_name = "FILE|-")]
+    pub html: Option<PathBuf>,
+    /// Write JUnit XML (a testsuite per precision; `-` for stdout).
+    #[arg(long, value_name = "FILE|-")]
+    pub junit: Option<PathBuf>,
+    /// Print GitHub annotations and append summary.md to $GITHUB_STEP_SUMMARY when set.
+    #[arg(long)]
+    pub github: bool,
+    /// Gate configuration (default: lora-doctor.toml in an adapter folder, if present).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Raise a finding code to deny, or `warnings` to deny every warning.
+    #[arg(long, value_name = "CODE|warnings")]
+    pub deny: Vec<String>,
+    /// Set a finding code to warn.
+    #[arg(long, value_name = "CODE")]
+    pub warn: Vec<String>,
+    /// Allow a finding code (reported, never gating).
+    #[arg(long, value_name = "CODE")]
+    pub allow: Vec<String>,
     /// Print nothing but errors (and the JSON when `--json -`).
     #[arg(long, short)]
     pub quiet: bool,
     /// Always exit 0 when the check ran, whatever the verdict.
     #[arg(long)]
     pub exit_zero: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Where to write the template (refuses to overwrite).
+    #[arg(long, value_name = "FILE", default_value = "lora-doctor.toml")]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Args)]

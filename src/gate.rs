@@ -3,7 +3,7 @@
 //! after levels changed.
 //!
 //! ```toml
-//! [thresholds]            # class-less: outlier-z; any other name here sets every class
+//! [thresholds]            # class-less ones (outlier-z, …); any other name here sets every class
 //! outlier-z = 3.5
 //! [thresholds.float]      # float, 8bit, 4bit: every name `--threshold` takes
 //! min-retention = 0.5
@@ -148,7 +148,15 @@ pub enum GateError {
 fn format_problems(path: &Path, problems: &[Problem]) -> String {
     let lines: Vec<String> = problems
         .iter()
-        .map(|p| format!("  {}:{}:{}: {}", path.display(), p.line, p.column, p.message))
+        .map(|p| {
+            format!(
+                "  {}:{}:{}: {}",
+                path.display(),
+                p.line,
+                p.column,
+                p.message
+            )
+        })
         .collect();
     lines.join("\n")
 }
@@ -216,19 +224,23 @@ impl GateConfig {
              # Flags win over this file: `--threshold NAME[.CLASS]=VALUE`, `--deny CODE|warnings`,\n\
              # `--warn CODE`, `--allow CODE`.\n\n\
              [thresholds]\n\
-             # A threshold name set here (other than outlier-z) applies to every precision class;\n\
-             # the class tables below then override it per class. \"off\" disables a rule.\n",
+             # The thresholds here are the same for every precision class. A per-class name set\n\
+             # here applies to every class; the class tables below then override it per class.\n\
+             # \"off\" disables a per-class rule.\n",
         );
-        let _ = writeln!(
-            out,
-            "outlier-z = {}  # {}\n",
-            toml_number(threshold_of(&defaults, "outlier-z", PrecisionClass::Float)),
-            threshold_meaning("outlier-z")
-        );
+        for &name in thresholds::NAMES.iter().filter(|n| is_global(n)) {
+            let _ = writeln!(
+                out,
+                "{name} = {}  # {}",
+                toml_number(threshold_of(&defaults, name, PrecisionClass::Float)),
+                threshold_meaning(name)
+            );
+        }
+        out.push('\n');
         for class in CLASSES {
             let _ = writeln!(out, "[thresholds.{}]", class.name());
             let _ = writeln!(out, "# {}", class_comment(class));
-            for &name in thresholds::NAMES.iter().filter(|n| **n != "outlier-z") {
+            for &name in thresholds::NAMES.iter().filter(|n| !is_global(n)) {
                 let _ = writeln!(
                     out,
                     "{name} = {}  # {}",
@@ -299,7 +311,9 @@ fn class_by_name(name: &str) -> Option<PrecisionClass> {
 
 fn class_comment(class: PrecisionClass) -> &'static str {
     match class {
-        PrecisionClass::Float => "f32, bf16, f16: a faithful merge loses no more than one rounding.",
+        PrecisionClass::Float => {
+            "f32, bf16, f16: a faithful merge loses no more than one rounding."
+        }
         PrecisionClass::EightBit => "int8, q8_0.",
         PrecisionClass::FourBit => "nf4, fp4, q4_0, q4_1.",
     }
@@ -320,7 +334,7 @@ fn check_range(name: &str, value: f64) -> Result<(), String> {
         return Err(format!("`{name}` must be a finite number"));
     }
     match name {
-        "min-retention" | "top1" if !(0.0..=1.0).contains(&value) => {
+        "min-retention" | "top1" | "repetition" if !(0.0..=1.0).contains(&value) => {
             Err(format!("`{name}` is a rate between 0 and 1, not {value}"))
         }
         _ if value < 0.0 => Err(format!("`{name}` cannot be negative ({value})")),
@@ -366,9 +380,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
         row[0] = i + 1;
         for (j, cb) in b.iter().enumerate() {
             let cur = row[j + 1];
-            row[j + 1] = (prev + usize::from(ca != *cb))
-                .min(row[j] + 1)
-                .min(cur + 1);
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
             prev = cur;
         }
     }
@@ -443,16 +455,14 @@ impl Validator<'_, '_> {
                 if let Some(t) = self.table((key, value)) {
                     per_class.push((class, t));
                 }
-            } else if name == "outlier-z" {
-                if let Some(v) = self.threshold_value(name, value) {
-                    match v {
-                        Some(z) => config.thresholds.outlier_z = z,
-                        None => self.problem(
-                            value.span(),
-                            "`outlier-z` cannot be \"off\"; use a large number to silence delta-outlier"
-                                .to_string(),
-                        ),
-                    }
+            } else if is_global(name) {
+                match self.threshold_value(name, value) {
+                    Some(Some(v)) => set_threshold(config, name, PrecisionClass::Float, Some(v)),
+                    Some(None) => self.problem(
+                        value.span(),
+                        format!("`{name}` cannot be \"off\"; use a number that never triggers"),
+                    ),
+                    None => {}
                 }
             } else if thresholds::NAMES.contains(&name) {
                 if let Some(v) = self.threshold_value(name, value) {
@@ -473,11 +483,10 @@ impl Validator<'_, '_> {
         for (class, t) in per_class {
             for (key, value) in t.iter() {
                 let name = key.get_ref().as_ref();
-                if name == "outlier-z" {
+                if is_global(name) {
                     self.problem(
                         key.span(),
-                        "`outlier-z` is the same for every class; set it under [thresholds]"
-                            .to_string(),
+                        format!("`{name}` is the same for every class; set it under [thresholds]"),
                     );
                 } else if thresholds::NAMES.contains(&name) {
                     if let Some(v) = self.threshold_value(name, value) {
@@ -491,7 +500,8 @@ impl Validator<'_, '_> {
                             class.name(),
                             thresholds::NAMES
                                 .iter()
-                                .filter(|n| *n != "outlier-z")
+                                .copied()
+                                .filter(|n| !is_global(n))
                                 .collect::<Vec<_>>()
                                 .join(", ")
                         ),
@@ -578,31 +588,71 @@ impl Validator<'_, '_> {
     }
 }
 
-/// Sets one threshold through `Thresholds::apply_override`, the single place that maps names to
-/// fields (the value was validated already, and `{:?}` of an f64 parses back to the same value).
+/// Where a threshold lives in the serialized `Thresholds`: a top-level field (the same for every
+/// class) or a field of each class table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Slot {
+    Global(String),
+    PerClass(String),
+}
+
+/// Finds a threshold's field by setting it through `Thresholds::apply_override` — the one place
+/// that maps names to fields — and seeing which serialized field changed. New thresholds work
+/// here without a second name table.
+fn slot(name: &str) -> Option<Slot> {
+    const PROBE: f64 = 0.123_456_789;
+    let before = serde_json::to_value(Thresholds::default()).ok()?;
+    let mut probed = Thresholds::default();
+    probed
+        .apply_override(&format!("{name}.float={PROBE:?}"))
+        .ok()?;
+    let after = serde_json::to_value(probed).ok()?;
+    let (before, after) = (before.as_object()?, after.as_object()?);
+    let (key, value) = after.iter().find(|(k, v)| before.get(*k) != Some(*v))?;
+    match (
+        value.as_object(),
+        before.get(key).and_then(|v| v.as_object()),
+    ) {
+        (Some(now), Some(was)) => now
+            .iter()
+            .find(|(k, v)| was.get(*k) != Some(*v))
+            .map(|(k, _)| Slot::PerClass(k.clone())),
+        _ => Some(Slot::Global(key.clone())),
+    }
+}
+
+/// True for thresholds that are the same for every precision class.
+fn is_global(name: &str) -> bool {
+    matches!(slot(name), Some(Slot::Global(_)))
+}
+
+/// Sets one threshold through `Thresholds::apply_override` (the value was validated already, and
+/// `{:?}` of an f64 parses back to the same value).
 fn set_threshold(config: &mut GateConfig, name: &str, class: PrecisionClass, value: Option<f64>) {
-    let spec = match value {
-        Some(v) => format!("{name}.{}={v:?}", class.name()),
-        None => format!("{name}.{}=off", class.name()),
+    let value = value.map_or_else(|| "off".to_string(), |v| format!("{v:?}"));
+    let spec = if is_global(name) {
+        format!("{name}={value}")
+    } else {
+        format!("{name}.{}={value}", class.name())
     };
     // Names come from `thresholds::NAMES` and values passed `check_range`: this cannot fail.
     let _ = config.thresholds.apply_override(&spec);
 }
 
-/// A threshold's current value by its `--threshold` name, read through the serialized form (field
-/// names are the kebab-case names in snake case). `outlier-z` is the same for every class.
+/// A threshold's current value by its `--threshold` name.
 fn threshold_of(t: &Thresholds, name: &str, class: PrecisionClass) -> Option<f64> {
     let value = serde_json::to_value(t).ok()?;
-    let field = name.replace('-', "_");
-    if let Some(v) = value.get(&field) {
-        return v.as_f64();
+    match slot(name)? {
+        Slot::Global(field) => value.get(&field)?.as_f64(),
+        Slot::PerClass(field) => {
+            let class_field = match class {
+                PrecisionClass::Float => "float",
+                PrecisionClass::EightBit => "eight_bit",
+                PrecisionClass::FourBit => "four_bit",
+            };
+            value.get(class_field)?.get(&field)?.as_f64()
+        }
     }
-    let class_field = match class {
-        PrecisionClass::Float => "float",
-        PrecisionClass::EightBit => "eight_bit",
-        PrecisionClass::FourBit => "four_bit",
-    };
-    value.get(class_field)?.get(&field)?.as_f64()
 }
 
 /// What each threshold bounds, for the template's comments.
@@ -613,11 +663,19 @@ fn threshold_meaning(name: &str) -> &'static str {
         "min-retention" => "delta-swamped when the retained share of ΔW falls below it",
         "quant-error" => "quantization-error when the quantization error / ‖ΔW‖ exceeds it",
         "outlier-z" => "delta-outlier when |modified z| of log ‖ΔW‖ among a module kind exceeds it",
-        "high-kl-warn" => "high-kl (warn) when mean KL(reference ‖ merged) − 2σ, in nats, exceeds it",
+        "high-kl-warn" => {
+            "high-kl (warn) when mean KL(reference ‖ merged) − 2σ, in nats, exceeds it"
+        }
         "high-kl" => "high-kl (deny) when mean KL(reference ‖ merged) − 2σ, in nats, exceeds it",
         "top1" => "top1-disagreement when the same-top-1 rate + 2σ falls below it",
-        "effect-lost-warn" => "effect-lost (warn) when KL(ref ‖ merged) / KL(ref ‖ base) exceeds it",
+        "effect-lost-warn" => {
+            "effect-lost (warn) when KL(ref ‖ merged) / KL(ref ‖ base) exceeds it"
+        }
         "effect-lost" => "effect-lost (deny) when KL(ref ‖ merged) / KL(ref ‖ base) exceeds it",
+        "gibberish-nll" => {
+            "gibberish when the merged model's greedy text is this many times less likely (NLL) under the reference"
+        }
+        "repetition" => "gibberish when over this share of generated tokens repeat a trigram",
         _ => "see README \"Thresholds\"",
     }
 }
@@ -690,6 +748,16 @@ mod tests {
             Some(&Level::Deny)
         );
         assert!(config.levels.deny_warnings);
+    }
+
+    #[test]
+    fn class_less_thresholds_are_found_from_the_thresholds_themselves() {
+        assert_eq!(slot("outlier-z"), Some(Slot::Global("outlier_z".into())));
+        assert_eq!(
+            slot("min-retention"),
+            Some(Slot::PerClass("min_retention".into()))
+        );
+        assert_eq!(slot("nope"), None);
     }
 
     #[test]

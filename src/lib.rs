@@ -9,6 +9,7 @@ pub mod commands;
 pub mod divergence;
 pub mod findings;
 pub mod forward;
+pub mod gate;
 pub mod io;
 pub mod merge;
 pub mod model;
@@ -43,5 +44,6 @@ pub fn run(cli: cli::Cli) -> anyhow::Result<ExitStatus> {
         cli::Command::Merge(args) => commands::merge::run(&args),
         cli::Command::Inspect(args) => commands::inspect::run(&args),
         cli::Command::Explain(args) => commands::explain::run(&args),
+        cli::Command::Init(args) => commands::init::run(&args),
     }
 }

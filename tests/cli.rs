@@ -1020,3 +1020,109 @@ fn csv_has_one_row_per_module_and_precision() {
     assert_eq!(lines.count(), 14 * 3);
     assert!(stderr(&out).contains("verdict: PASS"));
 }
+
+/// Replaces every number with `#`, so text compares across CPUs whose f32 kernels round the
+/// last bits differently.
+fn without_numbers(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut in_number = false;
+    for c in text.chars() {
+        let numeric = c.is_ascii_digit() || (in_number && matches!(c, '.' | 'e' | 'E' | '-' | '+'));
+        if numeric {
+            if !in_number {
+                out.push('#');
+            }
+        } else {
+            out.push(c);
+        }
+        in_number = numeric;
+    }
+    out
+}
+
+/// Numbers equal within a relative 1e-3 (absolute 1e-9), everything else exactly.
+fn json_close(a: &Value, b: &Value, path: &str, diffs: &mut Vec<String>) {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            let (x, y) = (
+                x.as_f64().unwrap_or(f64::NAN),
+                y.as_f64().unwrap_or(f64::NAN),
+            );
+            if (x - y).abs() > 1e-9 + 1e-3 * x.abs().max(y.abs()) {
+                diffs.push(format!("{path}: {x} vs {y}"));
+            }
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            if x.keys().ne(y.keys()) {
+                diffs.push(format!("{path}: different keys"));
+                return;
+            }
+            for (k, v) in x {
+                if k == "tool_version" {
+                    continue;
+                }
+                json_close(v, &y[k], &format!("{path}.{k}"), diffs);
+            }
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+            for (i, (v, w)) in x.iter().zip(y).enumerate() {
+                json_close(v, w, &format!("{path}[{i}]"), diffs);
+            }
+        }
+        _ if a == b => {}
+        _ => diffs.push(format!("{path}: {a} vs {b}")),
+    }
+}
+
+/// reports/example is what the README's documented command writes; regenerate it with
+/// `cargo run --release -- check --base fixtures/models/tiny-llama --adapter
+/// fixtures/adapters/llama-lora --precision all --report-dir reports/example`.
+#[test]
+fn committed_example_report_matches_what_the_command_produces() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out_dir = dir.path().join("example");
+    let out_s = out_dir.display().to_string();
+    let result = run(&[
+        "check",
+        "--quiet",
+        "--base",
+        "fixtures/models/tiny-llama",
+        "--adapter",
+        "fixtures/adapters/llama-lora",
+        "--precision",
+        "all",
+        "--report-dir",
+        &out_s,
+    ]);
+    assert_eq!(code(&result), 0, "{}", stderr(&result));
+    let committed = root().join("reports/example");
+    let read = |d: &Path, f: &str| {
+        std::fs::read_to_string(d.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"))
+    };
+    let mut diffs = Vec::new();
+    let fresh: Value = serde_json::from_str(&read(&out_dir, "report.json")).expect("JSON");
+    let old: Value = serde_json::from_str(&read(&committed, "report.json")).expect("JSON");
+    json_close(&fresh, &old, "report", &mut diffs);
+    for file in ["layers.csv", "report.html", "summary.md", "junit.xml"] {
+        let a = without_numbers(&read(&out_dir, file).replace(env!("CARGO_PKG_VERSION"), "V"));
+        let b = without_numbers(&read(&committed, file).replace(env!("CARGO_PKG_VERSION"), "V"));
+        if a != b {
+            let line = a
+                .lines()
+                .zip(b.lines())
+                .position(|(x, y)| x != y)
+                .unwrap_or(0);
+            diffs.push(format!("{file} differs from line {}", line + 1));
+        }
+    }
+    assert!(
+        diffs.is_empty(),
+        "reports/example is stale; regenerate it (see the README):\n{}",
+        diffs
+            .iter()
+            .take(20)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}

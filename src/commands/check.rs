@@ -15,6 +15,7 @@ use crate::findings::weights::{self, WeightOutcome};
 use crate::findings::weights::{PrecisionReport, WeightSummary};
 use crate::findings::{self, Verdict};
 use crate::forward::{ForwardInputs, MERGED_LABEL};
+use crate::gate::{GateConfig, LevelOverrides};
 use crate::io::adapter::Adapter;
 use crate::io::checkpoint::{Checkpoint, TensorDtype};
 use crate::io::config::ModelConfig;
@@ -42,39 +43,78 @@ struct Settings {
     precisions: Option<Vec<Precision>>,
     trained_on: Option<Precision>,
     thresholds: Thresholds,
+    levels: LevelOverrides,
+    config: Option<PathBuf>,
+}
+
+/// One report file to write, and what goes in it.
+enum Format {
+    Json,
+    Csv,
+    Tokens,
+    Html,
+    Junit,
+    Summary,
 }
 
 /// Settings plus the reserved outputs.
 struct Plan {
     settings: Settings,
-    json: Option<OutputTarget>,
-    csv: Option<OutputTarget>,
+    outputs: Vec<(Format, OutputTarget)>,
 }
 
 fn plan(args: &CheckArgs) -> anyhow::Result<Plan> {
     let settings = plan_without_outputs(args)?;
     let mut inputs: Vec<&Path> = vec![args.base.as_path()];
     inputs.extend(args.adapters.iter().map(PathBuf::as_path));
-    let json = args
-        .json
-        .as_deref()
-        .map(|p| OutputTarget::reserve(p, &inputs))
-        .transpose()?;
-    let csv = args
-        .csv
-        .as_deref()
-        .map(|p| OutputTarget::reserve(p, &inputs))
-        .transpose()?;
-    if json.as_ref().is_some_and(OutputTarget::is_stdout)
-        && csv.as_ref().is_some_and(OutputTarget::is_stdout)
-    {
-        bail!("--json - and --csv - cannot both write to stdout");
+    if let Some(m) = &args.merged {
+        inputs.push(m.as_path());
     }
-    Ok(Plan {
-        settings,
-        json,
-        csv,
-    })
+    let mut outputs = Vec::new();
+    for (flag, format) in [
+        (&args.json, Format::Json),
+        (&args.csv, Format::Csv),
+        (&args.html, Format::Html),
+        (&args.junit, Format::Junit),
+    ] {
+        if let Some(path) = flag {
+            outputs.push((format, OutputTarget::reserve(path, &inputs)?));
+        }
+    }
+    if let Some(dir) = &args.report_dir {
+        for input in &inputs {
+            if let (Ok(i), Some(parent)) = (std::fs::canonicalize(input), dir.parent()) {
+                let parent = if parent.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    parent
+                };
+                if std::fs::canonicalize(parent).is_ok_and(|p| p.starts_with(&i)) {
+                    bail!(
+                        "refusing to write reports into `{}` inside the input folder `{}`",
+                        dir.display(),
+                        i.display()
+                    );
+                }
+            }
+        }
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the report folder `{}`", dir.display()))?;
+        for (name, format) in [
+            ("report.json", Format::Json),
+            ("layers.csv", Format::Csv),
+            ("tokens.csv", Format::Tokens),
+            ("report.html", Format::Html),
+            ("junit.xml", Format::Junit),
+            ("summary.md", Format::Summary),
+        ] {
+            outputs.push((format, OutputTarget::reserve(&dir.join(name), &inputs)?));
+        }
+    }
+    if outputs.iter().filter(|(_, o)| o.is_stdout()).count() > 1 {
+        bail!("only one report can go to stdout (`-`)");
+    }
+    Ok(Plan { settings, outputs })
 }
 
 fn plan_without_outputs(args: &CheckArgs) -> anyhow::Result<Settings> {
@@ -113,7 +153,34 @@ fn plan_without_outputs(args: &CheckArgs) -> anyhow::Result<Settings> {
             Some(p) => Some(p),
         },
     };
-    let mut thresholds = Thresholds::default();
+    let config_path = args
+        .config
+        .clone()
+        .or_else(|| GateConfig::find(&args.adapters));
+    let config = match &config_path {
+        Some(path) => match GateConfig::load(path) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                problems.push(format!("--config: {e}"));
+                None
+            }
+        },
+        None => None,
+    };
+    let mut thresholds = config
+        .as_ref()
+        .map_or_else(Thresholds::default, |c| c.thresholds);
+    let levels = match config.map(|c| c.levels).unwrap_or_default().with_flags(
+        &args.deny,
+        &args.warn,
+        &args.allow,
+    ) {
+        Ok(levels) => levels,
+        Err(found) => {
+            problems.extend(found);
+            LevelOverrides::default()
+        }
+    };
     for spec in &args.threshold {
         if let Err(e) = thresholds.apply_override(spec) {
             problems.push(format!("--threshold {e}"));
@@ -126,6 +193,8 @@ fn plan_without_outputs(args: &CheckArgs) -> anyhow::Result<Settings> {
         precisions,
         trained_on,
         thresholds,
+        levels,
+        config: config_path,
     })
 }
 
@@ -417,7 +486,7 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
         Some(o) => (Some(o.precisions), Some(o.rows)),
         None => (None, None),
     };
-    Ok(Report {
+    let mut report = Report {
         schema_version: report::SCHEMA_VERSION,
         tool_version: env!("CARGO_PKG_VERSION"),
         verdict,
@@ -432,6 +501,7 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
             merged: args.merged.as_ref().map(|m| m.display().to_string()),
             tokens,
             weights_only: args.weights_only,
+            config: plan.config.as_ref().map(|c| c.display().to_string()),
         },
         adapter_effect,
         logits_skipped,
@@ -441,7 +511,9 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
         precisions,
         layers,
         token_kl,
-    })
+    };
+    crate::gate::apply_gate(&mut report, &plan.levels);
+    Ok(report)
 }
 
 /// The float format most of a checkpoint's weights are stored in.
@@ -505,16 +577,39 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<ExitStatus> {
     let report = build(args, &plan.settings)?;
     let verdict = report.verdict;
 
-    let machine_on_stdout = plan.json.as_ref().is_some_and(OutputTarget::is_stdout)
-        || plan.csv.as_ref().is_some_and(OutputTarget::is_stdout);
-    if let Some(out) = plan.json {
-        out.write_all(&report::json::render(&report)?)?;
-    }
-    if let Some(out) = plan.csv {
-        out.write_all(&report::csv::render(&report)?)?;
+    let machine_on_stdout = plan.outputs.iter().any(|(_, o)| o.is_stdout());
+    for (format, out) in plan.outputs {
+        let bytes = match format {
+            Format::Json => report::json::render(&report)?,
+            Format::Csv => report::csv::render(&report)?,
+            Format::Tokens => report::tokens::render(&report)?,
+            Format::Html => {
+                report::html::render(&report, &report::html::HtmlOptions::default()).into_bytes()
+            }
+            Format::Junit => report::junit::render(&report).into_bytes(),
+            Format::Summary => report::summary::render(&report).into_bytes(),
+        };
+        out.write_all(&bytes)?;
     }
     if !args.quiet {
         report::print_human(&report::terminal::check_summary(&report), machine_on_stdout)?;
+    }
+    if args.github {
+        report::print_human(&report::github::render(&report), machine_on_stdout)?;
+        if let Some(path) = std::env::var_os("GITHUB_STEP_SUMMARY") {
+            use std::io::Write;
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .with_context(|| {
+                    format!(
+                        "appending to GITHUB_STEP_SUMMARY `{}`",
+                        path.to_string_lossy()
+                    )
+                })?;
+            file.write_all(report::summary::render(&report).as_bytes())?;
+        }
     }
     Ok(match verdict {
         Verdict::Fail if !args.exit_zero => ExitStatus::Failure,

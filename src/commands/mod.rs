@@ -3,5 +3,6 @@
 
 pub mod check;
 pub mod explain;
+pub mod init;
 pub mod inspect;
 pub mod merge;

@@ -4,10 +4,16 @@
 //! expensive work starts (a bad path fails in the first second) and written atomically: a
 //! temporary file in the destination folder, renamed into place when complete.
 
+pub mod charts;
 pub mod csv;
+pub mod github;
+pub mod html;
 pub mod json;
+pub mod junit;
 pub mod progress;
+pub mod summary;
 pub mod terminal;
+pub mod tokens;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -32,6 +38,8 @@ pub struct Inputs {
     /// Tokens scored by the forward pass; null when it did not run.
     pub tokens: Option<usize>,
     pub weights_only: bool,
+    /// The `lora-doctor.toml` the gate used, if any.
+    pub config: Option<String>,
 }
 
 /// The settings the weight stage ran with.

@@ -1,0 +1,638 @@
+//! `report.html`: one self-contained page (inline CSS and SVG; no scripts, fonts or other assets,
+//! so it works offline and in a CI artifact viewer). Sections: verdict banner, precision matrix,
+//! per-layer heatmap, KL distribution, hidden-state drift, greedy generation, findings with
+//! advice, inputs and provenance. A section that did not run says so instead of drawing an empty chart.
+//!
+//! Every string that comes from the inputs — paths, module and tensor names, messages, config
+//! values — passes through [`escape`]; chart text is escaped by the SVG backend (see `charts`).
+//! Stable ids for tests and scripts: `verdict`, `chart-matrix` (holding `precision-matrix`),
+//! `chart-heatmap`, `chart-kl`, `chart-drift`, `generation`, `findings`, `provenance`. Every chart container
+//! has `data-state="drawn"` or `data-state="not-run"`.
+
+use std::fmt::Write as _;
+
+use serde_json::Value;
+
+use super::Report;
+use super::charts::{self, HeatmapData, HeatmapMetric};
+use super::summary::{self, MatrixRow, num, num_pm, percent};
+use crate::findings::{Level, Verdict};
+
+/// Choices the page leaves to the caller.
+#[derive(Debug, Clone, Default)]
+pub struct HtmlOptions {
+    /// The precision the heatmap shows; default: [`charts::default_heatmap_precision`].
+    pub heatmap_precision: Option<String>,
+    pub heatmap_metric: HeatmapMetric,
+}
+
+/// Escapes text for HTML element content and quoted attribute values.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            // C0 controls other than tab/newline have no business in a report (and NUL is a
+            // parse error); show them as the replacement character.
+            c if c.is_control() && c != '\n' && c != '\t' => out.push('\u{fffd}'),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn verdict_class(verdict: Option<Verdict>) -> &'static str {
+    match verdict {
+        Some(Verdict::Pass) => "pass",
+        Some(Verdict::Warn) => "warn",
+        Some(Verdict::Fail) => "fail",
+        None => "info",
+    }
+}
+
+const STYLE: &str = r#"
+:root { --pass:#1a7f37; --pass-bg:#dafbe1; --warn:#9a6700; --warn-bg:#fff8c5;
+        --fail:#cf222e; --fail-bg:#ffebe9; --info:#57606a; --info-bg:#f6f8fa; --line:#d0d7de; }
+* { box-sizing: border-box; }
+body { margin: 0; padding: 24px 32px 48px; background: #fff; color: #1f2328;
+       font: 14px/1.45 system-ui, -apple-system, "Segoe UI", "DejaVu Sans", sans-serif; }
+h1 { font-size: 26px; margin: 0 0 4px; }
+h2 { font-size: 19px; margin: 32px 0 8px; padding-bottom: 4px; border-bottom: 1px solid var(--line); }
+h3 { font-size: 15px; margin: 18px 0 6px; }
+code, .mono { font: 12.5px/1.4 ui-monospace, "DejaVu Sans Mono", monospace; word-break: break-all; }
+table { border-collapse: collapse; margin: 6px 0 12px; }
+th, td { border: 1px solid var(--line); padding: 4px 8px; text-align: left; vertical-align: top; }
+th { background: var(--info-bg); font-weight: 600; }
+td.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+.banner { border-radius: 8px; padding: 16px 20px; border: 2px solid; }
+.banner.pass { background: var(--pass-bg); border-color: var(--pass); }
+.banner.warn { background: var(--warn-bg); border-color: var(--warn); }
+.banner.fail { background: var(--fail-bg); border-color: var(--fail); }
+.banner .chips { margin-top: 8px; }
+.chip { display: inline-block; margin: 2px 6px 2px 0; padding: 1px 8px; border-radius: 10px;
+        border: 1px solid; font-size: 12.5px; background: #fff; }
+.chip.pass, .lvl.allow { color: var(--pass); } .chip.warn, .lvl.warn { color: var(--warn); }
+.chip.fail, .lvl.deny { color: var(--fail); } .chip.info { color: var(--info); }
+tr.pass td { background: var(--pass-bg); } tr.warn td { background: var(--warn-bg); }
+tr.fail td { background: var(--fail-bg); } tr.info td { background: var(--info-bg); color: var(--info); }
+.chart { margin: 8px 0; }
+.chart svg { display: block; max-width: 100%; height: auto; border: 1px solid var(--line); }
+.not-run { color: var(--info); background: var(--info-bg); border: 1px dashed var(--line);
+           padding: 12px 16px; border-radius: 6px; max-width: 1000px; }
+.muted { color: var(--info); }
+.finding { border: 1px solid var(--line); border-left: 6px solid var(--info); border-radius: 6px;
+           padding: 8px 12px; margin: 8px 0; max-width: 1100px; }
+.finding.deny { border-left-color: var(--fail); } .finding.warn { border-left-color: var(--warn); }
+.finding.allow { opacity: 0.75; }
+.lvl { font-weight: 700; text-transform: uppercase; font-size: 12px; margin-right: 6px; }
+.advice { margin-top: 4px; } .advice b { font-weight: 600; }
+dl.kv { display: grid; grid-template-columns: max-content 1fr; gap: 2px 16px; margin: 6px 0; }
+dl.kv dt { font-weight: 600; } dl.kv dd { margin: 0; }
+details summary { cursor: pointer; color: var(--info); }
+footer { margin-top: 40px; color: var(--info); font-size: 12.5px; }
+"#;
+
+/// Renders the complete page. Never fails: a chart that cannot be drawn becomes a note.
+pub fn render(report: &Report, options: &HtmlOptions) -> String {
+    let mut out = String::with_capacity(64 * 1024);
+    let _ = write!(
+        out,
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
+         <meta name=\"generator\" content=\"lora-doctor {}\">\n\
+         <title>lora-doctor: {}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n",
+        escape(report.tool_version),
+        summary::verdict_word(report.verdict)
+    );
+    banner(&mut out, report);
+    matrix_section(&mut out, report);
+    heatmap_section(&mut out, report, options);
+    kl_section(&mut out, report);
+    drift_section(&mut out, report);
+    generation_section(&mut out, report);
+    findings_section(&mut out, report);
+    provenance_section(&mut out, report);
+    let _ = write!(
+        out,
+        "<footer>lora-doctor {} · report schema {} · one self-contained file, no scripts</footer>\n\
+         </body>\n</html>\n",
+        escape(report.tool_version),
+        report.schema_version
+    );
+    out
+}
+
+fn banner(out: &mut String, report: &Report) {
+    let count = |level| report.findings.iter().filter(|f| f.level == level).count();
+    let _ = write!(
+        out,
+        "<header id=\"verdict\" class=\"banner {cls}\" data-verdict=\"{v}\">\n\
+         <h1>{word}</h1>\n<div>{deny} deny · {warn} warn · {allow} allowed finding(s) — ",
+        cls = verdict_class(Some(report.verdict)),
+        v = report.verdict.as_str(),
+        word = summary::verdict_word(report.verdict),
+        deny = count(Level::Deny),
+        warn = count(Level::Warn),
+        allow = count(Level::Allow),
+    );
+    let checked = match (report.inputs.tokens, &report.logits_skipped) {
+        (Some(tokens), _) => format!("weights and logits over {tokens} tokens"),
+        (None, Some(why)) => format!("weights only (logits not run: {})", escape(why)),
+        (None, None) if report.inputs.weights_only => "weights only".to_string(),
+        (None, None) => "weights".to_string(),
+    };
+    let _ = writeln!(
+        out,
+        "{checked}; base <code>{}</code>, adapter{} {}</div>",
+        escape(&report.inputs.base),
+        if report.inputs.adapters.len() == 1 {
+            ""
+        } else {
+            "s"
+        },
+        report
+            .inputs
+            .adapters
+            .iter()
+            .map(|a| format!("<code>{}</code>", escape(a)))
+            .collect::<Vec<_>>()
+            .join(" → ")
+    );
+    if let Some(precisions) = &report.precisions {
+        out.push_str("<div class=\"chips\">");
+        for p in precisions {
+            let _ = write!(
+                out,
+                "<span class=\"chip {}\">{} {}</span>",
+                verdict_class(Some(p.verdict)),
+                escape(&p.name),
+                p.verdict.as_str()
+            );
+        }
+        out.push_str("</div>\n");
+    }
+    out.push_str("</header>\n");
+}
+
+fn not_run(out: &mut String, id: &str, why: &str) {
+    let _ = writeln!(
+        out,
+        "<div id=\"{id}\" class=\"chart not-run\" data-state=\"not-run\">not run: {}</div>",
+        escape(why)
+    );
+}
+
+fn chart(out: &mut String, id: &str, drawn: Result<Option<String>, charts::ChartError>, why: &str) {
+    match drawn {
+        Ok(Some(svg)) => {
+            let _ = writeln!(
+                out,
+                "<div id=\"{id}\" class=\"chart\" data-state=\"drawn\">\n{svg}</div>"
+            );
+        }
+        Ok(None) => not_run(out, id, why),
+        Err(e) => not_run(out, id, &e.to_string()),
+    }
+}
+
+/// Why the weight stage has nothing to show.
+fn weights_missing(report: &Report) -> String {
+    report
+        .merge
+        .as_ref()
+        .and_then(|m| m.skipped.clone())
+        .unwrap_or_else(|| "no precision was evaluated".to_string())
+}
+
+/// Why the logit stage has nothing to show.
+fn logits_missing(report: &Report) -> String {
+    if report.precisions.is_none() {
+        return weights_missing(report);
+    }
+    report
+        .logits_skipped
+        .clone()
+        .unwrap_or_else(|| "the logit comparison did not run".to_string())
+}
+
+fn matrix_section(out: &mut String, report: &Report) {
+    out.push_str("<h2>Precision matrix</h2>\n");
+    let rows = summary::matrix(report, true);
+    if rows.is_empty() {
+        not_run(out, "chart-matrix", &weights_missing(report));
+        return;
+    }
+    out.push_str(
+        "<div id=\"chart-matrix\" class=\"chart\" data-state=\"drawn\">\n<table id=\"precision-matrix\">\n\
+         <thead><tr><th>precision</th><th>verdict</th><th>worst layer error</th><th>min retention</th>\
+         <th>mean KL (nats)</th><th>p99 KL</th><th>same top-1</th><th>effect lost</th></tr></thead>\n<tbody>\n",
+    );
+    for r in &rows {
+        matrix_row(out, r);
+    }
+    out.push_str("</tbody>\n</table>\n");
+    out.push_str(
+        "<p class=\"muted\">worst layer error = max over layers of ‖W<sub>p</sub> − W*‖ / ‖ΔW‖; \
+         retention = ⟨W<sub>p</sub> − W<sub>p</sub><sup>0</sup>, ΔW⟩ / ‖ΔW‖²; KL(reference ‖ model) \
+         with the unmerged adapter in f32 as reference; effect lost = mean KL(ref ‖ model) / mean \
+         KL(ref ‖ base). <i>P</i>+lora rows: the base quantized in <i>P</i> with the adapter served \
+         unmerged beside it (informational, never gating). — : section not run.</p>\n</div>\n",
+    );
+}
+
+fn matrix_row(out: &mut String, r: &MatrixRow) {
+    let title = r
+        .worst_module
+        .as_deref()
+        .map(|m| format!(" title=\"worst layer: {}\"", escape(m)))
+        .unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "<tr class=\"{cls}\"><th>{label}</th><td>{verdict}</td><td class=\"n\"{title}>{err}</td>\
+         <td class=\"n\">{ret}</td><td class=\"n\">{kl}</td><td class=\"n\">{p99}</td>\
+         <td class=\"n\">{top1}</td><td class=\"n\">{lost}</td></tr>",
+        cls = verdict_class(r.verdict),
+        label = escape(&r.label),
+        verdict = r.verdict.map_or("info", Verdict::as_str),
+        err = num(r.worst_rel_error),
+        ret = num(r.min_retention),
+        kl = num_pm(r.mean_kl, r.mean_kl_stderr),
+        p99 = num(r.p99_kl),
+        top1 = percent(r.same_top1),
+        lost = percent(r.effect_lost),
+    );
+}
+
+fn heatmap_section(out: &mut String, report: &Report, options: &HtmlOptions) {
+    let precision = options
+        .heatmap_precision
+        .clone()
+        .or_else(|| charts::default_heatmap_precision(report));
+    let what = match options.heatmap_metric {
+        HeatmapMetric::RelError => "error ‖W<sub>p</sub> − W*‖ / ‖ΔW‖",
+        HeatmapMetric::Retention => "retention of ΔW",
+    };
+    let _ = writeln!(
+        out,
+        "<h2>Per-layer {what}{}</h2>",
+        precision
+            .as_deref()
+            .map(|p| format!(" — {}", escape(p)))
+            .unwrap_or_default()
+    );
+    let Some(precision) = precision else {
+        not_run(out, "chart-heatmap", &weights_missing(report));
+        return;
+    };
+    chart(
+        out,
+        "chart-heatmap",
+        charts::heatmap(report, &precision, options.heatmap_metric),
+        &format!("no layer statistics for `{precision}`"),
+    );
+    let data = HeatmapData::collect(report, &precision, options.heatmap_metric);
+    if let Some(d) = data.filter(|d| !d.outside.is_empty()) {
+        let list: Vec<String> = d
+            .outside
+            .iter()
+            .map(|(m, v)| format!("<code>{}</code> {}", escape(m), num(*v)))
+            .collect();
+        let _ = writeln!(
+            out,
+            "<p class=\"muted\">Outside the numbered blocks: {}</p>",
+            list.join(", ")
+        );
+    }
+    out.push_str(
+        "<p class=\"muted\">One cell per (layer, module kind); darker is worse. The default \
+         precision is the worst one other than f32.</p>\n",
+    );
+}
+
+fn kl_section(out: &mut String, report: &Report) {
+    out.push_str("<h2>KL distribution per precision</h2>\n");
+    chart(
+        out,
+        "chart-kl",
+        charts::kl_distribution(report),
+        &logits_missing(report),
+    );
+    if let Some(effect) = &report.adapter_effect {
+        let _ = writeln!(
+            out,
+            "<p class=\"muted\">Share of scored tokens whose KL(reference ‖ model) is at most x. \
+             The adapter's own effect (grey, KL(reference ‖ base)): mean {} nats, same top-1 {} \
+             over {} tokens — a merge is faithful when its curve sits far to the left of it.</p>",
+            num(Some(effect.mean_kl)),
+            percent(Some(effect.same_top1)),
+            effect.tokens
+        );
+    }
+    logit_table(out, report);
+}
+
+/// Every number of `precisions[].logits` (and the `P+lora` runs).
+fn logit_table(out: &mut String, report: &Report) {
+    let mut rows: Vec<(String, Value)> = Vec::new();
+    for p in report.precisions.iter().flatten() {
+        for (label, stats) in [
+            (p.name.clone(), p.logits.as_ref()),
+            (format!("{}+lora", p.name), p.unmerged_logits.as_ref()),
+        ] {
+            if let Some(value) = stats.and_then(|s| serde_json::to_value(s).ok()) {
+                rows.push((label, value));
+            }
+        }
+    }
+    stats_table(out, "every logit statistic", &rows, false);
+}
+
+/// A table of statistics objects (one row per model), read from their serialized form so new
+/// fields show up without touching this page; arrays and nested objects are left out.
+fn stats_table(out: &mut String, summary: &str, rows: &[(String, Value)], open: bool) {
+    let Some((_, first)) = rows.first() else {
+        return;
+    };
+    let columns: Vec<String> = first
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .filter(|(_, v)| !v.is_array() && !v.is_object())
+                .map(|(k, _)| k.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    let _ = write!(
+        out,
+        "<details{}><summary>{}</summary>\n<table>\n<thead><tr><th>model</th>",
+        if open { " open" } else { "" },
+        escape(summary)
+    );
+    for c in &columns {
+        let _ = write!(out, "<th>{}</th>", escape(&c.replace('_', " ")));
+    }
+    out.push_str("</tr></thead>\n<tbody>\n");
+    for (label, value) in rows {
+        let _ = write!(out, "<tr><th>{}</th>", escape(label));
+        for c in &columns {
+            let _ = write!(out, "<td class=\"n\">{}</td>", scalar(value.get(c)));
+        }
+        out.push_str("</tr>\n");
+    }
+    out.push_str("</tbody>\n</table>\n</details>\n");
+}
+
+fn generation_section(out: &mut String, report: &Report) {
+    out.push_str("<h2>Greedy generation</h2>\n<div id=\"generation\">\n");
+    let rows: Vec<(String, Value)> = report
+        .precisions
+        .iter()
+        .flatten()
+        .filter_map(|p| {
+            let g = p.generation.as_ref()?;
+            Some((p.name.clone(), serde_json::to_value(g).ok()?))
+        })
+        .collect();
+    if rows.is_empty() {
+        let _ = writeln!(
+            out,
+            "<p class=\"not-run\">not run: {}</p>",
+            escape(&logits_missing(report))
+        );
+    } else {
+        out.push_str(
+            "<p class=\"muted\">Reference and merged model continue the same prompts greedily; \
+             nll ratio = NLL of the merged model's text under the reference / NLL of the \
+             reference's own text (gibberish shows as a large jump); repetition = share of \
+             generated tokens closing an earlier trigram.</p>\n",
+        );
+        stats_table(out, "generation statistics", &rows, true);
+    }
+    out.push_str("</div>\n");
+}
+
+/// A JSON scalar for a table cell (numbers with 4 significant digits), escaped.
+fn scalar(value: Option<&Value>) -> String {
+    match value {
+        None | Some(Value::Null) => "—".to_string(),
+        Some(Value::Number(n)) if n.is_f64() => num(n.as_f64()),
+        Some(Value::String(s)) => escape(s),
+        Some(other) => escape(&other.to_string()),
+    }
+}
+
+fn drift_section(out: &mut String, report: &Report) {
+    out.push_str("<h2>Hidden-state drift per layer</h2>\n");
+    chart(
+        out,
+        "chart-drift",
+        charts::drift(report),
+        &logits_missing(report),
+    );
+    out.push_str(
+        "<p class=\"muted\">Relative distance of each model's residual stream to the reference's \
+         after every block: the layer where a curve jumps is where the merge goes wrong.</p>\n",
+    );
+}
+
+fn findings_section(out: &mut String, report: &Report) {
+    out.push_str("<h2>Findings</h2>\n<div id=\"findings\">\n");
+    if report.findings.is_empty() {
+        out.push_str("<p>No findings.</p>\n");
+    }
+    for f in &report.findings {
+        let level = f.level.as_str();
+        let _ = write!(
+            out,
+            "<div class=\"finding {level}\" data-code=\"{code}\"><span class=\"lvl {level}\">{level}</span>\
+             <code>{code}</code>",
+            code = f.code.as_str()
+        );
+        for scope in [&f.adapter, &f.precision, &f.module].into_iter().flatten() {
+            let _ = write!(out, " · <code>{}</code>", escape(scope));
+        }
+        let _ = write!(out, "<div>{}</div>", escape(&f.message));
+        if f.observed.is_some() || f.threshold.is_some() {
+            let _ = write!(
+                out,
+                "<div class=\"muted\">observed {} · threshold {}</div>",
+                num(f.observed),
+                num(f.threshold)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "<div class=\"advice\"><b>Advice:</b> {}</div><div class=\"muted\">{}</div></div>",
+            escape(&f.advice),
+            escape(f.code.doc().summary)
+        );
+    }
+    out.push_str("</div>\n");
+}
+
+fn provenance_section(out: &mut String, report: &Report) {
+    out.push_str("<h2>Inputs and provenance</h2>\n<div id=\"provenance\">\n");
+    let i = &report.inputs;
+    out.push_str("<dl class=\"kv\">\n");
+    let mut kv = |k: &str, v: String| {
+        let _ = writeln!(out, "<dt>{}</dt><dd>{v}</dd>", escape(k));
+    };
+    kv(
+        "tool",
+        format!("lora-doctor {}", escape(report.tool_version)),
+    );
+    kv("report schema", report.schema_version.to_string());
+    kv("base", format!("<code>{}</code>", escape(&i.base)));
+    kv(
+        "base files",
+        i.base_files
+            .iter()
+            .map(|f| format!("<code>{}</code>", escape(f)))
+            .collect::<Vec<_>>()
+            .join("<br>"),
+    );
+    kv(
+        "adapters (in order)",
+        i.adapters
+            .iter()
+            .map(|a| format!("<code>{}</code>", escape(a)))
+            .collect::<Vec<_>>()
+            .join("<br>"),
+    );
+    kv(
+        "merged checkpoint",
+        i.merged
+            .as_deref()
+            .map_or("—".to_string(), |m| format!("<code>{}</code>", escape(m))),
+    );
+    kv(
+        "tokens scored",
+        i.tokens.map_or("—".to_string(), |t| t.to_string()),
+    );
+    kv("weights only", i.weights_only.to_string());
+    if let Some(why) = &report.logits_skipped {
+        kv("logits not run", escape(why));
+    }
+    if let Some(m) = &report.merge {
+        kv("recipe", escape(m.recipe.name()));
+        kv(
+            "trained on",
+            m.trained_on.as_deref().map_or("—".to_string(), escape),
+        );
+        if let Some(why) = &m.skipped {
+            kv("merge not evaluated", escape(why));
+        }
+    }
+    out.push_str("</dl>\n");
+    if let Some(m) = &report.merge
+        && let Ok(value) = serde_json::to_value(m.thresholds)
+    {
+        thresholds_table(out, &value);
+    }
+    for s in &report.structure {
+        let _ = writeln!(
+            out,
+            "<h3>Adapter <code>{}</code></h3>\n<dl class=\"kv\"><dt>trained on</dt><dd>{}</dd>\
+             <dt>rank</dt><dd>r = {}, alpha = {}{}{}</dd><dt>tensors</dt><dd>{} ({})</dd>\
+             <dt>modules</dt><dd>{} of {} matched a base tensor</dd></dl>",
+            escape(&s.adapter),
+            s.base_model_name_or_path
+                .as_deref()
+                .map_or("—".to_string(), escape),
+            s.r,
+            s.lora_alpha,
+            if s.use_rslora { ", rsLoRA" } else { "" },
+            if s.use_dora { ", DoRA" } else { "" },
+            s.tensors,
+            super::terminal::human_bytes(s.bytes),
+            s.matched,
+            s.modules.len(),
+        );
+        out.push_str(
+            "<details><summary>module mapping</summary>\n<table><thead><tr><th>module</th>\
+             <th>base tensor</th><th>resolution</th><th>kind</th><th>r</th><th>alpha</th>\
+             <th>scale</th></tr></thead><tbody>\n",
+        );
+        for m in &s.modules {
+            let _ = writeln!(
+                out,
+                "<tr><td><code>{}</code></td><td><code>{}</code></td><td>{}</td><td>{}</td>\
+                 <td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
+                escape(&m.module),
+                m.base_tensor.as_deref().map_or("—".to_string(), escape),
+                m.resolution.map_or("—".to_string(), escape),
+                escape(m.kind),
+                m.r.map_or("—".to_string(), |r| r.to_string()),
+                num(m.alpha),
+                num(m.scale),
+            );
+        }
+        out.push_str("</tbody></table></details>\n");
+    }
+    out.push_str("</div>\n");
+}
+
+/// The thresholds the gate used: one row per name, one column per precision class (read from
+/// the serialized `Thresholds`, so new thresholds appear without touching this page).
+fn thresholds_table(out: &mut String, value: &Value) {
+    let Some(object) = value.as_object() else {
+        return;
+    };
+    let classes: Vec<(&String, &serde_json::Map<String, Value>)> = object
+        .iter()
+        .filter_map(|(k, v)| v.as_object().map(|o| (k, o)))
+        .collect();
+    out.push_str("<h3>Thresholds</h3>\n<table><thead><tr><th>threshold</th>");
+    for (class, _) in &classes {
+        let name = match class.as_str() {
+            "eight_bit" => "8bit",
+            "four_bit" => "4bit",
+            other => other,
+        };
+        let _ = write!(out, "<th>{}</th>", escape(name));
+    }
+    out.push_str("</tr></thead><tbody>\n");
+    if let Some((_, first)) = classes.first() {
+        for name in first.keys() {
+            let _ = write!(out, "<tr><th>{}</th>", escape(&name.replace('_', "-")));
+            for (_, fields) in &classes {
+                let _ = write!(
+                    out,
+                    "<td class=\"n\">{}</td>",
+                    match fields.get(name) {
+                        Some(Value::Null) => "off".to_string(),
+                        other => scalar(other),
+                    }
+                );
+            }
+            out.push_str("</tr>\n");
+        }
+    }
+    for (name, v) in object.iter().filter(|(_, v)| !v.is_object()) {
+        let _ = writeln!(
+            out,
+            "<tr><th>{}</th><td class=\"n\" colspan=\"{}\">{}</td></tr>",
+            escape(&name.replace('_', "-")),
+            classes.len().max(1),
+            scalar(Some(v))
+        );
+    }
+    out.push_str("</tbody></table>\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_covers_markup_quotes_and_controls() {
+        assert_eq!(
+            escape("<a href='x'>\"&\"</a>\u{0}"),
+            "&lt;a href=&#39;x&#39;&gt;&quot;&amp;&quot;&lt;/a&gt;\u{fffd}"
+        );
+    }
+}
