@@ -1126,3 +1126,38 @@ fn committed_example_report_matches_what_the_command_produces() {
             .join("\n")
     );
 }
+
+/// An architecture without a forward pass is not an error: the weight checks run and the report
+/// says why logits were skipped.
+#[test]
+fn unknown_architecture_skips_logits_with_a_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("mystery-llama");
+    std::fs::create_dir(&base).expect("mkdir");
+    let src = root().join("fixtures/models/tiny-llama");
+    for file in ["model.safetensors", "tokenizer.json"] {
+        std::fs::copy(src.join(file), base.join(file)).expect("copy");
+    }
+    let mut config: Value =
+        serde_json::from_slice(&std::fs::read(src.join("config.json")).expect("config"))
+            .expect("JSON");
+    config["model_type"] = Value::String("mystery".into());
+    std::fs::write(base.join("config.json"), config.to_string()).expect("write config");
+    let base_s = base.display().to_string();
+    let out = run(&[
+        "check",
+        "--json",
+        "-",
+        "--base",
+        &base_s,
+        "--adapter",
+        &fixture("adapters/llama-lora"),
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let why = report["logits_skipped"].as_str().expect("a reason");
+    assert!(why.contains("mystery"), "{why}");
+    assert!(report["adapter_effect"].is_null());
+    assert!(report["layers"].as_array().is_some_and(|l| !l.is_empty()));
+    assert!(stderr(&out).contains("logits not compared"));
+}
