@@ -59,7 +59,7 @@ struct MergedProvider<'a> {
     jobs: &'a HashMap<String, TensorJob>,
     precision: Precision,
     recipe: Recipe,
-    block_linear: &'a HashSet<String>,
+    block_linear: &'a BlockLinear,
 }
 
 fn model_error(tensor: &str, e: impl std::error::Error + Send + Sync + 'static) -> ModelError {
@@ -75,12 +75,12 @@ fn ship(
     name: &str,
     data: Vec<f32>,
     shape: &[usize],
-    block_linear: &HashSet<String>,
+    block_linear: &BlockLinear,
 ) -> Result<Vec<f32>, ModelError> {
     match precision {
         Precision::Float(f) => Ok(data.into_iter().map(|v| f.round(v)).collect()),
-        Precision::Quant(q) if block_linear.contains(name) && shape.len() == 2 => {
-            engine::fake_quantize(q, name, &data, shape[0], shape[1])
+        Precision::Quant(q) if block_linear.names.contains(name) && shape.len() == 2 => {
+            engine::fake_quantize(q, name, &data, shape[0], shape[1], block_linear.conv1d)
                 .map(|(v, _)| v)
                 .map_err(|e| model_error(name, e))
         }
@@ -112,10 +112,17 @@ impl WeightProvider for MergedProvider<'_> {
                             .iter()
                             .map(|v| *v as f32)
                             .collect();
-                    if self.block_linear.contains(name) {
-                        engine::fake_quantize(q, name, &exact, job.rows, job.cols)
-                            .map(|(v, _)| v)
-                            .map_err(|e| model_error(name, e))
+                    if self.block_linear.names.contains(name) {
+                        engine::fake_quantize(
+                            q,
+                            name,
+                            &exact,
+                            job.rows,
+                            job.cols,
+                            self.block_linear.conv1d,
+                        )
+                        .map(|(v, _)| v)
+                        .map_err(|e| model_error(name, e))
                     } else {
                         Ok(exact)
                     }
@@ -145,14 +152,14 @@ struct QuantizedBase<'a> {
     inner: CheckpointProvider<'a>,
     precision: Option<Precision>,
     base: &'a Checkpoint,
-    block_linear: &'a HashSet<String>,
+    block_linear: &'a BlockLinear,
 }
 
 impl WeightProvider for QuantizedBase<'_> {
     fn weight(&self, name: &str) -> Result<Vec<f32>, ModelError> {
         let data = self.inner.weight(name)?;
         match (self.precision, self.base.info(name)) {
-            (Some(p), Some(info)) if self.block_linear.contains(name) => {
+            (Some(p), Some(info)) if self.block_linear.names.contains(name) => {
                 let shape = info.shape.clone();
                 ship(p, name, data, &shape, self.block_linear)
             }
@@ -415,12 +422,21 @@ fn l2_sq(t: &Tensor) -> Result<f64, ModelError> {
     Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()? as f64)
 }
 
-/// The 2-D weights inside the decoder blocks (what quantized formats quantize).
-fn block_linear_names(arch: &Architecture, base: &Checkpoint) -> HashSet<String> {
-    (0..arch.num_layers())
-        .flat_map(|i| arch.block_tensors(i))
-        .filter(|n| base.info(n).is_some_and(|t| t.shape.len() == 2))
-        .collect()
+/// The 2-D weights inside the decoder blocks (what quantized formats quantize), and whether they
+/// are GPT-2 Conv1D weights stored `[in, out]` (quantized along `in`, as the tools do).
+struct BlockLinear {
+    names: HashSet<String>,
+    conv1d: bool,
+}
+
+fn block_linear_names(arch: &Architecture, base: &Checkpoint) -> BlockLinear {
+    BlockLinear {
+        names: (0..arch.num_layers())
+            .flat_map(|i| arch.block_tensors(i))
+            .filter(|n| base.info(n).is_some_and(|t| t.shape.len() == 2))
+            .collect(),
+        conv1d: matches!(arch, Architecture::Gpt2(_)),
+    }
 }
 
 fn plan_jobs(plan: &MergePlan) -> HashMap<String, TensorJob> {
@@ -435,7 +451,7 @@ fn provider_for<'a>(
     kind: ModelKind,
     inputs: &'a ForwardInputs<'a>,
     jobs: &'a HashMap<String, TensorJob>,
-    block_linear: &'a HashSet<String>,
+    block_linear: &'a BlockLinear,
 ) -> Box<dyn WeightProvider + 'a> {
     let base = inputs.base;
     match kind {

@@ -345,6 +345,21 @@ const LOGIT_CASES: &[WeightCase] = &[
         0,
         &[],
     ),
+    // GPT-2: sequences capped at its 128 learned positions; Conv1D quantized along `in`.
+    (
+        "models/tiny-gpt2",
+        &["adapters/gpt2-lora"],
+        &["--precision", "bf16,q4_0"],
+        0,
+        &[],
+    ),
+    (
+        "models/tiny-neox",
+        &["adapters/neox-embed"],
+        &["--precision", "bf16,q8_0"],
+        0,
+        &[],
+    ),
     // A lr-1e-6 adapter: its effect (KL 1e-6) drowns in bf16 storage noise.
     (
         "models/tiny-llama",

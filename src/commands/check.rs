@@ -356,7 +356,7 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
                         Some((checkpoint, precision))
                     }
                 };
-                let prompts = prompts_for(args, &adapters)?;
+                let prompts = prompts_for(args, &adapters, arch.max_positions())?;
                 tokens = Some(prompts.tokens());
                 let bar = report::progress::bar(arch.num_layers() + 2, args.quiet, "forward");
                 let forward = crate::forward::compare(
@@ -555,7 +555,11 @@ fn eos_ids(config: Option<&ModelConfig>) -> Vec<u32> {
 
 /// The evaluation tokens: `--prompts` or the built-in text, with the adapters' tokenizer if they
 /// ship one (added tokens), else the base's.
-fn prompts_for(args: &CheckArgs, adapters: &[Adapter]) -> anyhow::Result<TokenizedPrompts> {
+fn prompts_for(
+    args: &CheckArgs,
+    adapters: &[Adapter],
+    max_positions: Option<usize>,
+) -> anyhow::Result<TokenizedPrompts> {
     let texts = match &args.prompts {
         Some(path) => prompts::read_prompts(path)?,
         None => prompts::split_paragraphs(prompts::BUILTIN_TEXT),
@@ -563,7 +567,15 @@ fn prompts_for(args: &CheckArgs, adapters: &[Adapter]) -> anyhow::Result<Tokeniz
     let dirs: Vec<&Path> = adapters.iter().map(|a| a.dir.as_path()).collect();
     let tokenizer = prompts::find_tokenizer(&dirs, &base_folder(&args.base))
         .ok_or(prompts::PromptError::NoTokenizer)?;
-    Ok(prompts::tokenize(&tokenizer, &texts, args.max_tokens, 512)?)
+    // Sequences stay within the model's learned positions (GPT-2: n_positions), and leave room
+    // for the generation check's continuation.
+    let max_len = max_positions.map_or(512, |p| p.min(512));
+    Ok(prompts::tokenize(
+        &tokenizer,
+        &texts,
+        args.max_tokens,
+        max_len,
+    )?)
 }
 
 pub fn run(args: &CheckArgs) -> anyhow::Result<ExitStatus> {

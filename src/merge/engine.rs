@@ -297,13 +297,30 @@ pub fn merged_bias(
 
 /// Quantizes and dequantizes a `[rows, cols]` tensor as the format's tools ship it. ggml tools
 /// store rows that are not a multiple of 32 in f16 instead (convert_hf_to_gguf's fallback).
+///
+/// `conv1d`: the tensor is a GPT-2 Conv1D weight stored `[in, out]`. Every quantizing tool works
+/// on the `[out, in]` orientation (convert_hf_to_gguf and transformers' bitsandbytes integration
+/// both transpose Conv1D weights first), so blocks run along `in`: quantize the transpose and
+/// transpose the result back.
 pub fn fake_quantize(
     format: QuantFormat,
     tensor: &str,
     data: &[f32],
     rows: usize,
     cols: usize,
+    conv1d: bool,
 ) -> Result<(Vec<f32>, Option<String>), MergeError> {
+    if conv1d {
+        let (out, note) = fake_quantize(
+            format,
+            tensor,
+            &transpose(data, rows, cols),
+            cols,
+            rows,
+            false,
+        )?;
+        return Ok((transpose(&out, cols, rows), note));
+    }
     let ggml = matches!(
         format,
         QuantFormat::Q8_0 | QuantFormat::Q4_0 | QuantFormat::Q4_1
@@ -328,6 +345,31 @@ pub fn fake_quantize(
     Ok((out, None))
 }
 
+fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; m.len()];
+    for i in 0..rows {
+        for j in 0..cols {
+            out[j * rows + i] = m[i * cols + j];
+        }
+    }
+    out
+}
+
+impl TensorJob {
+    /// True when the base weight is a GPT-2 Conv1D (`[in, out]`), as the plan's LoRA layout says.
+    pub fn is_conv1d(&self) -> bool {
+        self.sources.iter().any(|s| {
+            matches!(
+                s,
+                Source::LowRank {
+                    layout: Layout::Conv1d,
+                    ..
+                }
+            )
+        })
+    }
+}
+
 /// A precision applied to any f32 tensor (rounding or quantize + dequantize).
 fn store_in(
     precision: Precision,
@@ -335,10 +377,11 @@ fn store_in(
     data: &[f32],
     rows: usize,
     cols: usize,
+    conv1d: bool,
 ) -> Result<(Vec<f32>, Option<String>), MergeError> {
     match precision {
         Precision::Float(f) => Ok((data.iter().map(|v| f.round(*v)).collect(), None)),
-        Precision::Quant(q) => fake_quantize(q, tensor, data, rows, cols),
+        Precision::Quant(q) => fake_quantize(q, tensor, data, rows, cols, conv1d),
     }
 }
 
@@ -395,10 +438,11 @@ pub fn evaluate(
     options: EvalOptions<'_>,
 ) -> Result<TensorEvaluation, MergeError> {
     let (rows, cols) = (job.rows, job.cols);
+    let conv1d = job.is_conv1d();
     let stored = base.read_f32(&job.tensor)?;
     let updates = load_updates(job, adapters)?;
     let w_ref = match options.trained_on {
-        Some(p) => store_in(p, &job.tensor, &stored, rows, cols)?.0,
+        Some(p) => store_in(p, &job.tensor, &stored, rows, cols, conv1d)?.0,
         None => stored.clone(),
     };
     let wstar = delta::merge_exact(&w_ref, rows, cols, &updates);
@@ -429,19 +473,19 @@ pub fn evaluate(
             }
             Precision::Quant(q) => {
                 let star32: Vec<f32> = wstar.iter().map(|v| *v as f32).collect();
-                let (floor, note) = fake_quantize(q, &job.tensor, &star32, rows, cols)?;
+                let (floor, note) = fake_quantize(q, &job.tensor, &star32, rows, cols, conv1d)?;
                 let candidate = if same_merge {
                     None
                 } else {
                     let user32: Vec<f32> = wstar_user.iter().map(|v| *v as f32).collect();
-                    Some(fake_quantize(q, &job.tensor, &user32, rows, cols)?.0)
+                    Some(fake_quantize(q, &job.tensor, &user32, rows, cols, conv1d)?.0)
                 };
                 (candidate, floor, note)
             }
         };
         let base_in_p_owned = match precision {
             Precision::Float(FloatFormat::F32) => None,
-            _ => Some(store_in(precision, &job.tensor, &stored, rows, cols)?.0),
+            _ => Some(store_in(precision, &job.tensor, &stored, rows, cols, conv1d)?.0),
         };
         let stats = weights::precision_stats(
             precision,

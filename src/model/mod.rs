@@ -205,6 +205,14 @@ impl Architecture {
         }
     }
 
+    /// The longest sequence the model can embed (learned absolute positions), if limited.
+    pub fn max_positions(&self) -> Option<usize> {
+        match self {
+            Architecture::Gpt2(c) => Some(c.max_positions),
+            Architecture::Llama(_) | Architecture::NeoX(_) => None,
+        }
+    }
+
     /// Width of the residual stream.
     pub fn hidden_size(&self) -> usize {
         match self {
