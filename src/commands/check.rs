@@ -359,21 +359,19 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
                 let prompts = prompts_for(args, &adapters, arch.max_positions())?;
                 tokens = Some(prompts.tokens());
                 let bar = report::progress::bar(arch.num_layers() + 2, args.quiet, "forward");
-                let forward = crate::forward::compare(
-                    &ForwardInputs {
-                        arch: &arch,
-                        base: &base,
-                        adapters: &adapters,
-                        plan: &merge_plan,
-                        prompts: &prompts,
-                        precisions: &precisions,
-                        recipe: args.recipe,
-                        trained_on: plan.trained_on,
-                        merged: merged.as_ref().map(|(c, _)| c),
-                    },
-                    &|| bar.inc(1),
-                )
-                .context("running the logit comparison")?;
+                let forward_inputs = ForwardInputs {
+                    arch: &arch,
+                    base: &base,
+                    adapters: &adapters,
+                    plan: &merge_plan,
+                    prompts: &prompts,
+                    precisions: &precisions,
+                    recipe: args.recipe,
+                    trained_on: plan.trained_on,
+                    merged: merged.as_ref().map(|(c, _)| c),
+                };
+                let forward = crate::forward::compare(&forward_inputs, &|| bar.inc(1))
+                    .context("running the logit comparison")?;
                 bar.finish_and_clear();
                 for p in &mut result.precisions {
                     p.logits = forward.stats.get(&p.name).cloned();
@@ -438,17 +436,7 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
                     let stop = eos_ids(base_config.as_ref());
                     let bar = report::progress::bar(precisions.len() + 1, args.quiet, "generating");
                     let generation = crate::forward::generation_check(
-                        &ForwardInputs {
-                            arch: &arch,
-                            base: &base,
-                            adapters: &adapters,
-                            plan: &merge_plan,
-                            prompts: &prompts,
-                            precisions: &precisions,
-                            recipe: args.recipe,
-                            trained_on: plan.trained_on,
-                            merged: merged.as_ref().map(|(c, _)| c),
-                        },
+                        &forward_inputs,
                         &gen_prompts,
                         args.generate,
                         &stop,
