@@ -21,7 +21,12 @@ fn main() -> ExitCode {
             }
             let mut message = format!("error: {err}");
             for cause in err.chain().skip(1) {
-                message.push_str(&format!("\n  caused by: {cause}"));
+                // Library errors already name their source in their own message; print each
+                // piece of the chain once.
+                let cause = cause.to_string();
+                if !message.contains(&cause) {
+                    message.push_str(&format!("\n  caused by: {cause}"));
+                }
             }
             eprintln!("{message}");
             lora_doctor::ExitStatus::Error.into()

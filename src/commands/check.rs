@@ -122,6 +122,11 @@ fn plan_without_outputs(args: &CheckArgs) -> anyhow::Result<Settings> {
     if args.max_tokens < 2 {
         problems.push("--max-tokens must be at least 2".to_string());
     }
+    if let Some(m) = &args.merged
+        && !m.exists()
+    {
+        problems.push(format!("--merged `{}` does not exist", m.display()));
+    }
     if let Some(p) = &args.prompts
         && !p.is_file()
     {

@@ -54,7 +54,14 @@ pub struct CheckpointSummary {
 }
 
 pub fn run(args: &InspectArgs) -> anyhow::Result<ExitStatus> {
-    let path = &args.path;
+    // `inspect dir/adapter_config.json` means the adapter folder.
+    let path = match args.path.file_name().and_then(|n| n.to_str()) {
+        Some(adapter::CONFIG_FILE) | Some(adapter::WEIGHTS_FILE) => {
+            args.path.parent().unwrap_or(&args.path).to_path_buf()
+        }
+        _ => args.path.clone(),
+    };
+    let path = &path;
     let is_adapter = path.is_dir() && path.join(adapter::CONFIG_FILE).is_file();
     let (text, json) = if is_adapter {
         let summary = summarize_adapter(path)?;
