@@ -200,13 +200,8 @@ fn fixture_table_raises_exactly_the_expected_codes() {
     let mut failures = Vec::new();
     for (base, adapters, want_exit, want_codes) in CASES {
         let (exit, report) = check_json(base, adapters);
-        let got = codes(&report);
-        let want: BTreeSet<String> = want_codes.iter().map(|c| c.to_string()).collect();
-        if exit != *want_exit || got != want {
-            failures.push(format!(
-                "{base} + {adapters:?}: exit {exit} (want {want_exit}), codes {got:?} (want {want:?})"
-            ));
-        }
+        let case = format!("{base} + {adapters:?}");
+        expect_codes(case, exit, &report, *want_exit, want_codes, &mut failures);
         let verdict = report["verdict"].as_str().expect("verdict");
         let expected_verdict = match (*want_exit, want_codes.is_empty()) {
             (1, _) => "fail",
@@ -315,18 +310,31 @@ const WEIGHT_CASES: &[WeightCase] = &[
     ),
 ];
 
+/// Records a mismatch between a check's exit code / raised codes and the table's expectation.
+fn expect_codes(
+    case: String,
+    exit: i32,
+    report: &Value,
+    want_exit: i32,
+    want_codes: &[&str],
+    failures: &mut Vec<String>,
+) {
+    let got = codes(report);
+    let want: BTreeSet<String> = want_codes.iter().map(|c| c.to_string()).collect();
+    if exit != want_exit || got != want {
+        failures.push(format!(
+            "{case}: exit {exit} (want {want_exit}), codes {got:?} (want {want:?})"
+        ));
+    }
+}
+
 #[test]
 fn weight_cases_raise_exactly_the_expected_codes() {
     let mut failures = Vec::new();
     for (base, adapters, flags, want_exit, want_codes) in WEIGHT_CASES {
         let (exit, report) = check_json_with(base, adapters, flags);
-        let got = codes(&report);
-        let want: BTreeSet<String> = want_codes.iter().map(|c| c.to_string()).collect();
-        if exit != *want_exit || got != want {
-            failures.push(format!(
-                "{base} + {adapters:?} {flags:?}: exit {exit} (want {want_exit}), codes {got:?} (want {want:?})"
-            ));
-        }
+        let case = format!("{base} + {adapters:?} {flags:?}");
+        expect_codes(case, exit, &report, *want_exit, want_codes, &mut failures);
         assert!(
             report["precisions"].is_array(),
             "{adapters:?}: no precisions"
@@ -464,13 +472,8 @@ fn logit_cases_raise_exactly_the_expected_codes() {
     let mut failures = Vec::new();
     for (base, adapters, flags, want_exit, want_codes) in LOGIT_CASES {
         let (exit, report) = check_json_full(base, adapters, flags);
-        let got = codes(&report);
-        let want: BTreeSet<String> = want_codes.iter().map(|c| c.to_string()).collect();
-        if exit != *want_exit || got != want {
-            failures.push(format!(
-                "{base} + {adapters:?} {flags:?}: exit {exit} (want {want_exit}), codes {got:?} (want {want:?})"
-            ));
-        }
+        let case = format!("{base} + {adapters:?} {flags:?}");
+        expect_codes(case, exit, &report, *want_exit, want_codes, &mut failures);
         assert!(
             report["adapter_effect"]["mean_kl"].is_number(),
             "{adapters:?}"

@@ -420,14 +420,6 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
                     }
                     all_findings.append(&mut found);
                 }
-                for p in &mut result.precisions {
-                    let own: Vec<_> = all_findings
-                        .iter()
-                        .filter(|f| f.precision.as_deref() == Some(p.name.as_str()))
-                        .cloned()
-                        .collect();
-                    p.verdict = Verdict::of(&own);
-                }
                 adapter_effect = Some(forward.adapter_effect);
                 token_kl = forward.token_kl;
 
@@ -459,14 +451,6 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
                             p.generation = Some(g.clone());
                         }
                     }
-                }
-                for p in &mut result.precisions {
-                    let own: Vec<_> = all_findings
-                        .iter()
-                        .filter(|f| f.precision.as_deref() == Some(p.name.as_str()))
-                        .cloned()
-                        .collect();
-                    p.verdict = Verdict::of(&own);
                 }
             }
         }
@@ -505,6 +489,7 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
         layers,
         token_kl,
     };
+    // Levels from the config and flags, then every verdict (overall and per precision) once.
     crate::gate::apply_gate(&mut report, &plan.levels);
     Ok(report)
 }
