@@ -8,6 +8,7 @@ pub mod cli;
 pub mod commands;
 pub mod divergence;
 pub mod findings;
+pub mod forensics;
 pub mod forward;
 pub mod gate;
 pub mod io;

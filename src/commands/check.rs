@@ -487,6 +487,7 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
         merge: Some(settings),
         precisions,
         layers,
+        forensics: None,
         token_kl,
     };
     // Levels from the config and flags, then every verdict (overall and per precision) once.

@@ -72,6 +72,8 @@ pub struct Report {
     pub precisions: Option<Vec<PrecisionReport>>,
     /// Per (module, precision) weight statistics; null when no merge was evaluated.
     pub layers: Option<Vec<LayerRow>>,
+    /// What `--merged DIR` was found to be; null without `--merged` or when no merge was planned.
+    pub forensics: Option<crate::forensics::Forensics>,
     /// Per-token KL(reference ‖ model) by model label (`base`, precisions, `P+lora`), for
     /// tokens.csv and the KL chart; not part of the JSON.
     #[serde(skip)]
