@@ -303,6 +303,7 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
         skipped: None,
     };
     let mut outcome: Option<WeightOutcome> = None;
+    let mut forensics = None;
     let mut logits_skipped = None;
     let mut adapter_effect = None;
     let mut token_kl = std::collections::BTreeMap::new();
@@ -337,6 +338,37 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
         let mut result = weights::assess(&evaluations, &precisions, &plan.thresholds);
         all_findings.append(&mut result.findings);
 
+        // Forensics of an already-merged checkpoint: fit it to the exact merge tensor by tensor.
+        let merged = match &args.merged {
+            None => None,
+            Some(dir) => {
+                let checkpoint = Checkpoint::open(dir).with_context(|| {
+                    format!("cannot open the merged checkpoint `{}`", dir.display())
+                })?;
+                let precision = Precision::Float(crate::forensics::merged_dtype(&checkpoint));
+                let bar = report::progress::bar(merge_plan.weights.len(), args.quiet, "forensics");
+                let (found_forensics, mut found) =
+                    crate::forensics::analyze(&crate::forensics::Inputs {
+                        base: &base,
+                        base_dir: &base_folder(&args.base),
+                        base_config: base_config.as_ref(),
+                        adapters: &adapters,
+                        plan: &merge_plan,
+                        merged: &checkpoint,
+                        merged_dir: &base_folder(dir),
+                        trained_on: plan.trained_on,
+                        tick: &|| bar.inc(1),
+                    })
+                    .with_context(|| {
+                        format!("analysing the merged checkpoint `{}`", dir.display())
+                    })?;
+                bar.finish_and_clear();
+                all_findings.append(&mut found);
+                forensics = Some(found_forensics);
+                Some((checkpoint, precision))
+            }
+        };
+
         // Logit stage.
         let arch = if args.weights_only {
             Err("--weights-only".to_string())
@@ -351,16 +383,6 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
         match arch {
             Err(why) => logits_skipped = Some(why),
             Ok(arch) => {
-                let merged = match &args.merged {
-                    None => None,
-                    Some(dir) => {
-                        let checkpoint = Checkpoint::open(dir).with_context(|| {
-                            format!("cannot open the merged checkpoint `{}`", dir.display())
-                        })?;
-                        let precision = stored_precision(&checkpoint);
-                        Some((checkpoint, precision))
-                    }
-                };
                 let prompts = prompts_for(args, &adapters, arch.max_positions())?;
                 tokens = Some(prompts.tokens());
                 let bar = report::progress::bar(arch.num_layers() + 2, args.quiet, "forward");
@@ -487,33 +509,12 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
         merge: Some(settings),
         precisions,
         layers,
-        forensics: None,
+        forensics,
         token_kl,
     };
     // Levels from the config and flags, then every verdict (overall and per precision) once.
     crate::gate::apply_gate(&mut report, &plan.levels);
     Ok(report)
-}
-
-/// The float format most of a checkpoint's weights are stored in.
-fn stored_precision(checkpoint: &Checkpoint) -> Precision {
-    let (mut f16, mut bf16, mut f32) = (0usize, 0usize, 0usize);
-    for t in checkpoint.tensors() {
-        match t.dtype {
-            TensorDtype::F16 => f16 += t.numel(),
-            TensorDtype::Bf16 => bf16 += t.numel(),
-            TensorDtype::F32 => f32 += t.numel(),
-            TensorDtype::Other(_) => {}
-        }
-    }
-    let format = if bf16 >= f16 && bf16 >= f32 {
-        FloatFormat::Bf16
-    } else if f16 >= f32 {
-        FloatFormat::F16
-    } else {
-        FloatFormat::F32
-    };
-    Precision::Float(format)
 }
 
 /// Prompts the generation check continues, and how many of their tokens it keeps.

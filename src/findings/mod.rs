@@ -57,6 +57,15 @@ pub enum Code {
     EffectLost,
     NonfiniteLogits,
     Gibberish,
+    NotMerged,
+    ScaleMismatch,
+    TransposedDelta,
+    WrongBase,
+    QuantizedMergeBase,
+    DoraMagnitudeDropped,
+    ModulesToSaveDropped,
+    TensorInventory,
+    ConfigDrift,
 }
 
 /// Documentation of one code, in ruff's "what it checks / why it matters / how to fix" shape.
@@ -94,6 +103,15 @@ impl Code {
         Code::EffectLost,
         Code::NonfiniteLogits,
         Code::Gibberish,
+        Code::NotMerged,
+        Code::ScaleMismatch,
+        Code::TransposedDelta,
+        Code::WrongBase,
+        Code::QuantizedMergeBase,
+        Code::DoraMagnitudeDropped,
+        Code::ModulesToSaveDropped,
+        Code::TensorInventory,
+        Code::ConfigDrift,
     ];
 
     /// The stable kebab-case name.
@@ -338,6 +356,107 @@ impl Code {
                 "Look at drift_by_layer for the block where the candidate leaves the reference and at the \
                  weight findings of that block; re-merge in f32/bf16 with the right base and scaling.",
             ),
+            NotMerged => (
+                Deny,
+                "the merged checkpoint equals the base on adapter-changed tensors",
+                "For every tensor the adapter changes, fits the merged checkpoint's change M − W to the \
+                 exact update ΔW (ŝ = ⟨M − W, ΔW⟩ / ⟨ΔW, ΔW⟩) and fires when M is the base up to its \
+                 own rounding (ŝ ≈ 0).",
+                "The shipped 'fine-tune' is the base model: the merge never ran, ran on a model the \
+                 adapter never loaded into (PEFT drops unmatched keys silently), or the merged model \
+                 was not the one saved.",
+                "Merge again with `PeftModel.from_pretrained(base, adapter).merge_and_unload()` and save \
+                 the returned model; check the load printed no missing/unexpected keys, or use \
+                 `lora-doctor merge`.",
+            ),
+            ScaleMismatch => (
+                Deny,
+                "the merged change is the adapter's update times a wrong factor",
+                "Fits M − W = ŝ·ΔW per tensor; fires when ŝ/s is measurably away from 1 while the \
+                 scaled update explains M to its rounding floor, and names the nearest known mistake: \
+                 rsLoRA read as plain (1/√r) or applied to a plain adapter (√r), α/r applied twice (s), \
+                 α ignored (1/s), no division by r, rank_pattern / alpha_pattern ignored, the update \
+                 added twice (2) or subtracted (−1).",
+                "A wrong scale makes the merged model a stronger or weaker version of the fine-tune: \
+                 ×2 often looks like gibberish, ×0.25 like the base.",
+                "Merge with the adapter's own adapter_config.json (use_rslora, lora_alpha, r, \
+                 rank_pattern, alpha_pattern) through PEFT, not a hand-written α/r; never merge an \
+                 already-merged model again.",
+            ),
+            TransposedDelta => (
+                Deny,
+                "the update went into the weight transposed",
+                "On square tensors, fits M − W to ΔWᵀ as well as to ΔW and fires when the transpose \
+                 explains M and the update itself does not.",
+                "A fan_in_fan_out / Conv1D mix-up (GPT-2 style weights stored [in, out]) adds BA where \
+                 (BA)ᵀ belongs; on square matrices nothing fails, the model is just wrong.",
+                "Merge with the adapter's fan_in_fan_out setting (true for GPT-2 Conv1D); PEFT's \
+                 merge_and_unload handles it. Non-square weights would have failed with a shape error.",
+            ),
+            WrongBase => (
+                Deny,
+                "the merged checkpoint was built on other base weights",
+                "Compares every tensor the adapter does not touch with the base, against the rounding \
+                 floor of M's dtype; fires when they differ and no quantization explains it (at warn \
+                 level when only a few do).",
+                "The adapter was merged into another model or revision than the one given as --base \
+                 (or than it was trained on); its update then lands on weights it never saw.",
+                "Merge onto the exact base the adapter names in base_model_name_or_path (pin the \
+                 revision), or pass that base to --base if M is right and --base is not.",
+            ),
+            QuantizedMergeBase => (
+                Warn,
+                "the merged checkpoint carries a quantized base's error",
+                "When M is not the exact merge, tests whether it is ΔW added to a dequantized \
+                 nf4/fp4/int8/q8_0/q4_0/q4_1 copy of W (a QLoRA merge onto the 4-bit base) or the \
+                 exact merge quantized and stored as floats, and names the format that fits best. Deny \
+                 when the quantization error is at least half of ‖ΔW‖.",
+                "The 16-bit model then contains 4-bit (or 8-bit) rounding noise that is often larger \
+                 than the fine-tune itself, for no memory saving.",
+                "Merge into the 16-bit base (PEFT merge_and_unload on a base loaded without \
+                 quantization); if the adapter was trained with QLoRA, run check --trained-on nf4 to \
+                 see whether the 16-bit merge or the dequantized base serves it better.",
+            ),
+            DoraMagnitudeDropped => (
+                Deny,
+                "a DoRA adapter was merged as plain LoRA",
+                "For DoRA modules, tests whether M equals W + ΔW without the magnitude rescaling \
+                 m·(W + ΔW)/‖W + ΔW‖ (per output feature).",
+                "DoRA's magnitude vector is part of the fine-tune; dropping it changes every row's norm.",
+                "Merge with a tool that supports DoRA (PEFT ≥ 0.9 merge_and_unload with use_dora \
+                 true in adapter_config.json); do not strip `lora_magnitude_vector`.",
+            ),
+            ModulesToSaveDropped => (
+                Deny,
+                "a modules_to_save tensor in the merged checkpoint is the base's",
+                "For tensors the adapter replaces outright (modules_to_save: embed_tokens, lm_head, \
+                 score heads), fires when M holds the base's tensor instead of the adapter's copy.",
+                "Fully trained modules are often the most important part of the fine-tune (a new \
+                 classification head, resized embeddings with added tokens).",
+                "Merge with PEFT, which swaps modules_to_save in on merge_and_unload, and save with \
+                 tied embeddings undone if the saved module is a head.",
+            ),
+            TensorInventory => (
+                Deny,
+                "tensors are missing, extra, empty or of another shape in the merged checkpoint",
+                "Compares M's tensor names, shapes and dtypes with the base's plus what the adapter \
+                 adds (an untied head, new biases).",
+                "Loaders fill missing tensors with random values or refuse the checkpoint; extra \
+                 tensors are ignored (a forgotten rename) or break strict loading.",
+                "Save the merged model with save_pretrained from the merged model object; if the \
+                 checkpoint is quantized (bitsandbytes keys), compare a dequantized 16-bit copy.",
+            ),
+            ConfigDrift => (
+                Warn,
+                "generation settings or the tokenizer of the merged folder differ",
+                "Compares eos/bos/pad ids in config.json, generation_config.json, the chat template and \
+                 the tokenizer files of M with the adapter folder's (when it ships them) or the base's.",
+                "A wrong eos id makes the model ramble past its answer; a missing chat template or \
+                 tokenizer changes the prompt the model sees — the weights can be perfect and the \
+                 output still wrong.",
+                "Copy tokenizer*, chat_template.jinja and generation_config.json from the adapter \
+                 folder (or the base) into the merged folder, or save them with the merged model.",
+            ),
         };
         CodeDoc {
             code: self,
@@ -377,6 +496,15 @@ impl CodeDoc {
             EffectLost => "effect-lost",
             NonfiniteLogits => "nonfinite-logits",
             Gibberish => "gibberish",
+            NotMerged => "not-merged",
+            ScaleMismatch => "scale-mismatch",
+            TransposedDelta => "transposed-delta",
+            WrongBase => "wrong-base",
+            QuantizedMergeBase => "quantized-merge-base",
+            DoraMagnitudeDropped => "dora-magnitude-dropped",
+            ModulesToSaveDropped => "modules-to-save-dropped",
+            TensorInventory => "tensor-inventory",
+            ConfigDrift => "config-drift",
         }
     }
 }

@@ -100,3 +100,991 @@ pub struct ConfigDifference {
     pub expected: String,
     pub found: String,
 }
+
+pub mod causes;
+pub mod drift;
+pub mod fit;
+pub mod inventory;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use rayon::prelude::*;
+
+use crate::findings::{Code, Finding, Level};
+use crate::io::adapter::Adapter;
+use crate::io::checkpoint::{Checkpoint, TensorDtype};
+use crate::io::config::ModelConfig;
+use crate::io::mapping;
+use crate::merge::delta::{self, Update};
+use crate::merge::engine::{self, MergeError, MergePlan, Source, TensorJob};
+use crate::merge::float::FloatFormat;
+use crate::merge::precision::Precision;
+use crate::merge::quant::QuantFormat;
+use fit::{BasicFit, TensorArrays};
+
+/// A tensor is a faithful merge when ‖M − W*‖ is at most this many rounding floors. A correct
+/// single rounding gives 1; PEFT's two roundings (delta cast to the dtype, then the sum) stay
+/// below 2 on the fixtures and SmolLM2.
+pub const TOLERANCE: f64 = 4.0;
+/// A hypothesis that cannot be modelled to the last bit (bitsandbytes double quantization, a
+/// dequantization dtype) still explains a tensor when it removes all but this share of the
+/// residual.
+const EXPLAINED_SHARE: f64 = 0.2;
+/// `quantized-merge-base` is deny when the quantization error is at least this share of ‖ΔW‖.
+pub const QUANTIZED_BASE_DENY: f64 = 0.5;
+/// The label findings about the merged checkpoint carry as their precision.
+pub const LABEL: &str = "merged";
+
+/// What the analysis reads.
+pub struct Inputs<'a> {
+    pub base: &'a Checkpoint,
+    pub base_dir: &'a Path,
+    pub base_config: Option<&'a ModelConfig>,
+    pub adapters: &'a [Adapter],
+    pub plan: &'a MergePlan,
+    pub merged: &'a Checkpoint,
+    pub merged_dir: &'a Path,
+    /// `--trained-on`: a dequantized base in this format is what the adapter trained against.
+    pub trained_on: Option<Precision>,
+    /// Called once per adapter-changed tensor fitted (progress).
+    pub tick: &'a (dyn Fn() + Sync),
+}
+
+/// A way a merged tensor can have come about from a quantized copy of W.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct QuantHypothesis {
+    format: QuantFormat,
+    /// false: M = dequant(q(W)) + ΔW (merged onto the dequantized base, Unsloth/QLoRA style);
+    /// true: M = dequant(q(W + ΔW)) (the merge re-quantized and stored as floats).
+    requantized: bool,
+}
+
+impl QuantHypothesis {
+    fn all() -> Vec<QuantHypothesis> {
+        QuantFormat::ALL
+            .iter()
+            .flat_map(|&format| {
+                [false, true].map(|requantized| QuantHypothesis {
+                    format,
+                    requantized,
+                })
+            })
+            .collect()
+    }
+
+    fn describe(self) -> String {
+        if self.requantized {
+            format!(
+                "the exact merge quantized to {} and stored as floats",
+                self.format.name()
+            )
+        } else {
+            format!("ΔW added to the {}-dequantized base", self.format.name())
+        }
+    }
+}
+
+/// Why one adapter-changed tensor of M is what it is.
+#[derive(Debug, Clone, PartialEq)]
+enum Cause {
+    Faithful,
+    NotMerged,
+    ModulesToSaveDropped,
+    DoraDropped,
+    Transposed,
+    Scale,
+    Quantized(QuantHypothesis, f64),
+    Tied,
+    NonFinite,
+    Unexplained,
+    /// Not compared (missing from M, another shape, not a float): the inventory reports it.
+    Skipped,
+}
+
+impl Cause {
+    fn code(&self) -> Option<Code> {
+        Some(match self {
+            Cause::NotMerged => Code::NotMerged,
+            Cause::ModulesToSaveDropped => Code::ModulesToSaveDropped,
+            Cause::DoraDropped => Code::DoraMagnitudeDropped,
+            Cause::Transposed => Code::TransposedDelta,
+            Cause::Scale => Code::ScaleMismatch,
+            Cause::Quantized(..) => Code::QuantizedMergeBase,
+            Cause::Tied => Code::TiedEmbeddings,
+            Cause::NonFinite => Code::NonfiniteMerge,
+            Cause::Unexplained => Code::PrecisionDrift,
+            Cause::Faithful | Cause::Skipped => return None,
+        })
+    }
+}
+
+/// One job's outcome.
+struct JobResult {
+    index: usize,
+    fit: ModuleFit,
+    basic: Option<BasicFit>,
+    cause: Cause,
+}
+
+/// The three arrays a tensor's hypotheses are tested on.
+struct Loaded {
+    w: Vec<f32>,
+    m: Vec<f32>,
+    wstar: Vec<f64>,
+    updates: Vec<Update>,
+    format: FloatFormat,
+}
+
+fn float_format(dtype: &TensorDtype) -> Option<FloatFormat> {
+    match dtype {
+        TensorDtype::F32 => Some(FloatFormat::F32),
+        TensorDtype::F16 => Some(FloatFormat::F16),
+        TensorDtype::Bf16 => Some(FloatFormat::Bf16),
+        TensorDtype::Other(_) => None,
+    }
+}
+
+fn kind(job: &TensorJob) -> &'static str {
+    if job.sources.len() > 1 {
+        return "stacked";
+    }
+    match &job.sources[0] {
+        Source::Replace { .. } => "replace",
+        Source::LowRank {
+            magnitude: Some(_), ..
+        } => "dora",
+        Source::LowRank { .. } => "lora",
+    }
+}
+
+fn expected_scale(job: &TensorJob) -> Option<f64> {
+    match job.sources.as_slice() {
+        [Source::LowRank { scale, .. }] => Some(*scale),
+        _ => None,
+    }
+}
+
+fn empty_fit(
+    job: &TensorJob,
+    cause: Option<&'static str>,
+    explanation: Option<String>,
+) -> ModuleFit {
+    ModuleFit {
+        module: job.module.clone(),
+        tensor: job.output.clone(),
+        kind: kind(job),
+        expected_scale: expected_scale(job),
+        scale_ratio: None,
+        transposed_ratio: None,
+        delta_norm: 0.0,
+        floor: 0.0,
+        residual_to_floor: None,
+        fit_residual_to_floor: None,
+        cause,
+        explanation,
+    }
+}
+
+fn explained(ratio: f64, plain_ratio: f64) -> bool {
+    ratio <= TOLERANCE || ratio <= EXPLAINED_SHARE * plain_ratio
+}
+
+/// Reads W, M and the exact merge of one job; None when M cannot be compared element-wise.
+fn load(job: &TensorJob, input: &Inputs<'_>) -> Result<Option<Loaded>, MergeError> {
+    let Some(info) = input.merged.info(&job.output) else {
+        return Ok(None);
+    };
+    let Some(format) = float_format(&info.dtype) else {
+        return Ok(None);
+    };
+    if info.numel() != job.rows * job.cols {
+        return Ok(None);
+    }
+    let w = input.base.read_f32(&job.tensor)?;
+    let updates = engine::load_updates(job, input.adapters)?;
+    let wstar = delta::merge_exact(&w, job.rows, job.cols, &updates);
+    if wstar.len() != w.len() {
+        return Ok(None);
+    }
+    let m = input.merged.read_f32(&job.output)?;
+    Ok(Some(Loaded {
+        w,
+        m,
+        wstar,
+        updates,
+        format,
+    }))
+}
+
+fn fit_job(
+    index: usize,
+    job: &TensorJob,
+    input: &Inputs<'_>,
+    head_tied_in_m: bool,
+) -> Result<JobResult, MergeError> {
+    if head_tied_in_m && inventory::is_head(&job.output) {
+        let why = "M ties the head to the embeddings, so this trained head is not what loaders use";
+        return Ok(JobResult {
+            index,
+            fit: empty_fit(job, Some(Code::TiedEmbeddings.as_str()), Some(why.into())),
+            basic: None,
+            cause: Cause::Tied,
+        });
+    }
+    let Some(l) = load(job, input)? else {
+        return Ok(JobResult {
+            index,
+            fit: empty_fit(
+                job,
+                None,
+                Some("not compared: see the tensor inventory".into()),
+            ),
+            basic: None,
+            cause: Cause::Skipped,
+        });
+    };
+    let arrays = TensorArrays {
+        w: &l.w,
+        m: &l.m,
+        wstar: &l.wstar,
+        rows: job.rows,
+        cols: job.cols,
+        format: l.format,
+    };
+    let basic = fit::measure(&arrays);
+    let ratio = basic.ratio(basic.residual);
+    let mut explanation = None;
+    let cause = if basic.nan + basic.inf > 0 {
+        Cause::NonFinite
+    } else if ratio <= TOLERANCE {
+        Cause::Faithful
+    } else if basic.base_distance <= TOLERANCE * basic.base_floor {
+        if kind(job) == "replace" {
+            explanation = Some("M holds the base's tensor, not the adapter's trained copy".into());
+            Cause::ModulesToSaveDropped
+        } else {
+            explanation = Some("M equals the base here".into());
+            Cause::NotMerged
+        }
+    } else if let Some(plain) = dora_dropped_ratio(job, &l, &basic)
+        && explained(plain, ratio)
+    {
+        explanation = Some(format!(
+            "W + ΔW without the magnitude rescaling fits ({plain:.2}× the floor)"
+        ));
+        Cause::DoraDropped
+    } else if let Some((t, res)) = basic.transposed
+        && (t - 1.0).abs() < 0.1
+        && explained(basic.ratio(res), ratio)
+    {
+        explanation = Some(format!(
+            "ΔWᵀ fits with scale {t:.3} ({:.2}× the floor)",
+            basic.ratio(res)
+        ));
+        Cause::Transposed
+    } else if let (Some(s), Some(res)) = (basic.scale_ratio, basic.fit_residual)
+        && explained(basic.ratio(res), ratio)
+    {
+        explanation = Some(scale_explanation(job, input, s));
+        Cause::Scale
+    } else {
+        Cause::Unexplained
+    };
+    let fit = ModuleFit {
+        module: job.module.clone(),
+        tensor: job.output.clone(),
+        kind: kind(job),
+        expected_scale: expected_scale(job),
+        scale_ratio: basic.scale_ratio,
+        transposed_ratio: basic.transposed.map(|(t, _)| t),
+        delta_norm: basic.delta_norm,
+        floor: basic.floor,
+        residual_to_floor: (basic.nan + basic.inf == 0).then_some(ratio),
+        fit_residual_to_floor: basic.fit_residual.map(|r| basic.ratio(r)),
+        cause: cause.code().map(Code::as_str),
+        explanation,
+    };
+    Ok(JobResult {
+        index,
+        fit,
+        basic: Some(basic),
+        cause,
+    })
+}
+
+/// ‖M − (W + ΔW without DoRA's rescaling)‖ / floor, for DoRA jobs.
+fn dora_dropped_ratio(job: &TensorJob, l: &Loaded, basic: &BasicFit) -> Option<f64> {
+    if !l
+        .updates
+        .iter()
+        .any(|u| matches!(u, Update::LowRank(lr) if lr.magnitude.is_some()))
+    {
+        return None;
+    }
+    let plain: Vec<Update> = l
+        .updates
+        .iter()
+        .map(|u| match u {
+            Update::LowRank(lr) => {
+                let mut lr = lr.clone();
+                lr.magnitude = None;
+                Update::LowRank(lr)
+            }
+            other => other.clone(),
+        })
+        .collect();
+    let expected = delta::merge_exact(&l.w, job.rows, job.cols, &plain);
+    Some(basic.ratio(fit::distance(&l.m, expected.into_iter())))
+}
+
+/// "ŝ/s = 0.354: rsLoRA adapter merged with plain α/r scaling (…)", or "by an unknown factor".
+fn scale_explanation(job: &TensorJob, input: &Inputs<'_>, ratio: f64) -> String {
+    let names = match job.sources.as_slice() {
+        [Source::LowRank { adapter, .. }] => {
+            let config = &input.adapters[*adapter].config;
+            let scaling = config.scaling_for(&job.module);
+            causes::name_scale(ratio, &causes::candidates(config, &scaling))
+        }
+        _ => Vec::new(),
+    };
+    if names.is_empty() {
+        format!("ŝ/s = {ratio:.4}: no known scaling mistake gives this factor")
+    } else {
+        format!("ŝ/s = {ratio:.4}: {}", names.join(", or "))
+    }
+}
+
+/// ‖M − H(W)‖ / floor for a quantization hypothesis; None when the format cannot hold the
+/// tensor (ggml rows not a multiple of 32 fall back to f16, which proves nothing).
+fn quant_ratio(
+    h: QuantHypothesis,
+    job: &TensorJob,
+    l: &Loaded,
+    basic: &BasicFit,
+) -> Result<Option<f64>, MergeError> {
+    let conv1d = job.is_conv1d();
+    let source: Vec<f32> = if h.requantized {
+        l.wstar.iter().map(|v| *v as f32).collect()
+    } else {
+        l.w.clone()
+    };
+    let (q, note) =
+        engine::fake_quantize(h.format, &job.tensor, &source, job.rows, job.cols, conv1d)?;
+    if note.is_some() {
+        return Ok(None);
+    }
+    let distance = if h.requantized {
+        fit::distance(&l.m, q.iter().map(|v| *v as f64))
+    } else {
+        fit::distance(
+            &l.m,
+            q.iter()
+                .zip(l.wstar.iter().zip(&l.w))
+                .map(|(qv, (s, w))| *qv as f64 + (s - *w as f64)),
+        )
+    };
+    Ok(Some(basic.ratio(distance)))
+}
+
+/// Finds the quantization hypothesis that explains the unexplained tensors: all hypotheses on a
+/// few tensors, then the winner on the rest.
+fn quant_search(
+    results: &mut [JobResult],
+    input: &Inputs<'_>,
+) -> Result<Option<QuantHypothesis>, MergeError> {
+    let unexplained: Vec<usize> = results
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.cause == Cause::Unexplained)
+        .map(|(i, _)| i)
+        .collect();
+    if unexplained.is_empty() {
+        return Ok(None);
+    }
+    const PROBES: usize = 3;
+    let hypotheses = QuantHypothesis::all();
+    let mut score: Vec<(f64, usize)> = vec![(0.0, 0); hypotheses.len()];
+    for &i in unexplained.iter().take(PROBES) {
+        let job = &input.plan.weights[results[i].index];
+        let (Some(l), Some(basic)) = (load(job, input)?, results[i].basic) else {
+            continue;
+        };
+        let ratios = hypotheses
+            .par_iter()
+            .map(|h| quant_ratio(*h, job, &l, &basic))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (s, r) in score.iter_mut().zip(ratios) {
+            if let Some(r) = r {
+                s.0 += r.max(f64::MIN_POSITIVE).ln();
+                s.1 += 1;
+            }
+        }
+    }
+    let Some((best, _)) = hypotheses
+        .iter()
+        .zip(&score)
+        .filter(|(_, s)| s.1 > 0)
+        .min_by(|a, b| (a.1.0 / a.1.1 as f64).total_cmp(&(b.1.0 / b.1.1 as f64)))
+    else {
+        return Ok(None);
+    };
+    let best = *best;
+    let outcomes = unexplained
+        .par_iter()
+        .map(|&i| {
+            let job = &input.plan.weights[results[i].index];
+            let (Some(l), Some(basic)) = (load(job, input)?, results[i].basic) else {
+                return Ok((i, None));
+            };
+            let plain = basic.ratio(basic.residual);
+            let r = quant_ratio(best, job, &l, &basic)?;
+            Ok((i, r.filter(|r| explained(*r, plain))))
+        })
+        .collect::<Result<Vec<_>, MergeError>>()?;
+    let mut any = false;
+    for (i, r) in outcomes {
+        if let Some(r) = r {
+            any = true;
+            let res = &mut results[i];
+            res.cause = Cause::Quantized(best, r);
+            res.fit.cause = Some(Code::QuantizedMergeBase.as_str());
+            res.fit.explanation = Some(format!("{} ({r:.2}× the floor)", best.describe()));
+        }
+    }
+    Ok(any.then_some(best))
+}
+
+/// ‖M − W‖ over a tensor the adapters do not change, and M's non-finite values there.
+struct Untouched {
+    name: String,
+    ratio: f64,
+    nan: usize,
+    inf: usize,
+    explained: bool,
+}
+
+fn compare_untouched(
+    name: &str,
+    input: &Inputs<'_>,
+    hypothesis: Option<QuantHypothesis>,
+) -> Result<Option<Untouched>, MergeError> {
+    let (Some(bi), Some(mi)) = (input.base.info(name), input.merged.info(name)) else {
+        return Ok(None);
+    };
+    let Some(format) = float_format(&mi.dtype) else {
+        return Ok(None);
+    };
+    if bi.shape != mi.shape || !bi.dtype.is_float() {
+        return Ok(None);
+    }
+    let w = input.base.read_f32(name)?;
+    let m = input.merged.read_f32(name)?;
+    let (mut d2, mut r2, mut w2, mut nan, mut inf) = (0.0f64, 0.0f64, 0.0f64, 0usize, 0usize);
+    for (&w, &m) in w.iter().zip(&m) {
+        if m.is_nan() {
+            nan += 1;
+        } else if m.is_infinite() {
+            inf += 1;
+        }
+        let d = m as f64 - w as f64;
+        d2 += d * d;
+        let r = format.round(w) as f64 - w as f64;
+        if r.is_finite() {
+            r2 += r * r;
+        }
+        w2 += w as f64 * w as f64;
+    }
+    let floor = fit::floor_of(r2.sqrt(), w2.sqrt(), format);
+    let ratio = d2.sqrt() / floor;
+    let mut explained_by_quant = false;
+    if ratio > TOLERANCE
+        && let Some(h) = hypothesis.filter(|h| !h.requantized)
+        && let [rows, cols] = bi.shape[..]
+    {
+        let (q, note) = engine::fake_quantize(h.format, name, &w, rows, cols, false)?;
+        if note.is_none() {
+            let r = fit::distance(&m, q.iter().map(|v| *v as f64)) / floor;
+            explained_by_quant = explained(r, ratio);
+        }
+    }
+    Ok(Some(Untouched {
+        name: name.to_string(),
+        ratio,
+        nan,
+        inf,
+        explained: explained_by_quant,
+    }))
+}
+
+/// Runs the whole analysis: per-tensor fits, quantization search, untouched tensors, inventory,
+/// tied heads and config drift, and the findings they add up to.
+pub fn analyze(input: &Inputs<'_>) -> anyhow::Result<(Forensics, Vec<Finding>)> {
+    let merged_config = ModelConfig::read_dir(input.merged_dir)?;
+    let merged_ties = match &merged_config {
+        Some(c) => c.tie_word_embeddings,
+        None => input.base_config.is_some_and(|c| c.tie_word_embeddings),
+    };
+    let base_has_head = mapping::find_head(input.base).is_some();
+    let head_job = input
+        .plan
+        .weights
+        .iter()
+        .any(|j| inventory::is_head(&j.output) && !input.base.contains(&j.output));
+    // M's head must differ from its embeddings when the base's do or the adapter trains a head
+    // the tied base does not have.
+    let head_tied_in_m = merged_ties && (base_has_head || head_job);
+
+    let expected = inventory::expected(input.base, input.plan, input.adapters);
+    let mut inventory = inventory::compare(&expected, input.merged, merged_ties);
+
+    let mut results = input
+        .plan
+        .weights
+        .par_iter()
+        .enumerate()
+        .map(|(i, job)| {
+            let result = fit_job(i, job, input, head_tied_in_m);
+            (input.tick)();
+            result
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let hypothesis = quant_search(&mut results, input)?;
+
+    let changed: BTreeSet<&str> = input
+        .plan
+        .weights
+        .iter()
+        .map(|j| j.output.as_str())
+        .chain(input.plan.biases.iter().map(|b| b.tensor.as_str()))
+        .collect();
+    let untouched_names: Vec<&String> = expected
+        .keys()
+        .filter(|n| !changed.contains(n.as_str()))
+        .collect();
+    let untouched = untouched_names
+        .par_iter()
+        .map(|n| compare_untouched(n, input, hypothesis))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>();
+
+    for r in &results {
+        if let Some(b) = &r.basic {
+            inventory.nan += b.nan;
+            inventory.inf += b.inf;
+        }
+    }
+    for u in &untouched {
+        inventory.nan += u.nan;
+        inventory.inf += u.inf;
+    }
+    let differing: Vec<&Untouched> = untouched
+        .iter()
+        .filter(|u| u.ratio > TOLERANCE && u.nan + u.inf == 0)
+        .collect();
+    let worst = untouched
+        .iter()
+        .filter(|u| u.ratio.is_finite())
+        .max_by(|a, b| a.ratio.total_cmp(&b.ratio));
+    let untouched_summary = UntouchedSummary {
+        compared: untouched.len(),
+        differing: differing.len(),
+        explained_by_quantization: differing.iter().filter(|u| u.explained).count(),
+        worst_tensor: worst.map(|u| u.name.clone()),
+        worst_ratio: worst.map(|u| u.ratio),
+    };
+
+    let adapter_dirs: Vec<&Path> = input.adapters.iter().map(|a| a.dir.as_path()).collect();
+    let config_drift = drift::compare(&drift::Folders {
+        merged: input.merged_dir,
+        adapters: adapter_dirs,
+        base: input.base_dir,
+    });
+
+    let dtype = merged_dtype(input.merged);
+    let mut findings = findings_for(
+        input,
+        &results,
+        &untouched_summary,
+        &differing,
+        &inventory,
+        &config_drift,
+        merged_ties && base_has_head,
+    );
+    for f in &mut findings {
+        f.precision = Some(LABEL.to_string());
+    }
+    results.sort_by_key(|r| r.index);
+    let forensics = Forensics {
+        dtype: dtype.name().to_string(),
+        tolerance: TOLERANCE,
+        modules: results.into_iter().map(|r| r.fit).collect(),
+        untouched: untouched_summary,
+        inventory,
+        config_drift,
+    };
+    Ok((forensics, findings))
+}
+
+/// The float format most of a checkpoint's weights are stored in.
+pub fn merged_dtype(checkpoint: &Checkpoint) -> FloatFormat {
+    let mut count: BTreeMap<&'static str, usize> = BTreeMap::new();
+    for t in checkpoint.tensors() {
+        if let Some(f) = float_format(&t.dtype) {
+            *count.entry(f.name()).or_default() += t.numel();
+        }
+    }
+    let best = count
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .map_or("bf16", |(name, _)| *name);
+    match best {
+        "f32" => FloatFormat::F32,
+        "f16" => FloatFormat::F16,
+        _ => FloatFormat::Bf16,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(v[v.len() / 2])
+}
+
+/// "`a`, `b`, `c` and 4 more".
+fn examples<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    let names: Vec<&str> = names.collect();
+    let mut s = names
+        .iter()
+        .take(3)
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > 3 {
+        s.push_str(&format!(" and {} more", names.len() - 3));
+    }
+    s
+}
+
+fn single_module(group: &[&JobResult]) -> Option<String> {
+    match group {
+        [one] => Some(one.fit.module.clone()),
+        _ => None,
+    }
+}
+
+fn findings_for(
+    input: &Inputs<'_>,
+    results: &[JobResult],
+    untouched: &UntouchedSummary,
+    differing: &[&Untouched],
+    inventory: &Inventory,
+    drift: &[ConfigDifference],
+    ties_untied_base: bool,
+) -> Vec<Finding> {
+    let total = results.len();
+    let mut out = Vec::new();
+    let with = |cause: fn(&Cause) -> bool| -> Vec<&JobResult> {
+        results.iter().filter(|r| cause(&r.cause)).collect()
+    };
+
+    let group = with(|c| *c == Cause::NotMerged);
+    if !group.is_empty() {
+        let all = group.len() == total;
+        let scale = median(group.iter().filter_map(|r| r.fit.scale_ratio).collect());
+        let mut f = Finding::new(
+            Code::NotMerged,
+            single_module(&group),
+            format!(
+                "M equals the base on {} of {total} adapter-changed tensors ({}){}",
+                group.len(),
+                examples(group.iter().map(|r| r.fit.module.as_str())),
+                if all {
+                    ": the merge never happened, or the adapter failed to load"
+                } else {
+                    ": those modules' updates were never merged"
+                }
+            ),
+        );
+        if let Some(s) = scale {
+            f = f.observed(s, Some(1.0));
+        }
+        out.push(f);
+    }
+
+    let group = with(|c| *c == Cause::ModulesToSaveDropped);
+    if !group.is_empty() {
+        out.push(Finding::new(
+            Code::ModulesToSaveDropped,
+            single_module(&group),
+            format!(
+                "M holds the base's {} instead of the adapter's trained copy (modules_to_save)",
+                examples(group.iter().map(|r| r.fit.tensor.as_str()))
+            ),
+        ));
+    }
+
+    // Scale mismatches, one finding per named mistake (or factor) so each gets its advice.
+    let mut by_name: BTreeMap<String, Vec<&JobResult>> = BTreeMap::new();
+    for r in results.iter().filter(|r| r.cause == Cause::Scale) {
+        let key = r
+            .fit
+            .explanation
+            .as_deref()
+            .and_then(|e| e.split_once(": ").map(|(_, rest)| rest.to_string()))
+            .unwrap_or_default();
+        let key = if key.starts_with("no known") {
+            format!(
+                "unknown factor ×{:.3}",
+                r.fit.scale_ratio.unwrap_or(f64::NAN)
+            )
+        } else {
+            key
+        };
+        by_name.entry(key).or_default().push(r);
+    }
+    for (name, group) in by_name {
+        let ratio = median(group.iter().filter_map(|r| r.fit.scale_ratio).collect());
+        let named = !name.starts_with("unknown factor");
+        let mut f = Finding::new(
+            Code::ScaleMismatch,
+            single_module(&group),
+            format!(
+                "M's change is ŝ/s = {} times the adapter's update on {} of {total} tensors ({}); {}",
+                ratio.map_or("?".into(), |r| format!("{r:.4}")),
+                group.len(),
+                examples(group.iter().map(|r| r.fit.module.as_str())),
+                if named {
+                    format!("nearest known mistake: {name}")
+                } else {
+                    "no known scaling mistake gives this factor".to_string()
+                }
+            ),
+        );
+        if let Some(r) = ratio {
+            f = f.observed(r, Some(1.0));
+        }
+        out.push(f);
+    }
+
+    let group = with(|c| *c == Cause::Transposed);
+    if !group.is_empty() {
+        out.push(Finding::new(
+            Code::TransposedDelta,
+            single_module(&group),
+            format!(
+                "M's change on {} matches ΔWᵀ, not ΔW: the update went in transposed",
+                examples(group.iter().map(|r| r.fit.module.as_str()))
+            ),
+        ));
+    }
+
+    let group = with(|c| *c == Cause::DoraDropped);
+    if !group.is_empty() {
+        out.push(Finding::new(
+            Code::DoraMagnitudeDropped,
+            single_module(&group),
+            format!(
+                "M equals W + ΔW without DoRA's magnitude rescaling on {} of {total} tensors ({})",
+                group.len(),
+                examples(group.iter().map(|r| r.fit.module.as_str()))
+            ),
+        ));
+    }
+
+    let quantized: Vec<&JobResult> = with(|c| matches!(c, Cause::Quantized(..)));
+    if let Some(Cause::Quantized(h, _)) = quantized.first().map(|r| &r.cause) {
+        let (mut err2, mut delta2) = (0.0f64, 0.0f64);
+        for r in &quantized {
+            if let (Some(b), Some(ratio)) = (&r.basic, r.fit.residual_to_floor) {
+                err2 += (ratio * b.floor).powi(2);
+                delta2 += b.delta_norm.powi(2);
+            }
+        }
+        let size = if delta2 > 0.0 {
+            (err2 / delta2).sqrt()
+        } else {
+            f64::INFINITY
+        };
+        let matches_training =
+            !h.requantized && input.trained_on == Some(Precision::Quant(h.format));
+        let mut f = Finding::new(
+            Code::QuantizedMergeBase,
+            single_module(&quantized),
+            format!(
+                "{} of {total} adapter-changed tensors match {} (best of {} formats); the \
+                 quantization error is {:.2}× ‖ΔW‖{}",
+                quantized.len(),
+                h.describe(),
+                QuantFormat::ALL.len(),
+                size,
+                if matches_training {
+                    " — the base --trained-on names, so the merge keeps the 4-bit error the adapter trained with"
+                } else {
+                    ""
+                }
+            ),
+        )
+        .observed(size, Some(QUANTIZED_BASE_DENY));
+        f.level = if size >= QUANTIZED_BASE_DENY {
+            Level::Deny
+        } else {
+            Level::Warn
+        };
+        if untouched.explained_by_quantization > 0 {
+            f.message.push_str(&format!(
+                "; {} untouched tensors are quantized the same way",
+                untouched.explained_by_quantization
+            ));
+        }
+        out.push(f);
+    }
+
+    // Another base: untouched tensors differ beyond rounding and no quantization explains them.
+    let unexplained_targets: Vec<&JobResult> = with(|c| *c == Cause::Unexplained);
+    let foreign: Vec<&&Untouched> = differing.iter().filter(|u| !u.explained).collect();
+    if !foreign.is_empty() {
+        let most =
+            foreign.len() * 2 >= untouched.compared.max(1) || !unexplained_targets.is_empty();
+        let mut f = Finding::new(
+            Code::WrongBase,
+            None,
+            format!(
+                "{} of {} tensors the adapter does not touch differ from the base by up to {:.3e}× \
+                 their rounding floor ({}){}",
+                foreign.len(),
+                untouched.compared,
+                foreign.iter().map(|u| u.ratio).fold(0.0, f64::max),
+                examples(foreign.iter().map(|u| u.name.as_str())),
+                if unexplained_targets.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        ", and {} of {total} adapter-changed tensors fit no known mistake",
+                        unexplained_targets.len()
+                    )
+                }
+            ),
+        )
+        .observed(foreign.len() as f64, None);
+        if !most {
+            f.level = Level::Warn;
+            f.message
+                .push_str(": M was partly built from other weights than this base");
+        }
+        out.push(f);
+    } else if !unexplained_targets.is_empty() {
+        let worst = unexplained_targets
+            .iter()
+            .filter_map(|r| r.fit.residual_to_floor)
+            .fold(0.0, f64::max);
+        out.push(
+            Finding::new(
+                Code::PrecisionDrift,
+                single_module(&unexplained_targets),
+                format!(
+                    "M differs from the exact merge by up to {worst:.3e}× the rounding floor of its \
+                     dtype on {} of {total} tensors ({}), and no known mistake (scale, transpose, \
+                     DoRA, quantized base) explains it",
+                    unexplained_targets.len(),
+                    examples(unexplained_targets.iter().map(|r| r.fit.module.as_str()))
+                ),
+            )
+            .observed(worst, Some(TOLERANCE))
+            .advice(
+                "Re-merge in f32 with PEFT's merge_and_unload (or `lora-doctor merge`) and cast \
+                 once; compare the tool's merge code with merge-semantics: ΔW = s·B·A in the base \
+                 layout.",
+            ),
+        );
+    }
+
+    let tied = with(|c| *c == Cause::Tied);
+    if !tied.is_empty() || ties_untied_base {
+        out.push(Finding::new(
+            Code::TiedEmbeddings,
+            Some(
+                tied.first()
+                    .map_or_else(|| "lm_head".to_string(), |r| r.fit.module.clone()),
+            ),
+            "M's config ties the output head to the input embeddings (tie_word_embeddings), but \
+             the merged head must differ from them: loaders will use the embeddings as the head"
+                .to_string(),
+        )
+        .advice(
+            "Set `tie_word_embeddings: false` in M's config.json and save `lm_head.weight` \
+             explicitly (the adapter's trained head merged onto the base's), or use \
+             `lora-doctor merge`, which unties the head when it must.",
+        ));
+    }
+
+    if !inventory.is_clean() {
+        let mut message = format!(
+            "M's tensors differ from the base's: {}",
+            inventory.describe().join("; ")
+        );
+        if inventory.looks_bnb_quantized() {
+            message.push_str(
+                " — M looks like a bitsandbytes-quantized checkpoint; save a dequantized 16-bit copy to compare",
+            );
+        }
+        out.push(Finding::new(Code::TensorInventory, None, message));
+    }
+
+    if inventory.nan + inventory.inf > 0 {
+        out.push(
+            Finding::new(
+                Code::NonfiniteMerge,
+                None,
+                format!(
+                    "M holds {} NaN and {} ±Inf values",
+                    inventory.nan, inventory.inf
+                ),
+            )
+            .observed((inventory.nan + inventory.inf) as f64, Some(0.0)),
+        );
+    }
+    let overflow: Vec<&JobResult> = results
+        .iter()
+        .filter(|r| r.basic.is_some_and(|b| b.out_of_range > 0))
+        .collect();
+    if !overflow.is_empty() {
+        let n: usize = overflow
+            .iter()
+            .filter_map(|r| r.basic.map(|b| b.out_of_range))
+            .sum();
+        out.push(
+            Finding::new(
+                Code::Overflow,
+                single_module(&overflow),
+                format!(
+                    "{n} merged values exceed the largest finite value of M's dtype ({})",
+                    examples(overflow.iter().map(|r| r.fit.module.as_str()))
+                ),
+            )
+            .observed(n as f64, Some(0.0)),
+        );
+    }
+
+    if !drift.is_empty() {
+        let list = drift
+            .iter()
+            .map(|d| format!("{} {}: {} → {}", d.file, d.key, d.expected, d.found))
+            .collect::<Vec<_>>();
+        out.push(Finding::new(
+            Code::ConfigDrift,
+            None,
+            format!(
+                "{} generation-relevant setting(s) of M differ from the adapter's / base's folder: {}",
+                list.len(),
+                list.join("; ")
+            ),
+        ));
+    }
+    out
+}

@@ -41,6 +41,11 @@ pub fn check_of(code: Code) -> Check {
         }
         NonfiniteMerge | Overflow | PrecisionDrift | DeltaSwamped | QuantizationError
         | DeltaOutlier => Check::Weights,
+        // `--merged` forensics judge the merged checkpoint's weights.
+        NotMerged | ScaleMismatch | TransposedDelta | WrongBase | QuantizedMergeBase
+        | DoraMagnitudeDropped | ModulesToSaveDropped | TensorInventory | ConfigDrift => {
+            Check::Weights
+        }
         HighKl | Top1Disagreement | EffectLost | NonfiniteLogits => Check::Logits,
         Gibberish => Check::Generation,
     }

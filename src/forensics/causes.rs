@@ -1,0 +1,146 @@
+//! Names the mistake behind a fitted scale: the factors the known scaling slips produce for one
+//! module's rank and alpha (rsLoRA read as plain or applied to a plain adapter, α/r applied twice,
+//! α ignored, the division by r forgotten, rank/alpha patterns ignored, the update added twice or
+//! subtracted), matched to the measured ŝ/s.
+
+use crate::io::adapter::{AdapterConfig, ModuleScaling, lora_scale};
+
+/// A known scaling mistake and the ŝ/s it produces.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScaleMistake {
+    pub factor: f64,
+    pub name: String,
+}
+
+/// How close (relative, in log space) a measured ratio must be to a mistake's factor to be named.
+pub const MATCH_TOLERANCE: f64 = 0.03;
+
+/// Every mistake that applies to a module with this scaling, with its factor ŝ/s.
+pub fn candidates(config: &AdapterConfig, module: &ModuleScaling) -> Vec<ScaleMistake> {
+    let s = module.scale;
+    let r = module.r as f64;
+    let mut out = Vec::new();
+    let mut add = |factor: f64, name: String| {
+        if factor.is_finite() && factor != 0.0 && (factor - 1.0).abs() > 1e-9 {
+            out.push(ScaleMistake { factor, name });
+        }
+    };
+    if config.use_rslora {
+        add(
+            lora_scale(module.alpha, module.r, false) / s,
+            format!(
+                "rsLoRA adapter merged with plain α/r scaling (factor 1/√r, r = {})",
+                module.r
+            ),
+        );
+    } else {
+        add(
+            lora_scale(module.alpha, module.r, true) / s,
+            format!(
+                "plain adapter merged with rsLoRA's α/√r scaling (factor √r, r = {})",
+                module.r
+            ),
+        );
+    }
+    add(s, format!("scale applied twice (s² instead of s = {s})"));
+    add(
+        1.0 / s,
+        format!("alpha ignored: scale 1 instead of s = {s}"),
+    );
+    add(
+        if config.use_rslora { r.sqrt() } else { r },
+        format!(
+            "scale α = {} used without dividing by the rank",
+            module.alpha
+        ),
+    );
+    if module.rank_key.is_some() || module.alpha_key.is_some() {
+        let default = lora_scale(config.lora_alpha, config.r, config.use_rslora);
+        let which = match (&module.rank_key, &module.alpha_key) {
+            (Some(_), Some(_)) => "rank_pattern and alpha_pattern",
+            (Some(_), None) => "rank_pattern",
+            _ => "alpha_pattern",
+        };
+        add(
+            default / s,
+            format!(
+                "{which} ignored: the default scale {default} used instead of this module's {s}"
+            ),
+        );
+    }
+    add(2.0, "update added twice (merged twice)".to_string());
+    add(
+        -1.0,
+        "update subtracted (unmerged instead of merged)".to_string(),
+    );
+    out
+}
+
+/// The mistakes whose factor matches `ratio` within [`MATCH_TOLERANCE`]; empty when none does.
+pub fn name_scale(ratio: f64, mistakes: &[ScaleMistake]) -> Vec<String> {
+    let mut names: Vec<String> = mistakes
+        .iter()
+        .filter(|m| {
+            m.factor.signum() == ratio.signum()
+                && ((ratio / m.factor).ln()).abs() < MATCH_TOLERANCE.ln_1p()
+        })
+        .map(|m| m.name.clone())
+        .collect();
+    names.dedup();
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn config(raw: serde_json::Value) -> AdapterConfig {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("adapter_config.json");
+        std::fs::write(&path, raw.to_string()).expect("write");
+        AdapterConfig::read(&path).expect("config")
+    }
+
+    #[test]
+    fn rslora_read_as_plain_is_named_with_one_over_root_r() {
+        let c = config(json!({"peft_type": "LORA", "r": 16, "lora_alpha": 32,
+            "use_rslora": true, "target_modules": ["q_proj"]}));
+        let m = c.scaling_for("model.layers.0.self_attn.q_proj");
+        let names = name_scale(0.25, &candidates(&c, &m));
+        assert_eq!(names.len(), 1, "{names:?}");
+        assert!(names[0].contains("plain α/r"), "{names:?}");
+    }
+
+    #[test]
+    fn plain_adapter_with_rslora_scaling_is_named_with_root_r() {
+        let c = config(json!({"peft_type": "LORA", "r": 16, "lora_alpha": 32,
+            "target_modules": ["q_proj"]}));
+        let m = c.scaling_for("q_proj");
+        let names = name_scale(4.0, &candidates(&c, &m));
+        assert!(names.iter().any(|n| n.contains("α/√r")), "{names:?}");
+        // s = 2: "applied twice" and "added twice" are both factor 2 and both named.
+        let twice = name_scale(2.01, &candidates(&c, &m));
+        assert_eq!(twice.len(), 2, "{twice:?}");
+        assert!(name_scale(1.5, &candidates(&c, &m)).is_empty());
+        assert_eq!(name_scale(-1.0, &candidates(&c, &m)).len(), 1);
+    }
+
+    #[test]
+    fn ignored_alpha_pattern_is_named_for_the_pattern_module_only() {
+        let c = config(json!({"peft_type": "LORA", "r": 8, "lora_alpha": 8,
+            "alpha_pattern": {"v_proj": 32}, "target_modules": ["q_proj", "v_proj"]}));
+        let v = c.scaling_for("model.layers.0.self_attn.v_proj");
+        let names = name_scale(0.25, &candidates(&c, &v));
+        assert!(
+            names.iter().any(|n| n.contains("alpha_pattern")),
+            "{names:?}"
+        );
+        let q = c.scaling_for("model.layers.0.self_attn.q_proj");
+        assert!(
+            !candidates(&c, &q)
+                .iter()
+                .any(|m| m.name.contains("pattern"))
+        );
+    }
+}

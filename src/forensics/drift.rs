@@ -1,0 +1,331 @@
+//! Config drift: the files beside the weights that change what a deployed model generates —
+//! special-token ids in config.json, generation_config.json, the chat template and the
+//! tokenizer — compared between the merged folder and the folder it should have copied them
+//! from (the adapter's when it ships the file, since added tokens and templates are saved there,
+//! else the base's).
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use super::ConfigDifference;
+
+/// config.json keys that decide generation.
+const CONFIG_KEYS: &[&str] = &["bos_token_id", "eos_token_id", "pad_token_id"];
+/// generation_config.json keys that are bookkeeping, not behaviour.
+const GENERATION_IGNORED: &[&str] = &["transformers_version", "_from_model_config"];
+/// tokenizer_config.json keys that change tokenization or the prompt format.
+const TOKENIZER_KEYS: &[&str] = &[
+    "bos_token",
+    "eos_token",
+    "pad_token",
+    "unk_token",
+    "add_bos_token",
+    "add_eos_token",
+];
+
+/// The folders to compare: the merged one, the adapters' (last wins) and the base's.
+pub struct Folders<'a> {
+    pub merged: &'a Path,
+    pub adapters: Vec<&'a Path>,
+    pub base: &'a Path,
+}
+
+impl Folders<'_> {
+    /// Where the expected copy of `file` comes from: the last adapter folder that has it, else
+    /// the base folder (if it has it).
+    fn reference(&self, file: &str) -> Option<(&'static str, PathBuf)> {
+        for dir in self.adapters.iter().rev() {
+            let p = dir.join(file);
+            if p.is_file() {
+                return Some(("adapter", p));
+            }
+        }
+        let p = self.base.join(file);
+        p.is_file().then_some(("base", p))
+    }
+}
+
+fn read_json(path: &Path) -> Option<Value> {
+    let text = std::fs::read_to_string(path).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Shows a value short enough for a table cell.
+fn show(v: Option<&Value>) -> String {
+    let s = match v {
+        None => return "(absent)".into(),
+        Some(Value::String(s)) => s.clone(),
+        Some(v) => v.to_string(),
+    };
+    let one_line = s.replace('\n', "⏎");
+    if one_line.chars().count() > 80 {
+        let head: String = one_line.chars().take(77).collect();
+        format!("{head}… ({} chars)", s.chars().count())
+    } else {
+        one_line
+    }
+}
+
+/// Every generation-relevant difference.
+pub fn compare(folders: &Folders<'_>) -> Vec<ConfigDifference> {
+    let mut out = Vec::new();
+    let mut push =
+        |file: &str, key: &str, reference: &'static str, e: Option<&Value>, f: Option<&Value>| {
+            out.push(ConfigDifference {
+                file: file.to_string(),
+                key: key.to_string(),
+                reference,
+                expected: show(e),
+                found: show(f),
+            });
+        };
+
+    // config.json: adapters do not ship one, so the base is the reference.
+    if let (Some(expected), Some(found)) = (
+        read_json(&folders.base.join("config.json")),
+        read_json(&folders.merged.join("config.json")),
+    ) {
+        for key in CONFIG_KEYS {
+            if expected.get(*key) != found.get(*key) {
+                push(
+                    "config.json",
+                    key,
+                    "base",
+                    expected.get(*key),
+                    found.get(*key),
+                );
+            }
+        }
+    }
+
+    // generation_config.json: every behavioural key.
+    let file = "generation_config.json";
+    if let Some((reference, path)) = folders.reference(file) {
+        let expected = read_json(&path).unwrap_or(Value::Null);
+        match read_json(&folders.merged.join(file)) {
+            None => push(
+                file,
+                "(file)",
+                reference,
+                Some(&Value::String("present".into())),
+                None,
+            ),
+            Some(found) => {
+                let mut keys: Vec<&String> = expected
+                    .as_object()
+                    .into_iter()
+                    .chain(found.as_object())
+                    .flat_map(|o| o.keys())
+                    .collect();
+                keys.sort();
+                keys.dedup();
+                for key in keys {
+                    if GENERATION_IGNORED.contains(&key.as_str()) {
+                        continue;
+                    }
+                    if expected.get(key) != found.get(key) {
+                        push(file, key, reference, expected.get(key), found.get(key));
+                    }
+                }
+            }
+        }
+    }
+
+    // The chat template: tokenizer_config.json's `chat_template` or chat_template.jinja.
+    let template = |dir: &Path| -> Option<Value> {
+        std::fs::read_to_string(dir.join("chat_template.jinja"))
+            .ok()
+            .map(Value::String)
+            .or_else(|| {
+                read_json(&dir.join("tokenizer_config.json"))
+                    .and_then(|c| c.get("chat_template").cloned())
+            })
+    };
+    let template_source = folders
+        .adapters
+        .iter()
+        .rev()
+        .map(|d| (*d, "adapter"))
+        .chain(std::iter::once((folders.base, "base")))
+        .find(|(d, _)| {
+            d.join("chat_template.jinja").is_file() || d.join("tokenizer_config.json").is_file()
+        });
+    if let Some((dir, reference)) = template_source {
+        let (expected, found) = (template(dir), template(folders.merged));
+        if expected != found {
+            push(
+                "tokenizer_config.json",
+                "chat_template",
+                reference,
+                expected.as_ref(),
+                found.as_ref(),
+            );
+        }
+    }
+
+    // tokenizer_config.json special tokens.
+    let file = "tokenizer_config.json";
+    if let Some((reference, path)) = folders.reference(file)
+        && let Some(expected) = read_json(&path)
+    {
+        let found = read_json(&folders.merged.join(file)).unwrap_or(Value::Null);
+        for key in TOKENIZER_KEYS {
+            if expected.get(*key) != found.get(*key) {
+                push(file, key, reference, expected.get(*key), found.get(*key));
+            }
+        }
+    }
+
+    // tokenizer.json: compared as parsed JSON (formatting is not a difference).
+    let file = "tokenizer.json";
+    if let Some((reference, path)) = folders.reference(file) {
+        let merged_path = folders.merged.join(file);
+        if !merged_path.is_file() {
+            push(
+                file,
+                "(file)",
+                reference,
+                Some(&Value::String("present".into())),
+                None,
+            );
+        } else {
+            let (expected, found) = (read_json(&path), read_json(&merged_path));
+            if expected != found {
+                let keys = differing_keys(expected.as_ref(), found.as_ref());
+                push(
+                    file,
+                    &keys,
+                    reference,
+                    Some(&Value::String(tokenizer_summary(expected.as_ref()))),
+                    Some(&Value::String(tokenizer_summary(found.as_ref()))),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Top-level keys whose values differ (`model`, `added_tokens`, …).
+fn differing_keys(a: Option<&Value>, b: Option<&Value>) -> String {
+    let (Some(Value::Object(a)), Some(Value::Object(b))) = (a, b) else {
+        return "(content)".into();
+    };
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Vocabulary size and added-token count of a tokenizer.json.
+fn tokenizer_summary(v: Option<&Value>) -> String {
+    let Some(v) = v else {
+        return "unreadable".into();
+    };
+    let vocab = v.pointer("/model/vocab").and_then(|x| {
+        x.as_object()
+            .map(|o| o.len())
+            .or(x.as_array().map(Vec::len))
+    });
+    let added = v
+        .get("added_tokens")
+        .and_then(Value::as_array)
+        .map(Vec::len);
+    format!(
+        "vocab {}, {} added tokens",
+        vocab.map_or("?".into(), |n| n.to_string()),
+        added.map_or("?".into(), |n| n.to_string())
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, file: &str, text: &str) {
+        std::fs::write(dir.join(file), text).expect("write");
+    }
+
+    #[test]
+    fn identical_folders_have_no_drift_and_each_change_is_reported() {
+        let base = tempfile::tempdir().expect("tmp");
+        let merged = tempfile::tempdir().expect("tmp");
+        let adapter = tempfile::tempdir().expect("tmp");
+        for dir in [base.path(), merged.path()] {
+            write(
+                dir,
+                "config.json",
+                r#"{"eos_token_id": 2, "hidden_size": 8}"#,
+            );
+            write(
+                dir,
+                "generation_config.json",
+                r#"{"eos_token_id": 2, "transformers_version": "4"}"#,
+            );
+            write(
+                dir,
+                "tokenizer.json",
+                r#"{"model": {"vocab": {"a": 0}}, "added_tokens": []}"#,
+            );
+        }
+        write(
+            base.path(),
+            "tokenizer_config.json",
+            r#"{"eos_token": "</s>"}"#,
+        );
+        write(
+            merged.path(),
+            "tokenizer_config.json",
+            r#"{"eos_token": "</s>"}"#,
+        );
+        // Formatting and transformers_version are not drift.
+        write(
+            merged.path(),
+            "generation_config.json",
+            "{\n \"eos_token_id\": 2, \"transformers_version\": \"5\"}",
+        );
+        let folders = Folders {
+            merged: merged.path(),
+            adapters: vec![adapter.path()],
+            base: base.path(),
+        };
+        assert!(compare(&folders).is_empty(), "{:?}", compare(&folders));
+
+        write(
+            merged.path(),
+            "config.json",
+            r#"{"eos_token_id": 5, "hidden_size": 8}"#,
+        );
+        write(
+            adapter.path(),
+            "tokenizer_config.json",
+            r#"{"eos_token": "<|im_end|>", "chat_template": "{{ x }}"}"#,
+        );
+        std::fs::remove_file(merged.path().join("tokenizer.json")).expect("rm");
+        let found = compare(&folders);
+        let keys: Vec<(&str, &str, &str)> = found
+            .iter()
+            .map(|d| (d.file.as_str(), d.key.as_str(), d.reference))
+            .collect();
+        assert!(
+            keys.contains(&("config.json", "eos_token_id", "base")),
+            "{keys:?}"
+        );
+        assert!(
+            keys.contains(&("tokenizer_config.json", "chat_template", "adapter")),
+            "{keys:?}"
+        );
+        assert!(
+            keys.contains(&("tokenizer_config.json", "eos_token", "adapter")),
+            "{keys:?}"
+        );
+        assert!(
+            keys.contains(&("tokenizer.json", "(file)", "base")),
+            "{keys:?}"
+        );
+    }
+}
