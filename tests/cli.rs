@@ -467,6 +467,98 @@ fn a_broken_merged_checkpoint_is_caught_and_drift_points_at_the_broken_layer() {
     );
 }
 
+/// fixtures/merged/cases.json (written by fixtures/gen/forensics.py): one merged checkpoint per
+/// cause `check --merged` names, plus correct merges, each with the codes it must raise.
+fn merged_cases() -> Vec<(String, String, String, BTreeSet<String>)> {
+    let text = std::fs::read_to_string(root().join("fixtures/merged/cases.json"))
+        .expect("fixtures/merged/cases.json");
+    let cases: Value = serde_json::from_str(&text).expect("cases.json is JSON");
+    cases
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|c| {
+            let s = |k: &str| c[k].as_str().expect(k).to_string();
+            let expected = c["expected"]
+                .as_array()
+                .expect("expected")
+                .iter()
+                .map(|v| v.as_str().expect("code").to_string())
+                .collect();
+            (s("folder"), s("base"), s("adapter"), expected)
+        })
+        .collect()
+}
+
+/// What the named mistake must say, for the cases where the cause has a name.
+const MERGED_NAMES: &[(&str, &str)] = &[
+    (
+        "rslora-as-plain-bf16",
+        "rsLoRA adapter merged with plain α/r",
+    ),
+    ("alpha-ignored-bf16", "alpha ignored"),
+    ("alpha-pattern-ignored-bf16", "alpha_pattern ignored"),
+    ("deep-broken-bf16", "ŝ/s = 49.9"),
+    ("nf4-base-bf16", "nf4-dequantized base"),
+    ("q4_0-requant-f16", "quantized to q4_0"),
+];
+
+#[test]
+fn merged_checkpoints_raise_exactly_the_codes_of_their_cause() {
+    let cases = merged_cases();
+    assert!(cases.len() >= 20, "cases.json lists {} cases", cases.len());
+    let mut failures = Vec::new();
+    for (folder, base, adapter, want) in &cases {
+        let merged = fixture(&format!("merged/{folder}"));
+        let (exit, report) = check_json_with(base, &[adapter], &["--merged", &merged]);
+        // Allow-level findings are informational (a structural tied-head warning that the
+        // merged checkpoint settles).
+        let got: BTreeSet<String> = report["findings"]
+            .as_array()
+            .expect("findings")
+            .iter()
+            .filter(|f| f["level"] != "allow")
+            .map(|f| f["code"].as_str().expect("code").to_string())
+            .collect();
+        let deny = report["findings"]
+            .as_array()
+            .expect("findings")
+            .iter()
+            .any(|f| f["level"] == "deny");
+        if &got != want || exit != i32::from(deny) {
+            failures.push(format!(
+                "{folder}: exit {exit}, codes {got:?} (want {want:?})"
+            ));
+        }
+        let forensics = &report["forensics"];
+        if forensics["modules"].as_array().is_none_or(|m| m.is_empty()) {
+            failures.push(format!("{folder}: no per-module fits in forensics"));
+        }
+        if let Some((_, name)) = MERGED_NAMES.iter().find(|(f, _)| f == folder) {
+            let named = report["findings"]
+                .as_array()
+                .expect("findings")
+                .iter()
+                .any(|f| f["message"].as_str().is_some_and(|m| m.contains(name)));
+            if !named {
+                failures.push(format!("{folder}: no finding names `{name}`"));
+            }
+        }
+        // Correct merges sit near one rounding: 1.0 for a single rounding, up to ~1.5 for PEFT's
+        // delta-then-sum in bf16, up to ~2.7 for PEFT's f32 DoRA (norm, division and product
+        // each rounded in f32). The gate's tolerance (4) leaves room above that.
+        if want.is_empty() {
+            for m in forensics["modules"].as_array().into_iter().flatten() {
+                let ratio = m["residual_to_floor"].as_f64().unwrap_or(f64::INFINITY);
+                if ratio > 3.0 {
+                    failures.push(format!("{folder}: {} at {ratio}× the floor", m["module"]));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
 #[test]
 fn logit_cases_raise_exactly_the_expected_codes() {
     let mut failures = Vec::new();
@@ -491,16 +583,18 @@ fn logit_cases_raise_exactly_the_expected_codes() {
 
 #[test]
 fn every_code_is_raised_by_some_fixture() {
-    let raised: BTreeSet<&str> = CASES
+    let raised: BTreeSet<String> = CASES
         .iter()
         .flat_map(|c| c.3.iter().copied())
         .chain(WEIGHT_CASES.iter().flat_map(|c| c.4.iter().copied()))
         .chain(LOGIT_CASES.iter().flat_map(|c| c.4.iter().copied()))
+        .map(str::to_string)
+        .chain(merged_cases().into_iter().flat_map(|c| c.3))
         .collect();
     for code in Code::ALL {
         assert!(
             raised.contains(code.as_str()),
-            "no fixture raises `{code}`; add one to fixtures/gen/structure.py and CASES"
+            "no fixture raises `{code}`; add one to fixtures/gen/ and CASES (or merged/cases.json)"
         );
     }
 }

@@ -295,7 +295,14 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
     let mut all_findings = std::mem::take(&mut findings);
 
     // Weight stage: only meaningful when the adapters fit the base.
-    let structural_failure = Verdict::of(&all_findings) == Verdict::Fail;
+    // A tied head the adapter trains is a hazard for merges, not a misfit: the merge engine unties
+    // it, so the weight and logit stages still mean something.
+    let blocking: Vec<crate::findings::Finding> = all_findings
+        .iter()
+        .filter(|f| f.code != crate::findings::Code::TiedEmbeddings)
+        .cloned()
+        .collect();
+    let structural_failure = Verdict::of(&blocking) == Verdict::Fail;
     let mut settings = MergeSettings {
         recipe: args.recipe,
         trained_on: plan.trained_on.map(|p| p.name().to_string()),
@@ -363,6 +370,22 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
                         format!("analysing the merged checkpoint `{}`", dir.display())
                     })?;
                 bar.finish_and_clear();
+                // The structural tied-head warning is about what a merge might do; a merged
+                // checkpoint that unties the head correctly settles it.
+                if !found
+                    .iter()
+                    .any(|f| f.code == crate::findings::Code::TiedEmbeddings)
+                {
+                    for f in &mut all_findings {
+                        if f.code == crate::findings::Code::TiedEmbeddings && f.precision.is_none()
+                        {
+                            f.level = crate::findings::Level::Allow;
+                            f.message.push_str(
+                                " — settled: the --merged checkpoint unties the head correctly",
+                            );
+                        }
+                    }
+                }
                 all_findings.append(&mut found);
                 forensics = Some(found_forensics);
                 Some((checkpoint, precision))

@@ -185,7 +185,7 @@ mod tests {
     fn sample(n: usize) -> (Vec<f32>, Vec<f64>) {
         // Deterministic, irregular values: W of order 1, ΔW of order 1e-2, not symmetric.
         let w: Vec<f32> = (0..n * n)
-            .map(|i| ((i as f32 * 0.7381).sin() * 0.9 + 0.05) as f32)
+            .map(|i| (i as f32 * 0.7381).sin() * 0.9 + 0.05)
             .collect();
         let wstar: Vec<f64> = w
             .iter()

@@ -120,7 +120,9 @@ use crate::merge::delta::{self, Update};
 use crate::merge::engine::{self, MergeError, MergePlan, Source, TensorJob};
 use crate::merge::float::FloatFormat;
 use crate::merge::precision::Precision;
-use crate::merge::quant::QuantFormat;
+use crate::merge::quant::{
+    BNB_4BIT_BLOCKSIZE, Bnb4bitType, BnbBackend, QuantFormat, dequantize_4bit, quantize_4bit,
+};
 use fit::{BasicFit, TensorArrays};
 
 /// A tensor is a faithful merge when ‖M − W*‖ is at most this many rounding floors. A correct
@@ -158,30 +160,85 @@ struct QuantHypothesis {
     /// false: M = dequant(q(W)) + ΔW (merged onto the dequantized base, Unsloth/QLoRA style);
     /// true: M = dequant(q(W + ΔW)) (the merge re-quantized and stored as floats).
     requantized: bool,
+    /// NF4/FP4 only: bitsandbytes' CPU quantizer instead of the CUDA kernel (they differ on
+    /// ties and a few thresholds, see `BnbBackend`).
+    cpu: bool,
 }
 
 impl QuantHypothesis {
     fn all() -> Vec<QuantHypothesis> {
-        QuantFormat::ALL
-            .iter()
-            .flat_map(|&format| {
-                [false, true].map(|requantized| QuantHypothesis {
-                    format,
-                    requantized,
-                })
-            })
-            .collect()
+        let mut out = Vec::new();
+        for &format in &QuantFormat::ALL {
+            let bnb4 = matches!(format, QuantFormat::Nf4 | QuantFormat::Fp4);
+            for requantized in [false, true] {
+                for cpu in [false, true] {
+                    if cpu && !bnb4 {
+                        continue;
+                    }
+                    out.push(QuantHypothesis {
+                        format,
+                        requantized,
+                        cpu,
+                    });
+                }
+            }
+        }
+        out
     }
 
     fn describe(self) -> String {
+        let how = if self.cpu {
+            " (bitsandbytes' CPU quantizer)"
+        } else {
+            ""
+        };
         if self.requantized {
             format!(
-                "the exact merge quantized to {} and stored as floats",
+                "the exact merge quantized to {}{how} and stored as floats",
                 self.format.name()
             )
         } else {
-            format!("ΔW added to the {}-dequantized base", self.format.name())
+            format!(
+                "ΔW added to the {}-dequantized base{how}",
+                self.format.name()
+            )
         }
+    }
+
+    /// dequant(q(x)) as the tool behind this hypothesis computes it: the input first cast to the
+    /// dtype the model was loaded in (QLoRA loads the base in bf16/f16, then quantizes), NF4/FP4
+    /// dequantized into that dtype. None when the format cannot hold the tensor (ggml rows that
+    /// are not a multiple of 32 fall back to f16, which proves nothing).
+    fn apply(
+        self,
+        job: &TensorJob,
+        data: &[f32],
+        dtype: FloatFormat,
+    ) -> Result<Option<Vec<f32>>, MergeError> {
+        let cast: Vec<f32> = data.iter().map(|v| dtype.round(*v)).collect();
+        let (rows, cols, conv1d) = (job.rows, job.cols, job.is_conv1d());
+        let kind = match self.format {
+            QuantFormat::Nf4 => Some(Bnb4bitType::Nf4),
+            QuantFormat::Fp4 => Some(Bnb4bitType::Fp4),
+            _ => None,
+        };
+        let Some(kind) = kind.filter(|_| !conv1d) else {
+            let (q, note) =
+                engine::fake_quantize(self.format, &job.tensor, &cast, rows, cols, conv1d)?;
+            return Ok(note.is_none().then_some(q));
+        };
+        let backend = if self.cpu {
+            BnbBackend::Cpu
+        } else {
+            BnbBackend::Cuda
+        };
+        let quant_error = |source| MergeError::Quant {
+            tensor: job.tensor.clone(),
+            format: self.format.name(),
+            source,
+        };
+        let q = quantize_4bit(&cast, kind, BNB_4BIT_BLOCKSIZE, backend).map_err(quant_error)?;
+        Ok(Some(dequantize_4bit(&q, dtype).map_err(quant_error)?))
     }
 }
 
@@ -455,28 +512,23 @@ fn scale_explanation(job: &TensorJob, input: &Inputs<'_>, ratio: f64) -> String 
     }
 }
 
-/// ‖M − H(W)‖ / floor for a quantization hypothesis; None when the format cannot hold the
-/// tensor (ggml rows not a multiple of 32 fall back to f16, which proves nothing).
+/// ‖M − H(W)‖ / floor for a quantization hypothesis; None when it does not apply.
 fn quant_ratio(
     h: QuantHypothesis,
     job: &TensorJob,
     l: &Loaded,
     basic: &BasicFit,
 ) -> Result<Option<f64>, MergeError> {
-    let conv1d = job.is_conv1d();
-    let source: Vec<f32> = if h.requantized {
-        l.wstar.iter().map(|v| *v as f32).collect()
-    } else {
-        l.w.clone()
-    };
-    let (q, note) =
-        engine::fake_quantize(h.format, &job.tensor, &source, job.rows, job.cols, conv1d)?;
-    if note.is_some() {
-        return Ok(None);
-    }
     let distance = if h.requantized {
+        let star32: Vec<f32> = l.wstar.iter().map(|v| *v as f32).collect();
+        let Some(q) = h.apply(job, &star32, FloatFormat::F32)? else {
+            return Ok(None);
+        };
         fit::distance(&l.m, q.iter().map(|v| *v as f64))
     } else {
+        let Some(q) = h.apply(job, &l.w, l.format)? else {
+            return Ok(None);
+        };
         fit::distance(
             &l.m,
             q.iter()
@@ -578,22 +630,36 @@ fn compare_untouched(
     if bi.shape != mi.shape || !bi.dtype.is_float() {
         return Ok(None);
     }
-    let w = input.base.read_f32(name)?;
-    let m = input.merged.read_f32(name)?;
+    // Streamed in chunks: the largest untouched tensor is usually the embedding matrix, and two
+    // f32 copies of it would dominate the run's peak memory.
+    let (bw, mw) = match (bi.dtype.bytes_per_element(), mi.dtype.bytes_per_element()) {
+        (Some(b), Some(m)) => (b, m),
+        _ => return Ok(None),
+    };
+    let (_, base_bytes) = input.base.raw(name)?;
+    let (_, merged_bytes) = input.merged.raw(name)?;
+    const CHUNK: usize = 1 << 20;
     let (mut d2, mut r2, mut w2, mut nan, mut inf) = (0.0f64, 0.0f64, 0.0f64, 0usize, 0usize);
-    for (&w, &m) in w.iter().zip(&m) {
-        if m.is_nan() {
-            nan += 1;
-        } else if m.is_infinite() {
-            inf += 1;
+    for (bc, mc) in base_bytes
+        .chunks(CHUNK * bw)
+        .zip(merged_bytes.chunks(CHUNK * mw))
+    {
+        let w = crate::io::checkpoint::decode_f32(bi, bc)?;
+        let m = crate::io::checkpoint::decode_f32(mi, mc)?;
+        for (&w, &m) in w.iter().zip(&m) {
+            if m.is_nan() {
+                nan += 1;
+            } else if m.is_infinite() {
+                inf += 1;
+            }
+            let d = m as f64 - w as f64;
+            d2 += d * d;
+            let r = format.round(w) as f64 - w as f64;
+            if r.is_finite() {
+                r2 += r * r;
+            }
+            w2 += w as f64 * w as f64;
         }
-        let d = m as f64 - w as f64;
-        d2 += d * d;
-        let r = format.round(w) as f64 - w as f64;
-        if r.is_finite() {
-            r2 += r * r;
-        }
-        w2 += w as f64 * w as f64;
     }
     let floor = fit::floor_of(r2.sqrt(), w2.sqrt(), format);
     let ratio = d2.sqrt() / floor;
@@ -602,8 +668,17 @@ fn compare_untouched(
         && let Some(h) = hypothesis.filter(|h| !h.requantized)
         && let [rows, cols] = bi.shape[..]
     {
-        let (q, note) = engine::fake_quantize(h.format, name, &w, rows, cols, false)?;
-        if note.is_none() {
+        let w = input.base.read_f32(name)?;
+        let m = input.merged.read_f32(name)?;
+        let job = TensorJob {
+            module: name.trim_end_matches(".weight").to_string(),
+            tensor: name.to_string(),
+            output: name.to_string(),
+            rows,
+            cols,
+            sources: Vec::new(),
+        };
+        if let Some(q) = h.apply(&job, &w, format)? {
             let r = fit::distance(&m, q.iter().map(|v| *v as f64)) / floor;
             explained_by_quant = explained(r, ratio);
         }

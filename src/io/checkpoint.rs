@@ -49,7 +49,7 @@ impl TensorDtype {
         !matches!(self, TensorDtype::Other(_))
     }
 
-    fn bytes_per_element(&self) -> Option<usize> {
+    pub fn bytes_per_element(&self) -> Option<usize> {
         match self {
             TensorDtype::F32 => Some(4),
             TensorDtype::F16 | TensorDtype::Bf16 => Some(2),
