@@ -5,9 +5,9 @@
 //! own check path (`commands::check::build_report`), so they carry every section a real run has;
 //! the JSON schema test drives the real binary, since the JSON on stdout is the contract.
 //!
-//! The browser test needs Debian's `chromium` (`apt-get install -y chromium`); it fails, with
-//! that hint, when no Chromium is found. It leaves its screenshot in
-//! `target/tmp/reports/report.png` for a person to look at.
+//! The browser tests need Debian's `chromium` (`apt-get install -y chromium`); they fail, with
+//! that hint, when no Chromium is found. They leave their screenshots in `target/tmp/reports/`
+//! (`report.png`, `report-merged.png`, `report-forensics-210.png`) for a person to look at.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -19,6 +19,7 @@ use clap::Parser;
 use lora_doctor::cli::{Cli, Command as CliCommand};
 use lora_doctor::commands::check::build_report;
 use lora_doctor::findings::{Code, Finding, Level, Verdict};
+use lora_doctor::forensics::{ConfigDifference, Forensics, ModuleFit};
 use lora_doctor::gate::{self, GateConfig, LevelOverrides};
 use lora_doctor::report::html::HtmlOptions;
 use lora_doctor::report::{Report, github, html, junit, summary};
@@ -41,9 +42,14 @@ fn fixture_path(rel: &str) -> String {
         .to_string()
 }
 
-/// Runs the library's `check` on fixtures with extra flags and returns the finished report.
+/// Runs the library's `check` on tiny-llama with extra flags and returns the finished report.
 fn build(adapter: &str, extra: &[&str]) -> Report {
-    let base = fixture_path("models/tiny-llama");
+    build_on("models/tiny-llama", adapter, extra)
+}
+
+/// Runs the library's `check` on a fixture base and adapter with extra flags.
+fn build_on(base: &str, adapter: &str, extra: &[&str]) -> Report {
+    let base = fixture_path(base);
     let adapter = fixture_path(adapter);
     let mut argv = vec![
         "lora-doctor",
@@ -79,6 +85,109 @@ fn failing_report() -> &'static Report {
     REPORT.get_or_init(|| build("adapters/nonfinite", &[]))
 }
 
+/// tiny-llama-deep + deep-lora with `--merged merged/deep-broken-bf16` (layer 3 v_proj's update
+/// scaled ×50 by hand): a report with a `forensics` section.
+fn merged_report() -> &'static Report {
+    static REPORT: OnceLock<Report> = OnceLock::new();
+    REPORT.get_or_init(|| {
+        let merged = fixture_path("merged/deep-broken-bf16");
+        build_on(
+            "models/tiny-llama-deep",
+            "adapters/deep-lora",
+            &["--merged", &merged, "--max-tokens", "64"],
+        )
+    })
+}
+
+/// The merged report when `check --merged` filled in its forensics; `None`, with a note, while
+/// it does not (the merged-checkpoint assertions are then skipped).
+fn merged_with_forensics() -> Option<&'static Report> {
+    let report = merged_report();
+    if report.forensics.is_none() {
+        // A test may say why it skipped something (shown with `--nocapture`).
+        #[allow(clippy::disallowed_macros)]
+        {
+            eprintln!(
+                "note: `check --merged` left `forensics` empty; skipping the merged-checkpoint \
+                 section's assertions on the real report"
+            );
+        }
+        return None;
+    }
+    Some(report)
+}
+
+/// One hand-built module fit.
+fn module_fit(
+    module: &str,
+    scale: f64,
+    residual: Option<f64>,
+    cause: Option<&'static str>,
+) -> ModuleFit {
+    ModuleFit {
+        module: module.to_string(),
+        tensor: format!("{module}.weight"),
+        kind: "lora",
+        expected_scale: Some(2.0),
+        scale_ratio: Some(scale),
+        transposed_ratio: None,
+        delta_norm: 1.0,
+        floor: 1e-3,
+        residual_to_floor: residual,
+        fit_residual_to_floor: residual,
+        cause,
+        explanation: cause.map(|c| format!("{c} (planted)")),
+    }
+}
+
+/// SmolLM2-sized forensics by hand: 30 blocks × 7 modules in safetensors (alphabetical) order,
+/// four of them broken (×50, never merged, NaN, rsLoRA read as plain).
+fn forensics_210() -> Forensics {
+    const KINDS: [&str; 7] = [
+        "mlp.down_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "self_attn.k_proj",
+        "self_attn.o_proj",
+        "self_attn.q_proj",
+        "self_attn.v_proj",
+    ];
+    let mut names: Vec<String> = (0..30)
+        .flat_map(|l| KINDS.iter().map(move |k| format!("model.layers.{l}.{k}")))
+        .collect();
+    names.sort();
+    let modules = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let wobble = ((i * 37) % 17) as f64 / 17.0;
+            match name.as_str() {
+                "model.layers.3.self_attn.v_proj" => {
+                    module_fit(name, 50.0, Some(2.4e4), Some("scale-mismatch"))
+                }
+                "model.layers.12.self_attn.o_proj" => {
+                    module_fit(name, 0.0, Some(3.1e3), Some("not-merged"))
+                }
+                "model.layers.20.mlp.down_proj" => {
+                    module_fit(name, f64::NAN, None, Some("nonfinite-merge"))
+                }
+                "model.layers.25.mlp.up_proj" => {
+                    module_fit(name, 4.0, Some(8.0e2), Some("scale-mismatch"))
+                }
+                _ => module_fit(name, 1.0 + (wobble - 0.5) * 0.01, Some(0.8 + wobble), None),
+            }
+        })
+        .collect();
+    Forensics {
+        dtype: "bf16".to_string(),
+        tolerance: 4.0,
+        modules,
+        untouched: Default::default(),
+        inventory: Default::default(),
+        config_drift: Vec::new(),
+    }
+}
+
 /// The clean report with `<script>` planted in a module name, a path, a finding and a message.
 fn hostile_report() -> Report {
     let mut report = clean_report().clone();
@@ -112,11 +221,13 @@ fn hostile_report() -> Report {
     report
 }
 
-/// The contents of the element with `id` (from its opening tag to the matching depth-0 `</div>`).
+/// The contents of the `<div>` with `id`, from its opening tag to its matching `</div>` (nested
+/// divs included).
 fn section<'a>(html: &'a str, id: &str) -> &'a str {
-    let start = html
+    let at = html
         .find(&format!("id=\"{id}\""))
         .unwrap_or_else(|| panic!("no element with id `{id}`"));
+    let start = html[..at].rfind('<').expect("inside a tag");
     let rest = &html[start..];
     let mut depth = 0usize;
     let mut i = 0;
@@ -159,7 +270,21 @@ fn html_is_one_self_contained_page_with_every_section() {
             "{id} has no inline SVG"
         );
     }
-    // Self-contained: no scripts, no external resources of any kind.
+    assert_self_contained(&page);
+    // Without --merged there are no forensics and no section for them.
+    assert!(!page.contains("id=\"forensics\""));
+    // Every precision has a matrix row, and every P+lora run its own.
+    let precisions = clean_report().precisions.as_ref().expect("merged");
+    let rows = section(&page, "chart-matrix").matches("<tr class=").count();
+    let unmerged = precisions
+        .iter()
+        .filter(|p| p.unmerged_logits.is_some())
+        .count();
+    assert_eq!(rows, precisions.len() + unmerged);
+}
+
+/// Self-contained: no scripts, no external resources of any kind.
+fn assert_self_contained(page: &str) {
     let lower = page.to_ascii_lowercase();
     for forbidden in [
         "<script", "<link", "<img", "<iframe", "src=", "href=", "url(", "@import",
@@ -177,14 +302,84 @@ fn html_is_one_self_contained_page_with_every_section() {
         urls, namespaces,
         "only SVG namespace declarations may name a URL"
     );
-    // Every precision has a matrix row, and every P+lora run its own.
-    let precisions = clean_report().precisions.as_ref().expect("merged");
-    let rows = section(&page, "chart-matrix").matches("<tr class=").count();
-    let unmerged = precisions
+}
+
+#[test]
+fn merged_checkpoint_section_shows_the_forensics() {
+    let Some(report) = merged_with_forensics() else {
+        return;
+    };
+    let forensics = report.forensics.as_ref().expect("checked");
+    let page = html::render(report, &HtmlOptions::default());
+    assert_self_contained(&page);
+    let at = |needle: &str| page.find(needle).unwrap_or_else(|| panic!("no `{needle}`"));
+    assert!(at("<h2>Greedy generation</h2>") < at("<h2>Merged checkpoint</h2>"));
+    assert!(at("<h2>Merged checkpoint</h2>") < at("<h2>Findings</h2>"));
+    let block = section(&page, "forensics");
+    let chart = section(&page, "chart-forensics");
+    assert!(
+        chart.contains("data-state=\"drawn\"") && chart.contains("<svg"),
+        "{chart:.300}"
+    );
+    // One mark per finite ŝ/s and per positive residual, plus the legend's two.
+    let finite = forensics
+        .modules
         .iter()
-        .filter(|p| p.unmerged_logits.is_some())
-        .count();
-    assert_eq!(rows, precisions.len() + unmerged);
+        .map(|m| {
+            usize::from(m.scale_ratio.is_some_and(f64::is_finite))
+                + usize::from(
+                    m.residual_to_floor
+                        .is_some_and(|r| r.is_finite() && r > 0.0),
+                )
+        })
+        .sum::<usize>();
+    assert_eq!(
+        chart.matches("<circle").count() + chart.matches("<polygon").count(),
+        finite + 2
+    );
+    // The hand-broken module is named: on the chart's x axis and in the table of causes.
+    let broken = "model.layers.3.self_attn.v_proj";
+    let fit = forensics
+        .modules
+        .iter()
+        .find(|m| m.module == broken)
+        .expect("the broken module was fitted");
+    let cause = fit.cause.expect("the ×50 update has a cause");
+    assert!(chart.contains("L3 v_proj"));
+    let table = &block[block
+        .find("id=\"forensics-causes\"")
+        .expect("a table of causes")..];
+    let row = &table[table
+        .find(&format!(">{broken}</code>"))
+        .expect("a row for it")..];
+    assert!(row[..row.find("</tr>").expect("row end")].contains(&format!("<code>{cause}</code>")));
+    assert!(block.contains("id=\"forensics-untouched\""));
+
+    // Hostile strings in the forensics are escaped.
+    let mut hostile = report.clone();
+    let f = hostile.forensics.as_mut().expect("checked");
+    f.modules[0].module = HOSTILE_MODULE.to_string();
+    f.modules[0].cause = Some("scale-mismatch");
+    f.modules[0].explanation = Some(format!("because {HOSTILE}"));
+    f.inventory.extra.push(HOSTILE.to_string());
+    f.untouched.worst_tensor = Some(HOSTILE.to_string());
+    f.untouched.differing = 1;
+    f.config_drift.push(ConfigDifference {
+        file: "tokenizer_config.json".to_string(),
+        key: "chat_template".to_string(),
+        reference: "adapter",
+        expected: HOSTILE.to_string(),
+        found: format!("{HOSTILE} & more"),
+    });
+    let page = html::render(&hostile, &HtmlOptions::default());
+    assert!(
+        !page.to_ascii_lowercase().contains("<script"),
+        "raw <script> in HTML"
+    );
+    assert!(!page.contains("&amp;lt;"), "double-escaped text in HTML");
+    let block = section(&page, "forensics");
+    assert!(block.matches(ESCAPED).count() >= 6, "{block}");
+    assert!(block.contains(&format!("<code>{ESCAPED} &amp; more</code>")));
 }
 
 #[test]
@@ -1051,12 +1246,61 @@ impl Image {
     }
 }
 
+/// Renders `page` in headless Chromium and checks that every container in `ids` holds a drawing:
+/// measured in the DOM, then looked at in a screenshot (kept as `target/tmp/reports/{keep_as}`).
+/// Returns the DOM Chromium built.
+fn assert_charts_drawn(page: &str, ids: &[&str], keep_as: &str) -> String {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (height, rects, dom) = measure(page, dir.path());
+    let shot = dir.path().join("report.png");
+    let page_path = dir.path().join("report.html");
+    std::fs::write(&page_path, page).expect("write the page");
+    let window = height.clamp(800, 16_000);
+    run_chromium(
+        &page_path,
+        &[format!("--screenshot={}", shot.display())],
+        window,
+        &dir.path().join("screenshot.log"),
+    );
+    let kept = Path::new(env!("CARGO_TARGET_TMPDIR")).join("reports");
+    let _ = std::fs::create_dir_all(&kept);
+    let _ = std::fs::copy(&shot, kept.join(keep_as));
+    let image = Image::read(&shot);
+    assert_eq!(image.width, 1400, "device scale factor 1");
+    for id in ids {
+        let (_, rect) = rects
+            .iter()
+            .find(|(name, _)| name == id)
+            .unwrap_or_else(|| panic!("{id} was not measured"));
+        let (x, y, w, h) = *rect;
+        assert!(w >= 300 && h >= 100, "{id} is too small: {rect:?}");
+        assert!(y + h <= image.height, "{id} lies below the screenshot");
+        let inner = (x + 3, y + 3, w.saturating_sub(6), h.saturating_sub(6));
+        let (colours, share) = image.ink(inner);
+        assert!(
+            colours >= 12 && share >= 0.02,
+            "{id} looks blank: {colours} colours, {:.2}% ink (screenshot kept in {})",
+            share * 100.0,
+            kept.join(keep_as).display()
+        );
+        // Control: the page right of the chart is blank, so the measure can tell the two apart.
+        if x + w + 40 < image.width {
+            let right = (x + w + 20, y, image.width - (x + w + 20) - 10, h);
+            let (_, blank) = image.ink(right);
+            assert!(
+                blank < 0.005,
+                "{id}: the area right of it is not blank ({blank})"
+            );
+        }
+    }
+    dom
+}
+
 #[test]
 fn html_report_draws_every_chart_in_headless_chromium() {
     let report = clean_report();
     let page = html::render(report, &HtmlOptions::default());
-    let dir = tempfile::tempdir().expect("temp dir");
-    let (height, rects, dom) = measure(&page, dir.path());
+    let dom = assert_charts_drawn(&page, &CHARTS, "report.png");
 
     // From the DOM: the verdict banner and the precision matrix with a row per precision.
     let verdict_at = dom
@@ -1075,47 +1319,39 @@ fn html_report_draws_every_chart_in_headless_chromium() {
             p.name
         );
     }
+}
 
-    // From the screenshot: each chart's rectangle holds a drawing, not a blank area.
-    let shot = dir.path().join("report.png");
-    let page_path = dir.path().join("report.html");
-    std::fs::write(&page_path, &page).expect("write the page");
-    let window = height.clamp(800, 16_000);
-    run_chromium(
-        &page_path,
-        &[format!("--screenshot={}", shot.display())],
-        window,
-        &dir.path().join("screenshot.log"),
+#[test]
+fn merged_checkpoint_chart_draws_in_headless_chromium() {
+    // SmolLM2-sized forensics by hand (210 modules, 4 broken) on the clean report's page.
+    let mut report = clean_report().clone();
+    report.forensics = Some(forensics_210());
+    let page = html::render(&report, &HtmlOptions::default());
+    let dom = assert_charts_drawn(&page, &["chart-forensics"], "report-forensics-210.png");
+    let table_at = dom
+        .find("<table id=\"forensics-causes\">")
+        .expect("the table of causes is in the DOM");
+    let table = &dom[table_at..table_at + dom[table_at..].find("</table>").expect("closed")];
+    assert_eq!(
+        table.matches("<tr><td>").count(),
+        4,
+        "one row per module with a cause"
     );
-    let kept = Path::new(env!("CARGO_TARGET_TMPDIR")).join("reports");
-    let _ = std::fs::create_dir_all(&kept);
-    let _ = std::fs::copy(&shot, kept.join("report.png"));
-    let image = Image::read(&shot);
-    assert_eq!(image.width, 1400, "device scale factor 1");
-    for id in CHARTS {
-        let (_, rect) = rects
-            .iter()
-            .find(|(name, _)| name == id)
-            .unwrap_or_else(|| panic!("{id} was not measured"));
-        let (x, y, w, h) = *rect;
-        assert!(w >= 300 && h >= 100, "{id} is too small: {rect:?}");
-        assert!(y + h <= image.height, "{id} lies below the screenshot");
-        let inner = (x + 3, y + 3, w.saturating_sub(6), h.saturating_sub(6));
-        let (colours, share) = image.ink(inner);
-        assert!(
-            colours >= 12 && share >= 0.02,
-            "{id} looks blank: {colours} colours, {:.2}% ink (screenshot kept in {})",
-            share * 100.0,
-            kept.display()
-        );
-        // Control: the page right of the chart is blank, so the measure can tell the two apart.
-        if x + w + 40 < image.width {
-            let right = (x + w + 20, y, image.width - (x + w + 20) - 10, h);
-            let (_, blank) = image.ink(right);
-            assert!(
-                blank < 0.005,
-                "{id}: the area right of it is not blank ({blank})"
-            );
-        }
-    }
+
+    // The real `check --merged` report: every chart, the fit chart included.
+    let Some(report) = merged_with_forensics() else {
+        return;
+    };
+    let page = html::render(report, &HtmlOptions::default());
+    // (Its precision matrix has too few rows for the size check; the SVG charts have none.)
+    assert_charts_drawn(
+        &page,
+        &[
+            "chart-heatmap",
+            "chart-kl",
+            "chart-drift",
+            "chart-forensics",
+        ],
+        "report-merged.png",
+    );
 }

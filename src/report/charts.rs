@@ -1,7 +1,7 @@
 //! The HTML report's charts, drawn with plotters into SVG strings: the per-layer heatmap (layer
-//! index × module kind), the per-token KL distribution (log scale) and the hidden-state drift per
-//! block. Each function reads a finished `Report` and returns `Ok(None)` when its section did
-//! not run.
+//! index × module kind), the per-token KL distribution (log scale), the hidden-state drift per
+//! block and the merged checkpoint's per-module fit (`--merged`). Each function reads a finished
+//! `Report` (the fit chart: its `Forensics`) and returns `Ok(None)` when its section did not run.
 //!
 //! Text: plotters' SVG backend escapes `< > & " '` in every text node and attribute it writes
 //! (plotters-svg `escape_and_push`), so labels from the inputs (module names, precision labels)
@@ -13,10 +13,12 @@ use std::collections::BTreeMap;
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::FontTransform;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::Report;
 use crate::findings::Verdict;
+use crate::forensics::{Forensics, ModuleFit};
 
 /// Width of every chart, in SVG pixels.
 pub const WIDTH: u32 = 1000;
@@ -688,6 +690,469 @@ pub fn drift(report: &Report) -> Result<Option<String>, ChartError> {
     Ok(Some(svg))
 }
 
+// ---------------------------------------------------------------------------------------------
+// The merged checkpoint's per-module fit (`check --merged`).
+
+/// A module the forensics named a cause for: the page's deny red.
+const DENY_COLOR: RGBColor = RGBColor(207, 34, 46);
+/// Every other module (Okabe–Ito blue: told apart from the red by colour-blind readers too).
+const FIT_COLOR: RGBColor = RGBColor(0, 114, 178);
+/// The reference lines (ŝ/s = 1, the tolerance).
+const REFERENCE_COLOR: RGBColor = RGBColor(80, 80, 80);
+/// Background band of every other block, so a module's layer can be read off the chart.
+const BAND_COLOR: RGBColor = RGBColor(244, 244, 244);
+/// Vertical guide through a module with a cause, across both panels.
+const GUIDE_COLOR: RGBColor = RGBColor(246, 196, 198);
+const FRAME_COLOR: RGBColor = RGBColor(120, 120, 120);
+
+/// Height of each panel's plotting part, in pixels.
+const FIT_PANEL_HEIGHT: u32 = 220;
+/// Space above each panel for its title.
+const FIT_PANEL_TITLE: u32 = 30;
+/// ŝ/s beyond ± this is drawn at the axis' end as a triangle. The ratios that name a mistake
+/// (0, 1, √r, r, α) lie far inside it; beyond it the axis would squash 0 and 1 together.
+const SCALE_AXIS_LIMIT: f64 = 1000.0;
+/// The residual axis never extends beyond these (values outside sit at its end as triangles).
+const RESIDUAL_AXIS_LIMITS: (f64, f64) = (1e-3, 1e12);
+/// Characters of a module's short name on the x axis.
+const FIT_LABEL_CHARS: usize = 18;
+/// Least distance between two x labels (rotated 12 px text), in pixels.
+const FIT_LABEL_SPACING: i32 = 16;
+/// With more modules with a cause than this, no guides (they would paint over the chart).
+const MAX_GUIDES: usize = 40;
+
+/// `model.layers.3.self_attn.v_proj` → `L3 v_proj`; a module outside the numbered blocks keeps
+/// its last path segment (`lm_head`, `model.embed_tokens` → `embed_tokens`).
+pub fn short_module_name(module: &str) -> String {
+    let last = |k: &str| {
+        let l = k.rsplit('.').next().unwrap_or(k);
+        if l.is_empty() { k } else { l }.to_string()
+    };
+    match layer_and_kind(module) {
+        Some((layer, kind)) => format!("L{layer} {}", last(&kind)),
+        None => last(module),
+    }
+}
+
+/// Order of the modules on the fit chart's x axis: embeddings, then the numbered blocks by index
+/// (attention then MLP within a block, as the heatmap orders them), then the rest (`lm_head`);
+/// ties keep the forensics' order. Indices into `modules`.
+pub fn model_order(modules: &[ModuleFit]) -> Vec<usize> {
+    let key = |m: &ModuleFit| match layer_and_kind(&m.module) {
+        Some((layer, kind)) => (1, layer, kind_rank(&kind), kind),
+        None => {
+            let last = m.module.rsplit('.').next().unwrap_or("");
+            let embedding = ["embed", "wte", "wpe"].iter().any(|e| last.contains(e));
+            (if embedding { 0 } else { 2 }, 0, 0, String::new())
+        }
+    };
+    let mut order: Vec<usize> = (0..modules.len()).collect();
+    // Stable: equal keys keep their order.
+    order.sort_by_cached_key(|&i| key(&modules[i]));
+    order
+}
+
+/// Axis tick text for the linear ŝ/s axis: at most 3 decimals, no trailing zeros.
+pub(super) fn tick_label(v: f64) -> String {
+    let a = v.abs();
+    if a < 1e-9 {
+        return "0".to_string();
+    }
+    if !(1e-3..1e5).contains(&a) {
+        return format!("{v:.0e}");
+    }
+    let s = format!("{v:.3}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+/// Log-axis bounds for the residual panel: every value and the tolerance, a little room around
+/// them, widened to whole decades and kept within `RESIDUAL_AXIS_LIMITS`.
+fn residual_bounds(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (min_l, max_l) = (
+        RESIDUAL_AXIS_LIMITS.0.log10(),
+        RESIDUAL_AXIS_LIMITS.1.log10(),
+    );
+    let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+    for v in values.filter(|v| v.is_finite() && *v > 0.0) {
+        let l = v.log10().clamp(min_l, max_l);
+        lo = lo.min(l);
+        hi = hi.max(l);
+    }
+    if lo > hi {
+        return (1.0, 10.0);
+    }
+    let lo = (lo - 0.2).floor().max(min_l);
+    let hi = (hi + 0.2).ceil().min(max_l).max(lo + 1.0);
+    (10f64.powf(lo), 10f64.powf(hi))
+}
+
+/// One module's mark in a panel: pixel position, whether it has a cause, whether its value lay
+/// beyond the axis (drawn at the end as a triangle).
+struct Mark {
+    at: (i32, i32),
+    cause: bool,
+    clipped: bool,
+}
+
+/// Draws the merged checkpoint's per-module fit as two stacked panels over the same x axis (one
+/// position per adapter-changed tensor, in [`model_order`]): ŝ/s on a linear axis with the
+/// expected 1 as a line, and ‖M − W*‖ / rounding floor on a log axis with the tolerance dashed.
+/// Modules with a cause are red and labelled on the x axis. Non-finite and null values are not
+/// drawn (nor residuals ≤ 0, which a log axis cannot show). `None` when no tensor was fitted.
+pub fn module_fit(forensics: &Forensics) -> Result<Option<String>, ChartError> {
+    let order = model_order(&forensics.modules);
+    let modules: Vec<&ModuleFit> = order.iter().map(|&i| &forensics.modules[i]).collect();
+    let n = modules.len();
+    if n == 0 {
+        return Ok(None);
+    }
+    let e = err("module fit");
+    let scales: Vec<Option<f64>> = modules
+        .iter()
+        .map(|m| m.scale_ratio.filter(|v| v.is_finite()))
+        .collect();
+    let residuals: Vec<Option<f64>> = modules
+        .iter()
+        .map(|m| m.residual_to_floor.filter(|v| v.is_finite() && *v > 0.0))
+        .collect();
+    let tolerance = Some(forensics.tolerance).filter(|t| t.is_finite() && *t > 0.0);
+
+    let clip_scale = |v: f64| v.clamp(-SCALE_AXIS_LIMIT, SCALE_AXIS_LIMIT);
+    let (s_lo, s_hi) = scales.iter().flatten().fold((0f64, 1f64), |(lo, hi), v| {
+        (lo.min(clip_scale(*v)), hi.max(clip_scale(*v)))
+    });
+    let pad = (s_hi - s_lo) * 0.08;
+    let (s_lo, s_hi) = (s_lo - pad, s_hi + pad);
+    let (r_lo, r_hi) = residual_bounds(residuals.iter().flatten().copied().chain(tolerance));
+
+    let labels: Vec<String> = modules
+        .iter()
+        .map(|m| truncate(&short_module_name(&m.module), FIT_LABEL_CHARS))
+        .collect();
+    let longest = labels.iter().map(|l| l.chars().count()).max().unwrap_or(4) as u32;
+    // Rotated 12 px labels take about 6 px per character; then the axis title below them.
+    let label_area = (longest * 6 + 48).clamp(84, 170);
+    let top_height = FIT_PANEL_TITLE + FIT_PANEL_HEIGHT + 8;
+    let height = top_height + FIT_PANEL_TITLE + FIT_PANEL_HEIGHT + label_area;
+    let x_range = -0.5f64..(n as f64 - 0.5);
+    let causes = modules.iter().filter(|m| m.cause.is_some()).count();
+
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (WIDTH, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(&e)?;
+        let (plot, legend_area) = root.split_horizontally(WIDTH - LEGEND_WIDTH);
+        let (top_area, bottom_area) = plot.split_vertically(top_height);
+
+        let mut top = ChartBuilder::on(&top_area)
+            .margin_top(FIT_PANEL_TITLE)
+            .margin_left(14)
+            .margin_right(14)
+            .margin_bottom(8)
+            .x_label_area_size(0)
+            .y_label_area_size(64)
+            .build_cartesian_2d(x_range.clone(), s_lo..s_hi)
+            .map_err(&e)?;
+        let mut bottom = ChartBuilder::on(&bottom_area)
+            .margin_top(FIT_PANEL_TITLE)
+            .margin_left(14)
+            .margin_right(14)
+            .x_label_area_size(label_area)
+            .y_label_area_size(64)
+            .build_cartesian_2d(x_range.clone(), (r_lo..r_hi).log_scale())
+            .map_err(&e)?;
+
+        // Every other block on a grey band (behind the grid).
+        let mut run_start = 0;
+        for i in 1..=n {
+            let layer = |j: usize| layer_and_kind(&modules[j].module).map(|(l, _)| l);
+            if i < n && layer(i) == layer(run_start) {
+                continue;
+            }
+            if layer(run_start).is_some_and(|l| l % 2 == 1) {
+                let (x0, x1) = (run_start as f64 - 0.5, i as f64 - 0.5);
+                top.draw_series(std::iter::once(Rectangle::new(
+                    [(x0, s_lo), (x1, s_hi)],
+                    BAND_COLOR.filled(),
+                )))
+                .map_err(&e)?;
+                bottom
+                    .draw_series(std::iter::once(Rectangle::new(
+                        [(x0, r_lo), (x1, r_hi)],
+                        BAND_COLOR.filled(),
+                    )))
+                    .map_err(&e)?;
+            }
+            run_start = i;
+        }
+
+        top.configure_mesh()
+            .disable_x_mesh()
+            .x_labels(0)
+            .y_desc("ŝ/s (fit ÷ expected)")
+            .y_label_formatter(&|v: &f64| tick_label(*v))
+            .label_style((FONT, 13))
+            .axis_desc_style((FONT, 14))
+            .light_line_style(RGBColor(235, 235, 235))
+            .draw()
+            .map_err(&e)?;
+        bottom
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(0)
+            .y_desc("residual ÷ floor (log)")
+            .y_label_formatter(&decade_label)
+            .label_style((FONT, 13))
+            .axis_desc_style((FONT, 14))
+            .light_line_style(RGBColor(235, 235, 235))
+            .draw()
+            .map_err(&e)?;
+
+        // Pixel geometry shared by both panels (same x range, same margins and label width).
+        let xs: Vec<i32> = (0..n)
+            .map(|i| top.backend_coord(&(i as f64, s_hi)).0)
+            .collect();
+        let (left, panel_top) = top.backend_coord(&(x_range.start, s_hi));
+        let (right, _) = top.backend_coord(&(x_range.end, s_hi));
+        let (_, bottom_top) = bottom.backend_coord(&(x_range.start, r_hi));
+        let (_, axis_y) = bottom.backend_coord(&(x_range.start, r_lo));
+
+        // Guides through the modules with a cause, from the top panel down to the x axis.
+        if causes <= MAX_GUIDES {
+            for (i, m) in modules.iter().enumerate() {
+                if m.cause.is_some() {
+                    root.draw(&PathElement::new(
+                        vec![(xs[i], panel_top), (xs[i], axis_y)],
+                        GUIDE_COLOR.stroke_width(1),
+                    ))
+                    .map_err(&e)?;
+                }
+            }
+        }
+
+        // Reference lines: the expected scale, the tolerance.
+        top.draw_series(LineSeries::new(
+            [(x_range.start, 1.0), (x_range.end, 1.0)],
+            REFERENCE_COLOR.stroke_width(1),
+        ))
+        .map_err(&e)?;
+        if let Some(t) = tolerance {
+            bottom
+                .draw_series(DashedLineSeries::new(
+                    [(x_range.start, t), (x_range.end, t)],
+                    8,
+                    5,
+                    REFERENCE_COLOR.stroke_width(2),
+                ))
+                .map_err(&e)?;
+        }
+
+        // Frames and panel titles.
+        for (area_top, area_bottom) in [
+            (panel_top, top.backend_coord(&(0.0, s_lo)).1),
+            (bottom_top, axis_y),
+        ] {
+            root.draw(&Rectangle::new(
+                [(left, area_top), (right, area_bottom)],
+                FRAME_COLOR.stroke_width(1),
+            ))
+            .map_err(&e)?;
+        }
+        root.draw(&Text::new(
+            "Scale fit per module: 1 = merged as configured, 0 = not merged",
+            (left, panel_top - 8),
+            text_style(13, HPos::Left, VPos::Bottom),
+        ))
+        .map_err(&e)?;
+        root.draw(&Text::new(
+            "‖M − W*‖ per module in rounding floors: at or below the dashed tolerance = faithful",
+            (left, bottom_top - 8),
+            text_style(13, HPos::Left, VPos::Bottom),
+        ))
+        .map_err(&e)?;
+
+        // The points: neutral ones first, the ones with a cause on top.
+        let mut marks = Vec::new();
+        for (i, m) in modules.iter().enumerate() {
+            let cause = m.cause.is_some();
+            if let Some(v) = scales[i] {
+                marks.push(Mark {
+                    at: top.backend_coord(&(i as f64, clip_scale(v))),
+                    cause,
+                    clipped: v.abs() > SCALE_AXIS_LIMIT,
+                });
+            }
+            if let Some(v) = residuals[i] {
+                let shown = v.clamp(r_lo, r_hi);
+                marks.push(Mark {
+                    at: bottom.backend_coord(&(i as f64, shown)),
+                    cause,
+                    clipped: shown != v,
+                });
+            }
+        }
+        marks.sort_by_key(|m| m.cause);
+        let radius = match n {
+            0..=60 => 4,
+            61..=250 => 3,
+            _ => 2,
+        };
+        for m in &marks {
+            draw_mark(&root, m.at, m.cause, m.clipped, radius).map_err(&e)?;
+        }
+
+        // X labels, rotated: the modules with a cause first, then the first module of every
+        // block, then any module, each where it keeps its distance to those already placed.
+        let starts = (0..n).filter(|&i| {
+            i == 0
+                || layer_and_kind(&modules[i].module).map(|(l, _)| l)
+                    != layer_and_kind(&modules[i - 1].module).map(|(l, _)| l)
+        });
+        let candidates = (0..n)
+            .filter(|&i| modules[i].cause.is_some())
+            .chain(starts)
+            .chain(0..n);
+        let mut placed: Vec<(i32, usize)> = Vec::new();
+        for i in candidates {
+            let x = xs[i];
+            if placed
+                .iter()
+                .all(|(p, _)| (p - x).abs() >= FIT_LABEL_SPACING)
+            {
+                placed.push((x, i));
+            }
+        }
+        for (x, i) in placed {
+            let cause = modules[i].cause.is_some();
+            root.draw(&PathElement::new(
+                vec![(x, axis_y), (x, axis_y + 5)],
+                FRAME_COLOR.stroke_width(1),
+            ))
+            .map_err(&e)?;
+            let style = text_style(12, HPos::Right, VPos::Center)
+                .transform(FontTransform::Rotate270)
+                .color(if cause { &DENY_COLOR } else { &BLACK });
+            root.draw(&Text::new(labels[i].clone(), (x, axis_y + 8), style))
+                .map_err(&e)?;
+        }
+        root.draw(&Text::new(
+            format!("adapter-changed tensors in model order ({n})"),
+            ((left + right) / 2, height as i32 - 8),
+            text_style(14, HPos::Center, VPos::Bottom),
+        ))
+        .map_err(&e)?;
+
+        let skipped_scale = scales.iter().filter(|v| v.is_none()).count();
+        let skipped_residual = residuals.iter().filter(|v| v.is_none()).count();
+        draw_fit_legend(
+            &legend_area,
+            n - causes,
+            causes,
+            tolerance,
+            marks.iter().any(|m| m.clipped),
+            (skipped_scale, skipped_residual),
+        )
+        .map_err(&e)?;
+        root.present().map_err(&e)?;
+    }
+    Ok(Some(svg))
+}
+
+/// One point of the fit chart, in pixels: a circle, or a triangle when its value lay beyond
+/// the axis.
+fn draw_mark(
+    area: &DrawingArea<SVGBackend<'_>, Shift>,
+    at: (i32, i32),
+    cause: bool,
+    clipped: bool,
+    radius: i32,
+) -> Result<(), DrawingAreaErrorKind<std::io::Error>> {
+    let (color, radius) = if cause {
+        (DENY_COLOR, radius + 1)
+    } else {
+        (FIT_COLOR, radius)
+    };
+    if clipped {
+        area.draw(&TriangleMarker::new(at, radius + 2, color.filled()))
+    } else {
+        area.draw(&Circle::new(at, radius, color.filled()))
+    }
+}
+
+/// The fit chart's legend column.
+fn draw_fit_legend(
+    area: &DrawingArea<SVGBackend<'_>, Shift>,
+    neutral: usize,
+    causes: usize,
+    tolerance: Option<f64>,
+    clipped: bool,
+    (skipped_scale, skipped_residual): (usize, usize),
+) -> Result<(), DrawingAreaErrorKind<std::io::Error>> {
+    let style = text_style(13, HPos::Left, VPos::Center);
+    let mut y = FIT_PANEL_TITLE as i32 + 14;
+    let row = |y: &mut i32| {
+        let at = *y;
+        *y += 22;
+        at
+    };
+    let at = row(&mut y);
+    draw_mark(area, (16, at), false, false, 4)?;
+    area.draw(&Text::new(
+        format!("no cause ({neutral})"),
+        (38, at),
+        style.clone(),
+    ))?;
+    let at = row(&mut y);
+    draw_mark(area, (16, at), true, false, 4)?;
+    area.draw(&Text::new(
+        format!("cause named ({causes})"),
+        (38, at),
+        style.clone(),
+    ))?;
+    let at = row(&mut y);
+    area.draw(&PathElement::new(
+        vec![(4, at), (30, at)],
+        REFERENCE_COLOR.stroke_width(1),
+    ))?;
+    area.draw(&Text::new("ŝ/s = 1 (expected)", (38, at), style.clone()))?;
+    if let Some(t) = tolerance {
+        let at = row(&mut y);
+        for x in [4, 15, 26] {
+            area.draw(&PathElement::new(
+                vec![(x, at), ((x + 6).min(30), at)],
+                REFERENCE_COLOR.stroke_width(2),
+            ))?;
+        }
+        area.draw(&Text::new(
+            format!("tolerance: {} × floor", tick_label(t)),
+            (38, at),
+            style.clone(),
+        ))?;
+    }
+    if clipped {
+        let at = row(&mut y);
+        draw_mark(area, (16, at), false, true, 3)?;
+        area.draw(&Text::new("beyond the axis", (38, at), style.clone()))?;
+    }
+    let note = text_style(12, HPos::Left, VPos::Center).color(&BASE_COLOR);
+    if skipped_scale + skipped_residual > 0 {
+        y += 8;
+        let at = row(&mut y);
+        area.draw(&Text::new(
+            "not drawn (null, non-finite",
+            (4, at),
+            note.clone(),
+        ))?;
+        let at = row(&mut y);
+        area.draw(&Text::new(
+            format!("or ≤ 0): {skipped_scale} ŝ/s, {skipped_residual} residual"),
+            (4, at),
+            note,
+        ))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -740,5 +1205,305 @@ mod tests {
             "{svg}"
         );
         assert!(!svg.contains("&amp;lt;"), "double-escaped: {svg}");
+    }
+
+    /// A hand-built fit of one module.
+    pub(crate) fn fit(
+        module: &str,
+        scale: Option<f64>,
+        residual: Option<f64>,
+        cause: Option<&'static str>,
+    ) -> ModuleFit {
+        ModuleFit {
+            module: module.to_string(),
+            tensor: format!("{module}.weight"),
+            kind: "lora",
+            expected_scale: Some(2.0),
+            scale_ratio: scale,
+            transposed_ratio: None,
+            delta_norm: 1.0,
+            floor: 1e-3,
+            residual_to_floor: residual,
+            fit_residual_to_floor: residual,
+            cause,
+            explanation: cause.map(|c| format!("{c}: by hand")),
+        }
+    }
+
+    pub(crate) fn forensics(modules: Vec<ModuleFit>) -> Forensics {
+        Forensics {
+            dtype: "bf16".to_string(),
+            tolerance: 4.0,
+            modules,
+            untouched: Default::default(),
+            inventory: Default::default(),
+            config_drift: Vec::new(),
+        }
+    }
+
+    /// SmolLM2-sized: 30 blocks × 7 linear modules, with a few broken ones, in the order a
+    /// safetensors header lists them (alphabetical: layers.10 before layers.2).
+    pub(crate) fn many_modules() -> Forensics {
+        const KINDS: [&str; 7] = [
+            "mlp.down_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "self_attn.k_proj",
+            "self_attn.o_proj",
+            "self_attn.q_proj",
+            "self_attn.v_proj",
+        ];
+        let mut names: Vec<String> = (0..30)
+            .flat_map(|l| KINDS.iter().map(move |k| format!("model.layers.{l}.{k}")))
+            .collect();
+        names.sort();
+        let modules = names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let wobble = ((i * 37) % 17) as f64 / 17.0;
+                match name.as_str() {
+                    "model.layers.3.self_attn.v_proj" => {
+                        fit(name, Some(50.0), Some(2.4e4), Some("scale-mismatch"))
+                    }
+                    "model.layers.12.self_attn.o_proj" => {
+                        fit(name, Some(0.0), Some(3.1e3), Some("not-merged"))
+                    }
+                    "model.layers.20.mlp.down_proj" => {
+                        fit(name, Some(f64::NAN), None, Some("nonfinite-merge"))
+                    }
+                    "model.layers.25.mlp.up_proj" => {
+                        fit(name, Some(4.0), Some(8.0e2), Some("scale-mismatch"))
+                    }
+                    _ => fit(
+                        name,
+                        Some(1.0 + (wobble - 0.5) * 0.01),
+                        Some(0.8 + wobble),
+                        None,
+                    ),
+                }
+            })
+            .collect();
+        forensics(modules)
+    }
+
+    /// Markers drawn in an SVG: circles and (clipped-value) triangles.
+    fn markers(svg: &str) -> (usize, usize) {
+        (
+            svg.matches("<circle").count(),
+            svg.matches("<polygon").count(),
+        )
+    }
+
+    /// The legend's own markers: one circle per colour.
+    const LEGEND_CIRCLES: usize = 2;
+
+    #[test]
+    fn short_module_names() {
+        assert_eq!(
+            short_module_name("model.layers.3.self_attn.v_proj"),
+            "L3 v_proj"
+        );
+        assert_eq!(short_module_name("transformer.h.11.mlp.c_fc"), "L11 c_fc");
+        assert_eq!(short_module_name("lm_head"), "lm_head");
+        assert_eq!(short_module_name("model.embed_tokens"), "embed_tokens");
+        assert_eq!(short_module_name("odd."), "odd.");
+    }
+
+    #[test]
+    fn modules_go_in_model_order() {
+        let f = forensics(vec![
+            fit("lm_head", Some(1.0), Some(1.0), None),
+            fit(
+                "model.layers.10.self_attn.q_proj",
+                Some(1.0),
+                Some(1.0),
+                None,
+            ),
+            fit("model.layers.2.mlp.down_proj", Some(1.0), Some(1.0), None),
+            fit(
+                "model.layers.2.self_attn.q_proj",
+                Some(1.0),
+                Some(1.0),
+                None,
+            ),
+            fit("model.embed_tokens", Some(1.0), Some(1.0), None),
+        ]);
+        let names: Vec<&str> = model_order(&f.modules)
+            .into_iter()
+            .map(|i| f.modules[i].module.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "model.embed_tokens",
+                "model.layers.2.self_attn.q_proj",
+                "model.layers.2.mlp.down_proj",
+                "model.layers.10.self_attn.q_proj",
+                "lm_head",
+            ]
+        );
+    }
+
+    #[test]
+    fn fit_chart_draws_both_panels_and_one_point_per_finite_value() {
+        let f = many_modules();
+        let svg = module_fit(&f).expect("draws").expect("has modules");
+        assert!(svg.starts_with("<svg"), "{svg:.200}");
+        assert!(svg.trim_end().ends_with("</svg>"));
+        for text in [
+            "ŝ/s (fit ÷ expected)",
+            "residual ÷ floor (log)",
+            "adapter-changed tensors in model order (210)",
+            "tolerance: 4 × floor",
+            "cause named (4)",
+            "no cause (206)",
+        ] {
+            assert!(svg.contains(text), "missing `{text}`");
+        }
+        // 209 finite ŝ/s + 209 positive residuals, plus the legend's two.
+        let (circles, triangles) = markers(&svg);
+        assert_eq!((circles, triangles), (209 + 209 + LEGEND_CIRCLES, 0));
+        // Red marks: the 4 modules with a cause that have values (3 ŝ/s, 3 residuals) + legend.
+        assert_eq!(svg.matches("fill=\"#CF222E\" stroke=").count(), 3 + 3 + 1);
+        // The broken modules are named on the x axis, in red.
+        for label in ["L3 v_proj", "L12 o_proj", "L20 down_proj", "L25 up_proj"] {
+            let at = svg
+                .find(&format!(">\n{label}\n<"))
+                .or_else(|| svg.find(&format!(">{label}<")));
+            assert!(at.is_some(), "no x label `{label}`");
+        }
+        // Sparse labels: far fewer than 210, more than a handful.
+        let rotated = svg.matches("rotate(270").count();
+        assert!((10..=60).contains(&rotated), "{rotated} x labels");
+    }
+
+    #[test]
+    fn fit_chart_handles_edge_cases() {
+        // No modules: no chart.
+        assert!(module_fit(&forensics(Vec::new())).expect("ok").is_none());
+        // One module.
+        let one = module_fit(&forensics(vec![fit("lm_head", Some(1.0), Some(1.2), None)]))
+            .expect("draws")
+            .expect("one module");
+        assert_eq!(markers(&one), (2 + LEGEND_CIRCLES, 0));
+        assert!(one.contains("lm_head"));
+        // Nothing finite at all, and a tolerance that is not a number: an empty frame, no panic.
+        let mut nothing = forensics(vec![
+            fit(
+                "model.layers.0.self_attn.q_proj",
+                Some(f64::NAN),
+                None,
+                Some("nonfinite-merge"),
+            ),
+            fit(
+                "model.layers.0.self_attn.v_proj",
+                Some(f64::INFINITY),
+                Some(f64::NAN),
+                None,
+            ),
+            fit("model.layers.1.self_attn.v_proj", None, Some(0.0), None),
+            fit(
+                "model.layers.1.self_attn.q_proj",
+                Some(f64::NEG_INFINITY),
+                Some(-3.0),
+                None,
+            ),
+        ]);
+        nothing.tolerance = f64::NAN;
+        let svg = module_fit(&nothing).expect("draws").expect("has modules");
+        assert_eq!(markers(&svg), (LEGEND_CIRCLES, 0));
+        assert!(svg.contains("or ≤ 0): 4 ŝ/s, 4 residual"));
+        assert!(!svg.contains("NaN") && !svg.contains("inf"), "{svg}");
+        // All equal values.
+        let equal: Vec<ModuleFit> = (0..5)
+            .map(|l| {
+                fit(
+                    &format!("model.layers.{l}.mlp.up_proj"),
+                    Some(1.0),
+                    Some(1.0),
+                    None,
+                )
+            })
+            .collect();
+        let svg = module_fit(&forensics(equal))
+            .expect("draws")
+            .expect("has modules");
+        assert_eq!(markers(&svg), (10 + LEGEND_CIRCLES, 0));
+        let zeros: Vec<ModuleFit> = (0..3)
+            .map(|l| {
+                fit(
+                    &format!("model.layers.{l}.mlp.up_proj"),
+                    Some(0.0),
+                    Some(7e5),
+                    Some("not-merged"),
+                )
+            })
+            .collect();
+        let svg = module_fit(&forensics(zeros))
+            .expect("draws")
+            .expect("has modules");
+        assert_eq!(markers(&svg), (6 + LEGEND_CIRCLES, 0));
+        // Values beyond the axes sit at their ends as triangles.
+        let wild = forensics(vec![
+            fit(
+                "model.layers.0.mlp.up_proj",
+                Some(1e9),
+                Some(1e30),
+                Some("wrong-base"),
+            ),
+            fit(
+                "model.layers.0.mlp.down_proj",
+                Some(-1e7),
+                Some(1e-9),
+                Some("wrong-base"),
+            ),
+            fit("model.layers.1.mlp.up_proj", Some(1.0), Some(1.0), None),
+        ]);
+        let svg = module_fit(&wild).expect("draws").expect("has modules");
+        // 4 clipped marks + the legend's triangle; the last module's 2 circles + the legend's.
+        assert_eq!(markers(&svg), (2 + LEGEND_CIRCLES, 4 + 1));
+        assert!(svg.contains("beyond the axis"));
+    }
+
+    #[test]
+    fn fit_chart_hands_hostile_names_to_the_backend_raw() {
+        let svg = module_fit(&forensics(vec![fit(
+            "model.layers.0.<script>x</script>",
+            Some(1.0),
+            Some(1.0),
+            Some("scale-mismatch"),
+        )]))
+        .expect("draws")
+        .expect("one module");
+        assert!(!svg.contains("<script"), "{svg}");
+        // Truncated to 18 characters on the x axis.
+        assert!(svg.contains("L0 &lt;script&gt;x&lt;/scr…"), "{svg}");
+        assert!(!svg.contains("&amp;lt;"));
+    }
+
+    #[test]
+    fn tick_labels_are_short() {
+        assert_eq!(tick_label(0.0), "0");
+        assert_eq!(tick_label(-1e-17), "0");
+        assert_eq!(tick_label(0.2), "0.2");
+        assert_eq!(tick_label(0.30000000000000004), "0.3");
+        assert_eq!(tick_label(50.0), "50");
+        assert_eq!(tick_label(-200.0), "-200");
+        assert_eq!(tick_label(2e5), "2e5");
+    }
+
+    #[test]
+    fn residual_bounds_cover_values_and_stay_within_limits() {
+        assert_eq!(residual_bounds([1.0, 4.0].into_iter()), (0.1, 10.0));
+        assert_eq!(residual_bounds([0.9, 4.0, 2.4e4].into_iter()), (0.1, 1e5));
+        assert_eq!(
+            residual_bounds([1e30, 1e-20].into_iter()),
+            RESIDUAL_AXIS_LIMITS
+        );
+        assert_eq!(
+            residual_bounds([f64::NAN, 0.0, -1.0].into_iter()),
+            (1.0, 10.0)
+        );
     }
 }

@@ -1,13 +1,16 @@
 //! `report.html`: one self-contained page (inline CSS and SVG; no scripts, fonts or other assets,
 //! so it works offline and in a CI artifact viewer). Sections: verdict banner, precision matrix,
-//! per-layer heatmap, KL distribution, hidden-state drift, greedy generation, findings with
-//! advice, inputs and provenance. A section that did not run says so instead of drawing an empty chart.
+//! per-layer heatmap, KL distribution, hidden-state drift, greedy generation, the merged
+//! checkpoint's forensics (only with `--merged`), findings with advice, inputs and provenance. A
+//! section that did not run says so instead of drawing an empty chart.
 //!
 //! Every string that comes from the inputs — paths, module and tensor names, messages, config
 //! values — passes through [`escape`]; chart text is escaped by the SVG backend (see `charts`).
 //! Stable ids for tests and scripts: `verdict`, `chart-matrix` (holding `precision-matrix`),
-//! `chart-heatmap`, `chart-kl`, `chart-drift`, `generation`, `findings`, `provenance`. Every chart container
-//! has `data-state="drawn"` or `data-state="not-run"`.
+//! `chart-heatmap`, `chart-kl`, `chart-drift`, `generation`, `forensics` (holding
+//! `chart-forensics`, `forensics-causes`, `forensics-untouched`, `forensics-inventory`,
+//! `config-drift`; present only when the report has `forensics`), `findings`, `provenance`.
+//! Every chart container has `data-state="drawn"` or `data-state="not-run"`.
 
 use std::fmt::Write as _;
 
@@ -17,6 +20,7 @@ use super::Report;
 use super::charts::{self, HeatmapData, HeatmapMetric};
 use super::summary::{self, MatrixRow, num, num_pm, percent};
 use crate::findings::{Level, Verdict};
+use crate::forensics::{Forensics, ModuleFit};
 
 /// Choices the page leaves to the caller.
 #[derive(Debug, Clone, Default)]
@@ -114,6 +118,7 @@ pub fn render(report: &Report, options: &HtmlOptions) -> String {
     kl_section(&mut out, report);
     drift_section(&mut out, report);
     generation_section(&mut out, report);
+    forensics_section(&mut out, report);
     findings_section(&mut out, report);
     provenance_section(&mut out, report);
     let _ = write!(
@@ -439,6 +444,286 @@ fn drift_section(out: &mut String, report: &Report) {
     );
 }
 
+/// Rows of the table of modules with a cause; the rest are counted.
+const MAX_CAUSE_ROWS: usize = 25;
+/// Names listed per inventory line; the rest are counted.
+const MAX_LISTED: usize = 20;
+/// Rows of the config-drift table; the rest are counted.
+const MAX_DRIFT_ROWS: usize = 50;
+/// Characters of a config value shown in a cell (the whole value, up to `MAX_TITLE_CHARS`, is
+/// in the cell's tooltip).
+const MAX_VALUE_CHARS: usize = 160;
+const MAX_TITLE_CHARS: usize = 4000;
+
+/// `text` cut to `max` characters, with an ellipsis when cut.
+fn clip(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        text.to_string()
+    } else {
+        let head: String = text.chars().take(max.saturating_sub(1)).collect();
+        format!("{head}…")
+    }
+}
+
+/// "… and N more" after a capped list or table.
+fn and_more(out: &mut String, shown: usize, total: usize, what: &str) {
+    if total > shown {
+        let _ = writeln!(
+            out,
+            "<p class=\"muted\">… and {} more {what}</p>",
+            total - shown
+        );
+    }
+}
+
+/// The merged checkpoint (`check --merged`): the per-module fit chart, the modules with a cause,
+/// the untouched tensors, the tensor inventory and the config drift. Absent without forensics.
+fn forensics_section(out: &mut String, report: &Report) {
+    let Some(f) = &report.forensics else {
+        return;
+    };
+    out.push_str("<h2>Merged checkpoint</h2>\n<div id=\"forensics\">\n");
+    let n = f.modules.len();
+    let faithful = f
+        .modules
+        .iter()
+        .filter(|m| m.residual_to_floor.is_some_and(|r| r <= f.tolerance))
+        .count();
+    let mut causes: Vec<&ModuleFit> = f.modules.iter().filter(|m| m.cause.is_some()).collect();
+    let stored = match report.inputs.merged.as_deref() {
+        Some(m) => format!("<code>{}</code>, stored as", escape(m)),
+        None => "Stored as".to_string(),
+    };
+    let _ = writeln!(
+        out,
+        "<p>{stored} {}: {n} adapter-changed tensor(s), {faithful} within {} × the rounding \
+         floor of the exact merge, {} with a named cause.</p>",
+        escape(&f.dtype),
+        charts::tick_label(f.tolerance),
+        causes.len(),
+    );
+    chart(
+        out,
+        "chart-forensics",
+        charts::module_fit(f),
+        "the merged checkpoint has no adapter-changed tensors to fit",
+    );
+    if n > 0 {
+        out.push_str(
+            "<p class=\"muted\">One position per adapter-changed tensor, in model order. Top: \
+             ŝ/s = ⟨M − W, ΔW⟩ / ‖ΔW‖², the scale the checkpoint applied relative to the \
+             adapter's (1: as configured; 0: the update is missing; √r or r: the scaling rule \
+             misread). Bottom: ‖M − W*‖ in units of ‖round(W*) − W*‖, what rounding the exact \
+             merge must cost; a faithful merge stays at or below the dashed tolerance. Red: \
+             tensors with a named cause, labelled on the x axis.</p>\n",
+        );
+    }
+    cause_table(out, f, &mut causes);
+    untouched_line(out, f);
+    inventory_list(out, f);
+    config_drift_table(out, f);
+    out.push_str("</div>\n");
+}
+
+/// The modules with a cause, worst residual first (non-finite ones first of all).
+fn cause_table(out: &mut String, f: &Forensics, causes: &mut [&ModuleFit]) {
+    if causes.is_empty() {
+        out.push_str("<p>No adapter-changed tensor has a named cause.</p>\n");
+        return;
+    }
+    let severity = |m: &ModuleFit| {
+        m.residual_to_floor
+            .filter(|r| !r.is_nan())
+            .unwrap_or(f64::INFINITY)
+    };
+    causes.sort_by(|a, b| severity(b).total_cmp(&severity(a)));
+    out.push_str(
+        "<h3>Tensors with a cause (worst first)</h3>\n<table id=\"forensics-causes\">\n\
+         <thead><tr><th>module</th><th>cause</th><th>ŝ/s</th><th>residual / floor</th>\
+         <th>explanation</th></tr></thead>\n<tbody>\n",
+    );
+    for m in causes.iter().take(MAX_CAUSE_ROWS) {
+        let residual = match m.residual_to_floor {
+            None => "non-finite".to_string(),
+            r => num(r),
+        };
+        let _ = writeln!(
+            out,
+            "<tr><td><code title=\"{tensor}\">{module}</code></td><td><code>{cause}</code></td>\
+             <td class=\"n\">{scale}</td><td class=\"n\">{residual}</td><td>{why}</td></tr>",
+            tensor = escape(&m.tensor),
+            module = escape(&m.module),
+            cause = escape(m.cause.unwrap_or("")),
+            scale = num(m.scale_ratio),
+            why = m.explanation.as_deref().map_or("—".to_string(), escape),
+        );
+    }
+    out.push_str("</tbody>\n</table>\n");
+    and_more(
+        out,
+        MAX_CAUSE_ROWS,
+        causes.len(),
+        &format!(
+            "(all {} tensors are in the JSON report's <code>forensics.modules</code>)",
+            f.modules.len()
+        ),
+    );
+}
+
+fn untouched_line(out: &mut String, f: &Forensics) {
+    let u = &f.untouched;
+    let text = if u.compared == 0 {
+        "none compared".to_string()
+    } else if u.differing == 0 {
+        format!(
+            "{} compared, all equal to the base within {} × their rounding floor",
+            u.compared,
+            charts::tick_label(f.tolerance)
+        )
+    } else {
+        let mut t = format!(
+            "{} compared, <b>{} differ</b> from the base by more than {} × their rounding floor",
+            u.compared,
+            u.differing,
+            charts::tick_label(f.tolerance)
+        );
+        if u.explained_by_quantization > 0 {
+            let _ = write!(
+                t,
+                " ({} explained by a quantized copy of the base)",
+                u.explained_by_quantization
+            );
+        }
+        if let Some(worst) = &u.worst_tensor {
+            let _ = write!(
+                t,
+                "; worst <code>{}</code> at {} × its floor",
+                escape(worst),
+                num(u.worst_ratio)
+            );
+        }
+        t
+    };
+    let _ = writeln!(
+        out,
+        "<p id=\"forensics-untouched\">Tensors the adapters do not change: {text}.</p>"
+    );
+}
+
+/// A capped list of tensor names for one inventory line.
+fn name_list(names: &[String]) -> String {
+    let mut list: Vec<String> = names
+        .iter()
+        .take(MAX_LISTED)
+        .map(|n| format!("<code>{}</code>", escape(n)))
+        .collect();
+    if names.len() > MAX_LISTED {
+        list.push(format!("… and {} more", names.len() - MAX_LISTED));
+    }
+    list.join(", ")
+}
+
+fn shape(dims: &[usize]) -> String {
+    format!(
+        "[{}]",
+        dims.iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// Missing, extra, empty, reshaped and non-float tensors and non-finite values; nothing when
+/// the inventory is clean.
+fn inventory_list(out: &mut String, f: &Forensics) {
+    let inv = &f.inventory;
+    let mut rows: Vec<(&str, String)> = Vec::new();
+    for (label, names) in [
+        ("missing", &inv.missing),
+        ("extra", &inv.extra),
+        ("empty", &inv.empty),
+        ("not float (not compared)", &inv.not_float),
+    ] {
+        if !names.is_empty() {
+            rows.push((label, format!("{} · {}", names.len(), name_list(names))));
+        }
+    }
+    if !inv.reshaped.is_empty() {
+        let mut list: Vec<String> = inv
+            .reshaped
+            .iter()
+            .take(MAX_LISTED)
+            .map(|r| {
+                format!(
+                    "<code>{}</code> expected {}, found {}",
+                    escape(&r.tensor),
+                    shape(&r.expected),
+                    shape(&r.found)
+                )
+            })
+            .collect();
+        if inv.reshaped.len() > MAX_LISTED {
+            list.push(format!("… and {} more", inv.reshaped.len() - MAX_LISTED));
+        }
+        rows.push(("reshaped", list.join("<br>")));
+    }
+    if inv.nan > 0 || inv.inf > 0 {
+        rows.push((
+            "non-finite values",
+            format!("{} NaN, {} ±Inf", inv.nan, inv.inf),
+        ));
+    }
+    if rows.is_empty() {
+        return;
+    }
+    out.push_str("<h3>Tensor inventory</h3>\n<dl class=\"kv\" id=\"forensics-inventory\">\n");
+    for (label, value) in rows {
+        let _ = writeln!(out, "<dt>{}</dt><dd>{value}</dd>", escape(label));
+    }
+    out.push_str("</dl>\n");
+}
+
+/// A config value for a table cell: clipped, with the whole value (within reason) as tooltip.
+fn config_value(value: &str) -> String {
+    let shown = clip(value, MAX_VALUE_CHARS);
+    if shown.len() == value.len() {
+        format!("<code>{}</code>", escape(value))
+    } else {
+        format!(
+            "<code title=\"{}\">{}</code>",
+            escape(&clip(value, MAX_TITLE_CHARS)),
+            escape(&shown)
+        )
+    }
+}
+
+fn config_drift_table(out: &mut String, f: &Forensics) {
+    if f.config_drift.is_empty() {
+        out.push_str(
+            "<p class=\"muted\">Config files: no generation-relevant difference from the \
+             adapter's and the base's.</p>\n",
+        );
+        return;
+    }
+    out.push_str(
+        "<h3>Config drift</h3>\n<table id=\"config-drift\">\n<thead><tr><th>file</th><th>key</th>\
+         <th>reference</th><th>expected</th><th>found</th></tr></thead>\n<tbody>\n",
+    );
+    for d in f.config_drift.iter().take(MAX_DRIFT_ROWS) {
+        let _ = writeln!(
+            out,
+            "<tr><td><code>{}</code></td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            escape(&d.file),
+            escape(&d.key),
+            escape(d.reference),
+            config_value(&d.expected),
+            config_value(&d.found),
+        );
+    }
+    out.push_str("</tbody>\n</table>\n");
+    and_more(out, MAX_DRIFT_ROWS, f.config_drift.len(), "differences");
+}
+
 fn findings_section(out: &mut String, report: &Report) {
     out.push_str("<h2>Findings</h2>\n<div id=\"findings\">\n");
     if report.findings.is_empty() {
@@ -634,5 +919,268 @@ mod tests {
             escape("<a href='x'>\"&\"</a>\u{0}"),
             "&lt;a href=&#39;x&#39;&gt;&quot;&amp;&quot;&lt;/a&gt;\u{fffd}"
         );
+    }
+
+    use crate::forensics::{ConfigDifference, Inventory, Reshaped, UntouchedSummary};
+    use crate::report::{Inputs, SCHEMA_VERSION};
+
+    const HOSTILE: &str = "<script>alert(1)</script>";
+    const ESCAPED: &str = "&lt;script&gt;alert(1)&lt;/script&gt;";
+
+    fn report(forensics: Option<Forensics>) -> Report {
+        Report {
+            schema_version: SCHEMA_VERSION,
+            tool_version: "test",
+            verdict: Verdict::Fail,
+            inputs: Inputs {
+                base: "/models/base".to_string(),
+                base_files: vec!["model.safetensors".to_string()],
+                adapters: vec!["/adapters/a".to_string()],
+                merged: Some("/models/merged".to_string()),
+                tokens: None,
+                weights_only: true,
+                config: None,
+            },
+            adapter_effect: None,
+            logits_skipped: None,
+            findings: Vec::new(),
+            structure: Vec::new(),
+            merge: None,
+            precisions: None,
+            layers: None,
+            forensics,
+            token_kl: Default::default(),
+        }
+    }
+
+    fn fit(
+        module: &str,
+        scale: Option<f64>,
+        residual: Option<f64>,
+        cause: Option<&'static str>,
+        explanation: Option<&str>,
+    ) -> ModuleFit {
+        ModuleFit {
+            module: module.to_string(),
+            tensor: format!("{module}.weight"),
+            kind: "lora",
+            expected_scale: Some(2.0),
+            scale_ratio: scale,
+            transposed_ratio: None,
+            delta_norm: 1.0,
+            floor: 1e-3,
+            residual_to_floor: residual,
+            fit_residual_to_floor: residual,
+            cause,
+            explanation: explanation.map(str::to_string),
+        }
+    }
+
+    fn forensics(modules: Vec<ModuleFit>) -> Forensics {
+        Forensics {
+            dtype: "bf16".to_string(),
+            tolerance: 4.0,
+            modules,
+            untouched: UntouchedSummary::default(),
+            inventory: Inventory::default(),
+            config_drift: Vec::new(),
+        }
+    }
+
+    fn page(f: Forensics) -> String {
+        render(&report(Some(f)), &HtmlOptions::default())
+    }
+
+    /// The `<div id="forensics">` block.
+    fn forensics_block(page: &str) -> &str {
+        let start = page
+            .find("<div id=\"forensics\">")
+            .expect("the section is there");
+        let end = page[start..]
+            .find("<h2>Findings</h2>")
+            .expect("findings follow");
+        &page[start..start + end]
+    }
+
+    #[test]
+    fn no_forensics_no_section() {
+        let page = render(&report(None), &HtmlOptions::default());
+        for absent in [
+            "Merged checkpoint",
+            "id=\"forensics\"",
+            "chart-forensics",
+            "config-drift",
+        ] {
+            assert!(!page.contains(absent), "`{absent}` without forensics");
+        }
+    }
+
+    #[test]
+    fn forensics_section_sits_after_the_logit_sections() {
+        let page = page(forensics(vec![
+            fit(
+                "model.layers.0.self_attn.q_proj",
+                Some(1.0),
+                Some(1.0),
+                None,
+                None,
+            ),
+            fit(
+                "model.layers.3.self_attn.v_proj",
+                Some(50.0),
+                Some(2.4e4),
+                Some("scale-mismatch"),
+                Some("update scaled ×50"),
+            ),
+        ]));
+        let at = |needle: &str| page.find(needle).unwrap_or_else(|| panic!("no `{needle}`"));
+        assert!(at("<h2>Greedy generation</h2>") < at("<h2>Merged checkpoint</h2>"));
+        assert!(at("<h2>Merged checkpoint</h2>") < at("<h2>Findings</h2>"));
+        let block = forensics_block(&page);
+        assert!(block.contains("id=\"chart-forensics\" class=\"chart\" data-state=\"drawn\""));
+        assert!(block.contains("<svg"));
+        assert!(
+            block.contains("2 adapter-changed tensor(s), 1 within 4 ×"),
+            "{block}"
+        );
+        // Only the module with a cause has a row.
+        let table = &block[block.find("id=\"forensics-causes\"").expect("cause table")..];
+        assert_eq!(table.matches("<tr><td>").count(), 1);
+        assert!(table.contains("<code>scale-mismatch</code>"));
+        assert!(table.contains("<td class=\"n\">50.00</td><td class=\"n\">2.40e4</td>"));
+        assert!(table.contains("update scaled ×50"));
+        // A clean inventory and no config drift: no inventory list, a one-line note.
+        assert!(!block.contains("forensics-inventory"));
+        assert!(!block.contains("id=\"config-drift\""));
+        assert!(block.contains("Config files: no generation-relevant difference"));
+        assert!(block.contains("Tensors the adapters do not change: none compared."));
+    }
+
+    #[test]
+    fn no_modules_says_so_instead_of_a_chart() {
+        let block_page = page(forensics(Vec::new()));
+        let block = forensics_block(&block_page);
+        assert!(block.contains("id=\"chart-forensics\" class=\"chart not-run\""));
+        assert!(block.contains("no adapter-changed tensors"));
+        assert!(block.contains("No adapter-changed tensor has a named cause."));
+    }
+
+    #[test]
+    fn hostile_strings_in_forensics_are_escaped() {
+        let mut f = forensics(vec![fit(
+            &format!("model.layers.0.{HOSTILE}"),
+            Some(0.0),
+            None,
+            Some("not-merged"),
+            Some(&format!("explained by {HOSTILE}")),
+        )]);
+        f.dtype = HOSTILE.to_string();
+        f.untouched = UntouchedSummary {
+            compared: 3,
+            differing: 1,
+            explained_by_quantization: 0,
+            worst_tensor: Some(HOSTILE.to_string()),
+            worst_ratio: Some(12.0),
+        };
+        f.inventory = Inventory {
+            missing: vec![HOSTILE.to_string()],
+            extra: vec![],
+            empty: vec![],
+            reshaped: vec![Reshaped {
+                tensor: HOSTILE.to_string(),
+                expected: vec![4, 8],
+                found: vec![8, 4],
+            }],
+            not_float: vec![],
+            nan: 2,
+            inf: 0,
+        };
+        f.config_drift = vec![ConfigDifference {
+            file: format!("{HOSTILE}.json"),
+            key: HOSTILE.to_string(),
+            reference: "adapter",
+            expected: HOSTILE.to_string(),
+            found: format!("{}{HOSTILE}", "x".repeat(300)),
+        }];
+        let mut r = report(Some(f));
+        r.inputs.merged = Some(format!("/m/{HOSTILE}"));
+        let page = render(&r, &HtmlOptions::default());
+        assert!(
+            !page.to_ascii_lowercase().contains("<script"),
+            "raw <script>"
+        );
+        assert!(!page.contains("&amp;lt;"), "double-escaped");
+        let block = forensics_block(&page);
+        // Table, explanation, untouched line, inventory (list and reshaped), config table (cell
+        // and tooltip), dtype, path — and the chart's x label.
+        assert!(block.matches(ESCAPED).count() >= 10, "{block}");
+        assert!(block.contains(&format!("explained by {ESCAPED}")));
+        assert!(block.contains(&format!("worst <code>{ESCAPED}</code> at 12.00")));
+        assert!(block.contains("expected [4, 8], found [8, 4]"));
+        assert!(block.contains("2 NaN, 0 ±Inf"));
+        assert!(block.contains("<td class=\"n\">0</td><td class=\"n\">non-finite</td>"));
+        // The long value is clipped in the cell, whole in the tooltip.
+        assert!(block.contains(&format!("title=\"{}{ESCAPED}\"", "x".repeat(300))));
+        assert!(block.contains(&format!(">{}…</code>", "x".repeat(159))));
+    }
+
+    #[test]
+    fn long_lists_are_capped_and_nan_values_do_not_panic() {
+        let modules: Vec<ModuleFit> = (0..60)
+            .map(|i| {
+                fit(
+                    &format!("model.layers.{i}.mlp.up_proj"),
+                    if i % 3 == 0 {
+                        Some(f64::NAN)
+                    } else {
+                        Some(4.0)
+                    },
+                    match i % 4 {
+                        0 => None,
+                        1 => Some(f64::INFINITY),
+                        2 => Some(f64::NAN),
+                        _ => Some(i as f64 * 100.0),
+                    },
+                    Some("scale-mismatch"),
+                    None,
+                )
+            })
+            .collect();
+        let mut f = forensics(modules);
+        f.tolerance = f64::NAN;
+        f.untouched = UntouchedSummary {
+            compared: 10,
+            differing: 2,
+            explained_by_quantization: 2,
+            worst_tensor: Some("model.norm.weight".to_string()),
+            worst_ratio: Some(f64::NAN),
+        };
+        f.inventory.extra = (0..45).map(|i| format!("extra.{i}")).collect();
+        f.config_drift = (0..70)
+            .map(|i| ConfigDifference {
+                file: "config.json".to_string(),
+                key: format!("k{i}"),
+                reference: "base",
+                expected: "1".to_string(),
+                found: "2".to_string(),
+            })
+            .collect();
+        let page = page(f);
+        let block = forensics_block(&page);
+        let causes = &block[block.find("id=\"forensics-causes\"").expect("table")..];
+        assert_eq!(
+            causes[..causes.find("</table>").expect("closed")]
+                .matches("<tr><td>")
+                .count(),
+            MAX_CAUSE_ROWS
+        );
+        assert!(block.contains("… and 35 more (all 60 tensors"));
+        assert!(block.contains("45 · <code>extra.0</code>"));
+        assert!(block.contains("… and 25 more</dd>"));
+        assert!(block.contains("… and 20 more differences"));
+        assert!(block.contains("(2 explained by a quantized copy of the base)"));
+        // Non-finite residuals sort first.
+        let first_row = &causes[causes.find("<tr><td>").expect("a row")..];
+        assert!(first_row[..first_row.find("</tr>").expect("row end")].contains("non-finite"));
     }
 }
