@@ -101,20 +101,13 @@ fn merged_report() -> &'static Report {
 
 /// The merged report when `check --merged` filled in its forensics; `None`, with a note, while
 /// it does not (the merged-checkpoint assertions are then skipped).
-fn merged_with_forensics() -> Option<&'static Report> {
+fn merged_with_forensics() -> &'static Report {
     let report = merged_report();
-    if report.forensics.is_none() {
-        // A test may say why it skipped something (shown with `--nocapture`).
-        #[allow(clippy::disallowed_macros)]
-        {
-            eprintln!(
-                "note: `check --merged` left `forensics` empty; skipping the merged-checkpoint \
-                 section's assertions on the real report"
-            );
-        }
-        return None;
-    }
-    Some(report)
+    assert!(
+        report.forensics.is_some(),
+        "check --merged must fill the forensics section"
+    );
+    report
 }
 
 /// One hand-built module fit.
@@ -306,9 +299,7 @@ fn assert_self_contained(page: &str) {
 
 #[test]
 fn merged_checkpoint_section_shows_the_forensics() {
-    let Some(report) = merged_with_forensics() else {
-        return;
-    };
+    let report = merged_with_forensics();
     let forensics = report.forensics.as_ref().expect("checked");
     let page = html::render(report, &HtmlOptions::default());
     assert_self_contained(&page);
@@ -1339,9 +1330,7 @@ fn merged_checkpoint_chart_draws_in_headless_chromium() {
     );
 
     // The real `check --merged` report: every chart, the fit chart included.
-    let Some(report) = merged_with_forensics() else {
-        return;
-    };
+    let report = merged_with_forensics();
     let page = html::render(report, &HtmlOptions::default());
     // (Its precision matrix has too few rows for the size check; the SVG charts have none.)
     assert_charts_drawn(

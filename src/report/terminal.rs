@@ -170,6 +170,9 @@ pub fn check_summary(report: &Report) -> String {
         }
         (None, None) => {}
     }
+    if let Some(f) = &report.forensics {
+        forensics_summary(&mut out, f, report.inputs.merged.as_deref().unwrap_or("-"));
+    }
     if report.findings.is_empty() {
         let _ = writeln!(out, "\nno findings");
     } else {
@@ -329,4 +332,56 @@ pub fn checkpoint_summary(s: &CheckpointSummary) -> String {
         let _ = writeln!(out, "quantized  {q}");
     }
     out
+}
+
+/// The `--merged` forensics in three lines: how many tensors are faithful, the spread of the scale
+/// fit and of the residual against the rounding floor, and the untouched tensors.
+fn forensics_summary(out: &mut String, f: &crate::forensics::Forensics, path: &str) {
+    let fitted: Vec<&crate::forensics::ModuleFit> = f
+        .modules
+        .iter()
+        .filter(|m| m.residual_to_floor.is_some())
+        .collect();
+    let faithful = fitted
+        .iter()
+        .filter(|m| m.residual_to_floor.is_some_and(|r| r <= f.tolerance))
+        .count();
+    let sorted = |mut v: Vec<f64>| {
+        v.retain(|x| x.is_finite());
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let scales = sorted(fitted.iter().filter_map(|m| m.scale_ratio).collect());
+    let ratios = sorted(fitted.iter().filter_map(|m| m.residual_to_floor).collect());
+    let _ = writeln!(
+        out,
+        "\nmerged checkpoint {path} ({}): {} adapter-changed tensors, {faithful} faithful (residual ≤ {} × the rounding floor)",
+        f.dtype,
+        f.modules.len(),
+        f.tolerance
+    );
+    if let (Some(lo), Some(hi)) = (scales.first(), scales.last()) {
+        let _ = writeln!(
+            out,
+            "  ŝ/s median {:.4} (range {lo:.4} … {hi:.4}); residual/floor median {:.2}, worst {:.3e}",
+            scales[scales.len() / 2],
+            ratios.get(ratios.len() / 2).copied().unwrap_or(f64::NAN),
+            ratios.last().copied().unwrap_or(f64::NAN),
+        );
+    }
+    let u = &f.untouched;
+    let _ = writeln!(
+        out,
+        "  untouched tensors: {} compared, {} differ from the base{}",
+        u.compared,
+        u.differing,
+        if u.explained_by_quantization > 0 {
+            format!(
+                " ({} explained by quantization)",
+                u.explained_by_quantization
+            )
+        } else {
+            String::new()
+        }
+    );
 }
