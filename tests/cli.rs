@@ -531,6 +531,20 @@ fn merged_checkpoints_raise_exactly_the_codes_of_their_cause() {
             ));
         }
         let forensics = &report["forensics"];
+        let fitted = forensics["modules"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|m| m["residual_to_floor"].is_number())
+            .count();
+        let merged_row = report["precisions"]
+            .as_array()
+            .and_then(|p| p.iter().find(|p| p["name"] == "merged"));
+        if merged_row.is_none_or(|p| p["weights"]["modules"] != fitted) {
+            failures.push(format!(
+                "{folder}: the `merged` precision row does not summarise the {fitted} fitted tensors"
+            ));
+        }
         if forensics["modules"].as_array().is_none_or(|m| m.is_empty()) {
             failures.push(format!("{folder}: no per-module fits in forensics"));
         }

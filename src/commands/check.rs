@@ -11,8 +11,8 @@ use crate::ExitStatus;
 use crate::cli::CheckArgs;
 use crate::findings::structure::{self, StructureInput};
 use crate::findings::thresholds::Thresholds;
+use crate::findings::weights::PrecisionReport;
 use crate::findings::weights::{self, WeightOutcome};
-use crate::findings::weights::{PrecisionReport, WeightSummary};
 use crate::findings::{self, Verdict};
 use crate::forward::{ForwardInputs, MERGED_LABEL};
 use crate::gate::{GateConfig, LevelOverrides};
@@ -387,6 +387,17 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
                     }
                 }
                 all_findings.append(&mut found);
+                // The merged checkpoint is one more row of the precision table; its logits are
+                // attached with the candidates' below when the forward pass runs.
+                result.precisions.push(PrecisionReport {
+                    name: MERGED_LABEL.into(),
+                    class: precision.class().name(),
+                    verdict: Verdict::Pass,
+                    weights: found_forensics.weight_summary(),
+                    logits: None,
+                    unmerged_logits: None,
+                    generation: None,
+                });
                 forensics = Some(found_forensics);
                 Some((checkpoint, precision))
             }
@@ -426,20 +437,6 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
                 for p in &mut result.precisions {
                     p.logits = forward.stats.get(&p.name).cloned();
                     p.unmerged_logits = forward.stats.get(&format!("{}+lora", p.name)).cloned();
-                }
-                if let Some((_, precision)) = &merged {
-                    result.precisions.push(PrecisionReport {
-                        name: MERGED_LABEL.into(),
-                        class: precision.class().name(),
-                        verdict: Verdict::Pass,
-                        weights: WeightSummary::empty(),
-                        logits: None,
-                        unmerged_logits: None,
-                        generation: None,
-                    });
-                    if let Some(p) = result.precisions.last_mut() {
-                        p.logits = forward.stats.get(MERGED_LABEL).cloned();
-                    }
                 }
                 for (label, stats) in &forward.stats {
                     let nonfinite = forward.nonfinite.get(label).copied().unwrap_or(0);

@@ -410,7 +410,8 @@ impl Code {
                 "When M is not the exact merge, tests whether it is ΔW added to a dequantized \
                  nf4/fp4/int8/q8_0/q4_0/q4_1 copy of W (a QLoRA merge onto the 4-bit base) or the \
                  exact merge quantized and stored as floats, and names the format that fits best. Deny \
-                 when the quantization error is at least half of ‖ΔW‖.",
+                 when the quantization error is at least half of ‖ΔW‖, unless --trained-on names \
+                 that format (then the merge keeps the base the adapter trained against: warn).",
                 "The 16-bit model then contains 4-bit (or 8-bit) rounding noise that is often larger \
                  than the fine-tune itself, for no memory saving.",
                 "Merge into the 16-bit base (PEFT merge_and_unload on a base loaded without \

@@ -803,6 +803,49 @@ pub fn analyze(input: &Inputs<'_>) -> anyhow::Result<(Forensics, Vec<Finding>)> 
     Ok((forensics, findings))
 }
 
+impl Forensics {
+    /// The merged checkpoint's row of the precision table, in the same terms as the candidates':
+    /// rel_error = ‖M − W*‖/‖ΔW‖, floor ratio = residual/floor, retention = the fitted ŝ/s.
+    pub fn weight_summary(&self) -> crate::findings::weights::WeightSummary {
+        let mut summary = crate::findings::weights::WeightSummary::empty();
+        let mut rel_errors = Vec::new();
+        for m in &self.modules {
+            let Some(ratio) = m.residual_to_floor else {
+                continue;
+            };
+            summary.modules += 1;
+            summary.max_floor_ratio = Some(summary.max_floor_ratio.map_or(ratio, |r| r.max(ratio)));
+            if let Some(s) = m.scale_ratio {
+                summary.min_retention = Some(summary.min_retention.map_or(s, |r| r.min(s)));
+            }
+            if m.delta_norm > 0.0 {
+                let rel = ratio * m.floor / m.delta_norm;
+                if summary.worst_rel_error.is_none_or(|w| rel > w) {
+                    summary.worst_rel_error = Some(rel);
+                    summary.worst_module = Some(m.module.clone());
+                }
+                rel_errors.push(rel);
+            }
+        }
+        if !rel_errors.is_empty() {
+            summary.mean_rel_error = Some(rel_errors.iter().sum::<f64>() / rel_errors.len() as f64);
+        }
+        summary.nonfinite = self.inventory.nan + self.inventory.inf;
+        summary
+    }
+}
+
+/// `quantized-merge-base` by size: deny when the quantization error is at least
+/// [`QUANTIZED_BASE_DENY`] of ‖ΔW‖. Merging onto the dequantized base the adapter trained against
+/// (QLoRA, declared with --trained-on) is a legitimate choice: inform, do not fail.
+fn quantized_base_level(size: f64, matches_training: bool) -> Level {
+    if size >= QUANTIZED_BASE_DENY && !matches_training {
+        Level::Deny
+    } else {
+        Level::Warn
+    }
+}
+
 /// The float format most of a checkpoint's weights are stored in.
 pub fn merged_dtype(checkpoint: &Checkpoint) -> FloatFormat {
     let mut count: BTreeMap<&'static str, usize> = BTreeMap::new();
@@ -1006,11 +1049,7 @@ fn findings_for(
             ),
         )
         .observed(size, Some(QUANTIZED_BASE_DENY));
-        f.level = if size >= QUANTIZED_BASE_DENY {
-            Level::Deny
-        } else {
-            Level::Warn
-        };
+        f.level = quantized_base_level(size, matches_training);
         if untouched.explained_by_quantization > 0 {
             f.message.push_str(&format!(
                 "; {} untouched tensors are quantized the same way",
@@ -1162,4 +1201,43 @@ fn findings_for(
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantized_base_is_deny_by_size_unless_it_is_the_declared_training_base() {
+        assert_eq!(quantized_base_level(14.6, false), Level::Deny);
+        assert_eq!(quantized_base_level(0.5, false), Level::Deny);
+        assert_eq!(quantized_base_level(0.45, false), Level::Warn);
+        assert_eq!(quantized_base_level(14.6, true), Level::Warn);
+    }
+
+    #[test]
+    fn every_quantized_format_is_a_hypothesis_both_ways_and_bnb_on_both_backends() {
+        let all = QuantHypothesis::all();
+        assert_eq!(all.len(), 6 * 2 + 2 * 2);
+        for f in QuantFormat::ALL {
+            for requantized in [false, true] {
+                assert!(
+                    all.iter()
+                        .any(|h| h.format == f && h.requantized == requantized && !h.cpu)
+                );
+            }
+        }
+        assert!(
+            all.iter()
+                .all(|h| !h.cpu || matches!(h.format, QuantFormat::Nf4 | QuantFormat::Fp4))
+        );
+    }
+
+    #[test]
+    fn a_hypothesis_explains_a_tensor_near_the_floor_or_when_it_removes_most_of_the_residual() {
+        assert!(explained(3.9, 5.0));
+        assert!(explained(12.0, 60.0));
+        assert!(!explained(13.0, 60.0));
+        assert!(!explained(4.1, 5.0));
+    }
 }

@@ -73,9 +73,11 @@ pub fn default_heatmap_precision(report: &Report) -> Option<String> {
         Verdict::Warn => 1,
         Verdict::Fail => 2,
     };
+    // Only precisions with per-layer rows (the `--merged` checkpoint has a summary, no rows).
+    let has_rows = |name: &str| report.layers.iter().flatten().any(|r| r.precision == name);
     let measured: Vec<_> = precisions
         .iter()
-        .filter(|p| p.weights.modules > 0)
+        .filter(|p| p.weights.modules > 0 && has_rows(&p.name))
         .collect();
     measured
         .iter()
