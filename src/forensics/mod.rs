@@ -661,6 +661,8 @@ fn compare_untouched(
             w2 += w as f64 * w as f64;
         }
     }
+    input.base.release_tensor(name);
+    input.merged.release_tensor(name);
     let floor = fit::floor_of(r2.sqrt(), w2.sqrt(), format);
     let ratio = d2.sqrt() / floor;
     let mut explained_by_quant = false;

@@ -335,6 +335,14 @@ impl Checkpoint {
         Ok(values)
     }
 
+    /// Hands a tensor's resident pages back to the kernel after a caller streamed it through
+    /// [`Self::raw`] (as [`Self::read_f32`] does itself). Unknown names are ignored.
+    pub fn release_tensor(&self, name: &str) {
+        if let Some(info) = self.tensors.get(name) {
+            self.release(info);
+        }
+    }
+
     /// Drops a tensor's resident pages (they are re-read from the page cache if needed again).
     fn release(&self, info: &TensorInfo) {
         #[cfg(unix)]
