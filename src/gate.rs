@@ -676,6 +676,12 @@ fn threshold_meaning(name: &str) -> &'static str {
             "gibberish when the merged model's greedy text is this many times less likely (NLL) under the reference"
         }
         "repetition" => "gibberish when over this share of generated tokens repeat a trigram",
+        "merged-tolerance" => {
+            "--merged: a tensor is a faithful merge up to this many rounding floors of M's dtype"
+        }
+        "merged-quant-deny" => {
+            "--merged: quantized-merge-base is deny from this quantization error / ‖ΔW‖"
+        }
         _ => "see README \"Thresholds\"",
     }
 }

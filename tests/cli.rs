@@ -574,6 +574,41 @@ fn merged_checkpoints_raise_exactly_the_codes_of_their_cause() {
 }
 
 #[test]
+fn merged_thresholds_move_the_verdict() {
+    let merged = fixture("merged/q4_0-requant-f16");
+    let base = ["models/micro-llama", "adapters/micro-lora"];
+    let level = |extra: &[&str]| {
+        let mut flags = vec!["--merged", merged.as_str()];
+        flags.extend_from_slice(extra);
+        let (exit, report) = check_json_with(base[0], &[base[1]], &flags);
+        let levels: Vec<String> = report["findings"]
+            .as_array()
+            .expect("findings")
+            .iter()
+            .map(|f| {
+                format!(
+                    "{} {}",
+                    f["level"].as_str().unwrap_or("?"),
+                    f["code"].as_str().unwrap_or("?")
+                )
+            })
+            .collect();
+        (exit, levels)
+    };
+    // The re-quantized merge's error is 0.43 ‖ΔW‖: below the default 0.5, a warning.
+    assert_eq!(
+        level(&[]),
+        (0, vec!["warn quantized-merge-base".to_string()])
+    );
+    assert_eq!(
+        level(&["--threshold", "merged-quant-deny=0.1"]),
+        (1, vec!["deny quantized-merge-base".to_string()])
+    );
+    // A tolerance wide enough to accept 4-bit noise accepts the merge as faithful.
+    assert_eq!(level(&["--threshold", "merged-tolerance=1e9"]), (0, vec![]));
+}
+
+#[test]
 fn logit_cases_raise_exactly_the_expected_codes() {
     let mut failures = Vec::new();
     for (base, adapters, flags, want_exit, want_codes) in LOGIT_CASES {

@@ -364,6 +364,8 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
                         merged: &checkpoint,
                         merged_dir: &base_folder(dir),
                         trained_on: plan.trained_on,
+                        tolerance: plan.thresholds.merged_tolerance,
+                        quant_deny: plan.thresholds.merged_quant_deny,
                         tick: &|| bar.inc(1),
                     })
                     .with_context(|| {

@@ -14,6 +14,8 @@
 //! | `effect-lost-warn` / `effect-lost` | 0.2 / 0.5 | 0.5 / 1.0 | 1.0 / 2.0 | effect-lost (warn / deny) |
 //! | `gibberish-nll` | 2.5 | 2.5 | 2.5 | gibberish when the candidate's greedy text is this many times less likely under the reference |
 //! | `repetition` | 0.5 | 0.5 | 0.5 | gibberish when over this share of generated tokens repeat a trigram (and the reference's do not) |
+//! | `merged-tolerance` | 4.0 | | | `--merged`: a tensor is a faithful merge up to this many rounding floors of M's dtype |
+//! | `merged-quant-deny` | 0.5 | | | `--merged`: quantized-merge-base is deny from this quantization error / ‖ΔW‖ |
 //!
 //! The logit defaults are anchored on llama.cpp's published KL statistics (user-pain.md §B2):
 //! Llama-3-8B q8_0 mean KL 0.0014 and same-top 97.7 %, q4_0 0.072, q4_K_M 0.031 / 91.9 %, q2_K
@@ -48,6 +50,10 @@ pub struct Thresholds {
     pub gibberish_nll_ratio: f64,
     /// gibberish: share of generated tokens repeating an earlier trigram.
     pub max_repetition: f64,
+    /// `--merged`: ‖M − W*‖ / rounding floor up to which a tensor is a faithful merge.
+    pub merged_tolerance: f64,
+    /// `--merged`: quantized-merge-base is deny from this quantization error / ‖ΔW‖.
+    pub merged_quant_deny: f64,
 }
 
 impl Default for Thresholds {
@@ -89,6 +95,8 @@ impl Default for Thresholds {
             outlier_z: crate::stats::outliers::DEFAULT_THRESHOLD,
             gibberish_nll_ratio: 2.5,
             max_repetition: 0.5,
+            merged_tolerance: crate::forensics::TOLERANCE,
+            merged_quant_deny: crate::forensics::QUANTIZED_BASE_DENY,
         }
     }
 }
@@ -107,6 +115,8 @@ pub const NAMES: &[&str] = &[
     "effect-lost",
     "gibberish-nll",
     "repetition",
+    "merged-tolerance",
+    "merged-quant-deny",
 ];
 
 impl Thresholds {
@@ -155,6 +165,8 @@ impl Thresholds {
             "outlier-z" => Some(&mut self.outlier_z),
             "gibberish-nll" => Some(&mut self.gibberish_nll_ratio),
             "repetition" => Some(&mut self.max_repetition),
+            "merged-tolerance" => Some(&mut self.merged_tolerance),
+            "merged-quant-deny" => Some(&mut self.merged_quant_deny),
             _ => None,
         };
         if let Some(slot) = global {
