@@ -316,7 +316,12 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
     let mut token_kl = std::collections::BTreeMap::new();
     let mut tokens = None;
     if structural_failure {
-        let why = "structural deny findings: merging an adapter that does not fit is meaningless";
+        let why = if args.merged.is_some() {
+            "structural deny findings: merging an adapter that does not fit is meaningless, so the \
+             --merged checkpoint was not analysed either (fix the findings above first)"
+        } else {
+            "structural deny findings: merging an adapter that does not fit is meaningless"
+        };
         settings.skipped = Some(why.into());
         logits_skipped = Some(why.to_string());
     } else {

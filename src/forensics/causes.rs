@@ -9,6 +9,8 @@ use crate::io::adapter::{AdapterConfig, ModuleScaling, lora_scale};
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScaleMistake {
     pub factor: f64,
+    /// Stable id of the mistake, the same for every module (`rslora-read-as-plain`, …).
+    pub kind: &'static str,
     pub name: String,
 }
 
@@ -20,14 +22,15 @@ pub fn candidates(config: &AdapterConfig, module: &ModuleScaling) -> Vec<ScaleMi
     let s = module.scale;
     let r = module.r as f64;
     let mut out = Vec::new();
-    let mut add = |factor: f64, name: String| {
+    let mut add = |factor: f64, kind: &'static str, name: String| {
         if factor.is_finite() && factor != 0.0 && (factor - 1.0).abs() > 1e-9 {
-            out.push(ScaleMistake { factor, name });
+            out.push(ScaleMistake { factor, kind, name });
         }
     };
     if config.use_rslora {
         add(
             lora_scale(module.alpha, module.r, false) / s,
+            "rslora-read-as-plain",
             format!(
                 "rsLoRA adapter merged with plain α/r scaling (factor 1/√r, r = {})",
                 module.r
@@ -36,19 +39,26 @@ pub fn candidates(config: &AdapterConfig, module: &ModuleScaling) -> Vec<ScaleMi
     } else {
         add(
             lora_scale(module.alpha, module.r, true) / s,
+            "rslora-applied-to-plain",
             format!(
                 "plain adapter merged with rsLoRA's α/√r scaling (factor √r, r = {})",
                 module.r
             ),
         );
     }
-    add(s, format!("scale applied twice (s² instead of s = {s})"));
+    add(
+        s,
+        "scale-twice",
+        format!("scale applied twice (s² instead of s = {s:.4})"),
+    );
     add(
         1.0 / s,
-        format!("alpha ignored: scale 1 instead of s = {s}"),
+        "alpha-ignored",
+        format!("alpha ignored: scale 1 instead of s = {s:.4}"),
     );
     add(
         if config.use_rslora { r.sqrt() } else { r },
+        "rank-not-divided",
         format!(
             "scale α = {} used without dividing by the rank",
             module.alpha
@@ -63,28 +73,57 @@ pub fn candidates(config: &AdapterConfig, module: &ModuleScaling) -> Vec<ScaleMi
         };
         add(
             default / s,
+            "pattern-ignored",
             format!(
-                "{which} ignored: the default scale {default} used instead of this module's {s}"
+                "{which} ignored: the default scale {default:.4} used instead of this module's {s:.4}"
             ),
         );
     }
-    add(2.0, "update added twice (merged twice)".to_string());
+    add(
+        2.0,
+        "added-twice",
+        "update added twice (merged twice)".to_string(),
+    );
     add(
         -1.0,
+        "subtracted",
         "update subtracted (unmerged instead of merged)".to_string(),
     );
     out
 }
 
+/// What a mistake kind is, independent of one module's numbers.
+pub fn kind_title(kind: &str) -> &'static str {
+    match kind {
+        "rslora-read-as-plain" => "rsLoRA adapter merged with plain α/r scaling (factor 1/√r)",
+        "rslora-applied-to-plain" => "plain adapter merged with rsLoRA's α/√r scaling (factor √r)",
+        "scale-twice" => "scale applied twice (factor s)",
+        "alpha-ignored" => "alpha ignored: scale 1 instead of s (factor 1/s)",
+        "rank-not-divided" => "scale α used without dividing by the rank (factor r)",
+        "pattern-ignored" => "rank_pattern / alpha_pattern ignored (the default scale used)",
+        "added-twice" => "update added twice (merged twice)",
+        "subtracted" => "update subtracted (unmerged instead of merged)",
+        _ => "unknown mistake",
+    }
+}
+
 /// The mistakes whose factor matches `ratio` within [`MATCH_TOLERANCE`]; empty when none does.
-pub fn name_scale(ratio: f64, mistakes: &[ScaleMistake]) -> Vec<String> {
-    let mut names: Vec<String> = mistakes
+pub fn matching(ratio: f64, mistakes: &[ScaleMistake]) -> Vec<ScaleMistake> {
+    mistakes
         .iter()
         .filter(|m| {
             m.factor.signum() == ratio.signum()
                 && ((ratio / m.factor).ln()).abs() < MATCH_TOLERANCE.ln_1p()
         })
-        .map(|m| m.name.clone())
+        .cloned()
+        .collect()
+}
+
+/// The names of [`matching`] mistakes.
+pub fn name_scale(ratio: f64, mistakes: &[ScaleMistake]) -> Vec<String> {
+    let mut names: Vec<String> = matching(ratio, mistakes)
+        .into_iter()
+        .map(|m| m.name)
         .collect();
     names.dedup();
     names

@@ -149,6 +149,23 @@ fn transposed_fit(a: &TensorArrays<'_>, dd: f64) -> (f64, f64) {
     (t, res2.sqrt())
 }
 
+/// ‖M − round(W + f·ΔW)‖ in M's dtype (with ΔWᵀ when `transposed`, square tensors only): the
+/// distance to a hypothesis after the same rounding M went through. A small update can sit within
+/// a few rounding floors of any scale, but after rounding the right hypothesis matches M almost
+/// element for element and the wrong ones do not.
+pub fn rounded_distance(a: &TensorArrays<'_>, factor: f64, transposed: bool) -> f64 {
+    let n = a.cols;
+    let mut sum = 0.0f64;
+    for (i, (&w, &m)) in a.w.iter().zip(a.m).enumerate() {
+        let j = if transposed { (i % n) * n + i / n } else { i };
+        let delta = a.wstar[j] - a.w[j] as f64;
+        let expected = a.format.round_from_f64(w as f64 + factor * delta) as f64;
+        let d = m as f64 - expected;
+        sum += d * d;
+    }
+    sum.sqrt()
+}
+
 /// ‖M − expected‖ for a hypothesis given element by element.
 pub fn distance(m: &[f32], expected: impl Iterator<Item = f64>) -> f64 {
     m.iter()

@@ -11,9 +11,13 @@ use crate::io::checkpoint::Checkpoint;
 use crate::io::mapping::HEAD_NAMES;
 use crate::merge::engine::{MergePlan, Source};
 
-/// Buffers some exporters keep and others drop; never a finding either way.
-fn is_buffer(name: &str) -> bool {
-    name.ends_with("rotary_emb.inv_freq") || name.ends_with(".masked_bias")
+/// Buffers some exporters keep and others drop; never a finding either way: rotary inverse
+/// frequencies, and the causal-mask buffers older GPT-2 / GPT-NeoX checkpoints carry
+/// (`h.N.attn.bias`, `layers.N.attention.bias`, 4-D `[1, 1, n, n]`, unlike a real bias).
+fn is_buffer(name: &str, shape: &[usize]) -> bool {
+    name.ends_with("rotary_emb.inv_freq")
+        || name.ends_with(".masked_bias")
+        || ((name.ends_with(".attn.bias") || name.ends_with(".attention.bias")) && shape.len() == 4)
 }
 
 /// True for the output head (present or absent depending on whether the model ties it).
@@ -31,7 +35,7 @@ pub fn expected(
 ) -> BTreeMap<String, Vec<usize>> {
     let mut out: BTreeMap<String, Vec<usize>> = base
         .tensors()
-        .filter(|t| !is_buffer(&t.name))
+        .filter(|t| !is_buffer(&t.name, &t.shape))
         .map(|t| (t.name.clone(), t.shape.clone()))
         .collect();
     for job in &plan.weights {
@@ -99,7 +103,10 @@ pub fn compare(
         if !info.dtype.is_float() {
             inv.not_float.push(info.name.clone());
         }
-        if !expected.contains_key(&info.name) && !is_buffer(&info.name) && !is_head(&info.name) {
+        if !expected.contains_key(&info.name)
+            && !is_buffer(&info.name, &info.shape)
+            && !is_head(&info.name)
+        {
             inv.extra.push(info.name.clone());
         }
     }
