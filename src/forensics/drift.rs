@@ -132,6 +132,34 @@ pub fn compare(folders: &Folders<'_>) -> Vec<ConfigDifference> {
         }
     }
 
+    // A folder without any tokenizer file is one problem, not one per key.
+    const TOKENIZER_FILES: &[&str] = &[
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "tokenizer.model",
+        "vocab.json",
+    ];
+    let has_tokenizer = |dir: &Path| TOKENIZER_FILES.iter().any(|f| dir.join(f).is_file());
+    if !has_tokenizer(folders.merged) {
+        let reference = folders
+            .adapters
+            .iter()
+            .rev()
+            .map(|d| (*d, "adapter"))
+            .chain(std::iter::once((folders.base, "base")))
+            .find(|(d, _)| has_tokenizer(d));
+        if let Some((_, reference)) = reference {
+            push(
+                "tokenizer files",
+                "(file)",
+                reference,
+                Some(&Value::String("present".into())),
+                None,
+            );
+        }
+        return out;
+    }
+
     // The chat template: tokenizer_config.json's `chat_template` or chat_template.jinja.
     let template = |dir: &Path| -> Option<Value> {
         std::fs::read_to_string(dir.join("chat_template.jinja"))
@@ -153,9 +181,16 @@ pub fn compare(folders: &Folders<'_>) -> Vec<ConfigDifference> {
         });
     if let Some((dir, reference)) = template_source {
         let (expected, found) = (template(dir), template(folders.merged));
+        let file = if dir.join("chat_template.jinja").is_file()
+            || folders.merged.join("chat_template.jinja").is_file()
+        {
+            "chat_template.jinja"
+        } else {
+            "tokenizer_config.json"
+        };
         if expected != found {
             push(
-                "tokenizer_config.json",
+                file,
                 "chat_template",
                 reference,
                 expected.as_ref(),
@@ -326,6 +361,33 @@ mod tests {
         assert!(
             keys.contains(&("tokenizer.json", "(file)", "base")),
             "{keys:?}"
+        );
+    }
+
+    #[test]
+    fn a_folder_without_tokenizer_files_is_one_difference() {
+        let base = tempfile::tempdir().expect("tmp");
+        let merged = tempfile::tempdir().expect("tmp");
+        write(
+            base.path(),
+            "tokenizer.json",
+            r#"{"model": {"vocab": {"a": 0}}}"#,
+        );
+        write(
+            base.path(),
+            "tokenizer_config.json",
+            r#"{"eos_token": "</s>", "chat_template": "x"}"#,
+        );
+        let folders = Folders {
+            merged: merged.path(),
+            adapters: vec![],
+            base: base.path(),
+        };
+        let found = compare(&folders);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(
+            (found[0].file.as_str(), found[0].key.as_str()),
+            ("tokenizer files", "(file)")
         );
     }
 }
