@@ -1084,6 +1084,51 @@ fn merge_writes_a_loadable_sharded_folder_and_refuses_unsafe_outputs() {
 }
 
 #[test]
+fn a_stack_merged_without_its_second_adapter_names_the_missing_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let merge = |adapters: &[&str], name: &str| {
+        let out = dir.path().join(name).display().to_string();
+        let mut args = vec![
+            "merge",
+            "--base",
+            "fixtures/models/tiny-llama",
+            "--precision",
+            "bf16",
+        ];
+        for a in adapters {
+            args.extend_from_slice(&["--adapter", a]);
+        }
+        args.extend_from_slice(&["--out", &out]);
+        let result = run(&args);
+        assert_eq!(code(&result), 0, "{}", stderr(&result));
+        out
+    };
+    let (sft, ppo) = (
+        "fixtures/adapters/llama-stack-sft",
+        "fixtures/adapters/llama-stack-ppo",
+    );
+    let both = merge(&[sft, ppo], "both");
+    let sft_only = merge(&[sft], "sft-only");
+    let check = |merged: &str| {
+        check_json_with(
+            "models/tiny-llama",
+            &["adapters/llama-stack-sft", "adapters/llama-stack-ppo"],
+            &["--merged", merged],
+        )
+    };
+    let (exit, report) = check(&both);
+    assert_eq!((exit, codes(&report)), (0, BTreeSet::new()));
+    let (exit, report) = check(&sft_only);
+    assert_eq!(exit, 1);
+    assert_eq!(codes(&report), BTreeSet::from(["not-merged".to_string()]));
+    let message = report["findings"][0]["message"].as_str().expect("message");
+    assert!(
+        message.contains("llama-stack-ppo` was not merged") && message.contains("14 of 14"),
+        "{message}"
+    );
+}
+
+#[test]
 fn merge_gate_failure_leaves_nothing_behind() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("merged");

@@ -258,6 +258,8 @@ enum Cause {
     Scale,
     Quantized(QuantHypothesis, f64),
     Tied,
+    /// A stack of adapters of which only some were merged: the adapters (by index) left out.
+    StackPartial(Vec<usize>),
     NonFinite,
     Unexplained,
     /// Not compared (missing from M, another shape, not a float): the inventory reports it.
@@ -267,7 +269,7 @@ enum Cause {
 impl Cause {
     fn code(&self) -> Option<Code> {
         Some(match self {
-            Cause::NotMerged => Code::NotMerged,
+            Cause::NotMerged | Cause::StackPartial(_) => Code::NotMerged,
             Cause::ModulesToSaveDropped => Code::ModulesToSaveDropped,
             Cause::DoraDropped => Code::DoraMagnitudeDropped,
             Cause::Transposed => Code::TransposedDelta,
@@ -452,6 +454,16 @@ fn fit_job(
                 Cause::Transposed
             }
         }
+    } else if let Some(missing) = stack_subset(job, &l, &arrays, &basic, input)? {
+        let names: Vec<String> = missing
+            .iter()
+            .map(|i| format!("`{}`", input.adapters[*i].dir.display()))
+            .collect();
+        explanation = Some(format!(
+            "M = W + the other adapters' updates: {} not merged",
+            names.join(", ")
+        ));
+        Cause::StackPartial(missing)
     } else if ratio <= input.tolerance {
         Cause::Faithful
     } else if basic.base_distance <= input.tolerance * basic.base_floor {
@@ -592,6 +604,56 @@ fn rounded_alternative(
     }
     let (best, distance) = candidates.into_iter().min_by(|x, y| x.1.total_cmp(&y.1))?;
     (distance < 0.5 * exact && basic.ratio(distance) <= tolerance).then_some(best)
+}
+
+/// For a tensor several adapters change: the adapters left out of M, when merging only the
+/// others explains M clearly better than the whole stack (compared after rounding, like
+/// [`rounded_alternative`]). Stacks of up to 4 adapters (15 subsets).
+fn stack_subset(
+    job: &TensorJob,
+    l: &Loaded,
+    a: &TensorArrays<'_>,
+    basic: &BasicFit,
+    input: &Inputs<'_>,
+) -> Result<Option<Vec<usize>>, MergeError> {
+    let n = l.updates.len();
+    if !(2..=4).contains(&n) || basic.nan + basic.inf > 0 {
+        return Ok(None);
+    }
+    let rounded = |target: &[f64]| {
+        fit::distance(
+            a.m,
+            target.iter().map(|v| a.format.round_from_f64(*v) as f64),
+        )
+    };
+    let exact = rounded(a.wstar);
+    if exact == 0.0 {
+        return Ok(None);
+    }
+    let mut best: Option<(f64, Vec<usize>)> = None;
+    // Proper, non-empty subsets (the empty one is "never merged", tested elsewhere).
+    for mask in 1..(1u32 << n) - 1 {
+        let kept: Vec<Update> = (0..n)
+            .filter(|i| mask & (1 << i) != 0)
+            .map(|i| l.updates[i].clone())
+            .collect();
+        let target = delta::merge_exact(&l.w, job.rows, job.cols, &kept);
+        let d = rounded(&target);
+        if best.as_ref().is_none_or(|(b, _)| d < *b) {
+            let missing: Vec<usize> = (0..n)
+                .filter(|i| mask & (1 << i) == 0)
+                .filter_map(|i| match &job.sources[i] {
+                    Source::LowRank { adapter, .. } | Source::Replace { adapter, .. } => {
+                        Some(*adapter)
+                    }
+                })
+                .collect();
+            best = Some((d, missing));
+        }
+    }
+    Ok(best
+        .filter(|(d, _)| *d < 0.5 * exact && basic.ratio(*d) <= input.tolerance)
+        .map(|(_, missing)| missing))
 }
 
 /// "f = 0.5000 (least-squares ŝ/s 0.4712): rsLoRA adapter merged with plain α/r scaling (…)".
@@ -1045,6 +1107,42 @@ fn findings_for(
             f = f.observed(s, Some(1.0));
         }
         out.push(f);
+    }
+
+    let partial: Vec<&JobResult> = with(|c| matches!(c, Cause::StackPartial(_)));
+    if !partial.is_empty() {
+        let mut missing: Vec<usize> = partial
+            .iter()
+            .flat_map(|r| match &r.cause {
+                Cause::StackPartial(m) => m.clone(),
+                _ => Vec::new(),
+            })
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        let names: Vec<String> = missing
+            .iter()
+            .map(|i| format!("`{}`", input.adapters[*i].dir.display()))
+            .collect();
+        out.push(
+            Finding::new(
+                Code::NotMerged,
+                single_module(&partial),
+                format!(
+                    "of the stacked adapters, {} {} not merged: M equals W plus the other adapters' \
+                     updates on {} of {total} tensors ({})",
+                    names.join(", "),
+                    if names.len() == 1 { "was" } else { "were" },
+                    partial.len(),
+                    examples(partial.iter().map(|r| r.fit.module.as_str()))
+                ),
+            )
+            .advice(
+                "Merge every adapter of the stack, in order (e.g. load SFT, merge_and_unload, \
+                 then load PPO on the result and merge again), or pass only the adapters M was \
+                 meant to contain.",
+            ),
+        );
     }
 
     let group = with(|c| *c == Cause::ModulesToSaveDropped);
