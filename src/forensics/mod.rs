@@ -642,10 +642,8 @@ fn stack_subset(
         if best.as_ref().is_none_or(|(b, _)| d < *b) {
             let missing: Vec<usize> = (0..n)
                 .filter(|i| mask & (1 << i) == 0)
-                .filter_map(|i| match &job.sources[i] {
-                    Source::LowRank { adapter, .. } | Source::Replace { adapter, .. } => {
-                        Some(*adapter)
-                    }
+                .map(|i| match &job.sources[i] {
+                    Source::LowRank { adapter, .. } | Source::Replace { adapter, .. } => *adapter,
                 })
                 .collect();
             best = Some((d, missing));
