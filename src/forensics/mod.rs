@@ -662,9 +662,12 @@ fn scale_explanation(
     rounded: bool,
 ) -> String {
     let measured = match (rounded, least_squares) {
-        (true, Some(s)) => format!(
+        (true, Some(s)) if s.abs() < 0.9 * factor.abs() => format!(
             "M = round(W + f·ΔW) with f = {factor:.4} (least-squares ŝ/s {s:.4}, pulled toward 0 by rounding)"
         ),
+        (true, Some(s)) => {
+            format!("M = round(W + f·ΔW) with f = {factor:.4} (least-squares ŝ/s {s:.4})")
+        }
         _ => format!("ŝ/s = {factor:.4}"),
     };
     if matched.is_empty() {
