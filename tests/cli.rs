@@ -1129,6 +1129,28 @@ fn a_stack_merged_without_its_second_adapter_names_the_missing_one() {
 }
 
 #[test]
+fn an_adapter_folder_given_as_merged_is_named_as_such() {
+    let (exit, report) = check_json_with(
+        "models/micro-llama",
+        &["adapters/micro-lora"],
+        &["--merged", &fixture("adapters/micro-lora")],
+    );
+    assert_eq!(exit, 1);
+    let inventory = report["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .find(|f| f["code"] == "tensor-inventory")
+        .expect("tensor-inventory");
+    assert!(
+        inventory["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("it is an adapter folder")),
+        "{inventory}"
+    );
+}
+
+#[test]
 fn merge_gate_failure_leaves_nothing_behind() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("merged");

@@ -32,17 +32,21 @@ pub struct Folders<'a> {
 }
 
 impl Folders<'_> {
-    /// Where the expected copy of `file` comes from: the last adapter folder that has it, else
-    /// the base folder (if it has it).
+    /// The folder expected values come from: the last adapter folder for which `has` holds,
+    /// else the base folder if it holds there, with its label (`adapter` / `base`).
+    fn source(&self, has: impl Fn(&Path) -> bool) -> Option<(&Path, &'static str)> {
+        self.adapters
+            .iter()
+            .rev()
+            .map(|d| (*d, "adapter"))
+            .chain(std::iter::once((self.base, "base")))
+            .find(|(d, _)| has(d))
+    }
+
+    /// Where the expected copy of `file` comes from (see [`Self::source`]).
     fn reference(&self, file: &str) -> Option<(&'static str, PathBuf)> {
-        for dir in self.adapters.iter().rev() {
-            let p = dir.join(file);
-            if p.is_file() {
-                return Some(("adapter", p));
-            }
-        }
-        let p = self.base.join(file);
-        p.is_file().then_some(("base", p))
+        self.source(|d| d.join(file).is_file())
+            .map(|(d, label)| (label, d.join(file)))
     }
 }
 
@@ -141,13 +145,7 @@ pub fn compare(folders: &Folders<'_>) -> Vec<ConfigDifference> {
     ];
     let has_tokenizer = |dir: &Path| TOKENIZER_FILES.iter().any(|f| dir.join(f).is_file());
     if !has_tokenizer(folders.merged) {
-        let reference = folders
-            .adapters
-            .iter()
-            .rev()
-            .map(|d| (*d, "adapter"))
-            .chain(std::iter::once((folders.base, "base")))
-            .find(|(d, _)| has_tokenizer(d));
+        let reference = folders.source(has_tokenizer);
         if let Some((_, reference)) = reference {
             push(
                 "tokenizer files",
@@ -170,15 +168,9 @@ pub fn compare(folders: &Folders<'_>) -> Vec<ConfigDifference> {
                     .and_then(|c| c.get("chat_template").cloned())
             })
     };
-    let template_source = folders
-        .adapters
-        .iter()
-        .rev()
-        .map(|d| (*d, "adapter"))
-        .chain(std::iter::once((folders.base, "base")))
-        .find(|(d, _)| {
-            d.join("chat_template.jinja").is_file() || d.join("tokenizer_config.json").is_file()
-        });
+    let template_source = folders.source(|d| {
+        d.join("chat_template.jinja").is_file() || d.join("tokenizer_config.json").is_file()
+    });
     if let Some((dir, reference)) = template_source {
         let (expected, found) = (template(dir), template(folders.merged));
         let file = if dir.join("chat_template.jinja").is_file()

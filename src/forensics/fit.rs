@@ -110,7 +110,6 @@ pub fn measure(a: &TensorArrays<'_>) -> BasicFit {
     } else {
         None
     };
-    let _ = ee;
     BasicFit {
         delta_norm: dd.sqrt(),
         floor,

@@ -125,18 +125,7 @@ impl Inventory {
 
     /// One line per kind of problem, with up to three names each.
     pub fn describe(&self) -> Vec<String> {
-        fn some(names: &[String]) -> String {
-            let mut s = names
-                .iter()
-                .take(3)
-                .map(|n| format!("`{n}`"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            if names.len() > 3 {
-                s.push_str(&format!(" and {} more", names.len() - 3));
-            }
-            s
-        }
+        let some = |names: &[String]| super::examples(names.iter().map(String::as_str));
         let mut out = Vec::new();
         if !self.missing.is_empty() {
             out.push(format!(
@@ -171,6 +160,13 @@ impl Inventory {
             ));
         }
         out
+    }
+
+    /// True when M's tensors are a PEFT adapter's (`lora_A` / `lora_B` keys), not a merged model.
+    pub fn looks_like_an_adapter(&self) -> bool {
+        self.extra
+            .iter()
+            .any(|n| n.contains(".lora_A.") || n.contains(".lora_B."))
     }
 
     /// True when the extra tensors look like a bitsandbytes 4-bit / 8-bit serialization.

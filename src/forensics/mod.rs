@@ -1415,6 +1415,12 @@ fn findings_for(
             "M's tensors differ from the base's: {}",
             inventory.describe().join("; ")
         );
+        if inventory.looks_like_an_adapter() {
+            message.push_str(
+                " — M holds LoRA tensors: it is an adapter folder, not a merged model; pass the \
+                 folder merge_and_unload().save_pretrained() wrote",
+            );
+        }
         if inventory.looks_bnb_quantized() {
             message.push_str(
                 " — M looks like a bitsandbytes-quantized checkpoint; save a dequantized 16-bit copy to compare",
