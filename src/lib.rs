@@ -11,11 +11,13 @@ pub mod findings;
 pub mod forensics;
 pub mod forward;
 pub mod gate;
+pub mod interrupt;
 pub mod io;
 pub mod merge;
 pub mod model;
 pub mod report;
 pub mod stats;
+pub mod threads;
 
 /// The process outcome, in ruff's shape: the gate passed, the gate failed, or nothing could run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

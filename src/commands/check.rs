@@ -48,6 +48,7 @@ struct Settings {
 }
 
 /// One report file to write, and what goes in it.
+#[derive(Clone, Copy)]
 enum Format {
     Json,
     Csv,
@@ -56,6 +57,16 @@ enum Format {
     Junit,
     Summary,
 }
+
+/// The files `--report-dir` writes, and what goes in each.
+const REPORT_DIR_FILES: [(&str, Format); 6] = [
+    ("report.json", Format::Json),
+    ("layers.csv", Format::Csv),
+    ("tokens.csv", Format::Tokens),
+    ("report.html", Format::Html),
+    ("junit.xml", Format::Junit),
+    ("summary.md", Format::Summary),
+];
 
 /// Settings plus the reserved outputs.
 struct Plan {
@@ -71,6 +82,23 @@ fn plan(args: &CheckArgs) -> anyhow::Result<Plan> {
         inputs.push(m.as_path());
     }
     let mut outputs = Vec::new();
+    let mut requested: Vec<(String, PathBuf)> = Vec::new();
+    for (name, flag) in [
+        ("--json", &args.json),
+        ("--csv", &args.csv),
+        ("--html", &args.html),
+        ("--junit", &args.junit),
+    ] {
+        if let Some(path) = flag {
+            requested.push((name.to_string(), path.clone()));
+        }
+    }
+    if let Some(dir) = &args.report_dir {
+        for name in REPORT_DIR_FILES.iter().map(|(name, _)| name) {
+            requested.push((format!("--report-dir's {name}"), dir.join(name)));
+        }
+    }
+    report::refuse_shared_destinations(&requested)?;
     for (flag, format) in [
         (&args.json, Format::Json),
         (&args.csv, Format::Csv),
@@ -100,14 +128,7 @@ fn plan(args: &CheckArgs) -> anyhow::Result<Plan> {
         }
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the report folder `{}`", dir.display()))?;
-        for (name, format) in [
-            ("report.json", Format::Json),
-            ("layers.csv", Format::Csv),
-            ("tokens.csv", Format::Tokens),
-            ("report.html", Format::Html),
-            ("junit.xml", Format::Junit),
-            ("summary.md", Format::Summary),
-        ] {
+        for (name, format) in REPORT_DIR_FILES {
             outputs.push((format, OutputTarget::reserve(&dir.join(name), &inputs)?));
         }
     }
@@ -119,6 +140,9 @@ fn plan(args: &CheckArgs) -> anyhow::Result<Plan> {
 
 fn plan_without_outputs(args: &CheckArgs) -> anyhow::Result<Settings> {
     let mut problems = Vec::new();
+    if args.threads == Some(0) {
+        problems.push("--threads must be at least 1 (omit it to use every core)".to_string());
+    }
     if args.max_tokens < 2 {
         problems.push("--max-tokens must be at least 2".to_string());
     }
@@ -410,16 +434,27 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
             }
         };
 
-        // Logit stage.
+        // Logit stage. A comparison the user asked for (no --weights-only) that cannot run is
+        // "could not run" (exit 2), never a pass on the weights alone.
         let arch = if args.weights_only {
             Err("--weights-only".to_string())
         } else {
-            match &base_config {
-                None => Err("the base has no config.json, so its architecture is unknown".into()),
+            let why = match &base_config {
+                None => Err(format!(
+                    "the base `{}` has no config.json, so its architecture is unknown",
+                    base_folder(&args.base).display()
+                )),
                 Some(config) => {
                     Architecture::from_config(config, &|n| base.contains(n)).map_err(|e| e.reason)
                 }
+            };
+            if let Err(why) = &why {
+                bail!(
+                    "the logit comparison cannot run: {why}; add --weights-only for a gate on the \
+                     weights alone"
+                );
             }
+            why
         };
         match arch {
             Err(why) => logits_skipped = Some(why),
@@ -587,12 +622,20 @@ fn prompts_for(
 
 pub fn run(args: &CheckArgs) -> anyhow::Result<ExitStatus> {
     let plan = plan(args)?;
-    if let Some(n) = args.threads {
-        // Ignored when a pool already exists (tests calling run twice); the first setting wins.
-        let _ = rayon::ThreadPoolBuilder::new()
-            .num_threads(n.max(1))
-            .build_global();
+    if let Some(requested) = args.threads {
+        let used = crate::threads::configure(requested);
+        if used < requested && !args.quiet {
+            report::print_human(
+                &format!(
+                    "note: --threads {requested} is more than the {used} cores of this machine; \
+                     using {used}\n"
+                ),
+                true,
+            )?;
+        }
     }
+    // After the thread count is set: the handler runs on a thread of its own.
+    crate::interrupt::install();
     let report = build(args, &plan.settings)?;
     let verdict = report.verdict;
 

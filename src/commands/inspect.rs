@@ -130,10 +130,7 @@ fn summarize_adapter(dir: &Path) -> anyhow::Result<AdapterSummary> {
         use_dora: config.use_dora,
         fan_in_fan_out: config.fan_in_fan_out,
         base_model_name_or_path: config.base_model_name_or_path.clone(),
-        target_modules: config.target_modules.as_ref().map(|t| match t {
-            ModuleSelector::Names(names) => names.join(", "),
-            ModuleSelector::Regex(re) => format!("regex {re}"),
-        }),
+        target_modules: config.target_modules.as_ref().map(ModuleSelector::describe),
         modules_to_save: config.modules_to_save.clone(),
         tensors: adapter.weights.len(),
         bytes: adapter.nbytes(),

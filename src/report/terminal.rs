@@ -203,9 +203,10 @@ pub fn check_summary(report: &Report) -> String {
     };
     let _ = writeln!(
         out,
-        "\nverdict: {verdict} ({} deny, {} warn)",
+        "\nverdict: {verdict} ({} deny, {} warn); checked: {}",
         count(Level::Deny),
-        count(Level::Warn)
+        count(Level::Warn),
+        report.checks_run().join(", ")
     );
     out
 }
@@ -216,7 +217,10 @@ pub fn explain_page(code: Code) -> String {
     format!(
         "{name} (default level: {level})\n{summary}\n\nWhat it checks\n  {what}\n\nWhy it matters\n  {why}\n\nHow to fix\n  {fix}\n",
         name = code.as_str(),
-        level = doc.default_level.as_str(),
+        level = match code.level_rule() {
+            Some(rule) => format!("{}: {rule}", code.level_label()),
+            None => code.level_label(),
+        },
         summary = doc.summary,
         what = doc.what,
         why = doc.why,
@@ -227,14 +231,24 @@ pub fn explain_page(code: Code) -> String {
 /// The list `lora-doctor explain` prints with no code.
 pub fn explain_index() -> String {
     let mut out = String::from("finding codes (lora-doctor explain CODE for details):\n");
+    // Columns sized to the longest entries, so long codes never push their row out of line.
+    let code_width = Code::ALL
+        .iter()
+        .map(|c| c.as_str().len())
+        .max()
+        .unwrap_or(0);
+    let level_width = Code::ALL
+        .iter()
+        .map(|c| c.level_label().len())
+        .max()
+        .unwrap_or(0);
     for code in Code::ALL {
-        let doc = code.doc();
         let _ = writeln!(
             out,
-            "  {:<18} {:<5} {}",
+            "  {:<code_width$} {:<level_width$} {}",
             code.as_str(),
-            doc.default_level.as_str(),
-            doc.summary
+            code.level_label(),
+            code.doc().summary
         );
     }
     out
