@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod commands;
 pub mod divergence;
+pub mod exit_status;
 pub mod findings;
 pub mod forensics;
 pub mod forward;
@@ -19,34 +20,5 @@ pub mod report;
 pub mod stats;
 pub mod threads;
 
-/// The process outcome, in ruff's shape: the gate passed, the gate failed, or nothing could run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExitStatus {
-    /// Exit 0: no deny-level finding (or `--exit-zero`).
-    Success,
-    /// Exit 1: at least one deny-level finding.
-    Failure,
-    /// Exit 2: bad flags, unreadable inputs, unwritable outputs.
-    Error,
-}
-
-impl From<ExitStatus> for std::process::ExitCode {
-    fn from(status: ExitStatus) -> Self {
-        match status {
-            ExitStatus::Success => std::process::ExitCode::from(0),
-            ExitStatus::Failure => std::process::ExitCode::from(1),
-            ExitStatus::Error => std::process::ExitCode::from(2),
-        }
-    }
-}
-
-/// Runs one parsed command line. Errors mean "could not run" (exit 2).
-pub fn run(cli: cli::Cli) -> anyhow::Result<ExitStatus> {
-    match cli.command {
-        cli::Command::Check(args) => commands::check::run(&args),
-        cli::Command::Merge(args) => commands::merge::run(&args),
-        cli::Command::Inspect(args) => commands::inspect::run(&args),
-        cli::Command::Explain(args) => commands::explain::run(&args),
-        cli::Command::Init(args) => commands::init::run(&args),
-    }
-}
+pub use commands::run;
+pub use exit_status::ExitStatus;

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use rayon::prelude::*;
 
+use super::inputs::{Loaded, load};
 use crate::ExitStatus;
 use crate::cli::CheckArgs;
-use crate::findings::structure::{self, StructureInput};
 use crate::findings::thresholds::Thresholds;
 use crate::findings::weights::PrecisionReport;
 use crate::findings::weights::{self, WeightOutcome};
@@ -17,26 +17,15 @@ use crate::findings::{self, Verdict};
 use crate::forward::{ForwardInputs, MERGED_LABEL};
 use crate::gate::{GateConfig, LevelOverrides};
 use crate::io::adapter::Adapter;
+use crate::io::base_folder;
 use crate::io::checkpoint::{Checkpoint, TensorDtype};
 use crate::io::config::ModelConfig;
 use crate::io::prompts::{self, TokenizedPrompts};
-use crate::io::tokenizer::TokenizerInfo;
 use crate::merge::engine::{self, EvalOptions, MergePlan};
 use crate::merge::float::FloatFormat;
 use crate::merge::precision::{self, Precision};
 use crate::model::Architecture;
 use crate::report::{self, Inputs, MergeSettings, OutputTarget, Report};
-
-/// The folder whose config.json / tokenizer.json describe a base given as a folder or a file.
-pub fn base_folder(base: &Path) -> PathBuf {
-    if base.is_file() {
-        base.parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
-    } else {
-        base.to_path_buf()
-    }
-}
 
 /// Validated `check` settings: every flag problem is collected and reported at once.
 struct Settings {
@@ -254,53 +243,6 @@ fn default_precisions(
     list
 }
 
-/// Inputs opened and structurally checked, shared by `check` and `merge`.
-pub struct Loaded {
-    pub base: Checkpoint,
-    pub base_config: Option<ModelConfig>,
-    pub adapters: Vec<Adapter>,
-    pub findings: Vec<crate::findings::Finding>,
-    pub structures: Vec<structure::StructureReport>,
-}
-
-/// Opens the base and every adapter (exit 2 on unreadable input) and runs the structural rules.
-pub fn load(base_path: &Path, adapter_dirs: &[PathBuf]) -> anyhow::Result<Loaded> {
-    let base = Checkpoint::open(base_path)
-        .with_context(|| format!("cannot open the base `{}`", base_path.display()))?;
-    let folder = base_folder(base_path);
-    let base_config = ModelConfig::read_dir(&folder)?;
-    let base_tokenizer = TokenizerInfo::read_dir(&folder)?;
-    let mut adapters = Vec::with_capacity(adapter_dirs.len());
-    for dir in adapter_dirs {
-        adapters.push(
-            Adapter::open(dir)
-                .with_context(|| format!("cannot read the adapter `{}`", dir.display()))?,
-        );
-    }
-    let mut findings = Vec::new();
-    let mut structures = Vec::new();
-    for adapter in &adapters {
-        let adapter_tokenizer = TokenizerInfo::read_dir(&adapter.dir)?;
-        let mut result = structure::check(&StructureInput {
-            base: &base,
-            base_config: base_config.as_ref(),
-            base_tokenizer: base_tokenizer.as_ref(),
-            adapter,
-            adapter_tokenizer: adapter_tokenizer.as_ref(),
-        })
-        .with_context(|| format!("reading the adapter tensors in `{}`", adapter.dir.display()))?;
-        findings.append(&mut result.findings);
-        structures.push(result);
-    }
-    Ok(Loaded {
-        base,
-        base_config,
-        adapters,
-        findings,
-        structures,
-    })
-}
-
 /// Validates the flags and builds the complete report (no output is written). Used by `run` and
 /// by tests and tools that want the `Report` itself.
 pub fn build_report(args: &CheckArgs) -> anyhow::Result<Report> {
@@ -359,7 +301,7 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
             recipe: args.recipe,
             trained_on: plan.trained_on,
         };
-        let bar = report::progress::bar(merge_plan.weights.len(), args.quiet, "merging");
+        let bar = super::progress::bar(merge_plan.weights.len(), args.quiet, "merging", "tensors");
         let mut evaluations = merge_plan
             .weights
             .par_iter()
@@ -382,7 +324,12 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
                     format!("cannot open the merged checkpoint `{}`", dir.display())
                 })?;
                 let precision = Precision::Float(crate::forensics::merged_dtype(&checkpoint));
-                let bar = report::progress::bar(merge_plan.weights.len(), args.quiet, "forensics");
+                let bar = super::progress::bar(
+                    merge_plan.weights.len(),
+                    args.quiet,
+                    "forensics",
+                    "tensors",
+                );
                 let (found_forensics, mut found) =
                     crate::forensics::analyze(&crate::forensics::Inputs {
                         base: &base,
@@ -461,7 +408,8 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
             Ok(arch) => {
                 let prompts = prompts_for(args, &adapters, arch.max_positions())?;
                 tokens = Some(prompts.tokens());
-                let bar = report::progress::bar(arch.num_layers() + 2, args.quiet, "forward");
+                let bar =
+                    super::progress::bar(arch.num_layers() + 2, args.quiet, "forward", "steps");
                 let forward_inputs = ForwardInputs {
                     arch: &arch,
                     base: &base,
@@ -515,7 +463,12 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
                         .map(|s| s[..s.len().min(GENERATION_PROMPT_TOKENS)].to_vec())
                         .collect();
                     let stop = eos_ids(base_config.as_ref());
-                    let bar = report::progress::bar(precisions.len() + 1, args.quiet, "generating");
+                    let bar = super::progress::bar(
+                        precisions.len() + 1,
+                        args.quiet,
+                        "generating",
+                        "models",
+                    );
                     let generation = crate::forward::generation_check(
                         &forward_inputs,
                         &gen_prompts,

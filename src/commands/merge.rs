@@ -10,17 +10,18 @@ use anyhow::{Context, bail};
 use rayon::prelude::*;
 use serde_json::Value;
 
-use super::check::{Loaded, base_folder, load};
+use super::inputs::{Loaded, load};
 use crate::ExitStatus;
 use crate::cli::MergeArgs;
 use crate::findings::thresholds::Thresholds;
 use crate::findings::{self, Code, Level, Verdict, weights};
+use crate::io::base_folder;
 use crate::io::checkpoint::TensorDtype;
 use crate::io::writer::{self, OutTensor};
 use crate::merge::engine::{self, EvalOptions, MergePlan, TensorJob};
 use crate::merge::float::FloatFormat;
 use crate::merge::precision::Precision;
-use crate::report::{self, terminal};
+use crate::report;
 
 /// Tokenizer and generation files copied into the merged folder.
 const SIDE_FILES: &[&str] = &[
@@ -202,7 +203,7 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
             recipe: args.recipe,
             trained_on: None,
         };
-        let bar = report::progress::bar(plan.weights.len(), args.quiet, "checking");
+        let bar = super::progress::bar(plan.weights.len(), args.quiet, "checking", "tensors");
         let mut evaluations = plan
             .weights
             .par_iter()
@@ -276,7 +277,7 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
     }
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
 
-    let bar = report::progress::bar(tensors.len(), args.quiet, "writing");
+    let bar = super::progress::bar(tensors.len(), args.quiet, "writing", "tensors");
     // Every float tensor is checked after rounding to the output dtype: a merge never writes a
     // NaN, an Inf or a value that overflowed the format, gate or no gate.
     let finite = |name: &str, values: &[f32]| -> anyhow::Result<()> {
@@ -410,7 +411,7 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
                 args.out.display(),
                 format.name(),
                 args.recipe.name(),
-                terminal::human_bytes(bytes),
+                report::format::human_bytes(bytes),
                 files.iter().filter(|f| f.ends_with(".safetensors")).count(),
                 if untied { ", lm_head untied" } else { "" },
                 if tokenizer_dir != base_dir.as_path() {

@@ -18,7 +18,8 @@ use serde_json::Value;
 
 use super::Report;
 use super::charts::{self, HeatmapData, HeatmapMetric};
-use super::summary::{self, MatrixRow, num, num_pm, percent};
+use super::format::{num, num_pm, percent};
+use super::summary::{self, MatrixRow};
 use crate::findings::{Level, Verdict};
 use crate::forensics::{Forensics, ModuleFit};
 
@@ -831,7 +832,7 @@ fn provenance_section(out: &mut String, report: &Report) {
             if s.use_rslora { ", rsLoRA" } else { "" },
             if s.use_dora { ", DoRA" } else { "" },
             s.tensors,
-            super::terminal::human_bytes(s.bytes),
+            super::format::human_bytes(s.bytes),
             s.matched,
             s.modules.len(),
         );

@@ -6,11 +6,12 @@
 
 pub mod charts;
 pub mod csv;
+pub mod format;
 pub mod github;
 pub mod html;
+pub mod inspect;
 pub mod json;
 pub mod junit;
-pub mod progress;
 pub mod summary;
 pub mod terminal;
 pub mod tokens;
