@@ -226,12 +226,30 @@ pub struct ForwardOutcome {
     pub tokens: usize,
     /// mean KL(reference ‖ base) and same-top-1: the adapter's own effect.
     pub adapter_effect: AdapterEffect,
-    /// Statistics per model label (precision name or `q4_0+lora`), reference and base excluded.
-    pub stats: BTreeMap<String, LogitStats>,
-    /// Per-token KL(reference ‖ model) for every model label including `base`, in token order.
+    /// Every candidate's statistics (reference and base excluded), in comparison order.
+    pub models: Vec<ModelOutcome>,
+    /// Per-token KL(reference ‖ model) for every model label including `base`, in token order
+    /// (for tokens.csv and the KL chart, which speak in labels).
     pub token_kl: BTreeMap<String, Vec<f64>>,
-    /// Models whose logits held NaN or Inf, with the count.
-    pub nonfinite: BTreeMap<String, usize>,
+}
+
+/// One candidate's result, keyed by what it is (labels are for reporters only).
+#[derive(Debug, Clone)]
+pub struct ModelOutcome {
+    pub kind: ModelKind,
+    pub stats: LogitStats,
+    /// NaN / Inf values among its logits.
+    pub nonfinite: usize,
+}
+
+impl ForwardOutcome {
+    /// The statistics of one kind of model, if it was compared.
+    pub fn stats(&self, kind: ModelKind) -> Option<&LogitStats> {
+        self.models
+            .iter()
+            .find(|m| m.kind == kind)
+            .map(|m| &m.stats)
+    }
 }
 
 /// The `adapter_effect` section of the report.
@@ -584,14 +602,11 @@ pub fn compare(
     let positions = next_tokens.len().max(1);
     let vocab = reference_logits.len() / positions;
     let mut scores: Vec<TokenScores> = vec![TokenScores::default(); providers.len()];
-    let mut nonfinite = BTreeMap::new();
+    let mut nonfinite = vec![0; providers.len()];
     for m in 1..providers.len() {
         let logits = head_logits(m)?;
-        let bad = logits.iter().filter(|v| !v.is_finite()).count();
+        nonfinite[m] = logits.iter().filter(|v| !v.is_finite()).count();
         scores[m].push_sequence(&reference_logits, &logits, vocab, &next_tokens);
-        if bad > 0 {
-            nonfinite.insert(kinds[m].label(), bad);
-        }
     }
     on_step();
 
@@ -602,28 +617,28 @@ pub fn compare(
         same_top1: base_stats.same_top1,
         ppl_ratio: base_stats.ppl_ratio,
     };
-    let mut stats = BTreeMap::new();
+    let mut models = Vec::new();
     let mut token_kl = BTreeMap::new();
     for (m, kind) in kinds.iter().enumerate().skip(1) {
         token_kl.insert(kind.label(), scores[m].kl.clone());
         if *kind == ModelKind::Base {
             continue;
         }
-        stats.insert(
-            kind.label(),
-            LogitStats::summarize(
+        models.push(ModelOutcome {
+            kind: *kind,
+            stats: LogitStats::summarize(
                 &scores[m],
                 Some(adapter_effect.mean_kl),
                 std::mem::take(&mut drift[m]),
             ),
-        );
+            nonfinite: nonfinite[m],
+        });
     }
     Ok(ForwardOutcome {
         tokens: inputs.prompts.tokens(),
         adapter_effect,
-        stats,
+        models,
         token_kl,
-        nonfinite,
     })
 }
 

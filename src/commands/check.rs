@@ -13,8 +13,8 @@ use crate::cli::CheckArgs;
 use crate::findings::thresholds::Thresholds;
 use crate::findings::weights::PrecisionReport;
 use crate::findings::weights::{self, WeightOutcome};
-use crate::findings::{self, Verdict};
-use crate::forward::{ForwardInputs, MERGED_LABEL};
+use crate::findings::{self, Finding, Verdict, policy};
+use crate::forward::{ForwardInputs, MERGED_LABEL, ModelKind};
 use crate::gate::{GateConfig, LevelOverrides};
 use crate::io::adapter::Adapter;
 use crate::io::base_folder;
@@ -25,7 +25,7 @@ use crate::merge::engine::{self, EvalOptions, MergePlan};
 use crate::merge::float::FloatFormat;
 use crate::merge::precision::{self, Precision};
 use crate::model::Architecture;
-use crate::report::{self, Inputs, MergeSettings, OutputTarget, Report};
+use crate::report::{self, Format, Inputs, MergeSettings, OutputTarget, REPORT_DIR_FILES, Report};
 
 /// Validated `check` settings: every flag problem is collected and reported at once.
 struct Settings {
@@ -35,27 +35,6 @@ struct Settings {
     levels: LevelOverrides,
     config: Option<PathBuf>,
 }
-
-/// One report file to write, and what goes in it.
-#[derive(Clone, Copy)]
-enum Format {
-    Json,
-    Csv,
-    Tokens,
-    Html,
-    Junit,
-    Summary,
-}
-
-/// The files `--report-dir` writes, and what goes in each.
-const REPORT_DIR_FILES: [(&str, Format); 6] = [
-    ("report.json", Format::Json),
-    ("layers.csv", Format::Csv),
-    ("tokens.csv", Format::Tokens),
-    ("report.html", Format::Html),
-    ("junit.xml", Format::Junit),
-    ("summary.md", Format::Summary),
-];
 
 /// Settings plus the reserved outputs.
 struct Plan {
@@ -99,21 +78,13 @@ fn plan(args: &CheckArgs) -> anyhow::Result<Plan> {
         }
     }
     if let Some(dir) = &args.report_dir {
-        for input in &inputs {
-            if let (Ok(i), Some(parent)) = (std::fs::canonicalize(input), dir.parent()) {
-                let parent = if parent.as_os_str().is_empty() {
-                    Path::new(".")
-                } else {
-                    parent
-                };
-                if std::fs::canonicalize(parent).is_ok_and(|p| p.starts_with(&i)) {
-                    bail!(
-                        "refusing to write reports into `{}` inside the input folder `{}`",
-                        dir.display(),
-                        i.display()
-                    );
-                }
-            }
+        // The folder that will hold the report folder: it exists even when DIR does not yet.
+        if let Some(input) = crate::io::input_containing(&crate::io::parent_folder(dir), &inputs) {
+            bail!(
+                "refusing to write reports into `{}` inside the input folder `{}`",
+                dir.display(),
+                input.display()
+            );
         }
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the report folder `{}`", dir.display()))?;
@@ -250,253 +221,292 @@ pub fn build_report(args: &CheckArgs) -> anyhow::Result<Report> {
     build(args, &plan)
 }
 
+/// `check` as its pipeline: load and structure, then (when the adapters fit) weights,
+/// forensics of `--merged`, logits and generation, then the gate. Each stage adds findings and
+/// fills its part of the report.
 fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
-    let Loaded {
-        base,
-        base_config,
-        adapters,
-        mut findings,
-        structures,
-    } = load(&args.base, &args.adapters)?;
-    let mut all_findings = std::mem::take(&mut findings);
-
-    // Weight stage: only meaningful when the adapters fit the base.
-    // A tied head the adapter trains is a hazard for merges, not a misfit: the merge engine unties
-    // it, so the weight and logit stages still mean something.
-    let blocking: Vec<crate::findings::Finding> = all_findings
-        .iter()
-        .filter(|f| f.code != crate::findings::Code::TiedEmbeddings)
-        .cloned()
-        .collect();
-    let structural_failure = Verdict::of(&blocking) == Verdict::Fail;
-    let mut settings = MergeSettings {
-        recipe: args.recipe,
-        trained_on: plan.trained_on.map(|p| p.name().to_string()),
-        thresholds: plan.thresholds,
-        skipped: None,
-    };
-    let mut outcome: Option<WeightOutcome> = None;
-    let mut forensics = None;
-    let mut logits_skipped = None;
-    let mut adapter_effect = None;
-    let mut token_kl = std::collections::BTreeMap::new();
-    let mut tokens = None;
-    if structural_failure {
-        let why = if args.merged.is_some() {
-            "structural deny findings: merging an adapter that does not fit is meaningless, so the \
-             --merged checkpoint was not analysed either (fix the findings above first)"
-        } else {
-            "structural deny findings: merging an adapter that does not fit is meaningless"
-        };
-        settings.skipped = Some(why.into());
-        logits_skipped = Some(why.to_string());
+    let inputs = load(&args.base, &args.adapters)?;
+    let mut findings = inputs.findings.clone();
+    let mut parts = Parts::default();
+    if let Some(why) = structural_block(args, &findings) {
+        parts.skipped = Some(why.to_string());
+        parts.logits_skipped = Some(why.to_string());
     } else {
-        let merge_plan = MergePlan::build(&base, base_config.as_ref(), &adapters)?;
-        let precisions = plan
-            .precisions
-            .clone()
-            .unwrap_or_else(|| default_precisions(&base, base_config.as_ref(), &merge_plan));
-        let options = EvalOptions {
+        let merge_plan =
+            MergePlan::build(&inputs.base, inputs.base_config.as_ref(), &inputs.adapters)?;
+        let precisions = plan.precisions.clone().unwrap_or_else(|| {
+            default_precisions(&inputs.base, inputs.base_config.as_ref(), &merge_plan)
+        });
+        let job = Job {
+            args,
+            plan,
+            inputs: &inputs,
+            merge_plan: &merge_plan,
             precisions: &precisions,
-            recipe: args.recipe,
-            trained_on: plan.trained_on,
         };
-        let bar = super::progress::bar(merge_plan.weights.len(), args.quiet, "merging", "tensors");
-        let mut evaluations = merge_plan
-            .weights
-            .par_iter()
-            .map(|job| {
-                let evaluation = engine::evaluate(job, &base, &adapters, options);
-                bar.inc(1);
-                evaluation
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        bar.finish_and_clear();
-        evaluations.sort_by(|a, b| a.tensor.cmp(&b.tensor));
-        let mut result = weights::assess(&evaluations, &precisions, &plan.thresholds);
-        all_findings.append(&mut result.findings);
-
-        // Forensics of an already-merged checkpoint: fit it to the exact merge tensor by tensor.
-        let merged = match &args.merged {
-            None => None,
-            Some(dir) => {
-                let checkpoint = Checkpoint::open(dir).with_context(|| {
-                    format!("cannot open the merged checkpoint `{}`", dir.display())
-                })?;
-                let precision = Precision::Float(crate::forensics::merged_dtype(&checkpoint));
-                let bar = super::progress::bar(
-                    merge_plan.weights.len(),
-                    args.quiet,
-                    "forensics",
-                    "tensors",
-                );
-                let (found_forensics, mut found) =
-                    crate::forensics::analyze(&crate::forensics::Inputs {
-                        base: &base,
-                        base_dir: &base_folder(&args.base),
-                        base_config: base_config.as_ref(),
-                        adapters: &adapters,
-                        plan: &merge_plan,
-                        merged: &checkpoint,
-                        merged_dir: &base_folder(dir),
-                        trained_on: plan.trained_on,
-                        tolerance: plan.thresholds.merged_tolerance,
-                        quant_deny: plan.thresholds.merged_quant_deny,
-                        tick: &|| bar.inc(1),
-                    })
-                    .with_context(|| {
-                        format!("analysing the merged checkpoint `{}`", dir.display())
-                    })?;
-                bar.finish_and_clear();
-                // The structural tied-head warning is about what a merge might do; a merged
-                // checkpoint that unties the head correctly settles it.
-                if !found
-                    .iter()
-                    .any(|f| f.code == crate::findings::Code::TiedEmbeddings)
-                {
-                    for f in &mut all_findings {
-                        if f.code == crate::findings::Code::TiedEmbeddings && f.precision.is_none()
-                        {
-                            f.level = crate::findings::Level::Allow;
-                            f.message.push_str(
-                                " — settled: the --merged checkpoint unties the head correctly",
-                            );
-                        }
-                    }
-                }
-                all_findings.append(&mut found);
-                // The merged checkpoint is one more row of the precision table; its logits are
-                // attached with the candidates' below when the forward pass runs.
-                result.precisions.push(PrecisionReport {
-                    name: MERGED_LABEL.into(),
-                    class: precision.class().name(),
-                    verdict: Verdict::Pass,
-                    weights: found_forensics.weight_summary(),
-                    logits: None,
-                    unmerged_logits: None,
-                    generation: None,
-                });
-                forensics = Some(found_forensics);
-                Some((checkpoint, precision))
-            }
-        };
-
-        // Logit stage. A comparison the user asked for (no --weights-only) that cannot run is
-        // "could not run" (exit 2), never a pass on the weights alone.
-        let arch = if args.weights_only {
-            Err("--weights-only".to_string())
-        } else {
-            let why = match &base_config {
-                None => Err(format!(
-                    "the base `{}` has no config.json, so its architecture is unknown",
-                    base_folder(&args.base).display()
-                )),
-                Some(config) => {
-                    Architecture::from_config(config, &|n| base.contains(n)).map_err(|e| e.reason)
-                }
-            };
-            if let Err(why) = &why {
-                bail!(
-                    "the logit comparison cannot run: {why}; add --weights-only for a gate on the \
-                     weights alone"
-                );
-            }
-            why
-        };
-        match arch {
-            Err(why) => logits_skipped = Some(why),
-            Ok(arch) => {
-                let prompts = prompts_for(args, &adapters, arch.max_positions())?;
-                tokens = Some(prompts.tokens());
-                let bar =
-                    super::progress::bar(arch.num_layers() + 2, args.quiet, "forward", "steps");
-                let forward_inputs = ForwardInputs {
-                    arch: &arch,
-                    base: &base,
-                    adapters: &adapters,
-                    plan: &merge_plan,
-                    prompts: &prompts,
-                    precisions: &precisions,
-                    recipe: args.recipe,
-                    trained_on: plan.trained_on,
-                    merged: merged.as_ref().map(|(c, _)| c),
-                };
-                let forward = crate::forward::compare(&forward_inputs, &|| bar.inc(1))
-                    .context("running the logit comparison")?;
-                bar.finish_and_clear();
-                for p in &mut result.precisions {
-                    p.logits = forward.stats.get(&p.name).cloned();
-                    p.unmerged_logits = forward.stats.get(&format!("{}+lora", p.name)).cloned();
-                }
-                for (label, stats) in &forward.stats {
-                    let nonfinite = forward.nonfinite.get(label).copied().unwrap_or(0);
-                    let class_precision = match (&merged, label.as_str()) {
-                        (Some((_, p)), MERGED_LABEL) => Some(*p),
-                        _ => crate::findings::logits::precision_of(label),
-                    };
-                    let Some(class_precision) = class_precision else {
-                        continue;
-                    };
-                    let mut found = crate::findings::logits::assess(
-                        label,
-                        class_precision,
-                        stats,
-                        nonfinite,
-                        &plan.thresholds,
-                    );
-                    // P+lora rows inform the choice; they do not gate the merge.
-                    if label.ends_with("+lora") {
-                        for f in &mut found {
-                            f.level = crate::findings::Level::Allow;
-                        }
-                    }
-                    all_findings.append(&mut found);
-                }
-                adapter_effect = Some(forward.adapter_effect);
-                token_kl = forward.token_kl;
-
-                if args.generate > 0 {
-                    let gen_prompts: Vec<Vec<u32>> = prompts
-                        .sequences
-                        .iter()
-                        .take(GENERATION_PROMPTS)
-                        .map(|s| s[..s.len().min(GENERATION_PROMPT_TOKENS)].to_vec())
-                        .collect();
-                    let stop = eos_ids(base_config.as_ref());
-                    let bar = super::progress::bar(
-                        precisions.len() + 1,
-                        args.quiet,
-                        "generating",
-                        "models",
-                    );
-                    let generation = crate::forward::generation_check(
-                        &forward_inputs,
-                        &gen_prompts,
-                        args.generate,
-                        &stop,
-                        &|| bar.inc(1),
-                    )
-                    .context("running the generation check")?;
-                    bar.finish_and_clear();
-                    for p in &mut result.precisions {
-                        if let Some(g) = generation.get(&p.name) {
-                            all_findings.extend(crate::findings::logits::assess_generation(
-                                &p.name,
-                                g,
-                                &plan.thresholds,
-                            ));
-                            p.generation = Some(g.clone());
-                        }
-                    }
-                }
-            }
-        }
-        outcome = Some(result);
+        let mut weights = weight_stage(&job, &mut findings)?;
+        let merged = forensics_stage(&job, &mut weights, &mut findings, &mut parts)?;
+        logit_stage(
+            &job,
+            merged.as_ref(),
+            &mut weights,
+            &mut findings,
+            &mut parts,
+        )?;
+        parts.weights = Some(weights);
     }
+    Ok(assemble(args, plan, inputs, findings, parts))
+}
 
-    findings::sort(&mut all_findings);
-    let verdict = Verdict::of(&all_findings);
-    let (precisions, layers) = match outcome {
+/// What one evaluation needs, shared by its stages.
+struct Job<'a> {
+    args: &'a CheckArgs,
+    plan: &'a Settings,
+    inputs: &'a Loaded,
+    merge_plan: &'a MergePlan,
+    precisions: &'a [Precision],
+}
+
+/// The report sections the stages fill.
+#[derive(Default)]
+struct Parts {
+    weights: Option<WeightOutcome>,
+    forensics: Option<crate::forensics::Forensics>,
+    /// Why the weight stage did not run.
+    skipped: Option<String>,
+    logits_skipped: Option<String>,
+    adapter_effect: Option<crate::forward::AdapterEffect>,
+    token_kl: std::collections::BTreeMap<String, Vec<f64>>,
+    tokens: Option<usize>,
+}
+
+/// Why merging is meaningless (structural deny findings), if it is.
+fn structural_block(args: &CheckArgs, findings: &[Finding]) -> Option<&'static str> {
+    if !findings.iter().any(policy::blocks_merge) {
+        return None;
+    }
+    Some(if args.merged.is_some() {
+        "structural deny findings: merging an adapter that does not fit is meaningless, so the \
+         --merged checkpoint was not analysed either (fix the findings above first)"
+    } else {
+        "structural deny findings: merging an adapter that does not fit is meaningless"
+    })
+}
+
+/// Merges every target tensor in every precision and measures it.
+fn weight_stage(job: &Job<'_>, findings: &mut Vec<Finding>) -> anyhow::Result<WeightOutcome> {
+    let Loaded { base, adapters, .. } = job.inputs;
+    let options = EvalOptions {
+        precisions: job.precisions,
+        recipe: job.args.recipe,
+        trained_on: job.plan.trained_on,
+    };
+    let bar = super::progress::bar(
+        job.merge_plan.weights.len(),
+        job.args.quiet,
+        "merging",
+        "tensors",
+    );
+    let mut evaluations = job
+        .merge_plan
+        .weights
+        .par_iter()
+        .map(|t| {
+            let evaluation = engine::evaluate(t, base, adapters, options);
+            bar.inc(1);
+            evaluation
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    bar.finish_and_clear();
+    evaluations.sort_by(|a, b| a.tensor.cmp(&b.tensor));
+    let mut result = weights::assess(&evaluations, job.precisions, &job.plan.thresholds);
+    findings.append(&mut result.findings);
+    Ok(result)
+}
+
+/// `--merged DIR`: fits the checkpoint to the exact merge tensor by tensor; it becomes one more
+/// row of the precision table. Returns it (and its dtype) for the logit stage.
+fn forensics_stage(
+    job: &Job<'_>,
+    weights: &mut WeightOutcome,
+    findings: &mut Vec<Finding>,
+    parts: &mut Parts,
+) -> anyhow::Result<Option<(Checkpoint, Precision)>> {
+    let Some(dir) = &job.args.merged else {
+        return Ok(None);
+    };
+    let checkpoint = Checkpoint::open(dir)
+        .with_context(|| format!("cannot open the merged checkpoint `{}`", dir.display()))?;
+    let precision = Precision::Float(crate::forensics::merged_dtype(&checkpoint));
+    let bar = super::progress::bar(
+        job.merge_plan.weights.len(),
+        job.args.quiet,
+        "forensics",
+        "tensors",
+    );
+    let (found_forensics, mut found) = crate::forensics::analyze(&crate::forensics::Inputs {
+        base: &job.inputs.base,
+        base_dir: &base_folder(&job.args.base),
+        base_config: job.inputs.base_config.as_ref(),
+        adapters: &job.inputs.adapters,
+        plan: job.merge_plan,
+        merged: &checkpoint,
+        merged_dir: &base_folder(dir),
+        trained_on: job.plan.trained_on,
+        tolerance: job.plan.thresholds.merged_tolerance,
+        quant_deny: job.plan.thresholds.merged_quant_deny,
+        tick: &|| bar.inc(1),
+    })
+    .with_context(|| format!("analysing the merged checkpoint `{}`", dir.display()))?;
+    bar.finish_and_clear();
+    policy::settle_tied_head_by_merged(findings, &found);
+    findings.append(&mut found);
+    weights.precisions.push(PrecisionReport {
+        name: MERGED_LABEL.into(),
+        class: precision.class().name(),
+        verdict: Verdict::Pass,
+        weights: found_forensics.weight_summary(),
+        logits: None,
+        unmerged_logits: None,
+        generation: None,
+    });
+    parts.forensics = Some(found_forensics);
+    Ok(Some((checkpoint, precision)))
+}
+
+/// The logit comparison and the generation check, unless `--weights-only`. A comparison that
+/// was asked for and cannot run is an error (exit 2), never a pass on the weights alone.
+fn logit_stage(
+    job: &Job<'_>,
+    merged: Option<&(Checkpoint, Precision)>,
+    weights: &mut WeightOutcome,
+    findings: &mut Vec<Finding>,
+    parts: &mut Parts,
+) -> anyhow::Result<()> {
+    let (args, inputs) = (job.args, job.inputs);
+    if args.weights_only {
+        parts.logits_skipped = Some("--weights-only".to_string());
+        return Ok(());
+    }
+    let arch = match &inputs.base_config {
+        None => Err(format!(
+            "the base `{}` has no config.json, so its architecture is unknown",
+            base_folder(&args.base).display()
+        )),
+        Some(config) => {
+            Architecture::from_config(config, &|n| inputs.base.contains(n)).map_err(|e| e.reason)
+        }
+    };
+    let arch = match arch {
+        Ok(arch) => arch,
+        Err(why) => bail!(
+            "the logit comparison cannot run: {why}; add --weights-only for a gate on the weights \
+             alone"
+        ),
+    };
+    let prompts = prompts_for(args, &inputs.adapters, arch.max_positions())?;
+    parts.tokens = Some(prompts.tokens());
+    let bar = super::progress::bar(arch.num_layers() + 2, args.quiet, "forward", "steps");
+    let forward_inputs = ForwardInputs {
+        arch: &arch,
+        base: &inputs.base,
+        adapters: &inputs.adapters,
+        plan: job.merge_plan,
+        prompts: &prompts,
+        precisions: job.precisions,
+        recipe: args.recipe,
+        trained_on: job.plan.trained_on,
+        merged: merged.map(|(c, _)| c),
+    };
+    let forward = crate::forward::compare(&forward_inputs, &|| bar.inc(1))
+        .context("running the logit comparison")?;
+    bar.finish_and_clear();
+    // Each row's kind: a precision's merge, or the --merged checkpoint.
+    let kind_of = |name: &str| -> Option<ModelKind> {
+        if name == MERGED_LABEL {
+            return merged.map(|_| ModelKind::MergedDir);
+        }
+        job.precisions
+            .iter()
+            .find(|p| p.name() == name)
+            .map(|p| ModelKind::Merged(*p))
+    };
+    for p in &mut weights.precisions {
+        let Some(kind) = kind_of(&p.name) else {
+            continue;
+        };
+        p.logits = forward.stats(kind).cloned();
+        if let ModelKind::Merged(Precision::Quant(q)) = kind {
+            p.unmerged_logits = forward.stats(ModelKind::AdapterBeside(q)).cloned();
+        }
+    }
+    for model in &forward.models {
+        let precision = match model.kind {
+            ModelKind::Merged(p) => p,
+            ModelKind::AdapterBeside(q) => Precision::Quant(q),
+            ModelKind::MergedDir => match merged {
+                Some((_, p)) => *p,
+                None => continue,
+            },
+            ModelKind::Reference | ModelKind::Base => continue,
+        };
+        let mut found = crate::findings::logits::assess(
+            &model.kind.label(),
+            precision,
+            &model.stats,
+            model.nonfinite,
+            &job.plan.thresholds,
+        );
+        policy::logit_levels(model.kind, &mut found);
+        findings.append(&mut found);
+    }
+    parts.adapter_effect = Some(forward.adapter_effect);
+    parts.token_kl = forward.token_kl;
+    if args.generate == 0 {
+        return Ok(());
+    }
+    let gen_prompts: Vec<Vec<u32>> = prompts
+        .sequences
+        .iter()
+        .take(GENERATION_PROMPTS)
+        .map(|s| s[..s.len().min(GENERATION_PROMPT_TOKENS)].to_vec())
+        .collect();
+    let stop = eos_ids(inputs.base_config.as_ref());
+    let bar = super::progress::bar(job.precisions.len() + 1, args.quiet, "generating", "models");
+    let generation = crate::forward::generation_check(
+        &forward_inputs,
+        &gen_prompts,
+        args.generate,
+        &stop,
+        &|| bar.inc(1),
+    )
+    .context("running the generation check")?;
+    bar.finish_and_clear();
+    for p in &mut weights.precisions {
+        if let Some(g) = generation.get(&p.name) {
+            findings.extend(crate::findings::logits::assess_generation(
+                &p.name,
+                g,
+                &job.plan.thresholds,
+            ));
+            p.generation = Some(g.clone());
+        }
+    }
+    Ok(())
+}
+
+/// The finished report: every stage's part, the findings sorted, then the gate's levels and
+/// verdicts (overall and per precision) decided once.
+fn assemble(
+    args: &CheckArgs,
+    plan: &Settings,
+    inputs: Loaded,
+    mut findings: Vec<Finding>,
+    parts: Parts,
+) -> Report {
+    findings::sort(&mut findings);
+    let verdict = Verdict::of(&findings);
+    let (precisions, layers) = match parts.weights {
         Some(o) => (Some(o.precisions), Some(o.rows)),
         None => (None, None),
     };
@@ -506,30 +516,38 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
         verdict,
         inputs: Inputs {
             base: args.base.display().to_string(),
-            base_files: base.files().map(|f| f.display().to_string()).collect(),
+            base_files: inputs
+                .base
+                .files()
+                .map(|f| f.display().to_string())
+                .collect(),
             adapters: args
                 .adapters
                 .iter()
                 .map(|a| a.display().to_string())
                 .collect(),
             merged: args.merged.as_ref().map(|m| m.display().to_string()),
-            tokens,
+            tokens: parts.tokens,
             weights_only: args.weights_only,
             config: plan.config.as_ref().map(|c| c.display().to_string()),
         },
-        adapter_effect,
-        logits_skipped,
-        findings: all_findings,
-        structure: structures,
-        merge: Some(settings),
+        adapter_effect: parts.adapter_effect,
+        logits_skipped: parts.logits_skipped,
+        findings,
+        structure: inputs.structures,
+        merge: Some(MergeSettings {
+            recipe: args.recipe,
+            trained_on: plan.trained_on.map(|p| p.name().to_string()),
+            thresholds: plan.thresholds,
+            skipped: parts.skipped,
+        }),
         precisions,
         layers,
-        forensics,
-        token_kl,
+        forensics: parts.forensics,
+        token_kl: parts.token_kl,
     };
-    // Levels from the config and flags, then every verdict (overall and per precision) once.
     crate::gate::apply_gate(&mut report, &plan.levels);
-    Ok(report)
+    report
 }
 
 /// Prompts the generation check continues, and how many of their tokens it keeps.
@@ -594,16 +612,7 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<ExitStatus> {
 
     let machine_on_stdout = plan.outputs.iter().any(|(_, o)| o.is_stdout());
     for (format, out) in plan.outputs {
-        let bytes = match format {
-            Format::Json => report::json::render(&report)?,
-            Format::Csv => report::csv::render(&report)?,
-            Format::Tokens => report::tokens::render(&report)?,
-            Format::Html => {
-                report::html::render(&report, &report::html::HtmlOptions::default()).into_bytes()
-            }
-            Format::Junit => report::junit::render(&report).into_bytes(),
-            Format::Summary => report::summary::render(&report).into_bytes(),
-        };
+        let bytes = format.render(&report)?;
         out.write_all(&bytes)?;
     }
     if !args.quiet {

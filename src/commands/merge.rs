@@ -14,7 +14,7 @@ use super::inputs::{Loaded, load};
 use crate::ExitStatus;
 use crate::cli::MergeArgs;
 use crate::findings::thresholds::Thresholds;
-use crate::findings::{self, Code, Level, Verdict, weights};
+use crate::findings::{self, Level, Verdict, weights};
 use crate::io::base_folder;
 use crate::io::checkpoint::TensorDtype;
 use crate::io::writer::{self, OutTensor};
@@ -108,28 +108,14 @@ fn check_out(out: &Path, inputs: &[&Path]) -> anyhow::Result<PathBuf> {
             out.display()
         );
     }
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let parent = std::fs::canonicalize(&parent)
+    let parent = std::fs::canonicalize(crate::io::parent_folder(out))
         .with_context(|| format!("the folder of `{}` does not exist", out.display()))?;
-    for input in inputs {
-        let Ok(input) = std::fs::canonicalize(input) else {
-            continue;
-        };
-        let input_dir = if input.is_file() {
-            input.parent().map(Path::to_path_buf).unwrap_or_default()
-        } else {
-            input
-        };
-        if parent.starts_with(&input_dir) {
-            bail!(
-                "refusing to write `{}` inside the input folder `{}`",
-                out.display(),
-                input_dir.display()
-            );
-        }
+    if let Some(input) = crate::io::input_containing(&parent, inputs) {
+        bail!(
+            "refusing to write `{}` inside the input folder `{}`",
+            out.display(),
+            input.display()
+        );
     }
     Ok(parent)
 }
@@ -169,7 +155,7 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
     // A tied head that the adapter changes is written untied, which resolves tied-embeddings.
     let blocking: Vec<_> = findings
         .iter()
-        .filter(|f| f.level == Level::Deny && f.code != Code::TiedEmbeddings)
+        .filter(|f| findings::policy::blocks_merge(f))
         .collect();
     if !blocking.is_empty() {
         let lines: Vec<String> = blocking
@@ -217,7 +203,7 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
         evaluations.sort_by(|a, b| a.tensor.cmp(&b.tensor));
         let mut outcome = weights::assess(&evaluations, &[precision], &thresholds);
         findings.append(&mut outcome.findings);
-        findings.retain(|f| f.code != Code::TiedEmbeddings);
+        findings::policy::settle_tied_head_by_untied_write(&mut findings);
         findings::sort(&mut findings);
         if Verdict::of(&findings) == Verdict::Fail {
             if !args.quiet {

@@ -7,11 +7,6 @@ use super::{Code, Finding, Level};
 use crate::divergence::LogitStats;
 use crate::merge::precision::Precision;
 
-/// The precision a model label belongs to (`q4_0+lora` → q4_0).
-pub fn precision_of(label: &str) -> Option<Precision> {
-    Precision::parse(label.trim_end_matches("+lora"))
-}
-
 /// Findings for one model's statistics. `label` is the precision name, `P+lora` or `merged`;
 /// `precision` picks the threshold class.
 pub fn assess(

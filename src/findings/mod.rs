@@ -6,6 +6,7 @@
 //! only this module knows every code.
 
 pub mod logits;
+pub mod policy;
 pub mod structure;
 pub mod thresholds;
 pub mod weights;

@@ -133,8 +133,9 @@ pub use crate::findings::thresholds::MERGED_TOLERANCE as TOLERANCE;
 const EXPLAINED_SHARE: f64 = 0.2;
 /// Default of `merged-quant-deny` (defined with the other thresholds).
 pub use crate::findings::thresholds::MERGED_QUANT_DENY as QUANTIZED_BASE_DENY;
-/// The label findings about the merged checkpoint carry as their precision.
-pub const LABEL: &str = "merged";
+/// The label findings about the merged checkpoint carry as their precision (the same label as
+/// its row in the precision table).
+pub use crate::forward::MERGED_LABEL as LABEL;
 
 /// What the analysis reads.
 pub struct Inputs<'a> {

@@ -110,9 +110,8 @@ fn run_case(case: &Value) -> Vec<(String, f64, f64)> {
         case["tokens"].as_u64().expect("tokens") as usize
     );
     assert!(
-        outcome.nonfinite.is_empty(),
-        "{name}: {:?}",
-        outcome.nonfinite
+        outcome.models.iter().all(|m| m.nonfinite == 0),
+        "{name}: non-finite logits"
     );
     let mut out = vec![(
         "base".to_string(),
@@ -120,9 +119,9 @@ fn run_case(case: &Value) -> Vec<(String, f64, f64)> {
         outcome.adapter_effect.same_top1,
     )];
     for label in ["bf16", "q4_0"] {
+        let precision = crate::merge::precision::Precision::parse(label).expect("a precision");
         let s = outcome
-            .stats
-            .get(label)
+            .stats(ModelKind::Merged(precision))
             .unwrap_or_else(|| panic!("{name}: no stats for {label}"));
         out.push((label.to_string(), s.mean_kl, s.same_top1));
     }

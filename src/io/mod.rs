@@ -22,3 +22,26 @@ pub fn base_folder(base: &Path) -> PathBuf {
         base.to_path_buf()
     }
 }
+
+/// The input folder (or the folder of an input file) that `dir` lies in, if any: outputs are
+/// never written inside an input. `dir` must exist (it is resolved through symlinks).
+pub fn input_containing(dir: &Path, inputs: &[&Path]) -> Option<PathBuf> {
+    let dir = std::fs::canonicalize(dir).ok()?;
+    inputs.iter().find_map(|input| {
+        let input = std::fs::canonicalize(input).ok()?;
+        let folder = if input.is_file() {
+            input.parent()?.to_path_buf()
+        } else {
+            input
+        };
+        dir.starts_with(&folder).then_some(folder)
+    })
+}
+
+/// The folder a new file or folder `path` will be created in (`.` for a bare name).
+pub fn parent_folder(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}

@@ -110,6 +110,42 @@ impl Report {
     }
 }
 
+/// One report format: the one place a new format is added (its renderer module, an arm here,
+/// and a file name in [`REPORT_DIR_FILES`] if `--report-dir` writes it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Csv,
+    Tokens,
+    Html,
+    Junit,
+    Summary,
+}
+
+impl Format {
+    /// The report rendered in this format.
+    pub fn render(self, report: &Report) -> anyhow::Result<Vec<u8>> {
+        Ok(match self {
+            Format::Json => json::render(report)?,
+            Format::Csv => csv::render(report)?,
+            Format::Tokens => tokens::render(report)?,
+            Format::Html => html::render(report, &html::HtmlOptions::default()).into_bytes(),
+            Format::Junit => junit::render(report).into_bytes(),
+            Format::Summary => summary::render(report).into_bytes(),
+        })
+    }
+}
+
+/// The files `--report-dir` writes, and the format of each.
+pub const REPORT_DIR_FILES: [(&str, Format); 6] = [
+    ("report.json", Format::Json),
+    ("layers.csv", Format::Csv),
+    ("tokens.csv", Format::Tokens),
+    ("report.html", Format::Html),
+    ("junit.xml", Format::Junit),
+    ("summary.md", Format::Summary),
+];
+
 /// Where one report goes: stdout, or a file reserved up front and renamed into place at the end.
 pub enum OutputTarget {
     Stdout,
@@ -135,30 +171,15 @@ impl OutputTarget {
                 path.display()
             );
         }
-        let parent = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let parent_abs = std::fs::canonicalize(&parent)
+        let parent = crate::io::parent_folder(path);
+        std::fs::canonicalize(&parent)
             .with_context(|| format!("output folder `{}` does not exist", parent.display()))?;
-        for input in inputs {
-            if let Ok(input_abs) = std::fs::canonicalize(input) {
-                let input_dir = if input_abs.is_file() {
-                    input_abs
-                        .parent()
-                        .map(Path::to_path_buf)
-                        .unwrap_or_default()
-                } else {
-                    input_abs
-                };
-                if parent_abs.starts_with(&input_dir) {
-                    bail!(
-                        "refusing to write `{}` inside the input folder `{}`; inputs are never modified",
-                        path.display(),
-                        input_dir.display()
-                    );
-                }
-            }
+        if let Some(input) = crate::io::input_containing(&parent, inputs) {
+            bail!(
+                "refusing to write `{}` inside the input folder `{}`; inputs are never modified",
+                path.display(),
+                input.display()
+            );
         }
         let staging = tempfile::Builder::new()
             .prefix(".lora-doctor-")
