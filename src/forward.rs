@@ -453,7 +453,7 @@ fn block_linear_names(arch: &Architecture, base: &Checkpoint) -> BlockLinear {
             .flat_map(|i| arch.block_tensors(i))
             .filter(|n| base.info(n).is_some_and(|t| t.shape.len() == 2))
             .collect(),
-        conv1d: matches!(arch, Architecture::Gpt2(_)),
+        conv1d: arch.conv1d(),
     }
 }
 
@@ -528,7 +528,7 @@ pub fn compare(
     // Embeddings, one model at a time (an embedding matrix can be the largest tensor). Without
     // absolute position embeddings the lookup is per token, so all sequences go in one call.
     let lengths: Vec<usize> = sequences.iter().map(Vec::len).collect();
-    let positional = matches!(arch, Architecture::Gpt2(_));
+    let positional = arch.learned_positions();
     let all_tokens: Vec<u32> = sequences.iter().flatten().copied().collect();
     let mut hidden: Vec<Vec<Tensor>> = Vec::with_capacity(providers.len());
     for provider in &providers {

@@ -18,7 +18,7 @@ use crate::forward::{ForwardInputs, MERGED_LABEL, ModelKind};
 use crate::gate::{GateConfig, LevelOverrides};
 use crate::io::adapter::Adapter;
 use crate::io::base_folder;
-use crate::io::checkpoint::{Checkpoint, TensorDtype};
+use crate::io::checkpoint::Checkpoint;
 use crate::io::config::ModelConfig;
 use crate::io::prompts::{self, TokenizedPrompts};
 use crate::merge::engine::{self, EvalOptions, MergePlan};
@@ -197,11 +197,8 @@ fn default_precisions(
         .weights
         .first()
         .and_then(|job| base.info(&job.tensor))
-        .and_then(|info| match info.dtype {
-            TensorDtype::F16 => Some(Precision::Float(FloatFormat::F16)),
-            TensorDtype::Bf16 => Some(Precision::Float(FloatFormat::Bf16)),
-            _ => None,
-        })
+        .and_then(|info| FloatFormat::of_dtype(&info.dtype))
+        .map(Precision::Float)
         .or_else(|| {
             config
                 .and_then(|c| c.dtype.as_deref())

@@ -16,7 +16,6 @@ use crate::cli::MergeArgs;
 use crate::findings::thresholds::Thresholds;
 use crate::findings::{self, Level, Verdict, weights};
 use crate::io::base_folder;
-use crate::io::checkpoint::TensorDtype;
 use crate::io::writer::{self, OutTensor};
 use crate::merge::engine::{self, EvalOptions, MergePlan, TensorJob};
 use crate::merge::float::FloatFormat;
@@ -35,14 +34,6 @@ const SIDE_FILES: &[&str] = &[
     "chat_template.jinja",
     "chat_template.json",
 ];
-
-fn dtype_of(format: FloatFormat) -> (TensorDtype, &'static str) {
-    match format {
-        FloatFormat::F32 => (TensorDtype::F32, "float32"),
-        FloatFormat::F16 => (TensorDtype::F16, "float16"),
-        FloatFormat::Bf16 => (TensorDtype::Bf16, "bfloat16"),
-    }
-}
 
 /// A merged tensor that would be written with NaN, Inf or overflowed values: the merge stops,
 /// nothing is written, exit 1.
@@ -228,7 +219,7 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
         .tempdir_in(&parent)
         .with_context(|| format!("cannot create a folder in `{}`", parent.display()))?;
     let interrupt_guard = crate::interrupt::track(staging.path());
-    let (out_dtype, torch_name) = dtype_of(format);
+    let (out_dtype, torch_name) = (format.dtype(), format.torch_name());
     let jobs: HashMap<&str, &TensorJob> = plan
         .weights
         .iter()

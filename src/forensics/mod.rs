@@ -113,7 +113,7 @@ use rayon::prelude::*;
 
 use crate::findings::{Code, Finding, Level};
 use crate::io::adapter::Adapter;
-use crate::io::checkpoint::{Checkpoint, TensorDtype};
+use crate::io::checkpoint::Checkpoint;
 use crate::io::config::ModelConfig;
 use crate::io::mapping;
 use crate::merge::delta::{self, Update};
@@ -300,17 +300,6 @@ struct Loaded {
     format: FloatFormat,
 }
 
-fn float_format(dtype: &TensorDtype) -> Option<FloatFormat> {
-    match dtype {
-        // A double-precision merge rounds less than f32 does; f32's floor is the conservative
-        // (larger) yardstick, so a faithful f64 merge still fits within tolerance.
-        TensorDtype::F64 | TensorDtype::F32 => Some(FloatFormat::F32),
-        TensorDtype::F16 => Some(FloatFormat::F16),
-        TensorDtype::Bf16 => Some(FloatFormat::Bf16),
-        TensorDtype::Other(_) => None,
-    }
-}
-
 fn kind(job: &TensorJob) -> &'static str {
     if job.sources.len() > 1 {
         return "stacked";
@@ -361,7 +350,7 @@ fn load(job: &TensorJob, input: &Inputs<'_>) -> Result<Option<Loaded>, MergeErro
     let Some(info) = input.merged.info(&job.output) else {
         return Ok(None);
     };
-    let Some(format) = float_format(&info.dtype) else {
+    let Some(format) = FloatFormat::of_dtype(&info.dtype) else {
         return Ok(None);
     };
     // Another shape (even with the same element count, e.g. stored transposed) is an inventory
@@ -790,7 +779,7 @@ fn compare_untouched(
     let (Some(bi), Some(mi)) = (input.base.info(name), input.merged.info(name)) else {
         return Ok(None);
     };
-    let Some(format) = float_format(&mi.dtype) else {
+    let Some(format) = FloatFormat::of_dtype(&mi.dtype) else {
         return Ok(None);
     };
     if bi.shape != mi.shape || !bi.dtype.is_float() {
@@ -1025,7 +1014,7 @@ fn quantized_base_level(size: f64, deny_at: f64, matches_training: bool) -> Leve
 pub fn merged_dtype(checkpoint: &Checkpoint) -> FloatFormat {
     let mut count: BTreeMap<&'static str, usize> = BTreeMap::new();
     for t in checkpoint.tensors() {
-        if let Some(f) = float_format(&t.dtype) {
+        if let Some(f) = FloatFormat::of_dtype(&t.dtype) {
             *count.entry(f.name()).or_default() += t.numel();
         }
     }

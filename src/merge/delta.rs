@@ -119,7 +119,8 @@ impl LowRank {
     }
 }
 
-fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+/// A row-major `[rows, cols]` matrix transposed to `[cols, rows]`.
+pub(crate) fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0.0f32; m.len()];
     for i in 0..rows {
         for j in 0..cols {

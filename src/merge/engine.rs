@@ -7,7 +7,7 @@
 
 use thiserror::Error;
 
-use super::delta::{self, Layout, LowRank, Update};
+use super::delta::{self, Layout, LowRank, Update, transpose};
 use super::float::FloatFormat;
 use super::precision::{Precision, Recipe};
 use super::quant::{GGML_QK, QuantFormat};
@@ -343,16 +343,6 @@ pub fn fake_quantize(
             source,
         })?;
     Ok((out, None))
-}
-
-fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; m.len()];
-    for i in 0..rows {
-        for j in 0..cols {
-            out[j * rows + i] = m[i * cols + j];
-        }
-    }
-    out
 }
 
 impl TensorJob {

@@ -197,6 +197,24 @@ impl Architecture {
     }
 
     /// Number of decoder blocks.
+    /// True when linear weights are stored `[in, out]` (transformers' `Conv1D`: GPT-2), so a
+    /// LoRA update is added transposed.
+    pub fn conv1d(&self) -> bool {
+        match self {
+            Architecture::Gpt2(_) => true,
+            Architecture::Llama(_) | Architecture::NeoX(_) => false,
+        }
+    }
+
+    /// True when positions are a learned embedding added to the tokens (GPT-2) rather than
+    /// rotary, so the position table streams with the embeddings.
+    pub fn learned_positions(&self) -> bool {
+        match self {
+            Architecture::Gpt2(_) => true,
+            Architecture::Llama(_) | Architecture::NeoX(_) => false,
+        }
+    }
+
     pub fn num_layers(&self) -> usize {
         match self {
             Architecture::Llama(c) => c.num_layers,
