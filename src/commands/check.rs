@@ -589,8 +589,9 @@ fn prompts_for(
 }
 
 pub fn run(args: &CheckArgs) -> anyhow::Result<ExitStatus> {
-    let plan = plan(args)?;
-    if let Some(requested) = args.threads {
+    // Threads first (no other thread may exist while the pools' environment is set; 0 is
+    // refused by the plan), then the interrupt handler, before any output is reserved.
+    if let Some(requested) = args.threads.filter(|n| *n > 0) {
         let used = crate::threads::configure(requested);
         if used < requested && !args.quiet {
             report::print_human(
@@ -602,8 +603,8 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<ExitStatus> {
             )?;
         }
     }
-    // After the thread count is set: the handler runs on a thread of its own.
     crate::interrupt::install();
+    let plan = plan(args)?;
     let report = build(args, &plan.settings)?;
     let verdict = report.verdict;
 
