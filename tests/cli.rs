@@ -1,6 +1,7 @@
 //! The one integration test binary: drives the real `lora-doctor` executable on the committed
 //! fixtures and checks exit codes, both output streams and the JSON contract.
 
+mod fuzz_regressions;
 mod reports;
 
 use std::collections::BTreeSet;

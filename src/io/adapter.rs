@@ -297,10 +297,10 @@ impl AdapterConfig {
         {
             return Err("`exclude_modules` excludes this module".into());
         }
-        if let (Some(layers), Some(index)) = (
-            &self.layers_to_transform,
-            layer_index(module, &self.layers_pattern),
-        ) && !layers.contains(&index)
+        // `layer_index` compiles a regex: only when `layers_to_transform` asks for it.
+        if let Some(layers) = &self.layers_to_transform
+            && let Some(index) = layer_index(module, &self.layers_pattern)
+            && !layers.contains(&index)
         {
             return Err(format!(
                 "layer {index} is not in `layers_to_transform` {layers:?}"
