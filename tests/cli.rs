@@ -2,6 +2,7 @@
 //! fixtures and checks exit codes, both output streams and the JSON contract.
 
 mod bad_inputs;
+mod fuzz_regressions;
 mod reports;
 
 use std::collections::BTreeSet;

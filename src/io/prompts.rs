@@ -117,11 +117,7 @@ pub fn tokenize(
     max_tokens: usize,
     max_len: usize,
 ) -> Result<TokenizedPrompts, PromptError> {
-    let tokenizer =
-        tokenizers::Tokenizer::from_file(tokenizer_path).map_err(|e| PromptError::Tokenizer {
-            path: tokenizer_path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+    let tokenizer = load_tokenizer(tokenizer_path)?;
     let mut sequences = Vec::new();
     let mut budget = max_tokens;
     for prompt in prompts {
@@ -146,6 +142,27 @@ pub fn tokenize(
         tokenizer: tokenizer_path.to_path_buf(),
         sequences,
     })
+}
+
+/// Loads `tokenizer.json` as transformers uses it for plain calls: without the file's truncation
+/// and padding settings (they would cut or pad the scored sequences, and a huge `Fixed` padding
+/// length is an unbounded allocation). The text must be valid JSON before `tokenizers` sees it:
+/// `tokenizers` 0.23 panics on a syntax error inside the `decoder` object.
+fn load_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer, PromptError> {
+    let failed = |reason: String| PromptError::Tokenizer {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| failed(e.to_string()))?;
+    serde_json::from_str::<serde::de::IgnoredAny>(&text).map_err(|e| failed(e.to_string()))?;
+    let mut tokenizer: tokenizers::Tokenizer = text
+        .parse()
+        .map_err(|e: tokenizers::Error| failed(e.to_string()))?;
+    tokenizer
+        .with_truncation(None)
+        .map_err(|e| failed(e.to_string()))?
+        .with_padding(None);
+    Ok(tokenizer)
 }
 
 #[cfg(test)]

@@ -76,7 +76,11 @@ impl TokenizerInfo {
         }
         TokenizerInfo {
             path,
-            size: max_id.map_or(0, |m| m as usize + 1),
+            // Saturating: an id of u64::MAX must still read as "needs more rows than any
+            // embedding has", not wrap to an empty vocabulary.
+            size: max_id.map_or(0, |m| {
+                usize::try_from(m.saturating_add(1)).unwrap_or(usize::MAX)
+            }),
             added_tokens,
         }
     }

@@ -10,7 +10,9 @@ use super::cache::LayerCache;
 use super::linear::{self, load};
 use super::ops::{self, Activation};
 use super::rope::Rope;
-use super::{Layout, ModelError, Unsupported, WeightProvider, find_prefix, required, text_config};
+use super::{
+    Layout, ModelError, Unsupported, WeightProvider, bounded, find_prefix, required, text_config,
+};
 use crate::io::config::ModelConfig;
 
 /// Hyper-parameters and tensor names of one Llama-family checkpoint.
@@ -62,7 +64,7 @@ impl LlamaConfig {
         }
         // Qwen3Config defaults head_dim to 128; the others derive it from the hidden size.
         let head_dim = match (config.head_dim, model_type.as_str()) {
-            (Some(d), _) if d > 0 => d,
+            (Some(d), _) if d > 0 => bounded(d, "head_dim")?,
             (_, "qwen3") => 128,
             _ => hidden_size / num_heads,
         };

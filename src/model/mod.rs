@@ -378,11 +378,27 @@ pub(crate) fn text_config(config: &ModelConfig) -> &Value {
         .unwrap_or(&config.raw)
 }
 
+/// The largest size (width, head dimension, layer count, positions) a config may declare: far
+/// beyond any real model, small enough that tables sized by it (rotary frequencies, per-layer
+/// attention windows) stay a few megabytes whatever a config claims.
+pub(crate) const MAX_CONFIG_SIZE: usize = 1 << 20;
+
 /// A required size, or why the config cannot be run.
 pub(crate) fn required(value: Option<usize>, key: &str) -> Result<usize, Unsupported> {
-    value
+    let value = value
         .filter(|v| *v > 0)
-        .ok_or_else(|| Unsupported::new(format!("config.json has no usable `{key}`")))
+        .ok_or_else(|| Unsupported::new(format!("config.json has no usable `{key}`")))?;
+    bounded(value, key)
+}
+
+/// `value` when it is at most [`MAX_CONFIG_SIZE`], else why the config cannot be run.
+pub(crate) fn bounded(value: usize, key: &str) -> Result<usize, Unsupported> {
+    if value > MAX_CONFIG_SIZE {
+        return Err(Unsupported::new(format!(
+            "config.json `{key}` is {value}, beyond any real model (at most {MAX_CONFIG_SIZE})"
+        )));
+    }
+    Ok(value)
 }
 
 /// The first prefix under which `suffix` exists in the checkpoint (`""` included as a candidate).
