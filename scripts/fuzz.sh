@@ -84,6 +84,6 @@ for target in "${targets[@]}"; do
 done
 
 echo
-echo "target              executions   wall     rate   findings"
+echo "summary (executions, wall time, rate, new crash/timeout/OOM inputs, libFuzzer exit code):"
 printf '%s\n' "${summary[@]}"
 exit "$failed"
