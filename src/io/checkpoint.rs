@@ -242,6 +242,20 @@ impl Checkpoint {
         shard_names.dedup();
         let mut shard_paths = Vec::with_capacity(shard_names.len());
         for name in &shard_names {
+            // A shard is a file of this folder: `../x` or an absolute path would read weights
+            // from outside the checkpoint the user named.
+            if Path::new(name.as_str())
+                .file_name()
+                .and_then(|n| n.to_str())
+                != Some(name.as_str())
+            {
+                return Err(CheckpointError::Header {
+                    path: index.to_path_buf(),
+                    reason: format!(
+                        "shard `{name}` is not a file name in the checkpoint folder (paths are refused)"
+                    ),
+                });
+            }
             let shard = dir.join(name);
             if !shard.is_file() {
                 return Err(CheckpointError::MissingShard {
@@ -557,5 +571,26 @@ mod tests {
             Checkpoint::open(dir.path()),
             Err(CheckpointError::MissingShard { .. })
         ));
+    }
+
+    #[test]
+    fn an_index_naming_a_file_outside_the_folder_is_refused() {
+        for outside in [
+            "../model.safetensors",
+            "/etc/model.safetensors",
+            "sub/model.safetensors",
+        ] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            std::fs::write(
+                dir.path().join("model.safetensors.index.json"),
+                format!(r#"{{"metadata":{{}},"weight_map":{{"t":"{outside}"}}}}"#),
+            )
+            .expect("write");
+            let err = Checkpoint::open(dir.path()).expect_err("refused");
+            assert!(
+                err.to_string().contains("not a file name"),
+                "{outside}: {err}"
+            );
+        }
     }
 }
