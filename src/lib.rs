@@ -39,12 +39,32 @@ impl From<ExitStatus> for std::process::ExitCode {
 }
 
 /// Runs one parsed command line. Errors mean "could not run" (exit 2).
+///
+/// Hub names among the input arguments are replaced by their cache snapshot folders here, before
+/// any command sees them, so every command treats inputs as plain paths.
 pub fn run(cli: cli::Cli) -> anyhow::Result<ExitStatus> {
+    report::color::set_choice(cli.color);
     match cli.command {
-        cli::Command::Check(args) => commands::check::run(&args),
-        cli::Command::Merge(args) => commands::merge::run(&args),
-        cli::Command::Inspect(args) => commands::inspect::run(&args),
+        cli::Command::Check(mut args) => {
+            let mut inputs = vec![("--base", &mut args.base)];
+            inputs.extend(args.adapters.iter_mut().map(|a| ("--adapter", a)));
+            inputs.extend(args.merged.iter_mut().map(|m| ("--merged", m)));
+            args.hub = io::hub::resolve_all(inputs, &args.revision)?;
+            commands::check::run(&args)
+        }
+        cli::Command::Merge(mut args) => {
+            let mut inputs = vec![("--base", &mut args.base)];
+            inputs.extend(args.adapters.iter_mut().map(|a| ("--adapter", a)));
+            io::hub::resolve_all(inputs, &args.revision)?;
+            commands::merge::run(&args)
+        }
+        cli::Command::Inspect(mut args) => {
+            io::hub::resolve_all([("PATH", &mut args.path)], &args.revision)?;
+            commands::inspect::run(&args)
+        }
         cli::Command::Explain(args) => commands::explain::run(&args),
         cli::Command::Init(args) => commands::init::run(&args),
+        cli::Command::Completions(args) => commands::shell::completions(&args),
+        cli::Command::Man => commands::shell::man(),
     }
 }

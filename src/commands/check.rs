@@ -528,6 +528,7 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
             tokens,
             weights_only: args.weights_only,
             config: plan.config.as_ref().map(|c| c.display().to_string()),
+            hub: args.hub.clone(),
         },
         adapter_effect,
         logits_skipped,
@@ -611,7 +612,11 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<ExitStatus> {
         out.write_all(&bytes)?;
     }
     if !args.quiet {
-        report::print_human(&report::terminal::check_summary(&report), machine_on_stdout)?;
+        let palette = report::color::Palette::for_stream(machine_on_stdout);
+        report::print_human(
+            &report::terminal::check_summary(&report, palette),
+            machine_on_stdout,
+        )?;
     }
     if args.github {
         report::print_human(&report::github::render(&report), machine_on_stdout)?;

@@ -6,3 +6,4 @@ pub mod explain;
 pub mod init;
 pub mod inspect;
 pub mod merge;
+pub mod shell;
