@@ -9,14 +9,13 @@ use crate::ExitStatus;
 use crate::cli::{Cli, CompletionsArgs};
 use crate::report;
 
-/// The name users type, which completion scripts register themselves under.
-const BIN_NAME: &str = "lora-doctor";
-
 /// Prints the completion script for one shell.
 pub fn completions(args: &CompletionsArgs) -> anyhow::Result<ExitStatus> {
     let mut command = Cli::command();
+    // Scripts register themselves under the name users type: the clap command's own name.
+    let name = command.get_name().to_string();
     let mut script = Vec::new();
-    clap_complete::generate(args.shell, &mut command, BIN_NAME, &mut script);
+    clap_complete::generate(args.shell, &mut command, name, &mut script);
     let text = String::from_utf8(script).context("the completion script is not UTF-8")?;
     report::print_human(&text, false)?;
     Ok(ExitStatus::Success)
