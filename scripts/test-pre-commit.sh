@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
-# Runs the `lora-doctor-system` pre-commit hook (.pre-commit-hooks.yaml) for real: a throwaway git
-# repository that keeps a LoRA adapter, configured to use this repository's hooks at HEAD; the
-# commit of a clean adapter passes, the commit of an adapter with NaNs is blocked, and a commit that
-# touches no adapter file does not run the gate. lora-doctor must be on PATH (or LD_BIN_DIR names
-# its folder, e.g. target/release). pre-commit comes from LD_TOOLS_VENV or a throwaway venv.
+# Runs a pre-commit hook of .pre-commit-hooks.yaml for real: a throwaway git repository that keeps
+# a LoRA adapter, configured to use this repository's hooks at HEAD; the commit of a clean adapter
+# passes, the commit of an adapter with NaNs is blocked, and a commit that touches no adapter file
+# does not run the gate. pre-commit comes from LD_TOOLS_VENV or a throwaway venv.
 # Commit first: pre-commit clones the hook repository at HEAD.
+#
+#   LD_BIN_DIR=target/release scripts/test-pre-commit.sh      # lora-doctor-system, binary on PATH
+#   LD_HOOK=lora-doctor scripts/test-pre-commit.sh            # the rust hook: pre-commit runs
+#                                                             # cargo install (export
+#                                                             # CARGO_TARGET_DIR to reuse a build)
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
+hook="${LD_HOOK:-lora-doctor-system}"
 [[ -n "${LD_BIN_DIR:-}" ]] && export PATH="$(cd "$LD_BIN_DIR" && pwd):$PATH"
-command -v lora-doctor >/dev/null || { echo "error: no lora-doctor on PATH" >&2; exit 1; }
+if [[ "$hook" == "lora-doctor-system" ]]; then
+    command -v lora-doctor >/dev/null || { echo "error: no lora-doctor on PATH" >&2; exit 1; }
+fi
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
@@ -30,7 +37,7 @@ repos:
   - repo: $repo
     rev: $(git -C "$repo" rev-parse HEAD)
     hooks:
-      - id: lora-doctor-system
+      - id: $hook
         args: [--base, models/base, --adapter, adapters/bot]
 YAML
 git add -A && git commit --quiet --no-verify -m "base and hook config"
