@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use lora_doctor::commands::check::load;
+use lora_doctor::commands::inputs::load;
 use lora_doctor::merge::engine::{self, EvalOptions, MergePlan};
 use lora_doctor::merge::precision::{Precision, Recipe};
 use rayon::prelude::*;

@@ -94,6 +94,16 @@ Examples:
   lora-doctor explain vocab-mismatch
   lora-doctor explain            # list every code";
 
+/// The `--threshold` help, listing every name from the threshold registry.
+fn threshold_help() -> String {
+    format!(
+        "Override a threshold: NAME[.CLASS]=VALUE, e.g. `min-retention.float=0.8` or \
+         `quant-error.4bit=off`. Names: {}. Classes: float, 8bit, 4bit (per-class names only). \
+         `lora-doctor init` writes them all with their meaning",
+        crate::findings::thresholds::names()
+    )
+}
+
 #[derive(Debug, Args)]
 pub struct CheckArgs {
     /// Base model: an HF folder (config.json + safetensors, sharded or not) or one .safetensors file.
@@ -125,10 +135,7 @@ pub struct CheckArgs {
     /// dequant(P(W)).
     #[arg(long, value_name = "PRECISION")]
     pub trained_on: Option<String>,
-    /// Override a threshold: NAME[.CLASS]=VALUE, e.g. `min-retention.float=0.8` or
-    /// `quant-error.4bit=off` (names: floor-ratio, swamped-error, min-retention, quant-error,
-    /// outlier-z; classes: float, 8bit, 4bit).
-    #[arg(long, value_name = "NAME[.CLASS]=VALUE")]
+    #[arg(long, value_name = "NAME[.CLASS]=VALUE", help = threshold_help())]
     pub threshold: Vec<String>,
     /// Only run the weight-level checks (no forward pass).
     #[arg(long)]
@@ -239,8 +246,7 @@ pub struct MergeArgs {
     /// Check the merge's weights first and write nothing (exit 1) if the gate fails.
     #[arg(long)]
     pub gate: bool,
-    /// Threshold overrides for --gate, as for `check`.
-    #[arg(long, value_name = "NAME[.CLASS]=VALUE")]
+    #[arg(long, value_name = "NAME[.CLASS]=VALUE", help = threshold_help())]
     pub threshold: Vec<String>,
     /// No progress bars or summary.
     #[arg(long, short)]

@@ -23,20 +23,13 @@ use std::path::{Path, PathBuf};
 
 use toml::de::{DeTable, DeValue};
 
-use crate::findings::thresholds::{self, Thresholds};
+use crate::findings::thresholds::{self, CLASSES, Scope, THRESHOLDS, ThresholdDef, Thresholds};
 use crate::findings::{self, Code, Finding, Level, Verdict};
 use crate::merge::precision::PrecisionClass;
 use crate::report::Report;
 
 /// The file name looked for next to the adapter.
 pub const FILE_NAME: &str = "lora-doctor.toml";
-
-/// The precision classes in config order, with their config names.
-const CLASSES: [PrecisionClass; 3] = [
-    PrecisionClass::Float,
-    PrecisionClass::EightBit,
-    PrecisionClass::FourBit,
-];
 
 /// Level changes decided by the config and the `--deny/--warn/--allow` flags.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -115,7 +108,7 @@ impl LevelOverrides {
 pub struct GateConfig {
     /// The file it was read from; `None` for the built-in defaults.
     pub source: Option<PathBuf>,
-    /// Every threshold, weight and logit rules alike (`findings::thresholds::NAMES`).
+    /// Every threshold, weight and logit rules alike (`findings::thresholds::THRESHOLDS`).
     pub thresholds: Thresholds,
     /// Level overrides from the `[levels]` table.
     pub levels: LevelOverrides,
@@ -228,24 +221,26 @@ impl GateConfig {
              # here applies to every class; the class tables below then override it per class.\n\
              # \"off\" disables a per-class rule.\n",
         );
-        for &name in thresholds::NAMES.iter().filter(|n| is_global(n)) {
+        for def in THRESHOLDS.iter().filter(|d| d.scope == Scope::Global) {
             let _ = writeln!(
                 out,
-                "{name} = {}  # {}",
-                toml_number(threshold_of(&defaults, name, PrecisionClass::Float)),
-                threshold_meaning(name)
+                "{} = {}  # {}",
+                def.name,
+                toml_number(def.get(&defaults, PrecisionClass::Float)),
+                def.meaning
             );
         }
         out.push('\n');
         for class in CLASSES {
             let _ = writeln!(out, "[thresholds.{}]", class.name());
             let _ = writeln!(out, "# {}", class_comment(class));
-            for &name in thresholds::NAMES.iter().filter(|n| !is_global(n)) {
+            for def in THRESHOLDS.iter().filter(|d| d.scope == Scope::PerClass) {
                 let _ = writeln!(
                     out,
-                    "{name} = {}  # {}",
-                    toml_number(threshold_of(&defaults, name, class)),
-                    threshold_meaning(name)
+                    "{} = {}  # {}",
+                    def.name,
+                    toml_number(def.get(&defaults, class)),
+                    def.meaning
                 );
             }
             out.push('\n');
@@ -325,20 +320,6 @@ fn toml_number(value: Option<f64>) -> String {
         None => "\"off\"".to_string(),
         // `{:?}` always writes a decimal point or an exponent, so TOML reads a float back.
         Some(v) => format!("{v:?}"),
-    }
-}
-
-/// Values a threshold may take: rates in [0, 1], everything else a finite non-negative number.
-fn check_range(name: &str, value: f64) -> Result<(), String> {
-    if !value.is_finite() {
-        return Err(format!("`{name}` must be a finite number"));
-    }
-    match name {
-        "min-retention" | "top1" | "repetition" if !(0.0..=1.0).contains(&value) => {
-            Err(format!("`{name}` is a rate between 0 and 1, not {value}"))
-        }
-        _ if value < 0.0 => Err(format!("`{name}` cannot be negative ({value})")),
-        _ => Ok(()),
     }
 }
 
@@ -455,57 +436,57 @@ impl Validator<'_, '_> {
                 if let Some(t) = self.table((key, value)) {
                     per_class.push((class, t));
                 }
-            } else if is_global(name) {
-                match self.threshold_value(name, value) {
-                    Some(Some(v)) => set_threshold(config, name, PrecisionClass::Float, Some(v)),
-                    Some(None) => self.problem(
-                        value.span(),
-                        format!("`{name}` cannot be \"off\"; use a number that never triggers"),
-                    ),
-                    None => {}
-                }
-            } else if thresholds::NAMES.contains(&name) {
-                if let Some(v) = self.threshold_value(name, value) {
-                    for class in CLASSES {
-                        set_threshold(config, name, class, v);
-                    }
-                }
-            } else {
+                continue;
+            }
+            let Some(def) = thresholds::lookup(name) else {
                 self.problem(
                     key.span(),
                     format!(
                         "unknown threshold `{name}`; expected a class table (float, 8bit, 4bit) or one of {}",
-                        thresholds::NAMES.join(", ")
+                        thresholds::names()
                     ),
                 );
+                continue;
+            };
+            match (def.scope, self.threshold_value(def, value)) {
+                (Scope::Global, Some(None)) => self.problem(
+                    value.span(),
+                    format!("`{name}` cannot be \"off\"; use a number that never triggers"),
+                ),
+                (_, Some(v)) => {
+                    for class in CLASSES {
+                        def.set(&mut config.thresholds, class, v);
+                    }
+                }
+                (_, None) => {}
             }
         }
         for (class, t) in per_class {
             for (key, value) in t.iter() {
                 let name = key.get_ref().as_ref();
-                if is_global(name) {
-                    self.problem(
+                match thresholds::lookup(name) {
+                    Some(def) if def.scope == Scope::Global => self.problem(
                         key.span(),
                         format!("`{name}` is the same for every class; set it under [thresholds]"),
-                    );
-                } else if thresholds::NAMES.contains(&name) {
-                    if let Some(v) = self.threshold_value(name, value) {
-                        set_threshold(config, name, class, v);
+                    ),
+                    Some(def) => {
+                        if let Some(v) = self.threshold_value(def, value) {
+                            def.set(&mut config.thresholds, class, v);
+                        }
                     }
-                } else {
-                    self.problem(
+                    None => self.problem(
                         key.span(),
                         format!(
                             "unknown threshold `{name}` in [thresholds.{}]; known: {}",
                             class.name(),
-                            thresholds::NAMES
+                            THRESHOLDS
                                 .iter()
-                                .copied()
-                                .filter(|n| !is_global(n))
+                                .filter(|d| d.scope == Scope::PerClass)
+                                .map(|d| d.name)
                                 .collect::<Vec<_>>()
                                 .join(", ")
                         ),
-                    );
+                    ),
                 }
             }
         }
@@ -514,9 +495,10 @@ impl Validator<'_, '_> {
     /// A threshold value: a number in range, or `"off"` (`Some(None)`); `None` after a problem.
     fn threshold_value(
         &mut self,
-        name: &str,
+        def: &ThresholdDef,
         value: &toml::Spanned<DeValue<'_>>,
     ) -> Option<Option<f64>> {
+        let name = def.name;
         let number = match value.get_ref() {
             DeValue::String(s) if s == "off" => return Some(None),
             DeValue::Integer(i) => i64::from_str_radix(i.as_str(), i.radix())
@@ -535,7 +517,7 @@ impl Validator<'_, '_> {
             );
             return None;
         };
-        match check_range(name, number) {
+        match thresholds::check_range(def, number) {
             Ok(()) => Some(Some(number)),
             Err(message) => {
                 self.problem(value.span(), message);
@@ -588,104 +570,6 @@ impl Validator<'_, '_> {
     }
 }
 
-/// Where a threshold lives in the serialized `Thresholds`: a top-level field (the same for every
-/// class) or a field of each class table.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Slot {
-    Global(String),
-    PerClass(String),
-}
-
-/// Finds a threshold's field by setting it through `Thresholds::apply_override` — the one place
-/// that maps names to fields — and seeing which serialized field changed. New thresholds work
-/// here without a second name table.
-fn slot(name: &str) -> Option<Slot> {
-    const PROBE: f64 = 0.123_456_789;
-    let before = serde_json::to_value(Thresholds::default()).ok()?;
-    let mut probed = Thresholds::default();
-    probed
-        .apply_override(&format!("{name}.float={PROBE:?}"))
-        .ok()?;
-    let after = serde_json::to_value(probed).ok()?;
-    let (before, after) = (before.as_object()?, after.as_object()?);
-    let (key, value) = after.iter().find(|(k, v)| before.get(*k) != Some(*v))?;
-    match (
-        value.as_object(),
-        before.get(key).and_then(|v| v.as_object()),
-    ) {
-        (Some(now), Some(was)) => now
-            .iter()
-            .find(|(k, v)| was.get(*k) != Some(*v))
-            .map(|(k, _)| Slot::PerClass(k.clone())),
-        _ => Some(Slot::Global(key.clone())),
-    }
-}
-
-/// True for thresholds that are the same for every precision class.
-fn is_global(name: &str) -> bool {
-    matches!(slot(name), Some(Slot::Global(_)))
-}
-
-/// Sets one threshold through `Thresholds::apply_override` (the value was validated already, and
-/// `{:?}` of an f64 parses back to the same value).
-fn set_threshold(config: &mut GateConfig, name: &str, class: PrecisionClass, value: Option<f64>) {
-    let value = value.map_or_else(|| "off".to_string(), |v| format!("{v:?}"));
-    let spec = if is_global(name) {
-        format!("{name}={value}")
-    } else {
-        format!("{name}.{}={value}", class.name())
-    };
-    // Names come from `thresholds::NAMES` and values passed `check_range`: this cannot fail.
-    let _ = config.thresholds.apply_override(&spec);
-}
-
-/// A threshold's current value by its `--threshold` name.
-fn threshold_of(t: &Thresholds, name: &str, class: PrecisionClass) -> Option<f64> {
-    let value = serde_json::to_value(t).ok()?;
-    match slot(name)? {
-        Slot::Global(field) => value.get(&field)?.as_f64(),
-        Slot::PerClass(field) => {
-            let class_field = match class {
-                PrecisionClass::Float => "float",
-                PrecisionClass::EightBit => "eight_bit",
-                PrecisionClass::FourBit => "four_bit",
-            };
-            value.get(class_field)?.get(&field)?.as_f64()
-        }
-    }
-}
-
-/// What each threshold bounds, for the template's comments.
-fn threshold_meaning(name: &str) -> &'static str {
-    match name {
-        "floor-ratio" => "precision-drift when rel_error / rounding_floor exceeds it",
-        "swamped-error" => "delta-swamped when ‖W_p − W*‖ / ‖ΔW‖ exceeds it",
-        "min-retention" => "delta-swamped when the retained share of ΔW falls below it",
-        "quant-error" => "quantization-error when the quantization error / ‖ΔW‖ exceeds it",
-        "outlier-z" => "delta-outlier when |modified z| of log ‖ΔW‖ among a module kind exceeds it",
-        "high-kl-warn" => {
-            "high-kl (warn) when mean KL(reference ‖ merged) − 2σ, in nats, exceeds it"
-        }
-        "high-kl" => "high-kl (deny) when mean KL(reference ‖ merged) − 2σ, in nats, exceeds it",
-        "top1" => "top1-disagreement when the same-top-1 rate + 2σ falls below it",
-        "effect-lost-warn" => {
-            "effect-lost (warn) when KL(ref ‖ merged) / KL(ref ‖ base) exceeds it"
-        }
-        "effect-lost" => "effect-lost (deny) when KL(ref ‖ merged) / KL(ref ‖ base) exceeds it",
-        "gibberish-nll" => {
-            "gibberish when the merged model's greedy text is this many times less likely (NLL) under the reference"
-        }
-        "repetition" => "gibberish when over this share of generated tokens repeat a trigram",
-        "merged-tolerance" => {
-            "--merged: a tensor is a faithful merge up to this many rounding floors of M's dtype"
-        }
-        "merged-quant-deny" => {
-            "--merged: quantized-merge-base is deny from this quantization error / ‖ΔW‖"
-        }
-        _ => "see README \"Thresholds\"",
-    }
-}
-
 /// A short description of a TOML value for messages (strings quoted, so they read as data).
 fn describe(value: &DeValue<'_>) -> String {
     match value {
@@ -720,8 +604,12 @@ mod tests {
         let config = parse(&template).expect("the template is valid");
         assert_eq!(config.thresholds, Thresholds::default());
         assert_eq!(config.levels, LevelOverrides::default());
-        for name in thresholds::NAMES {
-            assert!(template.contains(&format!("\n{name} = ")), "{name} missing");
+        for def in THRESHOLDS {
+            assert!(
+                template.contains(&format!("\n{} = ", def.name)),
+                "{} missing",
+                def.name
+            );
         }
         for &code in Code::ALL {
             assert!(
@@ -744,10 +632,11 @@ mod tests {
         assert_eq!(t.eight_bit.min_retention, Some(0.7));
         assert_eq!(t.four_bit.min_retention, Some(0.1));
         assert_eq!(t.outlier_z, 5.0);
-        assert_eq!(threshold_of(t, "high-kl", PrecisionClass::FourBit), None);
+        let high_kl = thresholds::lookup("high-kl").expect("a threshold");
+        assert_eq!(high_kl.get(t, PrecisionClass::FourBit), None);
         assert_eq!(
-            threshold_of(t, "high-kl", PrecisionClass::Float),
-            threshold_of(&Thresholds::default(), "high-kl", PrecisionClass::Float)
+            high_kl.get(t, PrecisionClass::Float),
+            high_kl.get(&Thresholds::default(), PrecisionClass::Float)
         );
         assert_eq!(
             config.levels.codes.get(&Code::DeltaSwamped),
@@ -757,24 +646,18 @@ mod tests {
     }
 
     #[test]
-    fn class_less_thresholds_are_found_from_the_thresholds_themselves() {
-        assert_eq!(slot("outlier-z"), Some(Slot::Global("outlier_z".into())));
-        assert_eq!(
-            slot("min-retention"),
-            Some(Slot::PerClass("min_retention".into()))
-        );
-        assert_eq!(slot("nope"), None);
-    }
-
-    #[test]
-    fn every_threshold_name_can_be_read_and_set() {
-        for &name in thresholds::NAMES {
-            let mut config = GateConfig::default();
-            set_threshold(&mut config, name, PrecisionClass::EightBit, Some(0.5));
+    fn every_threshold_name_can_be_set_in_the_file() {
+        for def in THRESHOLDS {
+            let text = match def.scope {
+                Scope::Global => format!("[thresholds]\n{} = 0.5\n", def.name),
+                Scope::PerClass => format!("[thresholds.8bit]\n{} = 0.5\n", def.name),
+            };
+            let config = parse(&text).unwrap_or_else(|p| panic!("{}: {p:?}", def.name));
             assert_eq!(
-                threshold_of(&config.thresholds, name, PrecisionClass::EightBit),
+                def.get(&config.thresholds, PrecisionClass::EightBit),
                 Some(0.5),
-                "{name}"
+                "{}",
+                def.name
             );
         }
     }

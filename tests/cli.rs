@@ -2,6 +2,7 @@
 //! fixtures and checks exit codes, both output streams and the JSON contract.
 
 mod action;
+mod bad_inputs;
 mod hub;
 mod reports;
 mod shell;
@@ -640,6 +641,7 @@ fn every_code_is_raised_by_some_fixture() {
         .flat_map(|c| c.3.iter().copied())
         .chain(WEIGHT_CASES.iter().flat_map(|c| c.4.iter().copied()))
         .chain(LOGIT_CASES.iter().flat_map(|c| c.4.iter().copied()))
+        .chain(bad_inputs::raised_codes())
         .map(str::to_string)
         .chain(merged_cases().into_iter().flat_map(|c| c.3))
         .collect();
@@ -660,7 +662,10 @@ fn json_report_follows_the_contract() {
         object.keys().next().map(String::as_str),
         Some("schema_version")
     );
-    assert_eq!(report["schema_version"], 1);
+    assert_eq!(
+        report["schema_version"],
+        lora_doctor::report::SCHEMA_VERSION
+    );
     assert_eq!(report["tool_version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(report["verdict"], "fail");
     assert!(report["precisions"].is_null() && report["layers"].is_null());
@@ -1358,10 +1363,11 @@ fn committed_example_report_matches_what_the_command_produces() {
     );
 }
 
-/// An architecture without a forward pass is not an error: the weight checks run and the report
-/// says why logits were skipped.
+/// An architecture without a forward pass cannot give the logit comparison that was asked for:
+/// exit 2 naming the way out; with --weights-only the weight checks run and the report says why
+/// logits were skipped.
 #[test]
-fn unknown_architecture_skips_logits_with_a_reason() {
+fn unknown_architecture_needs_weights_only_for_a_gate() {
     let dir = tempfile::tempdir().expect("tempdir");
     let base = dir.path().join("mystery-llama");
     std::fs::create_dir(&base).expect("mkdir");
@@ -1375,20 +1381,43 @@ fn unknown_architecture_skips_logits_with_a_reason() {
     config["model_type"] = Value::String("mystery".into());
     std::fs::write(base.join("config.json"), config.to_string()).expect("write config");
     let base_s = base.display().to_string();
-    let out = run(&[
+    let adapter = fixture("adapters/llama-lora");
+    let args = [
         "check",
         "--json",
         "-",
         "--base",
         &base_s,
         "--adapter",
-        &fixture("adapters/llama-lora"),
-    ]);
+        &adapter,
+    ];
+    let out = run(&args);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("mystery"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--weights-only"), "{}", stderr(&out));
+    assert!(
+        out.stdout.is_empty(),
+        "no report for a check that could not run"
+    );
+
+    let mut weights_only = args.to_vec();
+    weights_only.push("--weights-only");
+    let out = run(&weights_only);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let report: Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    let why = report["logits_skipped"].as_str().expect("a reason");
-    assert!(why.contains("mystery"), "{why}");
+    assert_eq!(report["logits_skipped"], "--weights-only");
     assert!(report["adapter_effect"].is_null());
     assert!(report["layers"].as_array().is_some_and(|l| !l.is_empty()));
-    assert!(stderr(&out).contains("logits not compared"));
+    assert!(stderr(&out).contains("checked: structure, weights"));
+}
+
+/// The README's threshold table is the registry's, row for row (one source of truth per name).
+#[test]
+fn readme_threshold_table_is_the_registry() {
+    let readme = std::fs::read_to_string(root().join("README.md")).expect("README.md");
+    let table = lora_doctor::findings::thresholds::markdown_table();
+    assert!(
+        readme.contains(&table),
+        "README.md's threshold table differs from the registry; paste this:\n{table}"
+    );
 }

@@ -1046,7 +1046,7 @@ fn json_reports_validate_against_the_committed_schema() {
     // The validator is not vacuous: each mutation is caught.
     let good = &reports[0].1;
     let mutations: [(&str, Mutation); 5] = [
-        ("schema_version", |r| r["schema_version"] = 2.into()),
+        ("schema_version", |r| r["schema_version"] = 1.into()),
         ("missing verdict", |r| {
             r.as_object_mut().expect("object").remove("verdict");
         }),

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use rayon::prelude::*;
 
+use super::inputs::{Loaded, load};
 use crate::ExitStatus;
 use crate::cli::CheckArgs;
-use crate::findings::structure::{self, StructureInput};
 use crate::findings::thresholds::Thresholds;
 use crate::findings::weights::PrecisionReport;
 use crate::findings::weights::{self, WeightOutcome};
@@ -17,26 +17,15 @@ use crate::findings::{self, Verdict};
 use crate::forward::{ForwardInputs, MERGED_LABEL};
 use crate::gate::{GateConfig, LevelOverrides};
 use crate::io::adapter::Adapter;
+use crate::io::base_folder;
 use crate::io::checkpoint::{Checkpoint, TensorDtype};
 use crate::io::config::ModelConfig;
 use crate::io::prompts::{self, TokenizedPrompts};
-use crate::io::tokenizer::TokenizerInfo;
 use crate::merge::engine::{self, EvalOptions, MergePlan};
 use crate::merge::float::FloatFormat;
 use crate::merge::precision::{self, Precision};
 use crate::model::Architecture;
 use crate::report::{self, Inputs, MergeSettings, OutputTarget, Report};
-
-/// The folder whose config.json / tokenizer.json describe a base given as a folder or a file.
-pub fn base_folder(base: &Path) -> PathBuf {
-    if base.is_file() {
-        base.parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
-    } else {
-        base.to_path_buf()
-    }
-}
 
 /// Validated `check` settings: every flag problem is collected and reported at once.
 struct Settings {
@@ -48,6 +37,7 @@ struct Settings {
 }
 
 /// One report file to write, and what goes in it.
+#[derive(Clone, Copy)]
 enum Format {
     Json,
     Csv,
@@ -56,6 +46,16 @@ enum Format {
     Junit,
     Summary,
 }
+
+/// The files `--report-dir` writes, and what goes in each.
+const REPORT_DIR_FILES: [(&str, Format); 6] = [
+    ("report.json", Format::Json),
+    ("layers.csv", Format::Csv),
+    ("tokens.csv", Format::Tokens),
+    ("report.html", Format::Html),
+    ("junit.xml", Format::Junit),
+    ("summary.md", Format::Summary),
+];
 
 /// Settings plus the reserved outputs.
 struct Plan {
@@ -71,6 +71,23 @@ fn plan(args: &CheckArgs) -> anyhow::Result<Plan> {
         inputs.push(m.as_path());
     }
     let mut outputs = Vec::new();
+    let mut requested: Vec<(String, PathBuf)> = Vec::new();
+    for (name, flag) in [
+        ("--json", &args.json),
+        ("--csv", &args.csv),
+        ("--html", &args.html),
+        ("--junit", &args.junit),
+    ] {
+        if let Some(path) = flag {
+            requested.push((name.to_string(), path.clone()));
+        }
+    }
+    if let Some(dir) = &args.report_dir {
+        for name in REPORT_DIR_FILES.iter().map(|(name, _)| name) {
+            requested.push((format!("--report-dir's {name}"), dir.join(name)));
+        }
+    }
+    report::refuse_shared_destinations(&requested)?;
     for (flag, format) in [
         (&args.json, Format::Json),
         (&args.csv, Format::Csv),
@@ -100,14 +117,7 @@ fn plan(args: &CheckArgs) -> anyhow::Result<Plan> {
         }
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the report folder `{}`", dir.display()))?;
-        for (name, format) in [
-            ("report.json", Format::Json),
-            ("layers.csv", Format::Csv),
-            ("tokens.csv", Format::Tokens),
-            ("report.html", Format::Html),
-            ("junit.xml", Format::Junit),
-            ("summary.md", Format::Summary),
-        ] {
+        for (name, format) in REPORT_DIR_FILES {
             outputs.push((format, OutputTarget::reserve(&dir.join(name), &inputs)?));
         }
     }
@@ -119,6 +129,9 @@ fn plan(args: &CheckArgs) -> anyhow::Result<Plan> {
 
 fn plan_without_outputs(args: &CheckArgs) -> anyhow::Result<Settings> {
     let mut problems = Vec::new();
+    if args.threads == Some(0) {
+        problems.push("--threads must be at least 1 (omit it to use every core)".to_string());
+    }
     if args.max_tokens < 2 {
         problems.push("--max-tokens must be at least 2".to_string());
     }
@@ -230,53 +243,6 @@ fn default_precisions(
     list
 }
 
-/// Inputs opened and structurally checked, shared by `check` and `merge`.
-pub struct Loaded {
-    pub base: Checkpoint,
-    pub base_config: Option<ModelConfig>,
-    pub adapters: Vec<Adapter>,
-    pub findings: Vec<crate::findings::Finding>,
-    pub structures: Vec<structure::StructureReport>,
-}
-
-/// Opens the base and every adapter (exit 2 on unreadable input) and runs the structural rules.
-pub fn load(base_path: &Path, adapter_dirs: &[PathBuf]) -> anyhow::Result<Loaded> {
-    let base = Checkpoint::open(base_path)
-        .with_context(|| format!("cannot open the base `{}`", base_path.display()))?;
-    let folder = base_folder(base_path);
-    let base_config = ModelConfig::read_dir(&folder)?;
-    let base_tokenizer = TokenizerInfo::read_dir(&folder)?;
-    let mut adapters = Vec::with_capacity(adapter_dirs.len());
-    for dir in adapter_dirs {
-        adapters.push(
-            Adapter::open(dir)
-                .with_context(|| format!("cannot read the adapter `{}`", dir.display()))?,
-        );
-    }
-    let mut findings = Vec::new();
-    let mut structures = Vec::new();
-    for adapter in &adapters {
-        let adapter_tokenizer = TokenizerInfo::read_dir(&adapter.dir)?;
-        let mut result = structure::check(&StructureInput {
-            base: &base,
-            base_config: base_config.as_ref(),
-            base_tokenizer: base_tokenizer.as_ref(),
-            adapter,
-            adapter_tokenizer: adapter_tokenizer.as_ref(),
-        })
-        .with_context(|| format!("reading the adapter tensors in `{}`", adapter.dir.display()))?;
-        findings.append(&mut result.findings);
-        structures.push(result);
-    }
-    Ok(Loaded {
-        base,
-        base_config,
-        adapters,
-        findings,
-        structures,
-    })
-}
-
 /// Validates the flags and builds the complete report (no output is written). Used by `run` and
 /// by tests and tools that want the `Report` itself.
 pub fn build_report(args: &CheckArgs) -> anyhow::Result<Report> {
@@ -335,7 +301,7 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
             recipe: args.recipe,
             trained_on: plan.trained_on,
         };
-        let bar = report::progress::bar(merge_plan.weights.len(), args.quiet, "merging");
+        let bar = super::progress::bar(merge_plan.weights.len(), args.quiet, "merging", "tensors");
         let mut evaluations = merge_plan
             .weights
             .par_iter()
@@ -358,7 +324,12 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
                     format!("cannot open the merged checkpoint `{}`", dir.display())
                 })?;
                 let precision = Precision::Float(crate::forensics::merged_dtype(&checkpoint));
-                let bar = report::progress::bar(merge_plan.weights.len(), args.quiet, "forensics");
+                let bar = super::progress::bar(
+                    merge_plan.weights.len(),
+                    args.quiet,
+                    "forensics",
+                    "tensors",
+                );
                 let (found_forensics, mut found) =
                     crate::forensics::analyze(&crate::forensics::Inputs {
                         base: &base,
@@ -410,23 +381,35 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
             }
         };
 
-        // Logit stage.
+        // Logit stage. A comparison the user asked for (no --weights-only) that cannot run is
+        // "could not run" (exit 2), never a pass on the weights alone.
         let arch = if args.weights_only {
             Err("--weights-only".to_string())
         } else {
-            match &base_config {
-                None => Err("the base has no config.json, so its architecture is unknown".into()),
+            let why = match &base_config {
+                None => Err(format!(
+                    "the base `{}` has no config.json, so its architecture is unknown",
+                    base_folder(&args.base).display()
+                )),
                 Some(config) => {
                     Architecture::from_config(config, &|n| base.contains(n)).map_err(|e| e.reason)
                 }
+            };
+            if let Err(why) = &why {
+                bail!(
+                    "the logit comparison cannot run: {why}; add --weights-only for a gate on the \
+                     weights alone"
+                );
             }
+            why
         };
         match arch {
             Err(why) => logits_skipped = Some(why),
             Ok(arch) => {
                 let prompts = prompts_for(args, &adapters, arch.max_positions())?;
                 tokens = Some(prompts.tokens());
-                let bar = report::progress::bar(arch.num_layers() + 2, args.quiet, "forward");
+                let bar =
+                    super::progress::bar(arch.num_layers() + 2, args.quiet, "forward", "steps");
                 let forward_inputs = ForwardInputs {
                     arch: &arch,
                     base: &base,
@@ -480,7 +463,12 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
                         .map(|s| s[..s.len().min(GENERATION_PROMPT_TOKENS)].to_vec())
                         .collect();
                     let stop = eos_ids(base_config.as_ref());
-                    let bar = report::progress::bar(precisions.len() + 1, args.quiet, "generating");
+                    let bar = super::progress::bar(
+                        precisions.len() + 1,
+                        args.quiet,
+                        "generating",
+                        "models",
+                    );
                     let generation = crate::forward::generation_check(
                         &forward_inputs,
                         &gen_prompts,
@@ -588,12 +576,20 @@ fn prompts_for(
 
 pub fn run(args: &CheckArgs) -> anyhow::Result<ExitStatus> {
     let plan = plan(args)?;
-    if let Some(n) = args.threads {
-        // Ignored when a pool already exists (tests calling run twice); the first setting wins.
-        let _ = rayon::ThreadPoolBuilder::new()
-            .num_threads(n.max(1))
-            .build_global();
+    if let Some(requested) = args.threads {
+        let used = crate::threads::configure(requested);
+        if used < requested && !args.quiet {
+            report::print_human(
+                &format!(
+                    "note: --threads {requested} is more than the {used} cores of this machine; \
+                     using {used}\n"
+                ),
+                true,
+            )?;
+        }
     }
+    // After the thread count is set: the handler runs on a thread of its own.
+    crate::interrupt::install();
     let report = build(args, &plan.settings)?;
     let verdict = report.verdict;
 

@@ -1,57 +1,17 @@
 //! `lora-doctor inspect PATH`: what an adapter or a checkpoint holds, from headers only.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
-use anyhow::Context;
-use serde::Serialize;
-
-use super::check::base_folder;
 use crate::ExitStatus;
 use crate::cli::InspectArgs;
 use crate::findings::structure::ModuleMatch;
 use crate::io::adapter::{self, Adapter, ModuleSelector, TensorRole};
+use crate::io::base_folder;
 use crate::io::checkpoint::Checkpoint;
 use crate::io::config::ModelConfig;
-use crate::report::{self, terminal};
-
-/// An adapter folder's summary.
-#[derive(Debug, Serialize)]
-pub struct AdapterSummary {
-    pub path: String,
-    pub peft_type: String,
-    pub r: usize,
-    pub lora_alpha: f64,
-    /// The default scale (before rank/alpha patterns).
-    pub scale: f64,
-    pub use_rslora: bool,
-    pub use_dora: bool,
-    pub fan_in_fan_out: bool,
-    pub base_model_name_or_path: Option<String>,
-    pub target_modules: Option<String>,
-    pub modules_to_save: Vec<String>,
-    pub tensors: usize,
-    pub bytes: usize,
-    pub dtypes: Vec<String>,
-    pub modules: Vec<ModuleMatch>,
-}
-
-/// A checkpoint's summary.
-#[derive(Debug, Serialize)]
-pub struct CheckpointSummary {
-    pub path: String,
-    pub architecture: Option<String>,
-    pub parameters: usize,
-    pub tensors: usize,
-    pub bytes: usize,
-    pub files: usize,
-    pub dtypes: BTreeMap<String, usize>,
-    pub layers: Option<usize>,
-    pub hidden_size: Option<usize>,
-    pub vocab_size: Option<usize>,
-    pub tie_word_embeddings: Option<bool>,
-    pub quantization: Option<String>,
-}
+use crate::report;
+use crate::report::inspect::{self as summary, AdapterSummary, CheckpointSummary};
+use anyhow::Context;
 
 pub fn run(args: &InspectArgs) -> anyhow::Result<ExitStatus> {
     // `inspect dir/adapter_config.json` means the adapter folder.
@@ -66,13 +26,13 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<ExitStatus> {
     let (text, json) = if is_adapter {
         let summary = summarize_adapter(path)?;
         (
-            terminal::adapter_summary(&summary),
+            summary::adapter_summary(&summary),
             serde_json::to_string_pretty(&summary)?,
         )
     } else {
         let summary = summarize_checkpoint(path)?;
         (
-            terminal::checkpoint_summary(&summary),
+            summary::checkpoint_summary(&summary),
             serde_json::to_string_pretty(&summary)?,
         )
     };
@@ -130,10 +90,7 @@ fn summarize_adapter(dir: &Path) -> anyhow::Result<AdapterSummary> {
         use_dora: config.use_dora,
         fan_in_fan_out: config.fan_in_fan_out,
         base_model_name_or_path: config.base_model_name_or_path.clone(),
-        target_modules: config.target_modules.as_ref().map(|t| match t {
-            ModuleSelector::Names(names) => names.join(", "),
-            ModuleSelector::Regex(re) => format!("regex {re}"),
-        }),
+        target_modules: config.target_modules.as_ref().map(ModuleSelector::describe),
         modules_to_save: config.modules_to_save.clone(),
         tensors: adapter.weights.len(),
         bytes: adapter.nbytes(),
@@ -146,7 +103,7 @@ fn summarize_checkpoint(path: &Path) -> anyhow::Result<CheckpointSummary> {
     let checkpoint = Checkpoint::open(path)
         .with_context(|| format!("cannot open the checkpoint `{}`", path.display()))?;
     let config = ModelConfig::read_dir(&base_folder(path))?;
-    let mut dtypes = BTreeMap::new();
+    let mut dtypes = std::collections::BTreeMap::new();
     for t in checkpoint.tensors() {
         *dtypes.entry(t.dtype.name().to_string()).or_insert(0) += 1;
     }

@@ -10,17 +10,18 @@ use anyhow::{Context, bail};
 use rayon::prelude::*;
 use serde_json::Value;
 
-use super::check::{Loaded, base_folder, load};
+use super::inputs::{Loaded, load};
 use crate::ExitStatus;
 use crate::cli::MergeArgs;
 use crate::findings::thresholds::Thresholds;
 use crate::findings::{self, Code, Level, Verdict, weights};
+use crate::io::base_folder;
 use crate::io::checkpoint::TensorDtype;
 use crate::io::writer::{self, OutTensor};
 use crate::merge::engine::{self, EvalOptions, MergePlan, TensorJob};
 use crate::merge::float::FloatFormat;
 use crate::merge::precision::Precision;
-use crate::report::{self, terminal};
+use crate::report;
 
 /// Tokenizer and generation files copied into the merged folder.
 const SIDE_FILES: &[&str] = &[
@@ -40,6 +41,62 @@ fn dtype_of(format: FloatFormat) -> (TensorDtype, &'static str) {
         FloatFormat::F32 => (TensorDtype::F32, "float32"),
         FloatFormat::F16 => (TensorDtype::F16, "float16"),
         FloatFormat::Bf16 => (TensorDtype::Bf16, "bfloat16"),
+    }
+}
+
+/// A merged tensor that would be written with NaN, Inf or overflowed values: the merge stops,
+/// nothing is written, exit 1.
+#[derive(Debug)]
+struct NonFiniteOutput {
+    tensor: String,
+    count: usize,
+    total: usize,
+    format: FloatFormat,
+}
+
+impl std::fmt::Display for NonFiniteOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "`{}` would hold {} NaN/Inf value(s) of {} in {} (non-finite, or beyond the format's \
+             largest finite value)",
+            self.tensor,
+            self.count,
+            self.total,
+            self.format.name()
+        )
+    }
+}
+
+impl std::error::Error for NonFiniteOutput {}
+
+impl NonFiniteOutput {
+    fn advice(&self) -> &'static str {
+        match self.format {
+            FloatFormat::F16 => {
+                "f16 holds at most ±65504: merge to bf16 (same size, f32's range), and run \
+                 `lora-doctor check --precision f16` to see which modules overflow"
+            }
+            _ => {
+                "the adapter or the base holds non-finite values or an exploded update: run \
+                 `lora-doctor check` to find the module, and retrain or fix it before merging"
+            }
+        }
+    }
+}
+
+/// Values that are NaN/Inf after rounding to `format` (f16 turns anything from 65520 up into Inf).
+fn nonfinite_after_rounding(values: &[f32], format: FloatFormat) -> usize {
+    match format {
+        FloatFormat::F32 => values.iter().filter(|v| !v.is_finite()).count(),
+        FloatFormat::F16 => values
+            .iter()
+            .filter(|v| !half::f16::from_f32(**v).is_finite())
+            .count(),
+        FloatFormat::Bf16 => values
+            .iter()
+            .filter(|v| !half::bf16::from_f32(**v).is_finite())
+            .count(),
     }
 }
 
@@ -78,6 +135,7 @@ fn check_out(out: &Path, inputs: &[&Path]) -> anyhow::Result<PathBuf> {
 }
 
 pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
+    crate::interrupt::install();
     let format = match Precision::parse(&args.precision) {
         Some(Precision::Float(f)) => f,
         _ => bail!(
@@ -145,7 +203,7 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
             recipe: args.recipe,
             trained_on: None,
         };
-        let bar = report::progress::bar(plan.weights.len(), args.quiet, "checking");
+        let bar = super::progress::bar(plan.weights.len(), args.quiet, "checking", "tensors");
         let mut evaluations = plan
             .weights
             .par_iter()
@@ -183,6 +241,7 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
         .prefix(".lora-doctor-merge-")
         .tempdir_in(&parent)
         .with_context(|| format!("cannot create a folder in `{}`", parent.display()))?;
+    let interrupt_guard = crate::interrupt::track(staging.path());
     let (out_dtype, torch_name) = dtype_of(format);
     let jobs: HashMap<&str, &TensorJob> = plan
         .weights
@@ -218,8 +277,23 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
     }
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
 
-    let bar = report::progress::bar(tensors.len(), args.quiet, "writing");
-    let files = writer::write_checkpoint(
+    let bar = super::progress::bar(tensors.len(), args.quiet, "writing", "tensors");
+    // Every float tensor is checked after rounding to the output dtype: a merge never writes a
+    // NaN, an Inf or a value that overflowed the format, gate or no gate.
+    let finite = |name: &str, values: &[f32]| -> anyhow::Result<()> {
+        let bad = nonfinite_after_rounding(values, format);
+        if bad > 0 {
+            return Err(NonFiniteOutput {
+                tensor: name.to_string(),
+                count: bad,
+                total: values.len(),
+                format,
+            }
+            .into());
+        }
+        Ok(())
+    };
+    let written = writer::write_checkpoint(
         staging.path(),
         &tensors,
         max_shard,
@@ -235,10 +309,12 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
                     format,
                     args.recipe,
                 );
+                finite(&t.name, &merged)?;
                 return writer::encode(&merged, &out_dtype);
             }
             if let Some(bias) = biases.get(t.name.as_str()) {
                 let merged = engine::merged_bias(bias, &base, &adapters)?;
+                finite(&t.name, &merged)?;
                 return writer::encode(&merged, &out_dtype);
             }
             let (info, raw) = base.raw(&t.name)?;
@@ -246,11 +322,31 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
                 return Ok(raw.to_vec());
             }
             let values = crate::io::checkpoint::decode_f32(info, raw)?;
+            finite(&t.name, &values)?;
             writer::encode(&values, &out_dtype)
         },
         || bar.inc(1),
-    )?;
+    );
     bar.finish_and_clear();
+    let files = match written {
+        Ok(files) => files,
+        Err(err) => {
+            // The staging folder is removed when `staging` drops; nothing reaches --out.
+            if let Some(bad) = err.downcast_ref::<NonFiniteOutput>() {
+                if !args.quiet {
+                    report::print_human(
+                        &format!(
+                            "not merged: {bad}; nothing was written\n  advice: {}\n",
+                            bad.advice()
+                        ),
+                        true,
+                    )?;
+                }
+                return Ok(ExitStatus::Failure);
+            }
+            return Err(err);
+        }
+    };
 
     // Side files: config (dtype, untied head), tokenizer (the last adapter that has one, else the
     // base's), generation config.
@@ -301,16 +397,11 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
             args.out.display()
         )
     })?;
+    drop(interrupt_guard);
     if !args.quiet {
         let bytes: usize = tensors
             .iter()
-            .map(|t| {
-                t.shape.iter().product::<usize>()
-                    * match t.dtype {
-                        TensorDtype::F32 => 4,
-                        _ => 2,
-                    }
-            })
+            .map(|t| t.shape.iter().product::<usize>() * t.dtype.bytes_per_element().unwrap_or(1))
             .sum();
         report::print_human(
             &format!(
@@ -320,7 +411,7 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
                 args.out.display(),
                 format.name(),
                 args.recipe.name(),
-                terminal::human_bytes(bytes),
+                report::format::human_bytes(bytes),
                 files.iter().filter(|f| f.ends_with(".safetensors")).count(),
                 if untied { ", lm_head untied" } else { "" },
                 if tokenizer_dir != base_dir.as_path() {

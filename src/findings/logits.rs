@@ -107,9 +107,9 @@ pub fn assess_generation(
     g: &crate::forward::GenerationStats,
     thresholds: &Thresholds,
 ) -> Vec<Finding> {
-    let unlikely = g.nll_ratio > thresholds.gibberish_nll_ratio;
-    let looping = g.repetition > thresholds.max_repetition
-        && g.reference_repetition <= thresholds.max_repetition / 2.0;
+    let unlikely = g.nll_ratio > thresholds.gibberish_nll;
+    let looping = g.repetition > thresholds.repetition
+        && g.reference_repetition <= thresholds.repetition / 2.0;
     if !(unlikely || looping) {
         return Vec::new();
     }
@@ -133,9 +133,9 @@ pub fn assess_generation(
     .observed(
         if unlikely { g.nll_ratio } else { g.repetition },
         Some(if unlikely {
-            thresholds.gibberish_nll_ratio
+            thresholds.gibberish_nll
         } else {
-            thresholds.max_repetition
+            thresholds.repetition
         }),
     );
     f.precision = Some(label.to_string());

@@ -44,6 +44,7 @@ pub enum Code {
     TiedEmbeddings,
     NonfiniteAdapter,
     UntrainedAdapter,
+    NegativeScale,
     BaseMismatch,
     QuantizedBase,
     NonfiniteMerge,
@@ -90,6 +91,7 @@ impl Code {
         Code::TiedEmbeddings,
         Code::NonfiniteAdapter,
         Code::UntrainedAdapter,
+        Code::NegativeScale,
         Code::BaseMismatch,
         Code::QuantizedBase,
         Code::NonfiniteMerge,
@@ -126,6 +128,35 @@ impl Code {
 
     pub fn default_level(self) -> Level {
         self.doc().default_level
+    }
+
+    /// For codes whose level depends on what was measured, how it is chosen (the threshold
+    /// names are the `--threshold` ones). `None`: always the default level.
+    pub fn level_rule(self) -> Option<&'static str> {
+        use Code::*;
+        match self {
+            HighKl => Some("warn above `high-kl-warn`, deny above `high-kl`"),
+            EffectLost => Some("warn above `effect-lost-warn`, deny above `effect-lost`"),
+            QuantizedMergeBase => Some(
+                "deny from `merged-quant-deny` × ‖ΔW‖ of quantization error, warn below it or when \
+                 --trained-on names that format",
+            ),
+            UntrainedAdapter => {
+                Some("warn when every lora_B is zero, deny when lora_alpha makes the scale 0")
+            }
+            ConfigDrift => {
+                Some("warn for a changed setting, deny when M has no loadable config.json")
+            }
+            _ => None,
+        }
+    }
+
+    /// The default level as `explain` shows it: `deny`, or `warn or deny` for measured codes.
+    pub fn level_label(self) -> String {
+        match self.level_rule() {
+            None => self.default_level().as_str().to_string(),
+            Some(_) => "warn or deny".to_string(),
+        }
     }
 
     /// The code's documentation.
@@ -217,13 +248,29 @@ impl Code {
             ),
             UntrainedAdapter => (
                 Warn,
-                "every lora_B is zero: the adapter does nothing",
+                "the adapter's update is zero: it does nothing",
                 "Fires when every lora_B / lora_embedding_B is exactly zero and nothing else (full tensors, \
-                 DoRA magnitudes) is stored.",
+                 DoRA magnitudes) is stored (warn), or when `lora_alpha` is 0 so that every module's \
+                 scale α/r is 0 (deny: the update is deleted by configuration).",
                 "PEFT initialises B to zero; an adapter saved before training, or an empty state dict saved \
-                 by a patched `state_dict`, merges to the base model unchanged.",
+                 by a patched `state_dict`, merges to the base model unchanged. With lora_alpha = 0 PEFT \
+                 multiplies B·A by 0, so a trained adapter still changes nothing, and every logit check \
+                 passes trivially.",
                 "Save after training with `model.save_pretrained(...)` (not a patched state_dict), and check \
-                 that the trainer actually updated the LoRA parameters.",
+                 that the trainer actually updated the LoRA parameters; restore the `lora_alpha` the \
+                 adapter was trained with (PEFT's default is 8).",
+            ),
+            NegativeScale => (
+                Warn,
+                "a negative lora_alpha subtracts the update",
+                "Fires when `lora_alpha` (or an `alpha_pattern` entry) is negative, so that a merged module's \
+                 scale α/r is below zero.",
+                "PEFT accepts a negative alpha and merges W − |s|·B·A: the merged model moves away from what \
+                 the adapter learned. It is almost always a sign slip in a hand-edited config or a \
+                 conversion script; the logit comparison then measures the wrong model faithfully.",
+                "Set `lora_alpha` to the positive value used in training (`lora-doctor inspect ADAPTER` shows \
+                 the scale per module); if the negation is intended (task-vector negation), allow the code \
+                 with `--allow negative-scale`.",
             ),
             BaseMismatch => (
                 Warn,
@@ -484,6 +531,7 @@ impl CodeDoc {
             TiedEmbeddings => "tied-embeddings",
             NonfiniteAdapter => "nonfinite-adapter",
             UntrainedAdapter => "untrained-adapter",
+            NegativeScale => "negative-scale",
             BaseMismatch => "base-mismatch",
             QuantizedBase => "quantized-base",
             NonfiniteMerge => "nonfinite-merge",

@@ -57,7 +57,8 @@ pub struct StructureReport {
     pub tensors: usize,
     pub bytes: usize,
     pub modules: Vec<ModuleMatch>,
-    /// Modules that resolved to a base tensor.
+    /// Modules the merge actually uses: they resolve to a base tensor and, for LoRA modules, the
+    /// config wraps them (`target_modules`, `exclude_modules`, `layers_to_transform`).
     pub matched: usize,
     #[serde(skip)]
     pub findings: Vec<Finding>,
@@ -70,6 +71,9 @@ pub fn check(input: &StructureInput<'_>) -> Result<StructureReport, CheckpointEr
     let conv1d = mapping::Conv1dRule::new(input.base_config, adapter.config.fan_in_fan_out);
     let mut matches = Vec::new();
     let mut unresolved = Vec::new();
+    let mut merged = 0;
+    let mut unwrapped = 0;
+    let mut scales = Vec::new();
     for module in adapter.modules.values() {
         let merge_relevant = module
             .tensors
@@ -94,6 +98,15 @@ pub fn check(input: &StructureInput<'_>) -> Result<StructureReport, CheckpointEr
             scale: scaling.as_ref().map(|s| s.scale),
         });
         unused_tensors(adapter, module, &mut findings);
+        let wrapped = !module.has_lora() || adapter.config.wraps(&module.name).is_ok();
+        if merge_relevant && target.is_ok() {
+            if wrapped {
+                merged += 1;
+                scales.extend(scaling.as_ref().map(|s| (module.name.clone(), s.clone())));
+            } else {
+                unwrapped += 1;
+            }
+        }
         match target {
             Ok(target) => {
                 rank_rules(adapter, module, &mut findings);
@@ -103,8 +116,16 @@ pub fn check(input: &StructureInput<'_>) -> Result<StructureReport, CheckpointEr
             Err(_) => {}
         }
     }
-    let matched = matches.iter().filter(|m| m.base_tensor.is_some()).count();
-    coverage_rules(input.base, matched, unresolved, &mut findings);
+    let matched = merged;
+    coverage_rules(
+        input.base,
+        matched,
+        unwrapped,
+        unresolved,
+        adapter,
+        &mut findings,
+    );
+    scale_rules(adapter, &scales, &mut findings);
     vocab_rules(input, &mut findings);
     tied_rules(input, &mut findings)?;
     findings.extend(value_rules(adapter)?);
@@ -393,16 +414,67 @@ fn unused_tensors(adapter: &Adapter, module: &AdapterModule, findings: &mut Vec<
     if module.has_lora()
         && let Err(why) = config.wraps(&module.name)
     {
-        unused(&module.name, format!("{why}, so PEFT never wraps it"));
+        findings.push(
+            Finding::new(
+                Code::UnusedTensor,
+                Some(module.name.clone()),
+                format!(
+                    "`{}` is ignored by the merge: {why}, so PEFT never wraps it",
+                    module.name
+                ),
+            )
+            .advice(
+                "Make adapter_config.json select the modules the adapter holds tensors for \
+                 (`target_modules`, `exclude_modules`, `layers_to_transform`, as PEFT wrote them \
+                 when training), or delete the tensors if they were never meant to be merged.",
+            ),
+        );
     }
 }
 
 fn coverage_rules(
     base: &Checkpoint,
     matched: usize,
+    unwrapped: usize,
     unresolved: Vec<(String, Unresolved)>,
+    adapter: &Adapter,
     findings: &mut Vec<Finding>,
 ) {
+    // Every module resolves, yet the config selects none of them: PEFT raises "Target modules
+    // … not found" on load, and a merge would change nothing.
+    if matched == 0 && unresolved.is_empty() && unwrapped > 0 {
+        let selectors = [
+            adapter
+                .config
+                .target_modules
+                .as_ref()
+                .map(|t| format!("target_modules [{}]", t.describe())),
+            adapter
+                .config
+                .exclude_modules
+                .as_ref()
+                .map(|t| format!("exclude_modules [{}]", t.describe())),
+            adapter
+                .config
+                .layers_to_transform
+                .as_ref()
+                .map(|l| format!("layers_to_transform {l:?}")),
+        ];
+        let selectors: Vec<String> = selectors.into_iter().flatten().collect();
+        findings.push(
+            Finding::new(
+                Code::NoMatch,
+                None,
+                format!(
+                    "adapter_config.json ({}) selects none of the adapter's {unwrapped} LoRA modules, so \
+                     PEFT refuses to load it and a merge would change nothing",
+                    selectors.join(", ")
+                ),
+            )
+            .observed(0.0, Some(unwrapped as f64)),
+        );
+        return;
+    }
     if unresolved.is_empty() {
         return;
     }
@@ -442,6 +514,60 @@ fn coverage_rules(
             ),
         };
         findings.push(Finding::new(Code::MissingTarget, Some(module), message));
+    }
+}
+
+/// An update that is zero or sign-flipped by configuration: `lora_alpha` (or every
+/// `alpha_pattern` entry) of 0 makes ΔW = 0 however well B·A trained; a negative alpha subtracts it.
+fn scale_rules(
+    adapter: &Adapter,
+    scales: &[(String, crate::io::adapter::ModuleScaling)],
+    findings: &mut Vec<Finding>,
+) {
+    if scales.is_empty() {
+        return;
+    }
+    let other_payload = adapter.modules.values().any(|m| {
+        m.get(TensorRole::FullWeight).is_some() || m.get(TensorRole::TrainableTokens).is_some()
+    });
+    if scales.iter().all(|(_, s)| s.scale == 0.0) && !other_payload {
+        let mut finding = Finding::new(
+            Code::UntrainedAdapter,
+            None,
+            format!(
+                "lora_alpha is {} (scale α/r = 0 on all {} LoRA modules): ΔW = 0 everywhere \
+                     whatever lora_A and lora_B hold, so the merged model equals the base",
+                adapter.config.lora_alpha,
+                scales.len()
+            ),
+        )
+        .observed(0.0, None);
+        // Zero by configuration is not "maybe saved early": every check downstream would pass
+        // trivially on a model equal to the base.
+        finding.level = super::Level::Deny;
+        findings.push(finding);
+    }
+    let negative: Vec<&(String, crate::io::adapter::ModuleScaling)> =
+        scales.iter().filter(|(_, s)| s.scale < 0.0).collect();
+    if let Some((module, first)) = negative.first() {
+        findings.push(
+            Finding::new(
+                Code::NegativeScale,
+                (negative.len() == 1).then(|| module.clone()),
+                format!(
+                    "{} of {} LoRA modules have a negative scale (e.g. `{module}`: alpha {}, r {}, \
+                     scale {}): the merge computes W − {}·B·A, pushing the model away from what the \
+                     adapter learned",
+                    negative.len(),
+                    scales.len(),
+                    first.alpha,
+                    first.r,
+                    first.scale,
+                    first.scale.abs()
+                ),
+            )
+            .observed(first.scale, Some(0.0)),
+        );
     }
 }
 

@@ -51,9 +51,34 @@ impl Folders<'_> {
 }
 
 fn read_json(path: &Path) -> Option<Value> {
-    let text = std::fs::read_to_string(path).ok()?;
-    serde_json::from_str(&text).ok()
+    match read_json_checked(path) {
+        JsonFile::Parsed(v) => Some(v),
+        JsonFile::Absent | JsonFile::Invalid(_) => None,
+    }
 }
+
+/// A JSON side file as a loader sees it: missing, present but unreadable, or parsed.
+enum JsonFile {
+    Absent,
+    Invalid(String),
+    Parsed(Value),
+}
+
+fn read_json_checked(path: &Path) -> JsonFile {
+    if !path.is_file() {
+        return JsonFile::Absent;
+    }
+    match std::fs::read_to_string(path) {
+        Err(e) => JsonFile::Invalid(e.to_string()),
+        Ok(text) => match serde_json::from_str(&text) {
+            Ok(v) => JsonFile::Parsed(v),
+            Err(e) => JsonFile::Invalid(format!("not valid JSON: {e}")),
+        },
+    }
+}
+
+/// The `key` of a difference about a whole file (missing, extra, unreadable).
+pub const FILE_KEY: &str = "(file)";
 
 /// Shows a value short enough for a table cell.
 fn show(v: Option<&Value>) -> String {
@@ -85,11 +110,34 @@ pub fn compare(folders: &Folders<'_>) -> Vec<ConfigDifference> {
             });
         };
 
-    // config.json: adapters do not ship one, so the base is the reference.
-    if let (Some(expected), Some(found)) = (
-        read_json(&folders.base.join("config.json")),
-        read_json(&folders.merged.join("config.json")),
-    ) {
+    // config.json: adapters do not ship one, so the base is the reference. A merged folder
+    // without a readable one cannot be loaded at all.
+    let merged_config = match read_json_checked(&folders.merged.join("config.json")) {
+        JsonFile::Parsed(v) => Some(v),
+        JsonFile::Absent => {
+            push(
+                "config.json",
+                FILE_KEY,
+                "base",
+                Some(&Value::String("present".into())),
+                None,
+            );
+            None
+        }
+        JsonFile::Invalid(why) => {
+            push(
+                "config.json",
+                FILE_KEY,
+                "base",
+                Some(&Value::String("present".into())),
+                Some(&Value::String(format!("(invalid: {why})"))),
+            );
+            None
+        }
+    };
+    if let (Some(expected), Some(found)) =
+        (read_json(&folders.base.join("config.json")), merged_config)
+    {
         for key in CONFIG_KEYS {
             if expected.get(*key) != found.get(*key) {
                 push(
@@ -107,15 +155,22 @@ pub fn compare(folders: &Folders<'_>) -> Vec<ConfigDifference> {
     let file = "generation_config.json";
     if let Some((reference, path)) = folders.reference(file) {
         let expected = read_json(&path).unwrap_or(Value::Null);
-        match read_json(&folders.merged.join(file)) {
-            None => push(
+        match read_json_checked(&folders.merged.join(file)) {
+            JsonFile::Absent => push(
                 file,
-                "(file)",
+                FILE_KEY,
                 reference,
                 Some(&Value::String("present".into())),
                 None,
             ),
-            Some(found) => {
+            JsonFile::Invalid(why) => push(
+                file,
+                FILE_KEY,
+                reference,
+                Some(&Value::String("present".into())),
+                Some(&Value::String(format!("(invalid: {why})"))),
+            ),
+            JsonFile::Parsed(found) => {
                 let mut keys: Vec<&String> = expected
                     .as_object()
                     .into_iter()
@@ -149,7 +204,7 @@ pub fn compare(folders: &Folders<'_>) -> Vec<ConfigDifference> {
         if let Some((_, reference)) = reference {
             push(
                 "tokenizer files",
-                "(file)",
+                FILE_KEY,
                 reference,
                 Some(&Value::String("present".into())),
                 None,
@@ -211,7 +266,7 @@ pub fn compare(folders: &Folders<'_>) -> Vec<ConfigDifference> {
         if !merged_path.is_file() {
             push(
                 file,
-                "(file)",
+                FILE_KEY,
                 reference,
                 Some(&Value::String("present".into())),
                 None,
@@ -351,7 +406,7 @@ mod tests {
             "{keys:?}"
         );
         assert!(
-            keys.contains(&("tokenizer.json", "(file)", "base")),
+            keys.contains(&("tokenizer.json", FILE_KEY, "base")),
             "{keys:?}"
         );
     }
@@ -370,6 +425,9 @@ mod tests {
             "tokenizer_config.json",
             r#"{"eos_token": "</s>", "chat_template": "x"}"#,
         );
+        for dir in [base.path(), merged.path()] {
+            write(dir, "config.json", r#"{"model_type": "llama"}"#);
+        }
         let folders = Folders {
             merged: merged.path(),
             adapters: vec![],
@@ -379,7 +437,42 @@ mod tests {
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!(
             (found[0].file.as_str(), found[0].key.as_str()),
-            ("tokenizer files", "(file)")
+            ("tokenizer files", FILE_KEY)
+        );
+    }
+
+    #[test]
+    fn a_missing_or_unparseable_side_file_is_named_as_such() {
+        let base = tempfile::tempdir().expect("tempdir");
+        let merged = tempfile::tempdir().expect("tempdir");
+        write(base.path(), "config.json", r#"{"model_type": "llama"}"#);
+        write(
+            base.path(),
+            "generation_config.json",
+            r#"{"eos_token_id": 2}"#,
+        );
+        write(merged.path(), "generation_config.json", "{not json");
+        let folders = Folders {
+            merged: merged.path(),
+            adapters: vec![],
+            base: base.path(),
+        };
+        let found = compare(&folders);
+        let config = found
+            .iter()
+            .find(|d| d.file == "config.json")
+            .expect("a missing config.json is a difference");
+        assert_eq!(
+            (config.key.as_str(), config.found.as_str()),
+            (FILE_KEY, "(absent)")
+        );
+        let generation = found
+            .iter()
+            .find(|d| d.file == "generation_config.json")
+            .expect("an invalid generation_config.json is a difference");
+        assert!(
+            generation.found.starts_with("(invalid: not valid JSON"),
+            "{generation:?}"
         );
     }
 }

@@ -125,17 +125,14 @@ use crate::merge::quant::{
 };
 use fit::{BasicFit, TensorArrays};
 
-/// Default of `merged-tolerance`: a tensor is a faithful merge when ‖M − W*‖ is at most this
-/// many rounding floors. A correct single rounding gives 1; PEFT's two roundings (delta cast to
-/// the dtype, then the sum) stay below 1.5 and its f32 DoRA below 2.75 on the fixtures and SmolLM2.
-pub const TOLERANCE: f64 = 4.0;
+/// Default of `merged-tolerance` (defined with the other thresholds).
+pub use crate::findings::thresholds::MERGED_TOLERANCE as TOLERANCE;
 /// A hypothesis that cannot be modelled to the last bit (bitsandbytes double quantization, a
 /// dequantization dtype) still explains a tensor when it removes all but this share of the
 /// residual.
 const EXPLAINED_SHARE: f64 = 0.2;
-/// Default of `merged-quant-deny`: `quantized-merge-base` is deny when the quantization error is
-/// at least this share of ‖ΔW‖.
-pub const QUANTIZED_BASE_DENY: f64 = 0.5;
+/// Default of `merged-quant-deny` (defined with the other thresholds).
+pub use crate::findings::thresholds::MERGED_QUANT_DENY as QUANTIZED_BASE_DENY;
 /// The label findings about the merged checkpoint carry as their precision.
 pub const LABEL: &str = "merged";
 
@@ -304,7 +301,9 @@ struct Loaded {
 
 fn float_format(dtype: &TensorDtype) -> Option<FloatFormat> {
     match dtype {
-        TensorDtype::F32 => Some(FloatFormat::F32),
+        // A double-precision merge rounds less than f32 does; f32's floor is the conservative
+        // (larger) yardstick, so a faithful f64 merge still fits within tolerance.
+        TensorDtype::F64 | TensorDtype::F32 => Some(FloatFormat::F32),
         TensorDtype::F16 => Some(FloatFormat::F16),
         TensorDtype::Bf16 => Some(FloatFormat::Bf16),
         TensorDtype::Other(_) => None,
@@ -1464,6 +1463,31 @@ fn findings_for(
         );
     }
 
+    // Without a loadable config.json no runtime (transformers, vLLM, TGI) opens the folder: that
+    // is not drift in a setting but an undeployable checkpoint.
+    let (unloadable, drift): (Vec<&ConfigDifference>, Vec<&ConfigDifference>) = drift
+        .iter()
+        .partition(|d| d.file == "config.json" && d.key == drift::FILE_KEY);
+    for d in unloadable {
+        let mut finding = Finding::new(
+            Code::ConfigDrift,
+            None,
+            format!(
+                "M's config.json is {}: transformers, vLLM and TGI cannot load this folder",
+                if d.found == "(absent)" {
+                    "missing".to_string()
+                } else {
+                    d.found.trim_matches(|c| c == '(' || c == ')').to_string()
+                }
+            ),
+        )
+        .advice(
+            "Write the merge with `save_pretrained` (or `lora-doctor merge`), which saves config.json \
+             next to the weights; or copy the base's config.json and set its dtype to M's",
+        );
+        finding.level = Level::Deny;
+        out.push(finding);
+    }
     if !drift.is_empty() {
         let list = drift
             .iter()

@@ -78,7 +78,7 @@ fn run_case(case: &Value) -> Vec<(String, f64, f64)> {
     .expect("tokenize");
     assert_eq!(ours.sequences, stored, "{name}: tokenization differs");
 
-    let loaded = crate::commands::check::load(&base_path, &adapter_dirs).expect("load");
+    let loaded = crate::commands::inputs::load(&base_path, &adapter_dirs).expect("load");
     let config: &ModelConfig = loaded.base_config.as_ref().expect("config.json");
     let plan = MergePlan::build(&loaded.base, Some(config), &loaded.adapters).expect("plan");
     let arch = Architecture::from_config(config, &|n| loaded.base.contains(n)).expect("arch");

@@ -74,11 +74,18 @@ pub enum AdapterError {
     Weights(#[from] CheckpointError),
 }
 
-/// `target_modules` / `exclude_modules`: a list of names (suffix match) or one regex (full match).
+/// `target_modules` / `exclude_modules`: a list of names (exact or dotted-suffix match), one regex
+/// string (full match), or PEFT's `all-linear` shorthand.
 #[derive(Debug, Clone)]
 pub enum ModuleSelector {
     Names(Vec<String>),
-    Regex(String),
+    Regex {
+        pattern: String,
+        /// `pattern` anchored at both ends, compiled once when the config is read.
+        matcher: Regex,
+    },
+    /// Every linear layer but the output head (PEFT expands it from module types at load time).
+    AllLinear,
 }
 
 /// One `rank_pattern` or `alpha_pattern` entry, compiled the way PEFT ≥ 0.15 matches it.
@@ -154,8 +161,16 @@ impl AdapterConfig {
         if !raw.is_object() {
             return Err(bad("(root)", "is not a JSON object"));
         }
+        // PEFT's `PeftConfig.from_pretrained` dispatches on this field and refuses a config
+        // without it; guessing LoRA would check an adapter no loader can use.
         let peft_type = match raw.get("peft_type") {
-            None | Some(Value::Null) => "LORA".to_string(),
+            None | Some(Value::Null) => {
+                return Err(bad(
+                    "peft_type",
+                    "is missing, so PEFT cannot load this adapter (a LoRA adapter saved by PEFT has \
+                     \"peft_type\": \"LORA\"; restore the adapter_config.json PEFT wrote)",
+                ));
+            }
             Some(Value::String(s)) => s.clone(),
             Some(_) => return Err(bad("peft_type", "is not a string")),
         };
@@ -233,8 +248,8 @@ impl AdapterConfig {
                 .and_then(Value::as_str)
                 .unwrap_or("none")
                 .to_string(),
-            target_modules: selector(raw.get("target_modules")),
-            exclude_modules: selector(raw.get("exclude_modules")),
+            target_modules: selector(path, "target_modules", raw.get("target_modules"))?,
+            exclude_modules: selector(path, "exclude_modules", raw.get("exclude_modules"))?,
             modules_to_save: string_list(raw.get("modules_to_save")),
             rank_pattern,
             alpha_pattern,
@@ -288,23 +303,41 @@ impl AdapterConfig {
     /// Whether PEFT would wrap `module` with a LoRA layer given this config (`target_modules`,
     /// `exclude_modules`, `layers_to_transform`). A LoRA tensor for a module PEFT does not wrap is
     /// dropped at load time. `Err` carries the reason.
+    ///
+    /// Follows PEFT's `check_target_module_exists`: exclusions first; then a regex string
+    /// full-matches; a list entry equal to the whole path selects it outright; a dotted-suffix
+    /// match is further filtered by `layers_to_transform` (a module whose layer index cannot be
+    /// read is then not wrapped).
     pub fn wraps(&self, module: &str) -> Result<(), String> {
-        if self.targets(module) == Some(false) {
-            return Err("`target_modules` does not select this module".into());
-        }
         if let Some(selector) = &self.exclude_modules
             && excluded(selector, module)
         {
             return Err("`exclude_modules` excludes this module".into());
         }
-        if let (Some(layers), Some(index)) = (
-            &self.layers_to_transform,
-            layer_index(module, &self.layers_pattern),
-        ) && !layers.contains(&index)
-        {
-            return Err(format!(
-                "layer {index} is not in `layers_to_transform` {layers:?}"
-            ));
+        if self.targets(module) == Some(false) {
+            return Err("`target_modules` does not select this module".into());
+        }
+        let suffix_match = match &self.target_modules {
+            Some(ModuleSelector::Names(names)) => !names.iter().any(|n| n == module),
+            _ => false,
+        };
+        let layers = self.layers_to_transform.as_ref().filter(|l| !l.is_empty());
+        if let (true, Some(layers)) = (suffix_match, layers) {
+            match layer_index(module, &self.layers_pattern) {
+                Some(index) if layers.contains(&index) => {}
+                Some(index) => {
+                    return Err(format!(
+                        "layer {index} is not in `layers_to_transform` {layers:?}"
+                    ));
+                }
+                None => {
+                    return Err(format!(
+                        "no layer index matching `layers_pattern` {:?} in its path, and \
+                         `layers_to_transform` {layers:?} is set",
+                        self.layers_pattern
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -328,22 +361,62 @@ impl ModuleSelector {
     /// (the linear-only restriction needs module types, which a checkpoint does not store).
     pub fn matches(&self, module: &str) -> bool {
         match self {
-            ModuleSelector::Regex(pattern) if pattern == "all-linear" => true,
-            ModuleSelector::Regex(pattern) => Regex::new(&format!("^(?:{pattern})$"))
-                .map(|re| re.is_match(module))
-                .unwrap_or(false),
+            ModuleSelector::AllLinear => true,
+            ModuleSelector::Regex { matcher, .. } => matcher.is_match(module),
             ModuleSelector::Names(names) => names
                 .iter()
                 .any(|n| module == n || module.ends_with(&format!(".{n}"))),
         }
     }
+
+    /// How the config wrote it, for summaries.
+    pub fn describe(&self) -> String {
+        match self {
+            ModuleSelector::Names(names) => names.join(", "),
+            ModuleSelector::Regex { pattern, .. } => format!("regex {pattern}"),
+            ModuleSelector::AllLinear => "all-linear".into(),
+        }
+    }
 }
 
-fn selector(value: Option<&Value>) -> Option<ModuleSelector> {
-    match value? {
-        Value::String(s) => Some(ModuleSelector::Regex(s.clone())),
-        Value::Array(_) => Some(ModuleSelector::Names(string_list(value))),
-        _ => None,
+/// Reads `target_modules` / `exclude_modules` as PEFT does. A regex PEFT's `re.fullmatch` would
+/// reject (or one this engine cannot evaluate) is an error: PEFT refuses to load such an adapter,
+/// and a selector that silently matches nothing would merge nothing.
+fn selector(
+    path: &Path,
+    key: &'static str,
+    value: Option<&Value>,
+) -> Result<Option<ModuleSelector>, AdapterError> {
+    let bad_type = || AdapterError::BadField {
+        path: path.to_path_buf(),
+        field: key.to_string(),
+        problem: "must be a regex string or a list of module names".to_string(),
+    };
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.eq_ignore_ascii_case("all-linear") => {
+            Ok(Some(ModuleSelector::AllLinear))
+        }
+        Some(Value::String(pattern)) => {
+            let matcher = Regex::new(&format!("^(?:{pattern})$")).map_err(|source| {
+                AdapterError::BadPattern {
+                    path: path.to_path_buf(),
+                    key,
+                    pattern: pattern.clone(),
+                    source: Box::new(source),
+                }
+            })?;
+            Ok(Some(ModuleSelector::Regex {
+                pattern: pattern.clone(),
+                matcher,
+            }))
+        }
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_str().map(str::to_string).ok_or_else(bad_type))
+            .collect::<Result<Vec<_>, _>>()
+            .map(|names| Some(ModuleSelector::Names(names))),
+        Some(_) => Err(bad_type()),
     }
 }
 
@@ -563,7 +636,7 @@ impl Adapter {
 /// PEFT's `exclude_modules`: a string is a full-match regex, a list matches exactly or as suffix.
 fn excluded(selector: &ModuleSelector, module: &str) -> bool {
     match selector {
-        ModuleSelector::Regex(pattern) if pattern == "all-linear" => false,
+        ModuleSelector::AllLinear => false,
         other => other.matches(module),
     }
 }
@@ -822,8 +895,69 @@ mod tests {
         let names = ModuleSelector::Names(vec!["q_proj".into()]);
         assert!(names.matches("model.layers.0.self_attn.q_proj"));
         assert!(!names.matches("model.layers.0.self_attn.xq_proj"));
-        let re = ModuleSelector::Regex(r".*\.(q_proj|v_proj)$".into());
+        let config = |target: Value| {
+            AdapterConfig::from_value(
+                Path::new("c.json"),
+                json!({"peft_type": "LORA", "target_modules": target}),
+            )
+        };
+        let re = config(json!(r".*\.(q_proj|v_proj)$"))
+            .expect("a valid regex")
+            .target_modules
+            .expect("a selector");
         assert!(re.matches("model.layers.0.self_attn.v_proj"));
         assert!(!re.matches("model.layers.0.self_attn.k_proj"));
+        // PEFT full-matches a string: a bare name is not a suffix pattern.
+        let bare = config(json!("q_proj")).expect("valid").target_modules;
+        assert!(bare.is_some_and(|b| !b.matches("model.layers.0.self_attn.q_proj")));
+        assert!(matches!(
+            config(json!("ALL-LINEAR")).expect("valid").target_modules,
+            Some(ModuleSelector::AllLinear)
+        ));
+        let err = config(json!("(q_proj")).expect_err("unbalanced parenthesis");
+        assert!(err.to_string().contains("(q_proj"), "{err}");
+        for wrong in [json!(3), json!(["q_proj", 1])] {
+            let err = config(wrong).expect_err("neither a string nor a list of strings");
+            assert!(err.to_string().contains("target_modules"), "{err}");
+        }
+    }
+
+    #[test]
+    fn wraps_follows_peft_check_target_module_exists() {
+        let config = |extra: Value| {
+            let mut raw = json!({"peft_type": "LORA", "target_modules": ["q_proj", "v_proj"]});
+            for (k, v) in extra.as_object().expect("object") {
+                raw[k] = v.clone();
+            }
+            AdapterConfig::from_value(Path::new("c.json"), raw).expect("valid config")
+        };
+        let q0 = "model.layers.0.self_attn.q_proj";
+        let q1 = "model.layers.1.self_attn.q_proj";
+        let plain = config(json!({}));
+        assert!(plain.wraps(q0).is_ok() && plain.wraps("model.layers.0.mlp.up_proj").is_err());
+        let layers = config(json!({"layers_to_transform": [1], "layers_pattern": "layers"}));
+        assert!(layers.wraps(q0).is_err() && layers.wraps(q1).is_ok());
+        // An empty list means "every layer" in PEFT.
+        assert!(config(json!({"layers_to_transform": []})).wraps(q0).is_ok());
+        // A pattern that names no segment of the path: PEFT cannot read the index, so no wrap.
+        let other = config(json!({"layers_to_transform": [0], "layers_pattern": "h"}));
+        assert!(other.wraps(q0).is_err());
+        // The whole path listed: selected outright, layer filter not applied.
+        let exact = config(json!({"target_modules": [q0], "layers_to_transform": [1]}));
+        assert!(exact.wraps(q0).is_ok());
+        let excluded = config(json!({"exclude_modules": ["layers.0.self_attn.q_proj"]}));
+        assert!(excluded.wraps(q0).is_err() && excluded.wraps(q1).is_ok());
+        let excluded_re = config(json!({"exclude_modules": r".*\.0\..*"}));
+        assert!(excluded_re.wraps(q0).is_err() && excluded_re.wraps(q1).is_ok());
+        let all = config(json!({"target_modules": "all-linear"}));
+        assert!(all.wraps("model.layers.0.mlp.down_proj").is_ok());
+    }
+
+    #[test]
+    fn a_config_without_peft_type_is_refused() {
+        for raw in [json!({}), json!({"r": 8, "lora_alpha": 16})] {
+            let err = AdapterConfig::from_value(Path::new("c.json"), raw).expect_err("no type");
+            assert!(err.to_string().contains("peft_type"), "{err}");
+        }
     }
 }

@@ -13,10 +13,12 @@ use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 use thiserror::Error;
 
-/// Storage dtype of one tensor. Only the three float formats can be read as numbers; the rest are
-/// kept by name so an inventory (and a quantized-base finding) can still be produced.
+/// Storage dtype of one tensor. Only the float formats can be read as numbers; the rest are kept
+/// by name so an inventory (and a quantized-base finding) can still be produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TensorDtype {
+    /// Legal for an adapter trained in double precision; read as f32 like the others.
+    F64,
     F32,
     F16,
     Bf16,
@@ -27,6 +29,7 @@ pub enum TensorDtype {
 impl TensorDtype {
     fn from_safetensors(dtype: Dtype) -> Self {
         match dtype {
+            Dtype::F64 => TensorDtype::F64,
             Dtype::F32 => TensorDtype::F32,
             Dtype::F16 => TensorDtype::F16,
             Dtype::BF16 => TensorDtype::Bf16,
@@ -37,6 +40,7 @@ impl TensorDtype {
     /// The name safetensors and torch users know (`F32`, `BF16`, …).
     pub fn name(&self) -> &str {
         match self {
+            TensorDtype::F64 => "F64",
             TensorDtype::F32 => "F32",
             TensorDtype::F16 => "F16",
             TensorDtype::Bf16 => "BF16",
@@ -51,6 +55,7 @@ impl TensorDtype {
 
     pub fn bytes_per_element(&self) -> Option<usize> {
         match self {
+            TensorDtype::F64 => Some(8),
             TensorDtype::F32 => Some(4),
             TensorDtype::F16 | TensorDtype::Bf16 => Some(2),
             TensorDtype::Other(_) => None,
@@ -102,9 +107,31 @@ pub enum CheckpointError {
     #[error("no tensor `{tensor}` in the checkpoint at `{path}`")]
     NoSuchTensor { path: PathBuf, tensor: String },
     #[error(
-        "tensor `{tensor}` has dtype {dtype}; lora-doctor reads F32, F16 and BF16 only (is this a quantized checkpoint?)"
+        "tensor `{tensor}` has dtype {dtype}; lora-doctor reads F64, F32, F16 and BF16 only{hint}"
     )]
-    UnsupportedDtype { tensor: String, dtype: String },
+    UnsupportedDtype {
+        tensor: String,
+        dtype: String,
+        /// For integer dtypes, the likely reason: packed quantized weights.
+        hint: &'static str,
+    },
+}
+
+impl CheckpointError {
+    /// A tensor whose dtype cannot be read as numbers; integer dtypes get the quantization hint.
+    pub fn unsupported(tensor: &str, dtype: &TensorDtype) -> Self {
+        let name = dtype.name();
+        let integer = ["I", "U", "BOOL"].iter().any(|p| name.starts_with(p));
+        CheckpointError::UnsupportedDtype {
+            tensor: tensor.to_string(),
+            dtype: name.to_string(),
+            hint: if integer {
+                " (packed integers: is this a quantized checkpoint? give the 16-bit original)"
+            } else {
+                ""
+            },
+        }
+    }
 }
 
 /// Where one tensor lives and what it is, from the header alone.
@@ -368,15 +395,15 @@ impl Checkpoint {
 
 /// Converts little-endian tensor bytes of a float dtype to f32.
 pub fn decode_f32(info: &TensorInfo, bytes: &[u8]) -> Result<Vec<f32>, CheckpointError> {
-    let width =
-        info.dtype
-            .bytes_per_element()
-            .ok_or_else(|| CheckpointError::UnsupportedDtype {
-                tensor: info.name.clone(),
-                dtype: info.dtype.name().to_string(),
-            })?;
+    let width = info
+        .dtype
+        .bytes_per_element()
+        .ok_or_else(|| CheckpointError::unsupported(&info.name, &info.dtype))?;
     let chunks = bytes.chunks_exact(width);
     let values = match info.dtype {
+        TensorDtype::F64 => chunks
+            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
+            .collect(),
         TensorDtype::F32 => chunks
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect(),

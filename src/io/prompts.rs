@@ -27,7 +27,7 @@ pub enum PromptError {
     #[error("cannot load the tokenizer `{path}`: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
     #[error(
-        "no tokenizer.json in the adapter folders or next to the base; pass a base folder with tokenizer.json"
+        "no tokenizer.json in the adapter folders or next to the base, so the logit comparison cannot run; pass a base folder with tokenizer.json, or add --weights-only for a weights-only gate"
     )]
     NoTokenizer,
 }

@@ -24,6 +24,7 @@ pub struct OutTensor {
 impl OutTensor {
     fn nbytes(&self) -> anyhow::Result<usize> {
         let width = match &self.dtype {
+            TensorDtype::F64 => 8,
             TensorDtype::F32 => 4,
             TensorDtype::F16 | TensorDtype::Bf16 => 2,
             TensorDtype::Other(name) => dtype_width(name)
@@ -47,6 +48,9 @@ fn dtype_width(name: &str) -> Option<usize> {
 pub fn encode(values: &[f32], dtype: &TensorDtype) -> anyhow::Result<Vec<u8>> {
     let mut out = Vec::with_capacity(values.len() * 4);
     match dtype {
+        TensorDtype::F64 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&f64::from(*v).to_le_bytes())),
         TensorDtype::F32 => values
             .iter()
             .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),

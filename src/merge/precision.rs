@@ -83,8 +83,11 @@ impl Precision {
     pub fn class(self) -> PrecisionClass {
         match self {
             Precision::Float(_) => PrecisionClass::Float,
+            // Exhaustive on purpose: a new format must choose its class, never fall into 4-bit.
             Precision::Quant(QuantFormat::Int8 | QuantFormat::Q8_0) => PrecisionClass::EightBit,
-            Precision::Quant(_) => PrecisionClass::FourBit,
+            Precision::Quant(
+                QuantFormat::Nf4 | QuantFormat::Fp4 | QuantFormat::Q4_0 | QuantFormat::Q4_1,
+            ) => PrecisionClass::FourBit,
         }
     }
 
@@ -142,7 +145,15 @@ pub fn parse_list(values: &[String]) -> Result<Vec<Precision>, String> {
             }
         }
     }
-    if unknown.is_empty() {
+    if unknown.is_empty() && out.is_empty() {
+        // `--precision "$PRECISIONS"` with an empty variable must not become a gate that checked
+        // nothing.
+        Err(
+            "the list names no precision (an empty value?); give at least one of: ".to_string()
+                + &Precision::ALL.map(|p| p.name()).join(", ")
+                + ", all",
+        )
+    } else if unknown.is_empty() {
         Ok(out)
     } else {
         let known: Vec<&str> = Precision::ALL.iter().map(|p| p.name()).collect();
@@ -175,5 +186,9 @@ mod tests {
         );
         let err = parse_list(&["bf16,q5_k,x".into()]).expect_err("unknown names");
         assert!(err.contains("q5_k") && err.contains('x'));
+        for empty in ["", ",", " , "] {
+            let err = parse_list(&[empty.into()]).expect_err("an empty list checks nothing");
+            assert!(err.contains("names no precision"), "{err}");
+        }
     }
 }

@@ -429,12 +429,12 @@ fn draw_color_bar(
         };
         let style = text_style(12, HPos::Left, VPos::Center);
         area.draw(&Text::new(
-            super::summary::num(Some(worst)),
+            super::format::num(Some(worst)),
             (x1 + 6, top),
             style.clone(),
         ))?;
         area.draw(&Text::new(
-            super::summary::num(Some(best)),
+            super::format::num(Some(best)),
             (x1 + 6, bottom),
             style,
         ))?;

@@ -18,7 +18,8 @@ use serde_json::Value;
 
 use super::Report;
 use super::charts::{self, HeatmapData, HeatmapMetric};
-use super::summary::{self, MatrixRow, num, num_pm, percent};
+use super::format::{num, num_pm, percent};
+use super::summary::{self, MatrixRow};
 use crate::findings::{Level, Verdict};
 use crate::forensics::{Forensics, ModuleFit};
 
@@ -831,10 +832,8 @@ fn provenance_section(out: &mut String, report: &Report) {
         }
     }
     out.push_str("</dl>\n");
-    if let Some(m) = &report.merge
-        && let Ok(value) = serde_json::to_value(m.thresholds)
-    {
-        thresholds_table(out, &value);
+    if let Some(m) = &report.merge {
+        thresholds_table(out, &m.thresholds);
     }
     for s in &report.structure {
         let _ = writeln!(
@@ -851,7 +850,7 @@ fn provenance_section(out: &mut String, report: &Report) {
             if s.use_rslora { ", rsLoRA" } else { "" },
             if s.use_dora { ", DoRA" } else { "" },
             s.tensors,
-            super::terminal::human_bytes(s.bytes),
+            super::format::human_bytes(s.bytes),
             s.matched,
             s.modules.len(),
         );
@@ -879,50 +878,43 @@ fn provenance_section(out: &mut String, report: &Report) {
     out.push_str("</div>\n");
 }
 
-/// The thresholds the gate used: one row per name, one column per precision class (read from
-/// the serialized `Thresholds`, so new thresholds appear without touching this page).
-fn thresholds_table(out: &mut String, value: &Value) {
-    let Some(object) = value.as_object() else {
-        return;
-    };
-    let classes: Vec<(&String, &serde_json::Map<String, Value>)> = object
-        .iter()
-        .filter_map(|(k, v)| v.as_object().map(|o| (k, o)))
-        .collect();
+/// The thresholds the gate used: one row per name (the `--threshold` names, from the one
+/// registry), one column per precision class; a global threshold spans the columns.
+fn thresholds_table(out: &mut String, thresholds: &crate::findings::thresholds::Thresholds) {
+    use crate::findings::thresholds::{CLASSES, Scope, THRESHOLDS};
+    let show = |v: Option<f64>| v.map_or_else(|| "off".to_string(), |v| num(Some(v)));
     out.push_str("<h3>Thresholds</h3>\n<table><thead><tr><th>threshold</th>");
-    for (class, _) in &classes {
-        let name = match class.as_str() {
-            "eight_bit" => "8bit",
-            "four_bit" => "4bit",
-            other => other,
-        };
-        let _ = write!(out, "<th>{}</th>", escape(name));
+    for class in CLASSES {
+        let _ = write!(out, "<th>{}</th>", escape(class.name()));
     }
     out.push_str("</tr></thead><tbody>\n");
-    if let Some((_, first)) = classes.first() {
-        for name in first.keys() {
-            let _ = write!(out, "<tr><th>{}</th>", escape(&name.replace('_', "-")));
-            for (_, fields) in &classes {
+    for def in THRESHOLDS {
+        let _ = write!(
+            out,
+            "<tr><th title=\"{}\">{}</th>",
+            escape(def.meaning),
+            escape(def.name)
+        );
+        match def.scope {
+            Scope::PerClass => {
+                for class in CLASSES {
+                    let _ = write!(
+                        out,
+                        "<td class=\"n\">{}</td>",
+                        show(def.get(thresholds, class))
+                    );
+                }
+            }
+            Scope::Global => {
                 let _ = write!(
                     out,
-                    "<td class=\"n\">{}</td>",
-                    match fields.get(name) {
-                        Some(Value::Null) => "off".to_string(),
-                        other => scalar(other),
-                    }
+                    "<td class=\"n\" colspan=\"{}\">{}</td>",
+                    CLASSES.len(),
+                    show(def.get(thresholds, CLASSES[0]))
                 );
             }
-            out.push_str("</tr>\n");
         }
-    }
-    for (name, v) in object.iter().filter(|(_, v)| !v.is_object()) {
-        let _ = writeln!(
-            out,
-            "<tr><th>{}</th><td class=\"n\" colspan=\"{}\">{}</td></tr>",
-            escape(&name.replace('_', "-")),
-            classes.len().max(1),
-            scalar(Some(v))
-        );
+        out.push_str("</tr>\n");
     }
     out.push_str("</tbody></table>\n");
 }

@@ -36,9 +36,8 @@ pub fn check_of(code: Code) -> Check {
     use Code::*;
     match code {
         NoMatch | MissingTarget | ShapeMismatch | RankMismatch | UnusedTensor | VocabMismatch
-        | TiedEmbeddings | NonfiniteAdapter | UntrainedAdapter | BaseMismatch | QuantizedBase => {
-            Check::Structure
-        }
+        | TiedEmbeddings | NonfiniteAdapter | UntrainedAdapter | NegativeScale | BaseMismatch
+        | QuantizedBase => Check::Structure,
         NonfiniteMerge | Overflow | PrecisionDrift | DeltaSwamped | QuantizationError
         | DeltaOutlier => Check::Weights,
         // `--merged` forensics judge the merged checkpoint's weights.

@@ -7,11 +7,12 @@
 pub mod charts;
 pub mod color;
 pub mod csv;
+pub mod format;
 pub mod github;
 pub mod html;
+pub mod inspect;
 pub mod json;
 pub mod junit;
-pub mod progress;
 pub mod summary;
 pub mod terminal;
 pub mod tokens;
@@ -27,7 +28,7 @@ use crate::findings::weights::{LayerRow, PrecisionReport};
 use crate::findings::{Finding, Verdict};
 
 /// Version of the JSON contract. Bumped whenever a field is renamed or removed.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// What was checked.
 #[derive(Debug, Clone, Serialize)]
@@ -85,12 +86,43 @@ pub struct Report {
     pub token_kl: std::collections::BTreeMap<String, Vec<f64>>,
 }
 
+impl Report {
+    /// Which checks actually ran, in pipeline order, for the verdict line: a PASS always says
+    /// what it covers (`structure`, `weights (f32, bf16)`, `logits (512 tokens)`, …).
+    pub fn checks_run(&self) -> Vec<String> {
+        let mut checks = vec!["structure".to_string()];
+        let evaluated = self.merge.as_ref().is_some_and(|m| m.skipped.is_none());
+        let precisions = self.precisions.as_deref().unwrap_or_default();
+        let candidates: Vec<&str> = precisions
+            .iter()
+            .map(|p| p.name.as_str())
+            .filter(|n| *n != crate::forward::MERGED_LABEL)
+            .collect();
+        if evaluated && !candidates.is_empty() {
+            checks.push(format!("weights ({})", candidates.join(", ")));
+        }
+        if self.forensics.is_some() {
+            checks.push("merged-checkpoint forensics".to_string());
+        }
+        if precisions.iter().any(|p| p.logits.is_some()) {
+            let tokens = self.inputs.tokens.unwrap_or(0);
+            checks.push(format!("logits ({tokens} tokens)"));
+        }
+        if precisions.iter().any(|p| p.generation.is_some()) {
+            checks.push("generation".to_string());
+        }
+        checks
+    }
+}
+
 /// Where one report goes: stdout, or a file reserved up front and renamed into place at the end.
 pub enum OutputTarget {
     Stdout,
     File {
         destination: PathBuf,
         staging: tempfile::NamedTempFile,
+        /// Removes the staging file if the run is interrupted before it is published.
+        _interrupt: crate::interrupt::Tracked,
     },
 }
 
@@ -100,6 +132,13 @@ impl OutputTarget {
     pub fn reserve(path: &Path, inputs: &[&Path]) -> anyhow::Result<Self> {
         if path == Path::new("-") {
             return Ok(OutputTarget::Stdout);
+        }
+        if path.is_dir() {
+            bail!(
+                "`{}` is a folder; give a file name for this report (or use --report-dir DIR for a \
+                 folder of every report)",
+                path.display()
+            );
         }
         let parent = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -132,6 +171,7 @@ impl OutputTarget {
             .with_context(|| format!("cannot create a file in `{}`", parent.display()))?;
         Ok(OutputTarget::File {
             destination: path.to_path_buf(),
+            _interrupt: crate::interrupt::track(staging.path()),
             staging,
         })
     }
@@ -152,6 +192,7 @@ impl OutputTarget {
             OutputTarget::File {
                 destination,
                 mut staging,
+                _interrupt,
             } => {
                 staging
                     .write_all(content)
@@ -171,6 +212,40 @@ impl OutputTarget {
             }
         }
         Ok(())
+    }
+}
+
+/// Refuses two reports aimed at one file (the later rename would silently replace the earlier
+/// report). `requested` pairs the flag that asked with its path; `-` (stdout) is not a file.
+pub fn refuse_shared_destinations(requested: &[(String, PathBuf)]) -> anyhow::Result<()> {
+    let mut seen: Vec<(&str, PathBuf)> = Vec::new();
+    for (flag, path) in requested {
+        if path == Path::new("-") {
+            continue;
+        }
+        let key = destination_key(path);
+        if let Some((first, _)) = seen.iter().find(|(_, k)| *k == key) {
+            bail!(
+                "{first} and {flag} both write `{}`; one report would silently replace the other — \
+                 give each report its own file",
+                path.display()
+            );
+        }
+        seen.push((flag, key));
+    }
+    Ok(())
+}
+
+/// The file a path names, as an absolute path with its folder resolved (so `a.json` and
+/// `./a.json` compare equal).
+fn destination_key(path: &Path) -> PathBuf {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    match (std::fs::canonicalize(&parent), path.file_name()) {
+        (Ok(dir), Some(name)) => dir.join(name),
+        _ => path.to_path_buf(),
     }
 }
 

@@ -7,6 +7,7 @@
 use std::fmt::Write as _;
 
 use super::Report;
+pub use super::format::{num, num_pm, percent};
 use crate::divergence::LogitStats;
 use crate::findings::{Level, Verdict};
 
@@ -88,36 +89,6 @@ pub fn matrix(report: &Report, with_unmerged: bool) -> Vec<MatrixRow> {
         }
     }
     rows
-}
-
-/// A statistic with 4 significant digits, scientific outside [1e-3, 1e4); "—" when absent.
-pub fn num(value: Option<f64>) -> String {
-    match value {
-        None => "—".to_string(),
-        Some(v) if !v.is_finite() => format!("{v}"),
-        Some(0.0) => "0".to_string(),
-        Some(v) if (1e-3..1e4).contains(&v.abs()) => {
-            let digits = (3 - v.abs().log10().floor() as i32).clamp(0, 6) as usize;
-            format!("{v:.digits$}")
-        }
-        Some(v) => format!("{v:.2e}"),
-    }
-}
-
-/// A rate as a percentage with one decimal; "—" when absent.
-pub fn percent(value: Option<f64>) -> String {
-    match value {
-        None => "—".to_string(),
-        Some(v) => format!("{:.1} %", v * 100.0),
-    }
-}
-
-/// "mean ± stderr" for KL.
-pub fn num_pm(value: Option<f64>, stderr: Option<f64>) -> String {
-    match (value, stderr) {
-        (Some(_), Some(e)) => format!("{} ± {}", num(value), num(Some(e))),
-        _ => num(value),
-    }
 }
 
 /// The headline word of a verdict.

@@ -6,38 +6,8 @@ use std::fmt::Write as _;
 
 use super::Report;
 use super::color::Palette;
-use crate::commands::inspect::{AdapterSummary, CheckpointSummary};
+use super::format::human_bytes;
 use crate::findings::{Code, Level, Verdict};
-
-/// Formats a byte count with a binary unit.
-pub fn human_bytes(bytes: usize) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
-/// Formats a parameter count (`134.5M`).
-pub fn human_params(count: usize) -> String {
-    let c = count as f64;
-    if c >= 1e9 {
-        format!("{:.2}B", c / 1e9)
-    } else if c >= 1e6 {
-        format!("{:.1}M", c / 1e6)
-    } else if c >= 1e3 {
-        format!("{:.1}K", c / 1e3)
-    } else {
-        count.to_string()
-    }
-}
 
 /// The summary printed after `check`, coloured with `palette`.
 pub fn check_summary(report: &Report, palette: Palette) -> String {
@@ -213,9 +183,10 @@ pub fn check_summary(report: &Report, palette: Palette) -> String {
     let verdict = palette.verdict(report.verdict, verdict);
     let _ = writeln!(
         out,
-        "\nverdict: {verdict} ({} deny, {} warn)",
+        "\nverdict: {verdict} ({} deny, {} warn); checked: {}",
         count(Level::Deny),
-        count(Level::Warn)
+        count(Level::Warn),
+        report.checks_run().join(", ")
     );
     out
 }
@@ -226,7 +197,10 @@ pub fn explain_page(code: Code) -> String {
     format!(
         "{name} (default level: {level})\n{summary}\n\nWhat it checks\n  {what}\n\nWhy it matters\n  {why}\n\nHow to fix\n  {fix}\n",
         name = code.as_str(),
-        level = doc.default_level.as_str(),
+        level = match code.level_rule() {
+            Some(rule) => format!("{}: {rule}", code.level_label()),
+            None => code.level_label(),
+        },
         summary = doc.summary,
         what = doc.what,
         why = doc.why,
@@ -237,109 +211,25 @@ pub fn explain_page(code: Code) -> String {
 /// The list `lora-doctor explain` prints with no code.
 pub fn explain_index() -> String {
     let mut out = String::from("finding codes (lora-doctor explain CODE for details):\n");
+    // Columns sized to the longest entries, so long codes never push their row out of line.
+    let code_width = Code::ALL
+        .iter()
+        .map(|c| c.as_str().len())
+        .max()
+        .unwrap_or(0);
+    let level_width = Code::ALL
+        .iter()
+        .map(|c| c.level_label().len())
+        .max()
+        .unwrap_or(0);
     for code in Code::ALL {
-        let doc = code.doc();
         let _ = writeln!(
             out,
-            "  {:<18} {:<5} {}",
+            "  {:<code_width$} {:<level_width$} {}",
             code.as_str(),
-            doc.default_level.as_str(),
-            doc.summary
+            code.level_label(),
+            code.doc().summary
         );
-    }
-    out
-}
-
-/// `inspect` of an adapter folder.
-pub fn adapter_summary(s: &AdapterSummary) -> String {
-    let mut out = String::new();
-    let _ = writeln!(out, "adapter   {}", s.path);
-    let _ = writeln!(out, "peft_type {}", s.peft_type);
-    let _ = writeln!(
-        out,
-        "rank      r={} alpha={} scale={} ({}){}{}",
-        s.r,
-        s.lora_alpha,
-        s.scale,
-        if s.use_rslora {
-            "alpha/sqrt(r), rsLoRA"
-        } else {
-            "alpha/r"
-        },
-        if s.use_dora { ", DoRA" } else { "" },
-        if s.fan_in_fan_out {
-            ", fan_in_fan_out"
-        } else {
-            ""
-        },
-    );
-    if let Some(base) = &s.base_model_name_or_path {
-        let _ = writeln!(out, "base      {base}");
-    }
-    if let Some(targets) = &s.target_modules {
-        let _ = writeln!(out, "targets   {targets}");
-    }
-    if !s.modules_to_save.is_empty() {
-        let _ = writeln!(out, "saved     {}", s.modules_to_save.join(", "));
-    }
-    let _ = writeln!(
-        out,
-        "tensors   {} ({}, {})",
-        s.tensors,
-        human_bytes(s.bytes),
-        s.dtypes.join(", ")
-    );
-    let _ = writeln!(
-        out,
-        "\n{:<52} {:>4} {:>8} {:>9}  kind",
-        "module", "r", "alpha", "scale"
-    );
-    for m in &s.modules {
-        let _ = writeln!(
-            out,
-            "{:<52} {:>4} {:>8} {:>9}  {}",
-            m.module,
-            m.r.map_or("-".into(), |r| r.to_string()),
-            m.alpha.map_or("-".into(), |a| format!("{a}")),
-            m.scale.map_or("-".into(), |v| format!("{v:.4}")),
-            m.kind
-        );
-    }
-    out
-}
-
-/// `inspect` of a checkpoint.
-pub fn checkpoint_summary(s: &CheckpointSummary) -> String {
-    let mut out = String::new();
-    let _ = writeln!(out, "checkpoint {}", s.path);
-    if let Some(arch) = &s.architecture {
-        let _ = writeln!(out, "arch       {arch}");
-    }
-    let _ = writeln!(
-        out,
-        "params     {} in {} tensors, {} ({} file{})",
-        human_params(s.parameters),
-        s.tensors,
-        human_bytes(s.bytes),
-        s.files,
-        if s.files == 1 { "" } else { "s" }
-    );
-    let dtypes: Vec<String> = s.dtypes.iter().map(|(d, n)| format!("{d} ×{n}")).collect();
-    let _ = writeln!(out, "dtypes     {}", dtypes.join(", "));
-    if let Some(layers) = s.layers {
-        let _ = writeln!(out, "layers     {layers}");
-    }
-    if let Some(h) = s.hidden_size {
-        let _ = writeln!(out, "hidden     {h}");
-    }
-    if let Some(v) = s.vocab_size {
-        let _ = writeln!(out, "vocab      {v}");
-    }
-    if let Some(t) = s.tie_word_embeddings {
-        let _ = writeln!(out, "tied       {t}");
-    }
-    if let Some(q) = &s.quantization {
-        let _ = writeln!(out, "quantized  {q}");
     }
     out
 }

@@ -1,0 +1,61 @@
+//! The inputs every merge-evaluating command opens the same way: the base checkpoint (with its
+//! config.json and tokenizer), every adapter, and the structural rules run on them. Unreadable
+//! input is an error (exit 2); a misfit is findings.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+use crate::findings::structure::{self, StructureInput};
+use crate::io::adapter::Adapter;
+use crate::io::base_folder;
+use crate::io::checkpoint::Checkpoint;
+use crate::io::config::ModelConfig;
+use crate::io::tokenizer::TokenizerInfo;
+
+/// Inputs opened and structurally checked, shared by `check` and `merge`.
+pub struct Loaded {
+    pub base: Checkpoint,
+    pub base_config: Option<ModelConfig>,
+    pub adapters: Vec<Adapter>,
+    pub findings: Vec<crate::findings::Finding>,
+    pub structures: Vec<structure::StructureReport>,
+}
+
+/// Opens the base and every adapter (exit 2 on unreadable input) and runs the structural rules.
+pub fn load(base_path: &Path, adapter_dirs: &[PathBuf]) -> anyhow::Result<Loaded> {
+    let base = Checkpoint::open(base_path)
+        .with_context(|| format!("cannot open the base `{}`", base_path.display()))?;
+    let folder = base_folder(base_path);
+    let base_config = ModelConfig::read_dir(&folder)?;
+    let base_tokenizer = TokenizerInfo::read_dir(&folder)?;
+    let mut adapters = Vec::with_capacity(adapter_dirs.len());
+    for dir in adapter_dirs {
+        adapters.push(
+            Adapter::open(dir)
+                .with_context(|| format!("cannot read the adapter `{}`", dir.display()))?,
+        );
+    }
+    let mut findings = Vec::new();
+    let mut structures = Vec::new();
+    for adapter in &adapters {
+        let adapter_tokenizer = TokenizerInfo::read_dir(&adapter.dir)?;
+        let mut result = structure::check(&StructureInput {
+            base: &base,
+            base_config: base_config.as_ref(),
+            base_tokenizer: base_tokenizer.as_ref(),
+            adapter,
+            adapter_tokenizer: adapter_tokenizer.as_ref(),
+        })
+        .with_context(|| format!("reading the adapter tensors in `{}`", adapter.dir.display()))?;
+        findings.append(&mut result.findings);
+        structures.push(result);
+    }
+    Ok(Loaded {
+        base,
+        base_config,
+        adapters,
+        findings,
+        structures,
+    })
+}

@@ -1,0 +1,26 @@
+//! One worker count for every thread pool the process uses: rayon's global pool (weights,
+//! forensics) and candle-core's own pools (GEMM, elementwise barrier pool). candle reads
+//! `RAYON_NUM_THREADS` / `CANDLE_NUM_THREADS` when it first builds a pool, so the count is set
+//! in the environment as well as on rayon, before any pool exists.
+
+/// Configures every pool for `requested` workers, clamped to the cores this process may use
+/// (more workers than cores only adds contention: 1000 threads made a 0.13 s check take 25 s).
+/// Returns the count used. Call once, before any parallel work (the first pool built wins).
+pub fn configure(requested: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let used = requested.clamp(1, cores);
+    let value = used.to_string();
+    // SAFETY: called from the command's entry before any other thread exists (no pool has
+    // been built, and the interrupt handler's thread is installed after this), so no other
+    // thread can read the environment concurrently.
+    unsafe {
+        std::env::set_var("RAYON_NUM_THREADS", &value);
+        std::env::set_var("CANDLE_NUM_THREADS", &value);
+    }
+    // Ignored when a pool already exists (a library caller that ran work before); the
+    // environment still governs candle's pools built later.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(used)
+        .build_global();
+    used
+}
