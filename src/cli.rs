@@ -3,8 +3,9 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, ColorChoice, Parser, Subcommand};
 
+use crate::io::hub::{DEFAULT_REVISION, HubSnapshot};
 use crate::merge::precision::Recipe;
 
 /// Proves a LoRA merge is faithful before it ships.
@@ -13,6 +14,9 @@ use crate::merge::precision::Recipe;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Colour verdicts and finding levels: `auto` on a terminal unless NO_COLOR is set.
+    #[arg(long, global = true, value_enum, value_name = "WHEN", default_value_t = ColorChoice::Auto)]
+    pub color: ColorChoice,
 }
 
 // Parsed once per process; boxing the large `check` arguments would buy nothing.
@@ -34,7 +38,24 @@ pub enum Command {
     /// Write a commented lora-doctor.toml with every default threshold and level.
     #[command(after_help = INIT_EXAMPLES)]
     Init(InitArgs),
+    /// Print a shell completion script (bash, zsh, fish, powershell, elvish).
+    #[command(after_help = COMPLETIONS_EXAMPLES)]
+    Completions(CompletionsArgs),
+    /// Print the man page (roff), generated from these definitions.
+    #[command(hide = true)]
+    Man,
 }
+
+const COMPLETIONS_EXAMPLES: &str = "\
+Examples:
+  lora-doctor completions bash > ~/.local/share/bash-completion/completions/lora-doctor
+  lora-doctor completions zsh > \"${fpath[1]}/_lora-doctor\"
+  lora-doctor completions fish > ~/.config/fish/completions/lora-doctor.fish
+  lora-doctor completions powershell >> $PROFILE";
+
+/// Where `--revision` applies: every input flag given as a hub name.
+const REVISION_HELP: &str = "Revision of every hub-name input (`org/name`): a branch, a tag or a \
+commit sha, read from the local Hugging Face cache (refs/REV, or snapshots/SHA); never downloaded.";
 
 const CHECK_EXAMPLES: &str = "\
 Examples:
@@ -86,6 +107,7 @@ fn threshold_help() -> String {
 #[derive(Debug, Args)]
 pub struct CheckArgs {
     /// Base model: an HF folder (config.json + safetensors, sharded or not) or one .safetensors file.
+    /// A hub name (`org/name`) that is not a local path is read from the Hugging Face cache.
     #[arg(long, value_name = "PATH")]
     pub base: PathBuf,
     /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors); repeat to stack
@@ -96,6 +118,11 @@ pub struct CheckArgs {
     /// (its own dtype).
     #[arg(long, value_name = "DIR")]
     pub merged: Option<PathBuf>,
+    #[arg(long, value_name = "REV", default_value = DEFAULT_REVISION, help = REVISION_HELP)]
+    pub revision: String,
+    /// The inputs that were hub names, once resolved to cache snapshots (set by `crate::run`).
+    #[arg(skip)]
+    pub hub: Vec<HubSnapshot>,
     /// Precisions to merge and evaluate: a comma-separated list of f32, bf16, f16, int8, q8_0,
     /// nf4, fp4, q4_0, q4_1, or `all`. Default: f32 plus the base checkpoint's own dtype.
     #[arg(long, value_name = "LIST|all")]
@@ -175,9 +202,12 @@ pub struct InitArgs {
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// An adapter folder, a checkpoint folder, or a .safetensors file.
+    /// An adapter folder, a checkpoint folder, or a .safetensors file; or a hub name (`org/name`)
+    /// from the Hugging Face cache.
     #[arg(value_name = "PATH")]
     pub path: PathBuf,
+    #[arg(long, value_name = "REV", default_value = DEFAULT_REVISION, help = REVISION_HELP)]
+    pub revision: String,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -193,11 +223,14 @@ pub struct ExplainArgs {
 #[derive(Debug, Args)]
 pub struct MergeArgs {
     /// Base model: an HF folder or one .safetensors file.
+    /// A hub name (`org/name`) that is not a local path is read from the Hugging Face cache.
     #[arg(long, value_name = "PATH")]
     pub base: PathBuf,
     /// PEFT adapter folder; repeat to merge stacked adapters in order.
     #[arg(long = "adapter", value_name = "DIR", required = true)]
     pub adapters: Vec<PathBuf>,
+    #[arg(long, value_name = "REV", default_value = DEFAULT_REVISION, help = REVISION_HELP)]
+    pub revision: String,
     /// Output dtype: f32, bf16 or f16.
     #[arg(long, value_name = "f32|bf16|f16")]
     pub precision: String,
@@ -218,4 +251,11 @@ pub struct MergeArgs {
     /// No progress bars or summary.
     #[arg(long, short)]
     pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }

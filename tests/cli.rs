@@ -1,9 +1,12 @@
 //! The one integration test binary: drives the real `lora-doctor` executable on the committed
 //! fixtures and checks exit codes, both output streams and the JSON contract.
 
+mod action;
 mod bad_inputs;
 mod fuzz_regressions;
+mod hub;
 mod reports;
+mod shell;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

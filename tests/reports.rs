@@ -933,7 +933,8 @@ fn validate(root: &Value, schema: &Value, value: &Value, path: &str, errors: &mu
     }
 }
 
-fn schema_errors(value: &Value) -> Vec<String> {
+/// Every way `value` breaks reports/schema.json (also used by the hub tests).
+pub(super) fn schema_errors(value: &Value) -> Vec<String> {
     let root = schema();
     let mut errors = Vec::new();
     validate(&root, &root, value, "$", &mut errors);

@@ -527,6 +527,7 @@ fn assemble(
             tokens: parts.tokens,
             weights_only: args.weights_only,
             config: plan.config.as_ref().map(|c| c.display().to_string()),
+            hub: args.hub.clone(),
         },
         adapter_effect: parts.adapter_effect,
         logits_skipped: parts.logits_skipped,
@@ -614,7 +615,11 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<ExitStatus> {
         out.write_all(&bytes)?;
     }
     if !args.quiet {
-        report::print_human(&report::terminal::check_summary(&report), machine_on_stdout)?;
+        let palette = report::color::Palette::for_stream(machine_on_stdout);
+        report::print_human(
+            &report::terminal::check_summary(&report, palette),
+            machine_on_stdout,
+        )?;
     }
     if args.github {
         report::print_human(&report::github::render(&report), machine_on_stdout)?;

@@ -795,6 +795,24 @@ fn provenance_section(out: &mut String, report: &Report) {
             .as_deref()
             .map_or("—".to_string(), |m| format!("<code>{}</code>", escape(m))),
     );
+    if !i.hub.is_empty() {
+        kv(
+            "hub snapshots",
+            i.hub
+                .iter()
+                .map(|h| {
+                    format!(
+                        "{} <code>{}</code> @ {} = <code>{}</code>",
+                        escape(&h.flag),
+                        escape(&h.repo_id),
+                        escape(&h.revision),
+                        escape(&h.sha)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("<br>"),
+        );
+    }
     kv(
         "tokens scored",
         i.tokens.map_or("—".to_string(), |t| t.to_string()),
@@ -932,6 +950,7 @@ mod tests {
                 tokens: None,
                 weights_only: true,
                 config: None,
+                hub: Vec::new(),
             },
             adapter_effect: None,
             logits_skipped: None,

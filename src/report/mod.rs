@@ -5,6 +5,7 @@
 //! temporary file in the destination folder, renamed into place when complete.
 
 pub mod charts;
+pub mod color;
 pub mod csv;
 pub mod format;
 pub mod github;
@@ -41,6 +42,10 @@ pub struct Inputs {
     pub weights_only: bool,
     /// The `lora-doctor.toml` the gate used, if any.
     pub config: Option<String>,
+    /// Inputs given as hub names (`org/name`) and the cache snapshots they resolved to; omitted
+    /// when every input was a path.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hub: Vec<crate::io::hub::HubSnapshot>,
 }
 
 /// The settings the weight stage ran with.

@@ -1,14 +1,16 @@
 //! Human-readable text: the `check` summary, `inspect` summaries and `explain` pages. Plain text
-//! with aligned columns, numbers with units; no colour so logs and pipes stay clean.
+//! with aligned columns, numbers with units; the `check` summary colours verdicts and finding
+//! levels when its `Palette` says so (a terminal, by default), so logs and pipes stay clean.
 
 use std::fmt::Write as _;
 
 use super::Report;
+use super::color::Palette;
 use super::format::human_bytes;
 use crate::findings::{Code, Level, Verdict};
 
-/// The summary printed after `check`.
-pub fn check_summary(report: &Report) -> String {
+/// The summary printed after `check`, coloured with `palette`.
+pub fn check_summary(report: &Report, palette: Palette) -> String {
     let mut out = String::new();
     let mode = if report.inputs.weights_only {
         "weights only"
@@ -27,6 +29,13 @@ pub fn check_summary(report: &Report) -> String {
             "s"
         }
     );
+    for h in &report.inputs.hub {
+        let _ = writeln!(
+            out,
+            "hub      {} {} @ {} = {}",
+            h.flag, h.repo_id, h.revision, h.sha
+        );
+    }
     for s in &report.structure {
         let rslora = if s.use_rslora { " rsLoRA" } else { "" };
         let dora = if s.use_dora { " DoRA" } else { "" };
@@ -66,9 +75,9 @@ pub fn check_summary(report: &Report) -> String {
             let w = &p.weights;
             let _ = writeln!(
                 out,
-                "{:<9} {:<7} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9}  {}",
+                "{:<9} {} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9}  {}",
                 p.name,
-                p.verdict.as_str(),
+                palette.verdict(p.verdict, &format!("{:<7}", p.verdict.as_str())),
                 num(w.worst_rel_error),
                 num(w.mean_rel_error),
                 num(w.max_floor_ratio),
@@ -156,8 +165,8 @@ pub fn check_summary(report: &Report) -> String {
             };
             let _ = writeln!(
                 out,
-                "  {:<5} {:<18} {}",
-                f.level.as_str(),
+                "  {} {:<18} {}",
+                palette.level(f.level, &format!("{:<5}", f.level.as_str())),
                 f.code.as_str(),
                 scope
             );
@@ -171,6 +180,7 @@ pub fn check_summary(report: &Report) -> String {
         Verdict::Warn => "PASS with warnings",
         Verdict::Fail => "FAIL",
     };
+    let verdict = palette.verdict(report.verdict, verdict);
     let _ = writeln!(
         out,
         "\nverdict: {verdict} ({} deny, {} warn); checked: {}",
