@@ -398,14 +398,7 @@ fn selector(
             Ok(Some(ModuleSelector::AllLinear))
         }
         Some(Value::String(pattern)) => {
-            let matcher = Regex::new(&format!("^(?:{pattern})$")).map_err(|source| {
-                AdapterError::BadPattern {
-                    path: path.to_path_buf(),
-                    key,
-                    pattern: pattern.clone(),
-                    source: Box::new(source),
-                }
-            })?;
+            let matcher = compile_pattern(path, key, pattern, &format!("^(?:{pattern})$"))?;
             Ok(Some(ModuleSelector::Regex {
                 pattern: pattern.clone(),
                 matcher,
@@ -432,6 +425,22 @@ fn string_list(value: Option<&Value>) -> Vec<String> {
     }
 }
 
+/// Compiles `anchored` (the config's `pattern` as PEFT applies it); a regex that does not
+/// compile is an error naming the config key and the pattern as written.
+fn compile_pattern(
+    path: &Path,
+    key: &'static str,
+    pattern: &str,
+    anchored: &str,
+) -> Result<Regex, AdapterError> {
+    Regex::new(anchored).map_err(|source| AdapterError::BadPattern {
+        path: path.to_path_buf(),
+        key,
+        pattern: pattern.to_string(),
+        source: Box::new(source),
+    })
+}
+
 fn compile_patterns<T>(
     path: &Path,
     key: &'static str,
@@ -449,14 +458,7 @@ fn compile_patterns<T>(
             problem: "has an invalid value".to_string(),
         })?;
         // peft/utils/other.py `get_pattern_key`: re.match(rf"(.*\.)?({key})$", name)
-        let matcher = Regex::new(&format!(r"^(?:.*\.)?(?:{pattern})$")).map_err(|source| {
-            AdapterError::BadPattern {
-                path: path.to_path_buf(),
-                key,
-                pattern: pattern.clone(),
-                source: Box::new(source),
-            }
-        })?;
+        let matcher = compile_pattern(path, key, pattern, &format!(r"^(?:.*\.)?(?:{pattern})$"))?;
         entries.push(PatternEntry {
             key: pattern.clone(),
             value,
