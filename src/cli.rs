@@ -100,7 +100,7 @@ pub struct CheckArgs {
     pub trained_on: Option<String>,
     /// Override a threshold: NAME[.CLASS]=VALUE, e.g. `min-retention.float=0.8` or
     /// `quant-error.4bit=off` (names: floor-ratio, swamped-error, min-retention, quant-error,
-    /// outlier-z; classes: float, 8bit, 4bit).
+    /// outlier-z, outlier-ratio; classes: float, 8bit, 4bit).
     #[arg(long, value_name = "NAME[.CLASS]=VALUE")]
     pub threshold: Vec<String>,
     /// Only run the weight-level checks (no forward pass).

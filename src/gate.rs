@@ -663,6 +663,9 @@ fn threshold_meaning(name: &str) -> &'static str {
         "min-retention" => "delta-swamped when the retained share of ΔW falls below it",
         "quant-error" => "quantization-error when the quantization error / ‖ΔW‖ exceeds it",
         "outlier-z" => "delta-outlier when |modified z| of log ‖ΔW‖ among a module kind exceeds it",
+        "outlier-ratio" => {
+            "delta-outlier also needs ‖ΔW‖ this many times above (or below) the median of its module kind"
+        }
         "high-kl-warn" => {
             "high-kl (warn) when mean KL(reference ‖ merged) − 2σ, in nats, exceeds it"
         }

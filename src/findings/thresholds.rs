@@ -8,7 +8,8 @@
 //! | `swamped-error` | 1.0 | — | — | delta-swamped when rel_error exceeds it (rounding noise > update) |
 //! | `min-retention` | 0.5 | 0.5 | 0.25 | delta-swamped when retention falls below it |
 //! | `quant-error` | — | 3.0 | 3.0 | quantization-error when rel_error exceeds it |
-//! | `outlier-z` | 3.5 | 3.5 | 3.5 | delta-outlier when |modified z| of log ‖ΔW‖ exceeds it |
+//! | `outlier-z` | 3.5 | 3.5 | 3.5 | delta-outlier when |modified z| of log ‖ΔW‖ exceeds it … |
+//! | `outlier-ratio` | 5.0 | 5.0 | 5.0 | … and ‖ΔW‖ is this many times above (or below) the median of its peers |
 //! | `high-kl-warn` / `high-kl` | 1e-3 / 1e-2 | 1e-2 / 5e-2 | 0.1 / 0.5 | high-kl (warn / deny) when mean KL − 2σ exceeds it |
 //! | `top1` | 0.98 | 0.95 | 0.85 | top1-disagreement when same-top-1 + 2σ falls below it |
 //! | `effect-lost-warn` / `effect-lost` | 0.2 / 0.5 | 0.5 / 1.0 | 1.0 / 2.0 | effect-lost (warn / deny) |
@@ -45,6 +46,9 @@ pub struct Thresholds {
     pub eight_bit: ClassThresholds,
     pub four_bit: ClassThresholds,
     pub outlier_z: f64,
+    /// delta-outlier also needs ‖ΔW‖ at least this many times the median of its peers (or at most
+    /// its inverse): a robust z-score alone flags ordinary 1.6–2× spreads when the peers agree closely.
+    pub outlier_ratio: f64,
     /// gibberish: a candidate's greedy text is this many times less likely (NLL ratio) under the
     /// reference than the reference's own text.
     pub gibberish_nll_ratio: f64,
@@ -93,6 +97,7 @@ impl Default for Thresholds {
                 effect_lost: Some(2.0),
             },
             outlier_z: crate::stats::outliers::DEFAULT_THRESHOLD,
+            outlier_ratio: crate::stats::outliers::DEFAULT_RATIO,
             gibberish_nll_ratio: 2.5,
             max_repetition: 0.5,
             merged_tolerance: crate::forensics::TOLERANCE,
@@ -108,6 +113,7 @@ pub const NAMES: &[&str] = &[
     "min-retention",
     "quant-error",
     "outlier-z",
+    "outlier-ratio",
     "high-kl-warn",
     "high-kl",
     "top1",
@@ -163,6 +169,7 @@ impl Thresholds {
         }
         let global = match name {
             "outlier-z" => Some(&mut self.outlier_z),
+            "outlier-ratio" => Some(&mut self.outlier_ratio),
             "gibberish-nll" => Some(&mut self.gibberish_nll_ratio),
             "repetition" => Some(&mut self.max_repetition),
             "merged-tolerance" => Some(&mut self.merged_tolerance),

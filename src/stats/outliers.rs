@@ -8,6 +8,12 @@ use statrs::statistics::{Data, OrderStatistics};
 /// The conventional cut-off for "potential outlier".
 pub const DEFAULT_THRESHOLD: f64 = 3.5;
 
+/// How many times the median a layer's ‖ΔW‖ must be (or its inverse) to count as an outlier as
+/// well. The z-score alone is scale-free: when the peers agree closely (MAD small) it flags a layer
+/// that learned 1.6–2× more than the median, which real adapters do (SmolLM2-135M, six PEFT
+/// recipes: largest ratio 2.x, see issue 17); exploded or mis-scaled modules are 50× and beyond.
+pub const DEFAULT_RATIO: f64 = 5.0;
+
 /// Modified z-scores of `values`, in input order. Fewer than 3 values give all zeros.
 pub fn modified_z_scores(values: &[f64]) -> Vec<f64> {
     if values.len() < 3 {
