@@ -55,10 +55,11 @@ for p in r["precisions"] or []:
 EOF
 }
 
-run smollm2-r16
-run smollm2-rslora
-run smollm2-dora
-run smollm2-patterns
-run smollm2-tiny-lr
-run smollm2-added-tokens
-run smollm2-qlora-nf4 --trained-on nf4
+# Extra flags for every run (e.g. GENERATE="--generate 0" on a busy CPU: the logit comparison still runs).
+only="${ONLY:-smollm2-r16 smollm2-added-tokens smollm2-qlora-nf4 smollm2-tiny-lr smollm2-rslora smollm2-dora smollm2-patterns}"
+for name in $only; do
+    case "$name" in
+        *qlora-nf4) run "$name" --trained-on nf4 ${GENERATE:-} ;;
+        *) run "$name" ${GENERATE:-} ;;
+    esac
+done
