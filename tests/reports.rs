@@ -1035,6 +1035,20 @@ fn json_reports_validate_against_the_committed_schema() {
             json_of("adapters/llama-lora", &["--weights-only"]),
         ),
         ("structural failure", json_of("adapters/nonfinite", &[])),
+        (
+            "QLoRA: effect against the quantized base, shift beside it",
+            json_of(
+                "adapters/qlora-nf4",
+                &[
+                    "--trained-on",
+                    "nf4",
+                    "--precision",
+                    "bf16",
+                    "--max-tokens",
+                    "32",
+                ],
+            ),
+        ),
     ];
     for (name, report) in &reports {
         let errors = schema_errors(report);
@@ -1042,10 +1056,12 @@ fn json_reports_validate_against_the_committed_schema() {
     }
     assert!(reports[0].1["precisions"][0]["logits"].is_object());
     assert!(reports[2].1["precisions"].is_null());
+    assert!(reports[0].1["adapter_effect"]["quantization_shift_kl"].is_null());
+    assert!(reports[3].1["adapter_effect"]["quantization_shift_kl"].is_f64());
 
     // The validator is not vacuous: each mutation is caught.
     let good = &reports[0].1;
-    let mutations: [(&str, Mutation); 5] = [
+    let mutations: [(&str, Mutation); 6] = [
         ("schema_version", |r| r["schema_version"] = 1.into()),
         ("missing verdict", |r| {
             r.as_object_mut().expect("object").remove("verdict");
@@ -1055,6 +1071,12 @@ fn json_reports_validate_against_the_committed_schema() {
             r["precisions"][0]["verdict"] = "maybe".into()
         }),
         ("numel as text", |r| r["layers"][0]["numel"] = "many".into()),
+        ("no quantization shift", |r| {
+            r["adapter_effect"]
+                .as_object_mut()
+                .expect("object")
+                .remove("quantization_shift_kl");
+        }),
     ];
     for (name, mutate) in mutations {
         let mut bad = good.clone();

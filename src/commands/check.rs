@@ -445,7 +445,7 @@ fn logit_stage(
                 Some((_, p)) => *p,
                 None => continue,
             },
-            ModelKind::Reference | ModelKind::Base => continue,
+            ModelKind::Reference | ModelKind::Base | ModelKind::StoredBase => continue,
         };
         let mut found = crate::findings::logits::assess(
             &model.kind.label(),

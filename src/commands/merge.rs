@@ -229,6 +229,7 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
         plan.biases.iter().map(|b| (b.tensor.as_str(), b)).collect();
 
     // Every base tensor, plus heads that become untied; floats in the output dtype.
+    // A job's shape wins over the stored one: a resized vocabulary grows embeddings and heads.
     let mut tensors: Vec<OutTensor> = base
         .tensors()
         .map(|t| OutTensor {
@@ -238,7 +239,9 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
             } else {
                 t.dtype.clone()
             },
-            shape: t.shape.clone(),
+            shape: jobs
+                .get(t.name.as_str())
+                .map_or_else(|| t.shape.clone(), |j| vec![j.rows, j.cols]),
         })
         .collect();
     let mut untied = false;
@@ -276,7 +279,7 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
         max_shard,
         |t| {
             if let Some(job) = jobs.get(t.name.as_str()) {
-                let stored = base.read_f32(&job.tensor)?;
+                let stored = engine::base_weight(job, &base, &adapters)?;
                 let updates = engine::load_updates(job, &adapters)?;
                 let merged = engine::merged_float(
                     &stored,
@@ -340,6 +343,10 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
             if untied {
                 map.insert("tie_word_embeddings".into(), Value::Bool(false));
             }
+            // transformers sizes the embedding from vocab_size: it must follow a resize.
+            if let Some(rows) = grown_vocab(&plan, &base) {
+                map.insert("vocab_size".into(), Value::from(rows));
+            }
             map.remove("quantization_config");
         }
         std::fs::write(
@@ -401,4 +408,13 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
         )?;
     }
     Ok(ExitStatus::Success)
+}
+
+/// Rows of the merged input embedding when the adapters resized the vocabulary.
+fn grown_vocab(plan: &MergePlan, base: &crate::io::checkpoint::Checkpoint) -> Option<usize> {
+    let embedding = crate::io::mapping::find_embedding(base)?;
+    plan.weights
+        .iter()
+        .find(|j| j.tensor == embedding && j.growth.is_some())
+        .map(|j| j.rows)
 }

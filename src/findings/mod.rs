@@ -232,7 +232,11 @@ impl Code {
                 Deny,
                 "tied embeddings but the adapter changes embed_tokens and lm_head differently",
                 "Fires when tie_word_embeddings is true (or the base stores no lm_head) and the adapter trains \
-                 or replaces only one of embed_tokens / lm_head, or both with different tensors.",
+                 or replaces only one of embed_tokens / lm_head, or both with different tensors. A trained \
+                 head is merged untied (its own tensor, `tie_word_embeddings: false`), which is faithful: \
+                 then the finding is a warning about configs and loaders that re-tie it; it denies a \
+                 `--merged` checkpoint whose config ties a head that must differ, and an adapter that \
+                 changes only the embedding (the merge would change the shared head too).",
                 "In the unmerged model the two are separate; after a merge into the single shared tensor one \
                  silently overwrites the other (a trained lm_head is lost, or the input embeddings change).",
                 "Untie before merging: set `tie_word_embeddings: false` in the merged config and store both \
@@ -350,7 +354,9 @@ impl Code {
                 Warn,
                 "a layer's ‖ΔW‖ is an outlier among its peers",
                 "Modified z-score (median/MAD) of log ‖ΔW‖ across the layers of each module kind \
-                 (q_proj, down_proj, …); needs at least 5 layers of a kind.",
+                 (q_proj, down_proj, …), needs at least 5 layers of a kind; and ‖ΔW‖ at least \
+                 `outlier-ratio` (5×) above or below the kind's median, because healthy adapters \
+                 spread 1.6–2× across layers.",
                 "One module whose update is orders of magnitude off its siblings is usually diverged \
                  training or a mis-scaled module (a wrong alpha_pattern, a hand-edited tensor).",
                 "Inspect that module's lora_A/lora_B; retrain from an earlier checkpoint or fix its \
@@ -595,6 +601,13 @@ impl Finding {
             observed: None,
             threshold: None,
         }
+    }
+
+    /// Sets a level other than the code's default, for an occurrence that is less (or more)
+    /// serious than the code's usual case.
+    pub fn level(mut self, level: Level) -> Self {
+        self.level = level;
+        self
     }
 
     /// Replaces the generic advice with advice specific to this occurrence.

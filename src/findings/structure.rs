@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use regex::Regex;
 use serde::Serialize;
 
-use super::{Code, Finding};
+use super::{Code, Finding, Level};
 use crate::io::adapter::{Adapter, AdapterModule, TensorRole};
 use crate::io::checkpoint::{Checkpoint, CheckpointError};
 use crate::io::config::ModelConfig;
@@ -582,6 +582,11 @@ fn adapter_rows(module: &AdapterModule) -> Option<(usize, &'static str)> {
         .map(|r| (*r, "lora_embedding_A columns"))
 }
 
+/// Vocabulary sizes. A full embedding / head matrix with more rows than the base is a vocabulary
+/// resized before training (TRL's `setup_chat_format`, added special tokens): the merge takes the
+/// adapter's matrix, so the merged model has its rows. What cannot be merged is a tokenizer with ids
+/// beyond every row the merge produces, an adapter that shrinks the vocabulary or grows it without
+/// full matrices (embedding LoRA: the rows do not exist), and a base that disagrees with itself.
 fn vocab_rules(input: &StructureInput<'_>, findings: &mut Vec<Finding>) {
     let base = input.base;
     let embedding = mapping::find_embedding(base);
@@ -596,14 +601,18 @@ fn vocab_rules(input: &StructureInput<'_>, findings: &mut Vec<Finding>) {
     let config_vocab = input.base_config.and_then(|c| c.vocab_size);
     let tokenizer = input.adapter_tokenizer.or(input.base_tokenizer);
     let mut problems = Vec::new();
-    let mut model_rows = base_embed_rows;
+    // Rows of the merged input embedding and output head (a tied model without a stored head
+    // reads the embedding's rows until the adapter stores a head of its own).
+    let mut merged_embed_rows = base_embed_rows;
+    let mut merged_head_rows = base_head_rows.or(base_embed_rows);
     let mut culprit = None;
     for module in input.adapter.modules.values() {
         let Ok(target) = mapping::resolve(&module.name, base) else {
             continue;
         };
-        let is_embed = embedding.as_deref() == Some(target.weight().as_str());
-        let is_head = head.as_deref() == Some(target.weight().as_str());
+        let is_head = mapping::is_head_module(&module.name)
+            || head.as_deref() == Some(target.weight().as_str());
+        let is_embed = !is_head && embedding.as_deref() == Some(target.weight().as_str());
         if !(is_embed || is_head) {
             continue;
         }
@@ -613,16 +622,30 @@ fn vocab_rules(input: &StructureInput<'_>, findings: &mut Vec<Finding>) {
         let base_rows = if is_embed {
             base_embed_rows
         } else {
-            base_head_rows
+            base_head_rows.or(base_embed_rows)
         };
+        let full = module.get(TensorRole::FullWeight).is_some();
         if let Some(base_rows) = base_rows.filter(|b| *b != rows) {
+            if full && rows > base_rows {
+                let slot = if is_embed {
+                    &mut merged_embed_rows
+                } else {
+                    &mut merged_head_rows
+                };
+                *slot = Some(slot.map_or(rows, |m| m.max(rows)));
+                continue;
+            }
+            let why = if full {
+                "a merge would shrink the vocabulary"
+            } else {
+                "a low-rank update cannot add rows the base does not have"
+            };
             problems.push(format!(
-                "the adapter's `{}` ({what}) has {rows} rows but the base's has {base_rows}",
+                "the adapter's `{}` ({what}) has {rows} rows but the base's has {base_rows}: {why}",
                 module.name
             ));
             culprit.get_or_insert(module.name.clone());
         }
-        model_rows = Some(model_rows.map_or(rows, |m| m.max(rows)));
     }
     if let (Some(vocab), Some(rows)) = (config_vocab, base_embed_rows)
         && vocab != rows
@@ -638,13 +661,20 @@ fn vocab_rules(input: &StructureInput<'_>, findings: &mut Vec<Finding>) {
             "the base embedding has {embed} rows but its output head has {head}"
         ));
     }
-    if let (Some(tok), Some(rows)) = (tokenizer, model_rows)
+    let merged_rows = match (merged_embed_rows, merged_head_rows) {
+        (Some(e), Some(h)) => Some(e.min(h)),
+        (e, h) => e.or(h),
+    };
+    if let (Some(tok), Some(rows)) = (tokenizer, merged_rows)
         && tok.size > rows
     {
         problems.push(format!(
-            "the tokenizer at `{}` emits ids up to {} but the model has {rows} embedding rows",
+            "the tokenizer at `{}` emits ids up to {} but the merged model would have {rows} \
+             embedding / head rows (embedding {}, head {}): ids from {rows} on have no row",
             tok.path.display(),
-            tok.size - 1
+            tok.size - 1,
+            merged_embed_rows.map_or_else(|| "?".into(), |r| r.to_string()),
+            merged_head_rows.map_or_else(|| "?".into(), |r| r.to_string()),
         ));
     }
     if problems.is_empty() {
@@ -662,9 +692,10 @@ fn vocab_rules(input: &StructureInput<'_>, findings: &mut Vec<Finding>) {
             format!("{}{added}", problems.join("; ")),
         )
         .advice(
-            "Tokens were added or the vocabulary resized: resize the base to the adapter's tokenizer \
-             (`model.resize_token_embeddings(len(tokenizer))`) before merging, and ship that tokenizer \
-             with the merged model.",
+            "Ship the tokenizer the adapter was trained with, and save the resized embeddings with \
+             the adapter (PEFT: `modules_to_save=[\"embed_tokens\", \"lm_head\"]` or \
+             `save_embedding_layers=True`) so the merge has every row; or resize the base to that \
+             tokenizer (`model.resize_token_embeddings(len(tokenizer))`) and check against it.",
         ),
     );
 }
@@ -700,21 +731,43 @@ fn tied_rules(
             embed_change = Some(module);
         }
     }
-    let (message, module) = match (embed_change, head_change) {
+    // A trained head merges into a tensor of its own (the merge engine writes `lm_head.weight` and
+    // `tie_word_embeddings: false`, and the candidates here are judged that way), which is faithful:
+    // PEFT's unmerged model keeps the head apart too (PEFT issue #2777). What can still go wrong
+    // happens after lora-doctor: a config that ties the head again, or a loader that re-ties it.
+    let untied_merge = |what: String, module: String| {
+        Finding::new(
+            Code::TiedEmbeddings,
+            Some(module),
+            format!(
+                "tie_word_embeddings is true and {what}: the merge is faithful only untied (lm_head \
+                 stored as its own tensor, `tie_word_embeddings: false`), which is how lora-doctor \
+                 merges and judges it; a merged config.json that ties the head, or a loader that \
+                 re-ties it on save or reload, puts one tensor in both places"
+            ),
+        )
+        .level(Level::Warn)
+        .advice(
+            "Merge with `lora-doctor merge` (or PEFT's merge_and_unload + save_pretrained on \
+             transformers ≥ 5 / PEFT ≥ 0.21, which keep the head untied), then run `lora-doctor check \
+             --merged DIR` on the result: it denies a merged config.json that ties the head. Serve \
+             with a loader that honours `tie_word_embeddings: false`.",
+        )
+    };
+    let finding = match (embed_change, head_change) {
         (None, None) => return Ok(()),
-        (Some(e), None) => (
+        (Some(e), None) => Finding::new(
+            Code::TiedEmbeddings,
+            Some(e.name.clone()),
             format!(
                 "tie_word_embeddings is true and the adapter changes `{}` but not the output head: after \
                  a merge the head (which shares that tensor) changes too, unlike in the unmerged model",
                 e.name
             ),
-            e.name.clone(),
         ),
-        (None, Some(h)) => (
+        (None, Some(h)) => untied_merge(
             format!(
-                "tie_word_embeddings is true and the adapter changes `{}` but not the input embedding: a \
-                 merge writes it into the shared tensor, changing the input embeddings too (or the trained \
-                 head is dropped)",
+                "the adapter changes `{}` but not the input embedding",
                 h.name
             ),
             h.name.clone(),
@@ -723,17 +776,16 @@ fn tied_rules(
             if same_full_weight(input.adapter, e, h)? {
                 return Ok(());
             }
-            (
+            untied_merge(
                 format!(
-                    "tie_word_embeddings is true and the adapter changes `{}` and `{}` differently: one \
-                     tensor can hold only one of them after a merge",
+                    "the adapter changes `{}` and `{}` differently",
                     e.name, h.name
                 ),
                 h.name.clone(),
             )
         }
     };
-    findings.push(Finding::new(Code::TiedEmbeddings, Some(module), message));
+    findings.push(finding);
     Ok(())
 }
 

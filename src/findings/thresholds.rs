@@ -41,6 +41,10 @@ pub struct Thresholds {
     pub eight_bit: ClassThresholds,
     pub four_bit: ClassThresholds,
     pub outlier_z: f64,
+    /// delta-outlier also needs ‖ΔW‖ at least this many times the median of its peers (or at most
+    /// its inverse): a robust z-score alone flags ordinary 1.6–2× spreads when the peers agree
+    /// closely (calibrated on seven real SmolLM2 adapters: their largest spread is 1.88×).
+    pub outlier_ratio: f64,
     /// gibberish: a candidate's greedy text is this many times less likely (NLL ratio) under the
     /// reference than the reference's own text.
     pub gibberish_nll: f64,
@@ -89,6 +93,7 @@ impl Default for Thresholds {
                 effect_lost: Some(2.0),
             },
             outlier_z: crate::stats::outliers::DEFAULT_THRESHOLD,
+            outlier_ratio: crate::stats::outliers::DEFAULT_RATIO,
             gibberish_nll: 2.5,
             repetition: 0.5,
             merged_tolerance: MERGED_TOLERANCE,
@@ -201,6 +206,12 @@ pub const THRESHOLDS: &[ThresholdDef] = &[
         outlier_z,
         false,
         "delta-outlier when |modified z| of log ‖ΔW‖ among a module kind exceeds it"
+    ),
+    global!(
+        "outlier-ratio",
+        outlier_ratio,
+        false,
+        "delta-outlier also needs ‖ΔW‖ this many times above (or below) the median of its module kind"
     ),
     per_class!(
         "high-kl-warn",

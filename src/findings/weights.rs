@@ -151,7 +151,7 @@ pub fn assess(
             });
         }
     }
-    let mut findings = outlier_findings(evaluations, &z_scores, thresholds.outlier_z);
+    let mut findings = outlier_findings(evaluations, &z_scores, thresholds);
     let mut reports = Vec::new();
     for &precision in precisions {
         let mine: Vec<&LayerRow> = rows
@@ -200,11 +200,11 @@ fn outlier_scores(evaluations: &[TensorEvaluation]) -> Vec<Option<f64>> {
 fn outlier_findings(
     evaluations: &[TensorEvaluation],
     z_scores: &[Option<f64>],
-    threshold: f64,
+    thresholds: &Thresholds,
 ) -> Vec<Finding> {
     let mut findings = Vec::new();
     for (eval, z) in evaluations.iter().zip(z_scores) {
-        let Some(z) = z.filter(|z| z.abs() > threshold) else {
+        let Some(z) = z.filter(|z| z.abs() > thresholds.outlier_z) else {
             continue;
         };
         let peers: Vec<f64> = evaluations
@@ -215,20 +215,33 @@ fn outlier_findings(
         let mut sorted = peers.clone();
         sorted.sort_by(f64::total_cmp);
         let median = sorted[sorted.len() / 2];
+        let ratio = eval.delta.delta_norm / median.max(f64::MIN_POSITIVE);
+        // Both directions count: a module that learned 1/ratio of its peers is as suspicious as
+        // one that learned ratio times more. A zero ‖ΔW‖ has no z-score (it is `untrained`'s job).
+        let spread = if ratio > 0.0 {
+            ratio.max(1.0 / ratio)
+        } else {
+            f64::INFINITY
+        };
+        if spread < thresholds.outlier_ratio {
+            continue;
+        }
         findings.push(
             Finding::new(
                 Code::DeltaOutlier,
                 Some(eval.module.clone()),
                 format!(
-                    "‖ΔW‖ = {:.3e} is {:.1}× the median {:.3e} of its {} `{}` peers (modified z = {z:.1})",
+                    "‖ΔW‖ = {:.3e} is {ratio:.3}× the median {:.3e} of its {} `{}` peers (modified z = {z:.1}; \
+                     flagged from {:.1}× and |z| > {:.1})",
                     eval.delta.delta_norm,
-                    eval.delta.delta_norm / median.max(f64::MIN_POSITIVE),
                     median,
                     peers.len(),
-                    module_kind(&eval.module)
+                    module_kind(&eval.module),
+                    thresholds.outlier_ratio,
+                    thresholds.outlier_z,
                 ),
             )
-            .observed(z, Some(threshold)),
+            .observed(z, Some(thresholds.outlier_z)),
         );
     }
     findings

@@ -358,7 +358,7 @@ fn load(job: &TensorJob, input: &Inputs<'_>) -> Result<Option<Loaded>, MergeErro
     if info.shape != [job.rows, job.cols] {
         return Ok(None);
     }
-    let w = input.base.read_f32(&job.tensor)?;
+    let w = engine::base_weight(job, input.base, input.adapters)?;
     let updates = engine::load_updates(job, input.adapters)?;
     let wstar = delta::merge_exact(&w, job.rows, job.cols, &updates);
     if wstar.len() != w.len() {
@@ -834,6 +834,7 @@ fn compare_untouched(
             rows,
             cols,
             sources: Vec::new(),
+            growth: None,
         };
         // An untouched tensor has no update: both hypotheses reduce to dequant(q(W)) (a GGUF
         // round trip quantizes every linear layer, targeted or not).

@@ -31,6 +31,16 @@ pub enum MergeError {
         #[source]
         source: super::quant::QuantError,
     },
+    #[error(
+        "`{key}` should hold the {rows} rows of the resized `{tensor}` but has {len} values for {cols} columns"
+    )]
+    Resize {
+        tensor: String,
+        key: String,
+        rows: usize,
+        cols: usize,
+        len: usize,
+    },
     #[error(transparent)]
     Read(#[from] CheckpointError),
 }
@@ -63,9 +73,30 @@ pub struct TensorJob {
     /// Tensor name in a merged checkpoint. Differs from `tensor` only for the head of a tied
     /// model, which is written as its own (untied) tensor.
     pub output: String,
+    /// Rows of the merged tensor: the base's, or more when a replacement grows the vocabulary.
     pub rows: usize,
     pub cols: usize,
     pub sources: Vec<Source>,
+    /// Set when a full replacement has more rows than the base tensor (tokens added and the
+    /// embeddings resized before training): the base is read as the resized base.
+    pub growth: Option<Growth>,
+}
+
+/// Where the rows a resized vocabulary adds to a base tensor come from. The merge of a full
+/// replacement is the replacement whatever the base holds, but the statistics (‖ΔW‖) and the base
+/// model of the comparison need the base as the adapter saw it: resized.
+#[derive(Debug, Clone)]
+pub struct Growth {
+    /// Rows of the stored base tensor.
+    pub base_rows: usize,
+    /// Rows of the replacement (the resized vocabulary).
+    pub rows: usize,
+    pub adapter: usize,
+    /// `original_module` (the resized, untrained copy PEFT saves with `modules_to_save`) when the
+    /// adapter has it with the grown row count; else the replacement itself, so the added rows
+    /// count as base rows the adapter did not change (transformers initialises them at random,
+    /// so nothing better is known).
+    pub key: String,
 }
 
 /// A change to a base bias.
@@ -130,16 +161,27 @@ impl MergePlan {
                             shape: info.shape.clone(),
                         });
                     };
-                    match plan.weights.iter_mut().find(|j| j.output == output) {
-                        Some(job) => job.sources.push(source),
-                        None => plan.weights.push(TensorJob {
-                            module: module_name,
-                            tensor,
-                            output,
-                            rows,
-                            cols,
-                            sources: vec![source],
-                        }),
+                    let growth = growth_of(index, module, &source, rows, cols);
+                    let job = match plan.weights.iter().position(|j| j.output == output) {
+                        Some(i) => &mut plan.weights[i],
+                        None => {
+                            plan.weights.push(TensorJob {
+                                module: module_name,
+                                tensor,
+                                output,
+                                rows,
+                                cols,
+                                sources: Vec::new(),
+                                growth: None,
+                            });
+                            let last = plan.weights.len() - 1;
+                            &mut plan.weights[last]
+                        }
+                    };
+                    job.sources.push(source);
+                    if let Some(growth) = growth.filter(|g| g.rows > job.rows) {
+                        job.rows = growth.rows;
+                        job.growth = Some(growth);
                     }
                 }
                 if let Some(source) = bias_source(index, adapter, module) {
@@ -158,6 +200,59 @@ impl MergePlan {
         plan.biases.sort_by(|a, b| a.tensor.cmp(&b.tensor));
         Ok(plan)
     }
+}
+
+/// A full replacement with more rows than the base (same columns) grows the tensor.
+fn growth_of(
+    index: usize,
+    module: &AdapterModule,
+    source: &Source,
+    base_rows: usize,
+    cols: usize,
+) -> Option<Growth> {
+    let Source::Replace { key, .. } = source else {
+        return None;
+    };
+    let full = module.get(TensorRole::FullWeight)?;
+    let rows = match full.info.shape[..] {
+        [r, c] if r > base_rows && c == cols => r,
+        _ => return None,
+    };
+    let key = module
+        .get(TensorRole::OriginalModule)
+        .filter(|o| o.info.shape[..] == [rows, cols])
+        .map_or_else(|| key.clone(), |o| o.key.clone());
+    Some(Growth {
+        base_rows,
+        rows,
+        adapter: index,
+        key,
+    })
+}
+
+/// The base tensor of a job as the adapters saw it: the stored tensor, plus the rows a resized
+/// vocabulary added (see [`Growth`]).
+pub fn base_weight(
+    job: &TensorJob,
+    base: &Checkpoint,
+    adapters: &[Adapter],
+) -> Result<Vec<f32>, MergeError> {
+    let mut w = base.read_f32(&job.tensor)?;
+    if let Some(g) = &job.growth {
+        let extra = adapters[g.adapter].weights.read_f32(&g.key)?;
+        let rows = extra
+            .get(g.base_rows * job.cols..job.rows * job.cols)
+            .ok_or_else(|| MergeError::Resize {
+                tensor: job.tensor.clone(),
+                key: g.key.clone(),
+                rows: job.rows,
+                cols: job.cols,
+                len: extra.len(),
+            })?;
+        w.truncate(g.base_rows * job.cols);
+        w.extend_from_slice(rows);
+    }
+    Ok(w)
 }
 
 fn weight_source(
@@ -429,7 +524,7 @@ pub fn evaluate(
 ) -> Result<TensorEvaluation, MergeError> {
     let (rows, cols) = (job.rows, job.cols);
     let conv1d = job.is_conv1d();
-    let stored = base.read_f32(&job.tensor)?;
+    let stored = base_weight(job, base, adapters)?;
     let updates = load_updates(job, adapters)?;
     let w_ref = match options.trained_on {
         Some(p) => store_in(p, &job.tensor, &stored, rows, cols, conv1d)?.0,

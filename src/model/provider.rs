@@ -21,6 +21,9 @@ pub struct CheckpointProvider<'a> {
     adapters: &'a [Adapter],
     weights: BTreeMap<String, TensorJob>,
     biases: BTreeMap<String, BiasJob>,
+    /// False for the base model of the comparison: jobs only resize the base (see
+    /// [`engine::Growth`]); no replacement, LoRA term or bias change applies.
+    adapted: bool,
 }
 
 impl std::fmt::Debug for CheckpointProvider<'_> {
@@ -41,6 +44,25 @@ impl<'a> CheckpointProvider<'a> {
             adapters: &[],
             weights: BTreeMap::new(),
             biases: BTreeMap::new(),
+            adapted: true,
+        }
+    }
+
+    /// The base model alone, as the adapters saw it: embeddings and heads a resized vocabulary
+    /// grew carry the added rows (so its logits cover the same vocabulary as the reference's),
+    /// nothing else changes. Only tensors that grow are taken from the plan.
+    pub fn resized_base(base: &'a Checkpoint, adapters: &'a [Adapter], plan: &MergePlan) -> Self {
+        CheckpointProvider {
+            base,
+            adapters,
+            weights: plan
+                .weights
+                .iter()
+                .filter(|j| j.growth.is_some())
+                .map(|j| (j.output.clone(), j.clone()))
+                .collect(),
+            biases: BTreeMap::new(),
+            adapted: false,
         }
     }
 
@@ -59,6 +81,7 @@ impl<'a> CheckpointProvider<'a> {
                 .iter()
                 .map(|j| (j.tensor.clone(), j.clone()))
                 .collect(),
+            adapted: true,
         }
     }
 
@@ -90,15 +113,18 @@ fn read_error(tensor: &str, e: CheckpointError) -> ModelError {
 impl WeightProvider for CheckpointProvider<'_> {
     fn weight(&self, name: &str) -> Result<Vec<f32>, ModelError> {
         if let Some(job) = self.weights.get(name) {
-            if let Some(i) = last_replace(job)
+            if self.adapted
+                && let Some(i) = last_replace(job)
                 && let Source::Replace { adapter, key } = &job.sources[i]
             {
                 return self.read_adapter(*adapter, key);
             }
-            return self
-                .base
-                .read_f32(&job.tensor)
-                .map_err(|e| read_error(&job.tensor, e));
+            return engine::base_weight(job, self.base, self.adapters).map_err(|e| {
+                ModelError::Read {
+                    tensor: job.tensor.clone(),
+                    source: Box::new(e),
+                }
+            });
         }
         if let Some(job) = self.biases.get(name) {
             return engine::merged_bias(job, self.base, self.adapters).map_err(|e| {
@@ -117,11 +143,11 @@ impl WeightProvider for CheckpointProvider<'_> {
             || self
                 .weights
                 .get(name)
-                .is_some_and(|job| last_replace(job).is_some())
+                .is_some_and(|job| !self.adapted || last_replace(job).is_some())
     }
 
     fn lora(&self, name: &str) -> Result<Vec<UnmergedLora>, ModelError> {
-        let Some(job) = self.weights.get(name) else {
+        let Some(job) = self.weights.get(name).filter(|_| self.adapted) else {
             return Ok(Vec::new());
         };
         let start = last_replace(job).map_or(0, |i| i + 1);

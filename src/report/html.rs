@@ -337,6 +337,21 @@ fn kl_section(out: &mut String, report: &Report) {
             percent(Some(effect.same_top1)),
             effect.tokens
         );
+        if let Some(shift) = effect.quantization_shift_kl {
+            let format = report
+                .merge
+                .as_ref()
+                .and_then(|m| m.trained_on.as_deref())
+                .unwrap_or("the quantized format");
+            let _ = writeln!(
+                out,
+                "<p class=\"muted\">The adapter was trained on a quantized base, so its effect is \
+                 measured against dequant({}(W)). Against the 16-bit base the reference is {} nats \
+                 away: the adapter's effect plus the quantization shift.</p>",
+                escape(format),
+                num(Some(shift))
+            );
+        }
     }
     logit_table(out, report);
 }

@@ -103,6 +103,18 @@ pub fn check_summary(report: &Report, palette: Palette) -> String {
                 effect.mean_kl,
                 effect.same_top1 * 100.0
             );
+            if let Some(shift) = effect.quantization_shift_kl {
+                let format = report
+                    .merge
+                    .as_ref()
+                    .and_then(|m| m.trained_on.as_deref())
+                    .unwrap_or("the quantized format");
+                let _ = writeln!(
+                    out,
+                    "  (base = dequant({format}(W)), what the adapter trained on; against the 16-bit base the \
+                     reference is {shift:.4} nats away: the adapter's effect plus the quantization shift)"
+                );
+            }
             let _ = writeln!(
                 out,
                 "{:<10} {:>11} {:>10} {:>10} {:>9} {:>9} {:>9} {:>12}",
