@@ -124,7 +124,6 @@ impl KvCache {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
 
     use super::*;
     use crate::model::MaterializedModel;
@@ -221,7 +220,12 @@ mod tests {
                 }
             });
         }
-        let _ = writeln!(std::io::stderr(), "{}", table.join("\n"));
+        // Captured by the test harness: shown when the test fails or with --nocapture, so a
+        // passing run stays quiet.
+        #[allow(clippy::disallowed_macros)]
+        {
+            eprintln!("{}", table.join("\n"));
+        }
         assert!(failures.is_empty(), "{failures:?}\n{}", table.join("\n"));
     }
 
