@@ -338,11 +338,7 @@ fn kl_section(out: &mut String, report: &Report) {
             effect.tokens
         );
         if let Some(shift) = effect.quantization_shift_kl {
-            let format = report
-                .merge
-                .as_ref()
-                .and_then(|m| m.trained_on.as_deref())
-                .unwrap_or("the quantized format");
+            let format = report.trained_on_label();
             let _ = writeln!(
                 out,
                 "<p class=\"muted\">The adapter was trained on a quantized base, so its effect is \

@@ -87,6 +87,14 @@ pub struct Report {
 }
 
 impl Report {
+    /// The format `--trained-on` named (the base the adapter trained against), for sentences.
+    pub fn trained_on_label(&self) -> &str {
+        self.merge
+            .as_ref()
+            .and_then(|m| m.trained_on.as_deref())
+            .unwrap_or("the quantized format")
+    }
+
     /// Which checks actually ran, in pipeline order, for the verdict line: a PASS always says
     /// what it covers (`structure`, `weights (f32, bf16)`, `logits (512 tokens)`, …).
     pub fn checks_run(&self) -> Vec<String> {

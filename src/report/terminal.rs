@@ -104,11 +104,7 @@ pub fn check_summary(report: &Report, palette: Palette) -> String {
                 effect.same_top1 * 100.0
             );
             if let Some(shift) = effect.quantization_shift_kl {
-                let format = report
-                    .merge
-                    .as_ref()
-                    .and_then(|m| m.trained_on.as_deref())
-                    .unwrap_or("the quantized format");
+                let format = report.trained_on_label();
                 let _ = writeln!(
                     out,
                     "  (base = dequant({format}(W)), what the adapter trained on; against the 16-bit base the \
