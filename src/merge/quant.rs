@@ -133,6 +133,9 @@ pub enum QuantError {
         format: &'static str,
         blocksize: usize,
     },
+    /// A ggml tensor type lora-doctor has no decoder for (IQ*, TQ*, MXFP4, …).
+    #[error("ggml type {name} cannot be dequantized by lora-doctor")]
+    UnsupportedType { name: String },
 }
 
 // ---------------------------------------------------------------------------------------------
