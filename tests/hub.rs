@@ -135,7 +135,7 @@ fn hub_names_resolve_through_refs_main_and_the_report_names_the_snapshot() {
         report["inputs"]["adapters"][0],
         snapshot(ADAPTER_ID).as_str()
     );
-    let errors = super::reports::schema_errors(&report);
+    let errors = super::reports::schema::schema_errors(&report);
     assert!(errors.is_empty(), "{errors:#?}");
     let hub = report["inputs"]["hub"].as_array().expect("inputs.hub");
     assert_eq!(hub.len(), 2);
@@ -148,7 +148,7 @@ fn hub_names_resolve_through_refs_main_and_the_report_names_the_snapshot() {
     let mut bad = report.clone();
     bad["inputs"]["hub"][0]["flag"] = "--elsewhere".into();
     assert!(
-        !super::reports::schema_errors(&bad).is_empty(),
+        !super::reports::schema::schema_errors(&bad).is_empty(),
         "the schema checks hub entries"
     );
     // The human summary names the hub input too.
