@@ -55,13 +55,34 @@ pub struct WeightSummary {
     pub worst_module: Option<String>,
     pub mean_rel_error: Option<f64>,
     pub max_floor_ratio: Option<f64>,
+    /// A candidate's lowest ⟨W_p − W, ΔW⟩/‖ΔW‖² over its layers: how much of the update survived
+    /// (rounding and quantization only lose it). Null for the merged checkpoint, see
+    /// [`Self::scale_ratio_range`].
     pub min_retention: Option<f64>,
+    /// The merged checkpoint only: the least-squares ŝ/s of M's change, lowest and highest over
+    /// its fitted tensors. A foreign merge can overshoot (2 when the scale was applied twice), so
+    /// a minimum alone would hide it.
+    pub scale_ratio_range: Option<[f64; 2]>,
     pub mean_below_half_ulp: Option<f64>,
     pub nonfinite: usize,
     pub overflow: usize,
 }
 
 impl WeightSummary {
+    /// The retention a table shows: a candidate's minimum, or the merged checkpoint's ŝ/s bound
+    /// farthest from 1.
+    pub fn shown_retention(&self) -> Option<f64> {
+        self.min_retention.or_else(|| {
+            self.scale_ratio_range.map(|[lo, hi]| {
+                if (hi - 1.0).abs() > (1.0 - lo).abs() {
+                    hi
+                } else {
+                    lo
+                }
+            })
+        })
+    }
+
     /// A summary with no layers (a candidate whose weights were not merged here).
     pub fn empty() -> Self {
         WeightSummary {
@@ -71,6 +92,7 @@ impl WeightSummary {
             mean_rel_error: None,
             max_floor_ratio: None,
             min_retention: None,
+            scale_ratio_range: None,
             mean_below_half_ulp: None,
             nonfinite: 0,
             overflow: 0,
@@ -269,6 +291,7 @@ fn summarize(rows: &[&LayerRow]) -> WeightSummary {
             .iter()
             .filter_map(|r| r.delta_retention)
             .min_by(f64::total_cmp),
+        scale_ratio_range: None,
         mean_below_half_ulp: mean(rows.iter().filter_map(|r| r.delta_below_half_ulp).collect()),
         nonfinite: rows.iter().map(|r| r.nan + r.inf).sum(),
         overflow: rows.iter().map(|r| r.out_of_range).sum(),

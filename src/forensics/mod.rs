@@ -305,7 +305,11 @@ impl Forensics {
             summary.modules += 1;
             summary.max_floor_ratio = Some(summary.max_floor_ratio.map_or(ratio, |r| r.max(ratio)));
             if let Some(s) = m.scale_ratio {
-                summary.min_retention = Some(summary.min_retention.map_or(s, |r| r.min(s)));
+                summary.scale_ratio_range = Some(
+                    summary
+                        .scale_ratio_range
+                        .map_or([s, s], |[lo, hi]| [lo.min(s), hi.max(s)]),
+                );
             }
             if m.delta_norm > 0.0 {
                 let rel = ratio * m.floor / m.delta_norm;

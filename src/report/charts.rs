@@ -19,6 +19,8 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 use super::Report;
 use crate::findings::Verdict;
 use crate::forensics::{Forensics, ModuleFit};
+use crate::forward::MERGED_LABEL;
+use crate::merge::precision::{Precision, PrecisionClass};
 
 /// Width of every chart, in SVG pixels.
 pub const WIDTH: u32 = 1000;
@@ -63,10 +65,18 @@ impl HeatmapMetric {
     }
 }
 
-/// The precision the heatmap shows by default: among those with layer statistics (not an
-/// already-merged checkpoint), the worst non-f32 one (worst verdict, then largest worst-layer
-/// error); f32 only when it is the only one.
+/// The precision the heatmap shows by default: the merged checkpoint when `--merged` ran, else
+/// among those with layer statistics the worst non-f32 one (worst verdict, then largest
+/// worst-layer error); f32 only when it is the only one.
 pub fn default_heatmap_precision(report: &Report) -> Option<String> {
+    // `check --merged` is about that checkpoint: show its tensors, not a simulated candidate.
+    if report
+        .forensics
+        .as_ref()
+        .is_some_and(|f| !f.modules.is_empty())
+    {
+        return Some(MERGED_LABEL.to_string());
+    }
     let precisions = report.precisions.as_ref()?;
     let rank = |v: Verdict| match v {
         Verdict::Pass => 0,
@@ -142,32 +152,27 @@ pub struct HeatmapData {
     pub values: Vec<Vec<Option<f64>>>,
     /// Modules of that precision outside the numbered blocks, with their value.
     pub outside: Vec<(String, Option<f64>)>,
+    /// The colour scale's (best, worst) ends from the gate's thresholds for this precision's
+    /// class, so a clean report stays pale: rel. error from a thousandth of the threshold up to
+    /// it, retention from 1 down to its minimum. `None` when no threshold applies.
+    anchor: Option<(f64, f64)>,
 }
 
 impl HeatmapData {
     /// Collects the cells from `layers[]`; `None` when the precision has no rows.
     pub fn collect(report: &Report, precision: &str, metric: HeatmapMetric) -> Option<Self> {
-        let rows: Vec<_> = report
-            .layers
-            .as_deref()?
-            .iter()
-            .filter(|r| r.precision == precision)
-            .collect();
+        let rows = Self::rows(report, precision, metric);
         if rows.is_empty() {
             return None;
         }
         let mut cells: BTreeMap<(String, usize), Option<f64>> = BTreeMap::new();
         let mut outside = Vec::new();
-        for r in rows {
-            let value = match metric {
-                HeatmapMetric::RelError => r.rel_error,
-                HeatmapMetric::Retention => r.delta_retention,
-            };
-            match layer_and_kind(&r.module) {
+        for (module, value) in rows {
+            match layer_and_kind(&module) {
                 Some((layer, kind)) => {
                     cells.insert((kind, layer), value);
                 }
-                None => outside.push((r.module.clone(), value)),
+                None => outside.push((module, value)),
             }
         }
         let mut layers: Vec<usize> = cells.keys().map(|(_, l)| *l).collect();
@@ -192,7 +197,58 @@ impl HeatmapData {
             kinds,
             values,
             outside,
+            anchor: Self::anchor(report, precision, metric),
         })
+    }
+
+    /// (module, value) of one precision: `layers[]` rows for a candidate; for the merged
+    /// checkpoint its forensics (rel. error ‖M − W*‖/‖ΔW‖ and the fitted ŝ/s as retention).
+    fn rows(report: &Report, precision: &str, metric: HeatmapMetric) -> Vec<(String, Option<f64>)> {
+        if precision == MERGED_LABEL
+            && let Some(f) = &report.forensics
+        {
+            return f
+                .modules
+                .iter()
+                .map(|m| {
+                    let value = match metric {
+                        HeatmapMetric::RelError => m
+                            .residual_to_floor
+                            .filter(|_| m.delta_norm > 0.0)
+                            .map(|r| r * m.floor / m.delta_norm),
+                        HeatmapMetric::Retention => m.scale_ratio,
+                    };
+                    (m.module.clone(), value)
+                })
+                .collect();
+        }
+        report
+            .layers
+            .iter()
+            .flatten()
+            .filter(|r| r.precision == precision)
+            .map(|r| {
+                let value = match metric {
+                    HeatmapMetric::RelError => r.rel_error,
+                    HeatmapMetric::Retention => r.delta_retention,
+                };
+                (r.module.clone(), value)
+            })
+            .collect()
+    }
+
+    fn anchor(report: &Report, precision: &str, metric: HeatmapMetric) -> Option<(f64, f64)> {
+        let thresholds = &report.merge.as_ref()?.thresholds;
+        let class = Precision::parse(precision).map_or(PrecisionClass::Float, Precision::class);
+        let t = thresholds.class(class);
+        match metric {
+            HeatmapMetric::RelError => t
+                .quant_error
+                .or(t.swamped_error)
+                .filter(|v| *v > 0.0)
+                .map(|bad| (bad / 1e3, bad)),
+            HeatmapMetric::Retention => t.min_retention.filter(|v| *v < 1.0).map(|bad| (1.0, bad)),
+        }
     }
 
     /// Short y labels: the last path segment when that is unambiguous, else the whole kind.
@@ -224,7 +280,15 @@ impl HeatmapData {
             .collect();
         let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        (lo <= hi).then_some((lo, hi))
+        // Anchored on the thresholds, widened only when a value lies beyond the worst end.
+        match (self.anchor, self.metric) {
+            (Some((best, worst)), HeatmapMetric::RelError) => Some((best, worst.max(hi))),
+            (Some((best, worst)), HeatmapMetric::Retention) => Some((
+                worst.min(lo),
+                best.max(if hi.is_finite() { hi } else { best }),
+            )),
+            (None, _) => (lo <= hi).then_some((lo, hi)),
+        }
     }
 
     /// Position of a value on the colour scale, 0 (best) to 1 (worst).
@@ -232,7 +296,10 @@ impl HeatmapData {
         let t = match self.metric {
             HeatmapMetric::RelError if value <= 0.0 => 0.0,
             HeatmapMetric::RelError if hi > lo => (value.log10() - lo.log10()) / (hi / lo).log10(),
-            HeatmapMetric::Retention if hi > lo => (hi - value) / (hi - lo),
+            // Distance from 1 either way: a merged checkpoint can overshoot (ŝ/s = 2).
+            HeatmapMetric::Retention if hi > lo => {
+                (1.0 - value).abs() / (1.0 - lo).abs().max((hi - 1.0).abs()).max(1e-12)
+            }
             _ => 0.5,
         };
         t.clamp(0.0, 1.0)
@@ -1158,6 +1225,38 @@ fn draw_fit_legend(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn grid(metric: HeatmapMetric, values: Vec<f64>, anchor: Option<(f64, f64)>) -> HeatmapData {
+        HeatmapData {
+            precision: "p".into(),
+            metric,
+            layers: (0..values.len()).collect(),
+            kinds: vec!["q_proj".into()],
+            values: vec![values.into_iter().map(Some).collect()],
+            outside: Vec::new(),
+            anchor,
+        }
+    }
+
+    #[test]
+    fn colour_scale_is_anchored_on_the_thresholds() {
+        // A clean f32 candidate: errors of 1e-7 against a threshold of 0.5 stay pale.
+        let clean = grid(HeatmapMetric::RelError, vec![1e-7, 2e-7], Some((5e-4, 0.5)));
+        let range = clean.range().expect("range");
+        assert!(clean.scale(2e-7, range) < 0.01, "{range:?}");
+        assert!((clean.scale(0.5, range) - 1.0).abs() < 1e-12);
+        // Unanchored, the same values would span the whole scale.
+        let free = grid(HeatmapMetric::RelError, vec![1e-7, 2e-7], None);
+        assert_eq!(free.scale(2e-7, free.range().expect("range")), 1.0);
+        // Beyond the threshold the scale widens, so the worst cell is still the darkest.
+        let bad = grid(HeatmapMetric::RelError, vec![0.1, 5.0], Some((5e-4, 0.5)));
+        assert_eq!(bad.scale(5.0, bad.range().expect("range")), 1.0);
+        // Retention: an overshoot (ŝ/s = 2, scale applied twice) is as dark as a loss.
+        let merged = grid(HeatmapMetric::Retention, vec![1.0, 2.0], Some((1.0, 0.5)));
+        let r = merged.range().expect("range");
+        assert_eq!(merged.scale(1.0, r), 0.0);
+        assert_eq!(merged.scale(2.0, r), 1.0);
+    }
 
     #[test]
     fn module_names_split_into_layer_and_kind() {

@@ -53,10 +53,50 @@ pub fn percent(value: Option<f64>) -> String {
     }
 }
 
-/// "mean ± stderr" for KL.
+/// "mean ± stderr" for KL, in the notation of [`sci`]: `2.49e-4 ± 1.5e-5`.
 pub fn num_pm(value: Option<f64>, stderr: Option<f64>) -> String {
     match (value, stderr) {
-        (Some(_), Some(e)) => format!("{} ± {}", num(value), num(Some(e))),
-        _ => num(value),
+        (Some(_), Some(e)) => format!("{} ± {}", sci(value, 3), sci(Some(e), 2)),
+        _ => sci(value, 3),
+    }
+}
+
+/// A small quantity (an error, a KL, a drift) in a table column: `sig` significant digits in
+/// scientific notation with a short exponent (`1.10e-12`, `6.55e-5`, `2.3e0`), `0` for an exact
+/// zero and `—` when absent. One notation per column, so values line up and compare at a glance.
+pub fn sci(value: Option<f64>, sig: usize) -> String {
+    match value {
+        None => "—".to_string(),
+        Some(v) if !v.is_finite() => format!("{v}"),
+        Some(0.0) => "0".to_string(),
+        Some(v) => format!("{v:.*e}", sig.saturating_sub(1)),
+    }
+}
+
+/// A ratio near 1 (retention ŝ/s, perplexity ratio) with four decimals: `0.9990`, `1.0009`.
+pub fn ratio(value: Option<f64>) -> String {
+    value.map_or_else(|| "—".to_string(), |v| format!("{v:.4}"))
+}
+
+/// A share as a percentage without a space, for narrow table columns: `99.2%`.
+pub fn pct(value: Option<f64>) -> String {
+    value.map_or_else(|| "—".to_string(), |v| format!("{:.1}%", v * 100.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_numbers_keep_one_notation_and_fit_their_columns() {
+        assert_eq!(sci(Some(1.0966e-12), 3), "1.10e-12");
+        assert_eq!(sci(Some(0.011_89), 3), "1.19e-2");
+        assert_eq!(sci(Some(12_345.0), 3), "1.23e4");
+        assert_eq!(sci(Some(0.0), 3), "0");
+        assert_eq!(sci(None, 3), "—");
+        assert_eq!(ratio(Some(0.99904)), "0.9990");
+        assert_eq!(pct(Some(0.9921)), "99.2%");
+        // The widest value a floor× column sees still fits its 10 characters.
+        assert!(sci(Some(-1.234e-300), 3).chars().count() <= 10);
     }
 }

@@ -18,7 +18,7 @@ use serde_json::Value;
 
 use super::Report;
 use super::charts::{self, HeatmapData, HeatmapMetric};
-use super::format::{num, num_pm, percent};
+use super::format::{num, num_pm, percent, ratio, sci};
 use super::summary::{self, MatrixRow};
 use crate::findings::{Level, Verdict};
 use crate::forensics::{Forensics, ModuleFit};
@@ -50,6 +50,12 @@ pub fn escape(text: &str) -> String {
     out
 }
 
+/// [`escape`]d module or tensor path with a line-break opportunity after each `.`, so a narrow
+/// table cell breaks `model.layers.0.self_attn.q_proj` between segments, not inside a word.
+pub fn breakable_path(path: &str) -> String {
+    escape(path).replace('.', ".<wbr>")
+}
+
 fn verdict_class(verdict: Option<Verdict>) -> &'static str {
     match verdict {
         Some(Verdict::Pass) => "pass",
@@ -68,7 +74,7 @@ body { margin: 0; padding: 24px 32px 48px; background: #fff; color: #1f2328;
 h1 { font-size: 26px; margin: 0 0 4px; }
 h2 { font-size: 19px; margin: 32px 0 8px; padding-bottom: 4px; border-bottom: 1px solid var(--line); }
 h3 { font-size: 15px; margin: 18px 0 6px; }
-code, .mono { font: 12.5px/1.4 ui-monospace, "DejaVu Sans Mono", monospace; word-break: break-all; }
+code, .mono { font: 12.5px/1.4 ui-monospace, "DejaVu Sans Mono", monospace; overflow-wrap: break-word; }
 table { border-collapse: collapse; margin: 6px 0 12px; }
 th, td { border: 1px solid var(--line); padding: 4px 8px; text-align: left; vertical-align: top; }
 th { background: var(--info-bg); font-weight: 600; }
@@ -264,10 +270,10 @@ fn matrix_row(out: &mut String, r: &MatrixRow) {
         cls = verdict_class(r.verdict),
         label = escape(&r.label),
         verdict = r.verdict.map_or("info", Verdict::as_str),
-        err = num(r.worst_rel_error),
-        ret = num(r.min_retention),
+        err = sci(r.worst_rel_error, 3),
+        ret = ratio(r.retention),
         kl = num_pm(r.mean_kl, r.mean_kl_stderr),
-        p99 = num(r.p99_kl),
+        p99 = sci(r.p99_kl, 3),
         top1 = percent(r.same_top1),
         lost = percent(r.effect_lost),
     );
@@ -314,8 +320,10 @@ fn heatmap_section(out: &mut String, report: &Report, options: &HtmlOptions) {
         );
     }
     out.push_str(
-        "<p class=\"muted\">One cell per (layer, module kind); darker is worse. The default \
-         precision is the worst one other than f32.</p>\n",
+        "<p class=\"muted\">One cell per (layer, module kind); darker is worse, and the colour \
+         scale is anchored on the gate's thresholds (pale: a thousandth of the threshold or less; \
+         darkest: at the threshold), so a clean report stays pale. The default is the merged \
+         checkpoint under <code>--merged</code>, else the worst precision other than f32.</p>\n",
     );
 }
 
@@ -564,7 +572,7 @@ fn cause_table(out: &mut String, f: &Forensics, causes: &mut [&ModuleFit]) {
             "<tr><td><code title=\"{tensor}\">{module}</code></td><td><code>{cause}</code></td>\
              <td class=\"n\">{scale}</td><td class=\"n\">{residual}</td><td>{why}</td></tr>",
             tensor = escape(&m.tensor),
-            module = escape(&m.module),
+            module = breakable_path(&m.module),
             cause = escape(m.cause.unwrap_or("")),
             scale = num(m.scale_ratio),
             why = m.explanation.as_deref().map_or("—".to_string(), escape),

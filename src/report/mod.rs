@@ -28,7 +28,7 @@ use crate::findings::weights::{LayerRow, PrecisionReport};
 use crate::findings::{Finding, Verdict};
 
 /// Version of the JSON contract. Bumped whenever a field is renamed or removed.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// What was checked.
 #[derive(Debug, Clone, Serialize)]

@@ -8,6 +8,7 @@ use std::fmt::Write as _;
 
 use super::Report;
 pub use super::format::{num, num_pm, percent};
+use super::format::{ratio, sci};
 use crate::divergence::LogitStats;
 use crate::findings::{Level, Verdict};
 
@@ -24,7 +25,8 @@ pub struct MatrixRow {
     pub verdict: Option<Verdict>,
     pub worst_rel_error: Option<f64>,
     pub worst_module: Option<String>,
-    pub min_retention: Option<f64>,
+    /// [`crate::findings::weights::WeightSummary::shown_retention`].
+    pub retention: Option<f64>,
     pub mean_kl: Option<f64>,
     pub mean_kl_stderr: Option<f64>,
     pub p99_kl: Option<f64>,
@@ -61,7 +63,7 @@ pub fn matrix(report: &Report, with_unmerged: bool) -> Vec<MatrixRow> {
                 verdict: Some(p.verdict),
                 worst_rel_error: w.worst_rel_error,
                 worst_module: w.worst_module.clone(),
-                min_retention: w.min_retention,
+                retention: w.shown_retention(),
                 mean_kl: None,
                 mean_kl_stderr: None,
                 p99_kl: None,
@@ -77,7 +79,7 @@ pub fn matrix(report: &Report, with_unmerged: bool) -> Vec<MatrixRow> {
                     verdict: None,
                     worst_rel_error: None,
                     worst_module: None,
-                    min_retention: None,
+                    retention: None,
                     mean_kl: None,
                     mean_kl_stderr: None,
                     p99_kl: None,
@@ -183,10 +185,10 @@ pub fn render(report: &Report) -> String {
                 escape_markdown(&r.label),
                 verdict_icon(r.verdict),
                 r.verdict.map_or("", Verdict::as_str),
-                num(r.worst_rel_error),
-                num(r.min_retention),
-                num(r.mean_kl),
-                num(r.p99_kl),
+                sci(r.worst_rel_error, 3),
+                ratio(r.retention),
+                sci(r.mean_kl, 3),
+                sci(r.p99_kl, 3),
                 percent(r.same_top1),
                 percent(r.effect_lost),
             );

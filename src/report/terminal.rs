@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use super::Report;
 use super::color::Palette;
-use super::format::human_bytes;
+use super::format::{human_bytes, num, pct, ratio, sci};
 use crate::findings::{Code, Level, Verdict};
 
 /// The summary printed after `check`, coloured with `palette`.
@@ -70,7 +70,6 @@ pub fn check_summary(report: &Report, palette: Palette) -> String {
             "<½ulp",
             "nonfinite"
         );
-        let num = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
         for p in precisions {
             let w = &p.weights;
             let _ = writeln!(
@@ -78,12 +77,11 @@ pub fn check_summary(report: &Report, palette: Palette) -> String {
                 "{:<9} {} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9}  {}",
                 p.name,
                 palette.verdict(p.verdict, &format!("{:<7}", p.verdict.as_str())),
-                num(w.worst_rel_error),
-                num(w.mean_rel_error),
+                sci(w.worst_rel_error, 3),
+                sci(w.mean_rel_error, 3),
                 num(w.max_floor_ratio),
-                num(w.min_retention),
-                w.mean_below_half_ulp
-                    .map_or("-".to_string(), |v| format!("{:.1}%", v * 100.0)),
+                ratio(w.shown_retention()),
+                pct(w.mean_below_half_ulp),
                 w.nonfinite + w.overflow,
                 w.worst_module.as_deref().unwrap_or("-"),
             );
@@ -135,16 +133,15 @@ pub fn check_summary(report: &Report, palette: Palette) -> String {
                         );
                 let _ = writeln!(
                     out,
-                    "{:<10} {:>11.3e} {:>10.1e} {:>10.3e} {:>8.1}% {:>9.4} {:>8} {:>12}",
+                    "{:<10} {:>11} {:>10} {:>10} {:>9} {:>9} {:>9} {:>12}",
                     name,
-                    l.mean_kl,
-                    l.mean_kl_stderr,
-                    l.p99_kl,
-                    l.same_top1 * 100.0,
-                    l.ppl_ratio,
-                    l.effect_lost
-                        .map_or("-".to_string(), |e| format!("{:.1}%", e * 100.0)),
-                    format!("{worst:.1e} @{worst_layer}"),
+                    sci(Some(l.mean_kl), 3),
+                    sci(Some(l.mean_kl_stderr), 2),
+                    sci(Some(l.p99_kl), 3),
+                    pct(Some(l.same_top1)),
+                    ratio(Some(l.ppl_ratio)),
+                    pct(l.effect_lost),
+                    format!("{} @{worst_layer}", sci(Some(worst), 2)),
                 );
             }
             let _ = writeln!(
@@ -271,10 +268,12 @@ fn forensics_summary(out: &mut String, f: &crate::forensics::Forensics, path: &s
     if let (Some(lo), Some(hi)) = (scales.first(), scales.last()) {
         let _ = writeln!(
             out,
-            "  ŝ/s median {:.4} (range {lo:.4} … {hi:.4}); residual/floor median {:.2}, worst {:.3e}",
-            scales[scales.len() / 2],
-            ratios.get(ratios.len() / 2).copied().unwrap_or(f64::NAN),
-            ratios.last().copied().unwrap_or(f64::NAN),
+            "  ŝ/s median {} (range {} … {}); residual/floor median {}, worst {}",
+            ratio(Some(scales[scales.len() / 2])),
+            ratio(Some(*lo)),
+            ratio(Some(*hi)),
+            sci(ratios.get(ratios.len() / 2).copied(), 3),
+            sci(ratios.last().copied(), 3),
         );
     }
     let u = &f.untouched;

@@ -131,7 +131,7 @@ fn merged_checkpoint_section_shows_the_forensics() {
         .find("id=\"forensics-causes\"")
         .expect("a table of causes")..];
     let row = &table[table
-        .find(&format!(">{broken}</code>"))
+        .find(&format!(">{}</code>", html::breakable_path(broken)))
         .expect("a row for it")..];
     assert!(row[..row.find("</tr>").expect("row end")].contains(&format!("<code>{cause}</code>")));
     assert!(block.contains("id=\"forensics-untouched\""));

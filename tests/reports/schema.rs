@@ -19,6 +19,8 @@ const SCHEMA_KEYWORDS: &[&str] = &[
     "properties",
     "additionalProperties",
     "items",
+    "minItems",
+    "maxItems",
     "enum",
     "const",
 ];
@@ -103,6 +105,19 @@ fn validate(root: &Value, schema: &Value, value: &Value, path: &str, errors: &mu
                     _ => {}
                 },
             }
+        }
+    }
+    if let Some(array) = value.as_array() {
+        let len = array.len() as u64;
+        if let Some(min) = schema.get("minItems").and_then(Value::as_u64)
+            && len < min
+        {
+            errors.push(format!("{path}: {len} items, fewer than {min}"));
+        }
+        if let Some(max) = schema.get("maxItems").and_then(Value::as_u64)
+            && len > max
+        {
+            errors.push(format!("{path}: {len} items, more than {max}"));
         }
     }
     if let (Some(items), Some(array)) = (schema.get("items"), value.as_array()) {
