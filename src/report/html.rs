@@ -240,7 +240,7 @@ fn matrix_section(out: &mut String, report: &Report) {
     }
     out.push_str(
         "<div id=\"chart-matrix\" class=\"chart\" data-state=\"drawn\">\n<table id=\"precision-matrix\">\n\
-         <thead><tr><th>precision</th><th>verdict</th><th>worst layer error</th><th>min retention</th>\
+         <thead><tr><th>precision</th><th>verdict</th><th>worst layer error</th><th>retention</th>\
          <th>mean KL (nats)</th><th>p99 KL</th><th>same top-1</th><th>effect lost</th></tr></thead>\n<tbody>\n",
     );
     for r in &rows {
@@ -249,7 +249,8 @@ fn matrix_section(out: &mut String, report: &Report) {
     out.push_str("</tbody>\n</table>\n");
     out.push_str(
         "<p class=\"muted\">worst layer error = max over layers of ‖W<sub>p</sub> − W*‖ / ‖ΔW‖; \
-         retention = ⟨W<sub>p</sub> − W<sub>p</sub><sup>0</sup>, ΔW⟩ / ‖ΔW‖²; KL(reference ‖ model) \
+         retention = ⟨W<sub>p</sub> − W<sub>p</sub><sup>0</sup>, ΔW⟩ / ‖ΔW‖², the lowest over layers \
+         (for a merged checkpoint the fitted ŝ/s farthest from 1); KL(reference ‖ model) \
          with the unmerged adapter in f32 as reference; effect lost = mean KL(ref ‖ model) / mean \
          KL(ref ‖ base). <i>P</i>+lora rows: the base quantized in <i>P</i> with the adapter served \
          unmerged beside it (informational, never gating). — : section not run.</p>\n</div>\n",

@@ -175,7 +175,7 @@ pub fn render(report: &Report) -> String {
         let _ = writeln!(out, "Merge not evaluated: {}\n", escape_markdown(why));
     } else {
         out.push_str(
-            "| precision | verdict | worst layer error | min retention | mean KL | p99 KL | same top-1 | effect lost |\n\
+            "| precision | verdict | worst layer error | retention | mean KL | p99 KL | same top-1 | effect lost |\n\
              |---|---|---:|---:|---:|---:|---:|---:|\n",
         );
         for r in &rows {
