@@ -15,6 +15,7 @@ mod merge_command;
 mod merged;
 mod reports;
 mod shell;
+mod snapshots;
 
 use lora_doctor::findings::Code;
 use serde_json::Value;
