@@ -38,7 +38,14 @@ fn snapshot(name: &str, args: &[&str]) {
 #[test]
 fn help_of_every_subcommand() {
     snapshot("help", &["--help"]);
-    for sub in ["check", "merge", "inspect", "explain", "init", "completions"] {
+    for sub in [
+        "check",
+        "merge",
+        "inspect",
+        "explain",
+        "init",
+        "completions",
+    ] {
         snapshot(&format!("help-{sub}"), &[sub, "--help"]);
     }
 }
