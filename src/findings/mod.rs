@@ -664,6 +664,21 @@ pub fn sort(findings: &mut [Finding]) {
     });
 }
 
+/// Names for a finding's message, at most three quoted: "`a`, `b`, `c` and 4 more".
+pub fn quoted_examples<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    let names: Vec<&str> = names.collect();
+    let mut s = names
+        .iter()
+        .take(3)
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > 3 {
+        s.push_str(&format!(" and {} more", names.len() - 3));
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,14 +8,9 @@ use crate::merge::delta::{self, Update};
 use crate::merge::engine::{self, MergeError, Source, TensorJob};
 use crate::merge::float::FloatFormat;
 
-use super::fit::{self, BasicFit, TensorArrays};
-use super::quantized_base::QuantHypothesis;
+use super::fit::{self, BasicFit, TensorArrays, explained};
+use super::hypothesis::QuantHypothesis;
 use super::{Inputs, ModuleFit, causes, inventory};
-
-/// A hypothesis that cannot be modelled to the last bit (bitsandbytes double quantization, a
-/// dequantization dtype) still explains a tensor when it removes all but this share of the
-/// residual.
-const EXPLAINED_SHARE: f64 = 0.2;
 
 /// Why one adapter-changed tensor of M is what it is.
 #[derive(Debug, Clone, PartialEq)]
@@ -111,10 +106,6 @@ fn empty_fit(
         cause,
         explanation,
     }
-}
-
-pub(super) fn explained(ratio: f64, plain_ratio: f64, tolerance: f64) -> bool {
-    ratio <= tolerance || ratio <= EXPLAINED_SHARE * plain_ratio
 }
 
 /// Reads W, M and the exact merge of one job; None when M cannot be compared element-wise.

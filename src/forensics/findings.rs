@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::findings::{Code, Finding, Level};
+use crate::findings::{Code, Finding, Level, quoted_examples};
 use crate::merge::precision::Precision;
 use crate::merge::quant::QuantFormat;
 
@@ -65,7 +65,7 @@ fn not_merged(e: &Evidence<'_>) -> Vec<Finding> {
             format!(
                 "M equals the base on {} of {total} adapter-changed tensors ({}){}",
                 group.len(),
-                examples(group.iter().map(|r| r.fit.module.as_str())),
+                quoted_examples(group.iter().map(|r| r.fit.module.as_str())),
                 if all {
                     ": the merge never happened, or the adapter failed to load"
                 } else {
@@ -111,7 +111,7 @@ fn stack_partial(e: &Evidence<'_>) -> Vec<Finding> {
                     names.join(", "),
                     if names.len() == 1 { "was" } else { "were" },
                     partial.len(),
-                    examples(partial.iter().map(|r| r.fit.module.as_str()))
+                    quoted_examples(partial.iter().map(|r| r.fit.module.as_str()))
                 ),
             )
             .advice(
@@ -135,7 +135,7 @@ fn modules_to_save_dropped(e: &Evidence<'_>) -> Vec<Finding> {
             single_module(&group),
             format!(
                 "M holds the base's {} instead of the adapter's trained copy (modules_to_save)",
-                examples(group.iter().map(|r| r.fit.tensor.as_str()))
+                quoted_examples(group.iter().map(|r| r.fit.tensor.as_str()))
             ),
         ));
     }
@@ -223,7 +223,7 @@ fn scale_mismatch(e: &Evidence<'_>) -> Vec<Finding> {
             format!(
                 "M's change is {factor} times the adapter's update on {} of {total} tensors ({}); {cause}",
                 group.len(),
-                examples(group.iter().map(|r| r.fit.module.as_str())),
+                quoted_examples(group.iter().map(|r| r.fit.module.as_str())),
             ),
         );
         if let Some(m) = median(factors) {
@@ -245,7 +245,7 @@ fn transposed_delta(e: &Evidence<'_>) -> Vec<Finding> {
             single_module(&group),
             format!(
                 "M's change on {} matches ΔWᵀ, not ΔW: the update went in transposed",
-                examples(group.iter().map(|r| r.fit.module.as_str()))
+                quoted_examples(group.iter().map(|r| r.fit.module.as_str()))
             ),
         ));
     }
@@ -264,7 +264,7 @@ fn dora_magnitude_dropped(e: &Evidence<'_>) -> Vec<Finding> {
             format!(
                 "M equals W + ΔW without DoRA's magnitude rescaling on {} of {total} tensors ({})",
                 group.len(),
-                examples(group.iter().map(|r| r.fit.module.as_str()))
+                quoted_examples(group.iter().map(|r| r.fit.module.as_str()))
             ),
         ));
     }
@@ -369,7 +369,7 @@ fn wrong_base_or_precision_drift(e: &Evidence<'_>) -> Vec<Finding> {
                 foreign.len(),
                 untouched.compared,
                 foreign.iter().map(|u| u.ratio).fold(0.0, f64::max),
-                examples(foreign.iter().map(|u| u.name.as_str())),
+                quoted_examples(foreign.iter().map(|u| u.name.as_str())),
                 if unexplained_targets.is_empty() {
                     String::new()
                 } else {
@@ -401,7 +401,7 @@ fn wrong_base_or_precision_drift(e: &Evidence<'_>) -> Vec<Finding> {
                      dtype on {} of {total} tensors ({}), and no known mistake (scale, transpose, \
                      DoRA, quantized base) explains it",
                     unexplained_targets.len(),
-                    examples(unexplained_targets.iter().map(|r| r.fit.module.as_str()))
+                    quoted_examples(unexplained_targets.iter().map(|r| r.fit.module.as_str()))
                 ),
             )
             .observed(worst, Some(input.tolerance))
@@ -506,7 +506,7 @@ fn overflow(e: &Evidence<'_>) -> Vec<Finding> {
                 single_module(&overflow),
                 format!(
                     "{n} merged values exceed the largest finite value of M's dtype ({})",
-                    examples(overflow.iter().map(|r| r.fit.module.as_str()))
+                    quoted_examples(overflow.iter().map(|r| r.fit.module.as_str()))
                 ),
             )
             .observed(n as f64, Some(0.0)),
@@ -569,21 +569,6 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     }
     v.sort_by(f64::total_cmp);
     Some(v[v.len() / 2])
-}
-
-/// "`a`, `b`, `c` and 4 more".
-pub(super) fn examples<'a>(names: impl Iterator<Item = &'a str>) -> String {
-    let names: Vec<&str> = names.collect();
-    let mut s = names
-        .iter()
-        .take(3)
-        .map(|n| format!("`{n}`"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    if names.len() > 3 {
-        s.push_str(&format!(" and {} more", names.len() - 3));
-    }
-    s
 }
 
 fn single_module(group: &[&JobResult]) -> Option<String> {

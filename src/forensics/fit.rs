@@ -177,6 +177,17 @@ pub fn distance(m: &[f32], expected: impl Iterator<Item = f64>) -> f64 {
         .sqrt()
 }
 
+/// A hypothesis that cannot be modelled to the last bit (bitsandbytes double quantization, a
+/// dequantization dtype) still explains a tensor when it removes all but this share of the
+/// residual.
+const EXPLAINED_SHARE: f64 = 0.2;
+
+/// Whether a hypothesis explains a tensor: its residual is within the tolerance, or it removes
+/// all but [`EXPLAINED_SHARE`] of the plain residual.
+pub fn explained(ratio: f64, plain_ratio: f64, tolerance: f64) -> bool {
+    ratio <= tolerance || ratio <= EXPLAINED_SHARE * plain_ratio
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -125,7 +125,8 @@ impl Inventory {
 
     /// One line per kind of problem, with up to three names each.
     pub fn describe(&self) -> Vec<String> {
-        let some = |names: &[String]| super::findings::examples(names.iter().map(String::as_str));
+        let some =
+            |names: &[String]| crate::findings::quoted_examples(names.iter().map(String::as_str));
         let mut out = Vec::new();
         if !self.missing.is_empty() {
             out.push(format!(

@@ -111,6 +111,7 @@ mod classify;
 pub mod drift;
 mod findings;
 pub mod fit;
+mod hypothesis;
 pub mod inventory;
 mod quantized_base;
 mod untouched;

@@ -7,106 +7,15 @@
 use rayon::prelude::*;
 
 use crate::findings::{Code, Level};
-use crate::merge::engine::{self, MergeError, TensorJob};
+use crate::merge::engine::{MergeError, TensorJob};
 use crate::merge::float::FloatFormat;
-use crate::merge::quant::{
-    BNB_4BIT_BLOCKSIZE, Bnb4bitType, BnbBackend, QuantFormat, dequantize_4bit, quantize_4bit,
-};
 
-use super::classify::{Cause, JobResult, Loaded, explained};
-use super::fit::{self, BasicFit};
+use super::classify::{Cause, JobResult, Loaded};
+use super::fit::{self, BasicFit, explained};
+use super::hypothesis::QuantHypothesis;
 
 /// Unexplained tensors on which every hypothesis is scored before one is chosen.
 const PROBES: usize = 3;
-
-/// A way a merged tensor can have come about from a quantized copy of W.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct QuantHypothesis {
-    pub(super) format: QuantFormat,
-    /// false: M = dequant(q(W)) + ΔW (merged onto the dequantized base, Unsloth/QLoRA style);
-    /// true: M = dequant(q(W + ΔW)) (the merge re-quantized and stored as floats).
-    pub(super) requantized: bool,
-    /// NF4/FP4 only: bitsandbytes' CPU quantizer instead of the CUDA kernel (they differ on
-    /// ties and a few thresholds, see `BnbBackend`).
-    pub(super) cpu: bool,
-}
-
-impl QuantHypothesis {
-    pub(super) fn all() -> Vec<QuantHypothesis> {
-        let mut out = Vec::new();
-        for &format in &QuantFormat::ALL {
-            let bnb4 = matches!(format, QuantFormat::Nf4 | QuantFormat::Fp4);
-            for requantized in [false, true] {
-                for cpu in [false, true] {
-                    if cpu && !bnb4 {
-                        continue;
-                    }
-                    out.push(QuantHypothesis {
-                        format,
-                        requantized,
-                        cpu,
-                    });
-                }
-            }
-        }
-        out
-    }
-
-    pub(super) fn describe(self) -> String {
-        let how = if self.cpu {
-            " (bitsandbytes' CPU quantizer)"
-        } else {
-            ""
-        };
-        if self.requantized {
-            format!(
-                "the exact merge quantized to {}{how} and stored as floats",
-                self.format.name()
-            )
-        } else {
-            format!(
-                "ΔW added to the {}-dequantized base{how}",
-                self.format.name()
-            )
-        }
-    }
-
-    /// dequant(q(x)) as the tool behind this hypothesis computes it: the input first cast to the
-    /// dtype the model was loaded in (QLoRA loads the base in bf16/f16, then quantizes), NF4/FP4
-    /// dequantized into that dtype. None when the format cannot hold the tensor (ggml rows that
-    /// are not a multiple of 32 fall back to f16, which proves nothing).
-    pub(super) fn apply(
-        self,
-        job: &TensorJob,
-        data: &[f32],
-        dtype: FloatFormat,
-    ) -> Result<Option<Vec<f32>>, MergeError> {
-        let cast: Vec<f32> = data.iter().map(|v| dtype.round(*v)).collect();
-        let (rows, cols, conv1d) = (job.rows, job.cols, job.is_conv1d());
-        let kind = match self.format {
-            QuantFormat::Nf4 => Some(Bnb4bitType::Nf4),
-            QuantFormat::Fp4 => Some(Bnb4bitType::Fp4),
-            _ => None,
-        };
-        let Some(kind) = kind.filter(|_| !conv1d) else {
-            let (q, note) =
-                engine::fake_quantize(self.format, &job.tensor, &cast, rows, cols, conv1d)?;
-            return Ok(note.is_none().then_some(q));
-        };
-        let backend = if self.cpu {
-            BnbBackend::Cpu
-        } else {
-            BnbBackend::Cuda
-        };
-        let quant_error = |source| MergeError::Quant {
-            tensor: job.tensor.clone(),
-            format: self.format.name(),
-            source,
-        };
-        let q = quantize_4bit(&cast, kind, BNB_4BIT_BLOCKSIZE, backend).map_err(quant_error)?;
-        Ok(Some(dequantize_4bit(&q, dtype).map_err(quant_error)?))
-    }
-}
 
 /// ‖M − H(W)‖ / floor for a quantization hypothesis; None when it does not apply.
 fn quant_ratio(
@@ -286,23 +195,5 @@ mod tests {
         assert_eq!(quantized_base_level(0.45, deny_at, false), Level::Warn);
         assert_eq!(quantized_base_level(14.6, deny_at, true), Level::Warn);
         assert_eq!(quantized_base_level(14.6, 20.0, false), Level::Warn);
-    }
-
-    #[test]
-    fn every_quantized_format_is_a_hypothesis_both_ways_and_bnb_on_both_backends() {
-        let all = QuantHypothesis::all();
-        assert_eq!(all.len(), 6 * 2 + 2 * 2);
-        for f in QuantFormat::ALL {
-            for requantized in [false, true] {
-                assert!(
-                    all.iter()
-                        .any(|h| h.format == f && h.requantized == requantized && !h.cpu)
-                );
-            }
-        }
-        assert!(
-            all.iter()
-                .all(|h| !h.cpu || matches!(h.format, QuantFormat::Nf4 | QuantFormat::Fp4))
-        );
     }
 }

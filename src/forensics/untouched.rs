@@ -7,9 +7,8 @@ use crate::merge::engine::{MergeError, TensorJob};
 use crate::merge::float::FloatFormat;
 
 use super::Inputs;
-use super::classify::explained;
-use super::fit;
-use super::quantized_base::QuantHypothesis;
+use super::fit::{self, explained};
+use super::hypothesis::QuantHypothesis;
 
 /// ‖M − W‖ over a tensor the adapters do not change, and M's non-finite values there.
 pub(super) struct Untouched {
