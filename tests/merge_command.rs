@@ -216,3 +216,24 @@ fn tied_head_is_written_untied() {
             .expect("base embedding")
     );
 }
+
+/// The merge decides Conv1D layout from `model_type` (io::mapping), the forward pass from its
+/// architecture: they must agree for every architecture with a forward pass, or a GPT-2 update
+/// would be merged transposed relative to how the model reads it.
+#[test]
+fn merge_and_forward_agree_on_which_models_store_conv1d() {
+    use lora_doctor::io::config::ModelConfig;
+    use lora_doctor::io::mapping::stores_conv1d;
+    use lora_doctor::model::Architecture;
+    for model in ["tiny-llama", "tiny-gpt2", "tiny-neox"] {
+        let dir = root().join("fixtures/models").join(model);
+        let config = ModelConfig::read_dir(&dir)
+            .expect("config.json parses")
+            .expect("config.json exists");
+        let checkpoint = read_checkpoint(&dir);
+        let arch = Architecture::from_config(&config, &|name| checkpoint.contains(name))
+            .unwrap_or_else(|e| panic!("{model}: {e:?}"));
+        let model_type = config.model_type.as_deref().expect("model_type");
+        assert_eq!(arch.conv1d(), stores_conv1d(model_type), "{model}");
+    }
+}

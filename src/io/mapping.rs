@@ -143,6 +143,16 @@ pub fn find_head(base: &Checkpoint) -> Option<String> {
         .map(|t| t.name.clone())
 }
 
+/// `model_type`s whose linear layers are transformers' `Conv1D` (weights stored `[in, out]`).
+/// The merge reads this list; the forward pass's [`crate::model::Architecture::conv1d`] must
+/// agree (a test checks it for every architecture with a forward pass).
+pub const CONV1D_MODEL_TYPES: [&str; 3] = ["gpt2", "openai-gpt", "imagegpt"];
+
+/// Whether a `model_type` stores its linear weights `[in, out]` (see [`CONV1D_MODEL_TYPES`]).
+pub fn stores_conv1d(model_type: &str) -> bool {
+    CONV1D_MODEL_TYPES.contains(&model_type)
+}
+
 /// Decides whether a base weight is stored `[in, out]` (GPT-2 style Conv1D).
 pub struct Conv1dRule {
     gpt2_family: bool,
@@ -153,7 +163,7 @@ impl Conv1dRule {
     pub fn new(config: Option<&ModelConfig>, fan_in_fan_out: bool) -> Self {
         let gpt2_family = config
             .and_then(|c| c.model_type.as_deref())
-            .is_some_and(|t| matches!(t, "gpt2" | "openai-gpt" | "imagegpt"));
+            .is_some_and(stores_conv1d);
         Conv1dRule {
             gpt2_family,
             fan_in_fan_out,
