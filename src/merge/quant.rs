@@ -136,6 +136,10 @@ pub enum QuantError {
     /// A ggml tensor type lora-doctor has no decoder for (IQ*, TQ*, MXFP4, …).
     #[error("ggml type {name} cannot be dequantized by lora-doctor")]
     UnsupportedType { name: String },
+    /// A ggml tensor type lora-doctor has no quantizer for (it writes floats, Q8_0, Q4_0/1,
+    /// Q5_0/1 and Q2_K–Q6_K).
+    #[error("ggml type {name} cannot be written by lora-doctor")]
+    UnwritableType { name: String },
 }
 
 // ---------------------------------------------------------------------------------------------
