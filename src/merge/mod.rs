@@ -12,5 +12,6 @@ pub mod engine;
 pub mod float;
 pub mod ggml;
 pub mod kquant;
+pub mod mix;
 pub mod precision;
 pub mod quant;
