@@ -6,6 +6,7 @@ mod bad_inputs;
 mod false_alarms;
 mod fuzz_regressions;
 mod hub;
+mod kquant;
 mod reports;
 mod shell;
 

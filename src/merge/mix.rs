@@ -334,6 +334,109 @@ mod tests {
         assert_eq!(fallback(GgmlType::Q5_0, 100), GgmlType::F16);
     }
 
+    fn golden(file: &str) -> Vec<u8> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/goldens/kquant")
+            .join(file);
+        std::fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+    }
+
+    fn kind_named(name: &str) -> MixKind {
+        MixKind::ALL
+            .into_iter()
+            .find(|k| k.name() == name)
+            .unwrap_or_else(|| panic!("no mix `{name}`"))
+    }
+
+    /// The type llama-quantize wrote for every tensor of both golden models under every mix is
+    /// the type our rules give (1-D tensors: kept as stored, F32 in the F32 GGUF).
+    #[test]
+    fn matches_llama_quantize_for_every_tensor() {
+        let table: serde_json::Value =
+            serde_json::from_slice(&golden("mix.json")).expect("mix.json parses");
+        let mut checked = 0;
+        let mut lifted = 0;
+        for (model_name, m) in table.as_object().expect("models") {
+            let model = MixModel {
+                layers: m["layers"].as_u64().expect("layers") as usize,
+                is_70b: false,
+                tied_embeddings: m["tied"].as_bool().expect("tied"),
+            };
+            for (tensor, t) in m["tensors"].as_object().expect("tensors") {
+                let shape: Vec<usize> = t["shape"]
+                    .as_array()
+                    .expect("shape")
+                    .iter()
+                    .map(|v| v.as_u64().expect("dim") as usize)
+                    .collect();
+                for (mix_name, want) in t["types"].as_object().expect("types") {
+                    let mix = Mix::unbound(kind_named(mix_name)).bind(model);
+                    let ours = mix
+                        .type_for(tensor, &shape)
+                        .expect("bound")
+                        .map_or_else(|| "F32".to_string(), |t| t.name());
+                    assert_eq!(
+                        ours,
+                        want.as_str().expect("type"),
+                        "{model_name} {tensor} {shape:?} under {mix_name}"
+                    );
+                    lifted += usize::from(shape.len() == 2 && ours != mix.kind.base_type().name());
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 400, "{checked} tensor × mix pairs");
+        assert!(
+            lifted > 50,
+            "the goldens exercise the per-tensor rules ({lifted})"
+        );
+    }
+
+    /// The bytes the real llama-quantize wrote (first rows of one tensor per model, mix and type)
+    /// are the bytes our quantizers write for the type our rules choose.
+    #[test]
+    fn bytes_equal_what_llama_quantize_wrote() {
+        use safetensors::SafeTensors;
+        let table: serde_json::Value =
+            serde_json::from_slice(&golden("mix.json")).expect("mix.json parses");
+        let bytes = golden("mix_bytes.safetensors");
+        let st = SafeTensors::deserialize(&bytes).expect("mix_bytes parses");
+        let mut types = std::collections::BTreeSet::new();
+        for name in st.names() {
+            let Some(key) = name.strip_suffix(".input") else {
+                continue;
+            };
+            let (model_name, rest) = key.split_once('.').expect("model.tensor.mix");
+            let (tensor, mix_name) = rest.rsplit_once('.').expect("tensor.mix");
+            let m = &table[model_name];
+            let model = MixModel {
+                layers: m["layers"].as_u64().expect("layers") as usize,
+                is_70b: false,
+                tied_embeddings: m["tied"].as_bool().expect("tied"),
+            };
+            let input = st.tensor(name).expect("input");
+            let x: Vec<f32> = input
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            let shape = [input.shape()[0], input.shape()[1]];
+            let ty = Mix::unbound(kind_named(mix_name))
+                .bind(model)
+                .type_for(tensor, &shape)
+                .expect("bound")
+                .expect("a quantized tensor");
+            let ours = super::super::ggml::quantize(ty, &x).expect("quantizes");
+            let want = st.tensor(&format!("{key}.bytes")).expect("bytes");
+            assert!(
+                ours == want.data(),
+                "{key} ({ty}): bytes differ from llama-quantize's"
+            );
+            types.insert(ty.name());
+        }
+        assert!(types.len() >= 6, "types compared: {types:?}");
+    }
+
     #[test]
     fn an_unbound_mix_is_an_error_not_a_guess() {
         let mix = Mix {
