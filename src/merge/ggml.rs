@@ -333,6 +333,47 @@ mod tests {
     }
 
     #[test]
+    fn quantize_writes_what_dequantize_reads_for_every_writable_type() {
+        let row: Vec<f32> = (0..512)
+            .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+            .collect();
+        let writable = [
+            GgmlType::F32,
+            GgmlType::F16,
+            GgmlType::Bf16,
+            GgmlType::Q8_0,
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q2K,
+            GgmlType::Q3K,
+            GgmlType::Q4K,
+            GgmlType::Q5K,
+            GgmlType::Q6K,
+        ];
+        for ty in writable {
+            let bytes = quantize(ty, &row).unwrap_or_else(|e| panic!("{ty}: {e}"));
+            assert_eq!(Some(bytes.len()), ty.bytes_for(row.len()), "{ty}: size");
+            let back = dequantize(ty, &bytes, row.len()).expect("decodes");
+            let err = row
+                .iter()
+                .zip(&back)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            // Q2_K's worst case on a uniform row is about a third of its range.
+            assert!(err < 0.35, "{ty}: max error {err}");
+        }
+        assert_eq!(quantize(GgmlType::F32, &row).map(|b| b.len()), Ok(2048));
+        let err = quantize(GgmlType::Iq2Xs, &row).expect_err("no IQ quantizer");
+        assert!(err.to_string().contains("IQ2_XS"), "{err}");
+        assert!(matches!(
+            quantize(GgmlType::Q4K, &row[..100]),
+            Err(QuantError::RowNotBlockAligned { .. })
+        ));
+    }
+
+    #[test]
     fn floats_decode_and_unknown_types_are_named() {
         let bytes: Vec<u8> = [1.5f32, -2.0]
             .iter()
