@@ -8,7 +8,10 @@
 //! integers converted to f32 where C converts them), with no fused multiply-add: that is the code
 //! an x86-64 build of `ggml-base` runs (it is compiled without `-march`, so nothing contracts).
 //! The goldens in `fixtures/goldens/kquant/` come from that C compiled with `-ffp-contract=off`
-//! (`fixtures/gen/kquant.py`); the tests below require identical bytes and dequantized bits.
+//! (`fixtures/gen/kquant.py`); the tests below require identical bytes and dequantized bits, and
+//! `mix.rs`'s tests require the bytes the real llama-quantize wrote (Q3_K … Q6_K, Q5_0, Q5_1).
+//! Q5_0 is therefore *not* fused, unlike `quant.rs`'s Q4_0, which follows gguf-py's FMA
+//! emulation: the two agree except where `x·id + 16.5` lands within an f32 rounding of an integer.
 //!
 //! The search helpers keep ggml's names so the code can be read next to the C:
 //! [`nearest_int`] (round half to even through the `1.5·2^23` trick), `make_qx_quants` (Q6_K's
