@@ -6,7 +6,7 @@
 #
 # Source: the llama-cpp-python 0.3.36 sdist from PyPI (it vendors llama.cpp: ggml C, gguf-py,
 # convert_hf_to_gguf.py), fetched with pip and checked against the pinned sha256. The CPU tools
-# (llama-quantize, llama-export-lora, llama-perplexity, llama-cli, llama-gguf) are built with cmake
+# (llama-quantize, llama-export-lora, llama-perplexity, llama-completion, llama-gguf) are built with cmake
 # into $cache/llama-cpp/build/bin. Cache dir: ${LD_CACHE:-$HOME/.cache/lora-doctor}. Finished steps
 # are skipped: a build whose log ends in `done 0` is not redone.
 set -euo pipefail
@@ -18,7 +18,7 @@ cache="${LD_CACHE:-$HOME/.cache/lora-doctor}/llama-cpp"
 src="$cache/llama_cpp_python-$version/vendor/llama.cpp"
 build="$cache/build"
 log="$cache/cmake.log"
-tools=(llama-quantize llama-export-lora llama-perplexity llama-cli llama-gguf)
+tools=(llama-quantize llama-export-lora llama-perplexity llama-completion llama-gguf)
 
 if [[ "${1:-}" == "--dir" ]]; then
     [[ -f "$src/ggml/src/ggml-quants.c" ]] || { echo "llama.cpp not extracted; run $0" >&2; exit 1; }
