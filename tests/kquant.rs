@@ -180,3 +180,24 @@ fn a_mix_without_a_model_config_exits_2() {
         "{err}"
     );
 }
+
+/// `--trained-on` names one type the base was stored in; a mix is refused before any work.
+#[test]
+fn trained_on_refuses_a_mix() {
+    let base = fixture("models/tiny-llama");
+    let adapter = fixture("adapters/llama-lora");
+    let out = super::run(&[
+        "check",
+        "--quiet",
+        "--weights-only",
+        "--base",
+        &base,
+        "--adapter",
+        &adapter,
+        "--trained-on",
+        "q4_k_m",
+    ]);
+    let err = super::stderr(&out);
+    assert_eq!(super::code(&out), 2, "{err}");
+    assert!(err.contains("--trained-on") && err.contains("mix"), "{err}");
+}
