@@ -124,7 +124,9 @@ pub struct CheckArgs {
     #[arg(skip)]
     pub hub: Vec<HubSnapshot>,
     /// Precisions to merge and evaluate: a comma-separated list of f32, bf16, f16, int8, q8_0,
-    /// nf4, fp4, q4_0, q4_1, or `all`. Default: f32 plus the base checkpoint's own dtype.
+    /// nf4, fp4, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k, the llama-quantize mixes
+    /// q3_k_m, q4_k_s, q4_k_m, q5_k_m, or `all` (the first nine). Default: f32 plus the base
+    /// checkpoint's own dtype.
     #[arg(long, value_name = "LIST|all")]
     pub precision: Vec<String>,
     /// How float merges are rounded: `exact` (f64 sum rounded once) or `peft` (what PEFT's

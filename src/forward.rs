@@ -87,10 +87,17 @@ fn ship(
 ) -> Result<Vec<f32>, ModelError> {
     match precision {
         Precision::Float(f) => Ok(data.into_iter().map(|v| f.round(v)).collect()),
-        Precision::Quant(q) if block_linear.names.contains(name) && shape.len() == 2 => {
-            engine::fake_quantize(q, name, &data, shape[0], shape[1], block_linear.conv1d)
-                .map(|(v, _)| v)
-                .map_err(|e| model_error(name, e))
+        Precision::Quant(q) if block_linear.quantizes(q, name) && shape.len() == 2 => {
+            engine::fake_quantize(
+                q,
+                name,
+                &data,
+                shape[0],
+                shape[1],
+                block_linear.conv1d(name),
+            )
+            .map(|(v, _)| v)
+            .map_err(|e| model_error(name, e))
         }
         Precision::Quant(_) => Ok(data),
     }
@@ -118,14 +125,14 @@ impl WeightProvider for MergedProvider<'_> {
                             .iter()
                             .map(|v| *v as f32)
                             .collect();
-                    if self.block_linear.names.contains(name) {
+                    if self.block_linear.quantizes(q, name) {
                         engine::fake_quantize(
                             q,
                             name,
                             &exact,
                             job.rows,
                             job.cols,
-                            self.block_linear.conv1d,
+                            self.block_linear.conv1d(name),
                         )
                         .map(|(v, _)| v)
                         .map_err(|e| model_error(name, e))
@@ -165,7 +172,7 @@ impl WeightProvider for QuantizedBase<'_> {
     fn weight(&self, name: &str) -> Result<Vec<f32>, ModelError> {
         let data = self.inner.weight(name)?;
         match (self.precision, self.base.info(name)) {
-            (Some(p), Some(info)) if self.block_linear.names.contains(name) => {
+            (Some(p), Some(info)) if self.block_linear.stored_in(p, name) => {
                 let shape = info.shape.clone();
                 ship(p, name, data, &shape, self.block_linear)
             }
@@ -457,6 +464,29 @@ fn l2_sq(t: &Tensor) -> Result<f64, ModelError> {
 struct BlockLinear {
     names: HashSet<String>,
     conv1d: bool,
+}
+
+impl BlockLinear {
+    /// Whether format `q` quantizes the 2-D tensor `name`: the block linears for every format; a
+    /// llama-quantize mix also the embedding and the head, as llama-quantize does (its rules
+    /// leave what it does not quantize as stored).
+    fn quantizes(&self, q: QuantFormat, name: &str) -> bool {
+        self.names.contains(name) || matches!(q, QuantFormat::Mix(_))
+    }
+
+    /// Whether the quantized-base models store `name` in `p`: the block linears, and what a mix
+    /// quantizes.
+    fn stored_in(&self, p: Precision, name: &str) -> bool {
+        match p {
+            Precision::Quant(q) => self.quantizes(q, name),
+            Precision::Float(_) => self.names.contains(name),
+        }
+    }
+
+    /// True for a GPT-2 Conv1D block weight (`[in, out]`); embeddings and heads never are.
+    fn conv1d(&self, name: &str) -> bool {
+        self.conv1d && self.names.contains(name)
+    }
 }
 
 fn block_linear_names(arch: &Architecture, base: &Checkpoint) -> BlockLinear {

@@ -309,8 +309,10 @@ fn class_comment(class: PrecisionClass) -> &'static str {
         PrecisionClass::Float => {
             "f32, bf16, f16: a faithful merge loses no more than one rounding."
         }
-        PrecisionClass::EightBit => "int8, q8_0.",
-        PrecisionClass::FourBit => "nf4, fp4, q4_0, q4_1.",
+        PrecisionClass::EightBit => "int8, q8_0, q6_k.",
+        PrecisionClass::FourBit => {
+            "nf4, fp4, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q3_k_m, q4_k_s, q4_k_m, q5_k_m."
+        }
     }
 }
 

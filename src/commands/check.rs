@@ -23,7 +23,9 @@ use crate::io::config::ModelConfig;
 use crate::io::prompts::{self, TokenizedPrompts};
 use crate::merge::engine::{self, EvalOptions, MergePlan};
 use crate::merge::float::FloatFormat;
+use crate::merge::mix::MixModel;
 use crate::merge::precision::{self, Precision};
+use crate::merge::quant::QuantFormat;
 use crate::model::Architecture;
 use crate::report::{self, Format, Inputs, MergeSettings, OutputTarget, REPORT_DIR_FILES, Report};
 
@@ -133,6 +135,12 @@ fn plan_without_outputs(args: &CheckArgs) -> anyhow::Result<Settings> {
     let trained_on = match args.trained_on.as_deref() {
         None => None,
         Some(name) => match Precision::parse(name) {
+            Some(Precision::Quant(QuantFormat::Mix(_))) => {
+                problems.push(format!(
+                    "--trained-on: `{name}` is a llama-quantize mix (a type per tensor); name the single type the base was trained in (q4_k, q4_0, nf4, …)"
+                ));
+                None
+            }
             Some(Precision::Float(FloatFormat::F32)) | None => {
                 problems.push(format!(
                     "--trained-on: `{name}` is not a lower precision a base can be trained in (use nf4, fp4, int8, q4_0, …)"
@@ -231,9 +239,23 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
     } else {
         let merge_plan =
             MergePlan::build(&inputs.base, inputs.base_config.as_ref(), &inputs.adapters)?;
-        let precisions = plan.precisions.clone().unwrap_or_else(|| {
-            default_precisions(&inputs.base, inputs.base_config.as_ref(), &merge_plan)
-        });
+        // A llama-quantize mix needs the model's layer count for its per-tensor rules.
+        let has_head = ["lm_head.weight", "embed_out.weight"]
+            .iter()
+            .any(|t| inputs.base.contains(t));
+        let mix_model = inputs
+            .base_config
+            .as_ref()
+            .and_then(|c| MixModel::from_config(c, has_head));
+        let precisions: Vec<Precision> = plan
+            .precisions
+            .clone()
+            .unwrap_or_else(|| {
+                default_precisions(&inputs.base, inputs.base_config.as_ref(), &merge_plan)
+            })
+            .into_iter()
+            .map(|p| p.for_model(mix_model))
+            .collect();
         let job = Job {
             args,
             plan,

@@ -302,7 +302,7 @@ fn quantized_merge_base(e: &Evidence<'_>) -> Vec<Finding> {
                  quantization error is {:.2}× ‖ΔW‖{}",
                 quantized.len(),
                 h.describe(),
-                QuantFormat::ALL.len(),
+                QuantFormat::FORENSIC_HYPOTHESES.len(),
                 size,
                 if matches_training {
                     format!(

@@ -23,7 +23,7 @@ pub(super) struct QuantHypothesis {
 impl QuantHypothesis {
     pub(super) fn all() -> Vec<QuantHypothesis> {
         let mut out = Vec::new();
-        for &format in &QuantFormat::ALL {
+        for &format in &QuantFormat::FORENSIC_HYPOTHESES {
             let bnb4 = matches!(format, QuantFormat::Nf4 | QuantFormat::Fp4);
             for requantized in [false, true] {
                 for cpu in [false, true] {
@@ -105,7 +105,7 @@ mod tests {
     fn every_quantized_format_is_a_hypothesis_both_ways_and_bnb_on_both_backends() {
         let all = QuantHypothesis::all();
         assert_eq!(all.len(), 6 * 2 + 2 * 2);
-        for f in QuantFormat::ALL {
+        for f in QuantFormat::FORENSIC_HYPOTHESES {
             for requantized in [false, true] {
                 assert!(
                     all.iter()

@@ -6,6 +6,7 @@
 //! decode, so a file with an `IQ2_XS` tensor is read and the error names the tensor and its type
 //! instead of refusing the whole file.
 
+use crate::merge::kquant;
 use crate::merge::quant::{self, QuantError};
 use half::{bf16, f16};
 
@@ -52,7 +53,7 @@ pub enum GgmlType {
 }
 
 /// Elements per K-quant super-block (`QK_K`).
-pub const QK_K: usize = 256;
+pub const QK_K: usize = kquant::QK_K;
 
 impl GgmlType {
     /// The type with ggml id `id` (`GGML_TYPE_*`).
@@ -196,15 +197,15 @@ impl GgmlType {
             I8 => (1, 1),
             Q4_0 => (32, quant::Q4_0_BLOCK_BYTES),
             Q4_1 => (32, quant::Q4_1_BLOCK_BYTES),
-            Q5_0 => (32, 22),
-            Q5_1 => (32, 24),
+            Q5_0 => (kquant::QK5, kquant::Q5_0_BLOCK_BYTES),
+            Q5_1 => (kquant::QK5, kquant::Q5_1_BLOCK_BYTES),
             Q8_0 => (32, quant::Q8_0_BLOCK_BYTES),
             Q8_1 => (32, 36),
-            Q2K => (QK_K, 84),
-            Q3K => (QK_K, 110),
-            Q4K => (QK_K, 144),
-            Q5K => (QK_K, 176),
-            Q6K => (QK_K, 210),
+            Q2K => (QK_K, kquant::Q2_K_BLOCK_BYTES),
+            Q3K => (QK_K, kquant::Q3_K_BLOCK_BYTES),
+            Q4K => (QK_K, kquant::Q4_K_BLOCK_BYTES),
+            Q5K => (QK_K, kquant::Q5_K_BLOCK_BYTES),
+            Q6K => (QK_K, kquant::Q6_K_BLOCK_BYTES),
             Q8K => (QK_K, 292),
             Iq4Nl => (32, 18),
             Iq4Xs => (QK_K, 136),
@@ -270,11 +271,50 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>, Quan
         GgmlType::Q8_0 => quant::dequantize_q8_0(bytes)?,
         GgmlType::Q4_0 => quant::dequantize_q4_0(bytes)?,
         GgmlType::Q4_1 => quant::dequantize_q4_1(bytes)?,
+        GgmlType::Q5_0 => kquant::dequantize_q5_0(bytes)?,
+        GgmlType::Q5_1 => kquant::dequantize_q5_1(bytes)?,
+        GgmlType::Q2K => kquant::dequantize_q2_k(bytes)?,
+        GgmlType::Q3K => kquant::dequantize_q3_k(bytes)?,
+        GgmlType::Q4K => kquant::dequantize_q4_k(bytes)?,
+        GgmlType::Q5K => kquant::dequantize_q5_k(bytes)?,
+        GgmlType::Q6K => kquant::dequantize_q6_k(bytes)?,
         other => {
             return Err(QuantError::UnsupportedType { name: other.name() });
         }
     };
     Ok(values)
+}
+
+/// Encodes one row (or several whole rows) of f32 values as ggml type `ty`, the bytes a GGUF
+/// tensor of that type stores. Quantized types use ggml's reference quantizers (`quantize.rs`,
+/// `kquant.rs`); floats round to nearest even (F16/BF16 as ggml's `GGML_FP32_TO_FP16` /
+/// `GGML_FP32_TO_BF16` do for finite values).
+///
+/// A row that is not whole blocks of the type is [`QuantError::RowNotBlockAligned`]; a type
+/// lora-doctor cannot write is [`QuantError::UnwritableType`].
+pub fn quantize(ty: GgmlType, row: &[f32]) -> Result<Vec<u8>, QuantError> {
+    Ok(match ty {
+        GgmlType::F32 => row.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        GgmlType::F16 => row
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        GgmlType::Bf16 => row
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+        GgmlType::Q8_0 => quant::quantize_q8_0(row)?,
+        GgmlType::Q4_0 => quant::quantize_q4_0(row)?,
+        GgmlType::Q4_1 => quant::quantize_q4_1(row)?,
+        GgmlType::Q5_0 => kquant::quantize_q5_0(row)?,
+        GgmlType::Q5_1 => kquant::quantize_q5_1(row)?,
+        GgmlType::Q2K => kquant::quantize_q2_k(row)?,
+        GgmlType::Q3K => kquant::quantize_q3_k(row)?,
+        GgmlType::Q4K => kquant::quantize_q4_k(row)?,
+        GgmlType::Q5K => kquant::quantize_q5_k(row)?,
+        GgmlType::Q6K => kquant::quantize_q6_k(row)?,
+        other => return Err(QuantError::UnwritableType { name: other.name() }),
+    })
 }
 
 #[cfg(test)]
@@ -290,6 +330,47 @@ mod tests {
         assert_eq!(GgmlType::from_id(99).name(), "type 99");
         assert_eq!(GgmlType::Q6K.bytes_for(512), Some(420));
         assert_eq!(GgmlType::Q6K.bytes_for(100), None);
+    }
+
+    #[test]
+    fn quantize_writes_what_dequantize_reads_for_every_writable_type() {
+        let row: Vec<f32> = (0..512)
+            .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+            .collect();
+        let writable = [
+            GgmlType::F32,
+            GgmlType::F16,
+            GgmlType::Bf16,
+            GgmlType::Q8_0,
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q2K,
+            GgmlType::Q3K,
+            GgmlType::Q4K,
+            GgmlType::Q5K,
+            GgmlType::Q6K,
+        ];
+        for ty in writable {
+            let bytes = quantize(ty, &row).unwrap_or_else(|e| panic!("{ty}: {e}"));
+            assert_eq!(Some(bytes.len()), ty.bytes_for(row.len()), "{ty}: size");
+            let back = dequantize(ty, &bytes, row.len()).expect("decodes");
+            let err = row
+                .iter()
+                .zip(&back)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            // Q2_K's worst case on a uniform row is about a third of its range.
+            assert!(err < 0.35, "{ty}: max error {err}");
+        }
+        assert_eq!(quantize(GgmlType::F32, &row).map(|b| b.len()), Ok(2048));
+        let err = quantize(GgmlType::Iq2Xs, &row).expect_err("no IQ quantizer");
+        assert!(err.to_string().contains("IQ2_XS"), "{err}");
+        assert!(matches!(
+            quantize(GgmlType::Q4K, &row[..100]),
+            Err(QuantError::RowNotBlockAligned { .. })
+        ));
     }
 
     #[test]

@@ -4,11 +4,14 @@
 //! tensor; `engine` plans which base tensors change and evaluates them in every precision.
 //! `float` owns IEEE half/bfloat16 rounding and ULP arithmetic; `quant` owns the bitsandbytes and
 //! ggml block quantizers, bit-exact with their reference implementations; `ggml` names every ggml
-//! tensor type and decodes stored GGUF tensor bytes.
+//! tensor type and decodes stored GGUF tensor bytes; `kquant` owns ggml's Q5_0/Q5_1 and K-quant
+//! quantizers; `mix` owns llama-quantize's per-tensor type rules (`q4_k_m`, …).
 
 pub mod delta;
 pub mod engine;
 pub mod float;
 pub mod ggml;
+pub mod kquant;
+pub mod mix;
 pub mod precision;
 pub mod quant;

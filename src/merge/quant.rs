@@ -37,6 +37,8 @@
 //! every output element is computed by the same sequential code whatever the thread count.
 
 use crate::merge::float::{FloatFormat, round_f16};
+use crate::merge::ggml::{self, GgmlType};
+use crate::merge::mix::{Mix, MixKind};
 use half::f16;
 use rayon::prelude::*;
 
@@ -136,6 +138,19 @@ pub enum QuantError {
     /// A ggml tensor type lora-doctor has no decoder for (IQ*, TQ*, MXFP4, …).
     #[error("ggml type {name} cannot be dequantized by lora-doctor")]
     UnsupportedType { name: String },
+    /// A ggml tensor type lora-doctor has no quantizer for (it writes floats, Q8_0, Q4_0/1,
+    /// Q5_0/1 and Q2_K–Q6_K).
+    #[error("ggml type {name} cannot be written by lora-doctor")]
+    UnwritableType { name: String },
+    /// A llama-quantize mix chooses a type per tensor from the model's layer count, which is
+    /// read from the base's config.json.
+    #[error(
+        "`{mix}` picks a type per tensor from the model's layer count, but the base has no config.json with `num_hidden_layers`"
+    )]
+    MixWithoutModel { mix: &'static str },
+    /// A mix's type depends on the tensor; it is applied through `engine::fake_quantize`.
+    #[error("`{mix}` picks a type per tensor: quantize through the tensor's name")]
+    MixNeedsTensor { mix: &'static str },
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -780,11 +795,51 @@ pub enum QuantFormat {
     Fp4,
     /// bitsandbytes LLM.int8 row-wise int8 with an f32 scale per row.
     Int8,
+    /// ggml 5-bit symmetric, 32-element blocks (`kquant.rs`).
+    Q5_0,
+    /// ggml 5-bit asymmetric, 32-element blocks.
+    Q5_1,
+    /// ggml K-quants, 256-element super-blocks: every quantizable tensor in that one type, as
+    /// `llama-quantize --pure` writes it (rows that are not whole 256-blocks fall back as
+    /// llama-quantize does: [`mix::fallback`]).
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
+    /// A llama-quantize K-quant mix: a type per tensor ([`Mix`]).
+    Mix(Mix),
 }
 
 impl QuantFormat {
-    /// Every format, in declaration order.
-    pub const ALL: [QuantFormat; 6] = [
+    /// Every single-type format, in declaration order (the mixes are [`QuantFormat::MIXES`]).
+    pub const ALL: [QuantFormat; 13] = [
+        QuantFormat::Q8_0,
+        QuantFormat::Q4_0,
+        QuantFormat::Q4_1,
+        QuantFormat::Nf4,
+        QuantFormat::Fp4,
+        QuantFormat::Int8,
+        QuantFormat::Q5_0,
+        QuantFormat::Q5_1,
+        QuantFormat::Q2K,
+        QuantFormat::Q3K,
+        QuantFormat::Q4K,
+        QuantFormat::Q5K,
+        QuantFormat::Q6K,
+    ];
+
+    /// The four llama-quantize mixes, not yet bound to a model.
+    pub const MIXES: [QuantFormat; 4] = [
+        QuantFormat::Mix(Mix::unbound(MixKind::Q3KM)),
+        QuantFormat::Mix(Mix::unbound(MixKind::Q4KS)),
+        QuantFormat::Mix(Mix::unbound(MixKind::Q4KM)),
+        QuantFormat::Mix(Mix::unbound(MixKind::Q5KM)),
+    ];
+
+    /// The formats `--merged` forensics tests merge hypotheses for: the ones that existed before
+    /// the K-quants (K-quant hypotheses belong to GGUF forensics, issue 13 §4).
+    pub const FORENSIC_HYPOTHESES: [QuantFormat; 6] = [
         QuantFormat::Q8_0,
         QuantFormat::Q4_0,
         QuantFormat::Q4_1,
@@ -793,7 +848,7 @@ impl QuantFormat {
         QuantFormat::Int8,
     ];
 
-    /// Lower-case name as the tools spell it: `q8_0`, `q4_0`, `q4_1`, `nf4`, `fp4`, `int8`.
+    /// Lower-case name as the tools spell it: `q8_0`, `q4_0`, `nf4`, `int8`, `q4_k`, `q4_k_m`, …
     pub fn name(self) -> &'static str {
         match self {
             QuantFormat::Q8_0 => "q8_0",
@@ -802,18 +857,51 @@ impl QuantFormat {
             QuantFormat::Nf4 => "nf4",
             QuantFormat::Fp4 => "fp4",
             QuantFormat::Int8 => "int8",
+            QuantFormat::Q5_0 => "q5_0",
+            QuantFormat::Q5_1 => "q5_1",
+            QuantFormat::Q2K => "q2_k",
+            QuantFormat::Q3K => "q3_k",
+            QuantFormat::Q4K => "q4_k",
+            QuantFormat::Q5K => "q5_k",
+            QuantFormat::Q6K => "q6_k",
+            QuantFormat::Mix(m) => m.kind.name(),
         }
     }
 
-    /// Storage cost including block scales: 8.5, 4.5, 5.0 for the ggml types, 4.5 for NF4/FP4
-    /// (one f32 per 64). For int8 it is 8.0 and excludes the per-row f32 `SCB` (`32/cols` more).
+    /// The ggml tensor type of a single-type ggml format; `None` for bitsandbytes formats and
+    /// the mixes (whose type depends on the tensor).
+    pub fn ggml_type(self) -> Option<GgmlType> {
+        Some(match self {
+            QuantFormat::Q8_0 => GgmlType::Q8_0,
+            QuantFormat::Q4_0 => GgmlType::Q4_0,
+            QuantFormat::Q4_1 => GgmlType::Q4_1,
+            QuantFormat::Q5_0 => GgmlType::Q5_0,
+            QuantFormat::Q5_1 => GgmlType::Q5_1,
+            QuantFormat::Q2K => GgmlType::Q2K,
+            QuantFormat::Q3K => GgmlType::Q3K,
+            QuantFormat::Q4K => GgmlType::Q4K,
+            QuantFormat::Q5K => GgmlType::Q5K,
+            QuantFormat::Q6K => GgmlType::Q6K,
+            QuantFormat::Nf4 | QuantFormat::Fp4 | QuantFormat::Int8 | QuantFormat::Mix(_) => {
+                return None;
+            }
+        })
+    }
+
+    /// Storage cost including block scales: 8.5, 4.5, 5.0, 5.5, 6.0 for the 32-blocks, 2.625 to
+    /// 6.5625 for the K-quants, 4.5 for NF4/FP4 (one f32 per 64). For int8 it is 8.0 and excludes
+    /// the per-row f32 `SCB` (`32/cols` more). For a mix it is its base type's (the mix spends a
+    /// little more on the tensors it lifts).
     pub fn bits_per_weight(self) -> f64 {
+        let ggml = |t: GgmlType| {
+            t.layout()
+                .map_or(0.0, |(block, bytes)| (bytes * 8) as f64 / block as f64)
+        };
         match self {
-            QuantFormat::Q8_0 => (Q8_0_BLOCK_BYTES * 8) as f64 / GGML_QK as f64,
-            QuantFormat::Q4_0 => (Q4_0_BLOCK_BYTES * 8) as f64 / GGML_QK as f64,
-            QuantFormat::Q4_1 => (Q4_1_BLOCK_BYTES * 8) as f64 / GGML_QK as f64,
             QuantFormat::Nf4 | QuantFormat::Fp4 => 4.0 + 32.0 / BNB_4BIT_BLOCKSIZE as f64,
             QuantFormat::Int8 => 8.0,
+            QuantFormat::Mix(m) => ggml(m.kind.base_type()),
+            other => other.ggml_type().map_or(0.0, ggml),
         }
     }
 
@@ -833,7 +921,9 @@ impl QuantFormat {
     /// `quant_state.dtype` that bitsandbytes rounds `code · absmax` to; for the other formats,
     /// whose dequantization is defined in f32, it is a cast of that f32 result.
     ///
-    /// ggml formats need `cols` to be a multiple of 32 ([`QuantError::RowNotBlockAligned`]).
+    /// ggml formats need `cols` to be a multiple of their block ([`QuantError::RowNotBlockAligned`]);
+    /// a mix needs the tensor's name and is applied by `engine::fake_quantize`
+    /// ([`QuantError::MixNeedsTensor`]).
     pub fn fake_quantize_as(
         self,
         data: &[f32],
@@ -846,21 +936,6 @@ impl QuantFormat {
         check_shape(name, "input", data.len(), rows, cols)?;
         check_shape(name, "output", out.len(), rows, cols)?;
         let dequantized = match self {
-            QuantFormat::Q8_0 | QuantFormat::Q4_0 | QuantFormat::Q4_1 => {
-                if !cols.is_multiple_of(GGML_QK) {
-                    return Err(QuantError::RowNotBlockAligned {
-                        format: name,
-                        len: cols,
-                        block: GGML_QK,
-                    });
-                }
-                // Rows are whole blocks, so the flat tensor quantizes exactly like row by row.
-                match self {
-                    QuantFormat::Q8_0 => dequantize_q8_0(&quantize_q8_0(data)?)?,
-                    QuantFormat::Q4_0 => dequantize_q4_0(&quantize_q4_0(data)?)?,
-                    _ => dequantize_q4_1(&quantize_q4_1(data)?)?,
-                }
-            }
             QuantFormat::Nf4 | QuantFormat::Fp4 => {
                 let kind = if self == QuantFormat::Nf4 {
                     Bnb4bitType::Nf4
@@ -875,12 +950,44 @@ impl QuantFormat {
             QuantFormat::Int8 => {
                 dequantize_int8_rowwise(&quantize_int8_rowwise(data, rows, cols)?)?
             }
+            QuantFormat::Mix(m) => {
+                return Err(QuantError::MixNeedsTensor { mix: m.kind.name() });
+            }
+            ggml => {
+                let ty = ggml.ggml_type().ok_or(QuantError::UnwritableType {
+                    name: name.to_string(),
+                })?;
+                fake_quantize_ggml(ty, data, cols)?
+            }
         };
         for (o, v) in out.iter_mut().zip(dequantized) {
             *o = dtype.round(v);
         }
         Ok(())
     }
+}
+
+/// dequant(quant(x)) in ggml type `ty` for rows of `cols` elements. Rows that are whole blocks
+/// quantize the same flat or row by row, so the flat tensor is passed at once.
+pub fn fake_quantize_ggml(ty: GgmlType, data: &[f32], cols: usize) -> Result<Vec<f32>, QuantError> {
+    if let Some((block, _)) = ty.layout()
+        && !cols.is_multiple_of(block)
+    {
+        return Err(QuantError::RowNotBlockAligned {
+            format: ggml_format_name(ty),
+            len: cols,
+            block,
+        });
+    }
+    ggml::dequantize(ty, &ggml::quantize(ty, data)?, data.len())
+}
+
+/// The lower-case name of a ggml type for error messages (`q4_k`, `f16`).
+fn ggml_format_name(ty: GgmlType) -> &'static str {
+    QuantFormat::ALL
+        .iter()
+        .find(|f| f.ggml_type() == Some(ty))
+        .map_or("ggml", |f| f.name())
 }
 
 #[cfg(test)]
@@ -1610,12 +1717,25 @@ mod tests {
     #[test]
     fn format_names_and_sizes() {
         let names: Vec<&str> = QuantFormat::ALL.iter().map(|f| f.name()).collect();
-        assert_eq!(names, ["q8_0", "q4_0", "q4_1", "nf4", "fp4", "int8"]);
+        assert_eq!(
+            names,
+            [
+                "q8_0", "q4_0", "q4_1", "nf4", "fp4", "int8", "q5_0", "q5_1", "q2_k", "q3_k",
+                "q4_k", "q5_k", "q6_k"
+            ]
+        );
         let bits: Vec<f64> = QuantFormat::ALL
             .iter()
             .map(|f| f.bits_per_weight())
             .collect();
-        assert_eq!(bits, [8.5, 4.5, 5.0, 4.5, 4.5, 8.0]);
+        assert_eq!(
+            bits,
+            [
+                8.5, 4.5, 5.0, 4.5, 4.5, 8.0, 5.5, 6.0, 2.625, 3.4375, 4.5, 5.5, 6.5625
+            ]
+        );
+        let mixes: Vec<&str> = QuantFormat::MIXES.iter().map(|f| f.name()).collect();
+        assert_eq!(mixes, ["q3_k_m", "q4_k_s", "q4_k_m", "q5_k_m"]);
     }
 
     #[test]

@@ -117,8 +117,22 @@ pub fn range_limit(precision: Precision) -> Option<f64> {
         Precision::Quant(QuantFormat::Q4_0) => Some(f16 * 8.0),
         // d = (max − min)/15 and m = min are f16: the tighter bound is |min| ≤ 65504.
         Precision::Quant(QuantFormat::Q4_1) => Some(f16),
-        // bitsandbytes keeps an f32 absmax.
-        Precision::Quant(QuantFormat::Nf4 | QuantFormat::Fp4) => None,
+        Precision::Quant(QuantFormat::Q5_0) => Some(f16 * 16.0),
+        // As Q4_1: m = min is stored in f16.
+        Precision::Quant(QuantFormat::Q5_1) => Some(f16),
+        // bitsandbytes keeps an f32 absmax. The K-quants store f16 scales of 6/8-bit sub-block
+        // scales, which overflow only for |w| of order 1e6 or more; a result that does is
+        // counted as non-finite anyway.
+        Precision::Quant(
+            QuantFormat::Nf4
+            | QuantFormat::Fp4
+            | QuantFormat::Q2K
+            | QuantFormat::Q3K
+            | QuantFormat::Q4K
+            | QuantFormat::Q5K
+            | QuantFormat::Q6K
+            | QuantFormat::Mix(_),
+        ) => None,
     }
 }
 
