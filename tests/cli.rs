@@ -5,6 +5,7 @@ mod action;
 mod bad_inputs;
 mod false_alarms;
 mod fuzz_regressions;
+mod gguf;
 mod hub;
 mod reports;
 mod shell;

@@ -7,6 +7,7 @@
 pub mod names;
 pub mod parse;
 pub mod tokenizer;
+pub mod write;
 
 use serde_json::{Value, json};
 
@@ -63,8 +64,8 @@ pub fn head_counts(header: &GgufHeader) -> Result<(usize, usize), String> {
         as usize;
     // Absent means no grouped-query attention (`LLM_KV_ATTENTION_HEAD_COUNT_KV` defaults to
     // head_count in llama.cpp's hparams loader).
-    let n_head_kv = arch_u64(header, arch, "attention.head_count_kv")
-        .map_or(n_head, |v| v as usize);
+    let n_head_kv =
+        arch_u64(header, arch, "attention.head_count_kv").map_or(n_head, |v| v as usize);
     Ok((n_head, n_head_kv))
 }
 
@@ -102,8 +103,7 @@ pub fn config_json(header: &GgufHeader, has_output: bool) -> Result<Value, Strin
             if let Some(factor) = arch_f64(header, arch, "rope.scaling.factor") {
                 rope["factor"] = json!(factor);
             }
-            if let Some(original) = arch_u64(header, arch, "rope.scaling.original_context_length")
-            {
+            if let Some(original) = arch_u64(header, arch, "rope.scaling.original_context_length") {
                 rope["original_max_position_embeddings"] = json!(original);
             }
         }
@@ -117,7 +117,11 @@ pub fn config_json(header: &GgufHeader, has_output: bool) -> Result<Value, Strin
                 .into(),
         );
     }
-    let token = |key: &str| header.get(&format!("tokenizer.ggml.{key}")).and_then(MetaValue::as_u64);
+    let token = |key: &str| {
+        header
+            .get(&format!("tokenizer.ggml.{key}"))
+            .and_then(MetaValue::as_u64)
+    };
     let mut config = json!({
         "model_type": model_type,
         "architectures": [architecture_class(model_type)],

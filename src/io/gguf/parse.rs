@@ -27,9 +27,7 @@ const MAX_ARRAY_DEPTH: usize = 8;
 pub enum GgufError {
     #[error("not a GGUF file (the first four bytes are {found:?}, not \"GGUF\")")]
     BadMagic { found: Vec<u8> },
-    #[error(
-        "GGUF version {version} is not supported (lora-doctor reads versions 2 and 3{hint})"
-    )]
+    #[error("GGUF version {version} is not supported (lora-doctor reads versions 2 and 3{hint})")]
     Version { version: u32, hint: &'static str },
     #[error("truncated at byte {at}: {what} needs {need} more bytes, only {left} remain")]
     Truncated {
@@ -380,7 +378,9 @@ pub fn parse(bytes: &[u8]) -> Result<GgufHeader, GgufError> {
         if n_dims == 0 || n_dims > MAX_DIMS {
             return Err(GgufError::Invalid {
                 at,
-                reason: format!("tensor `{name}` has {n_dims} dimensions (1 to {MAX_DIMS} allowed)"),
+                reason: format!(
+                    "tensor `{name}` has {n_dims} dimensions (1 to {MAX_DIMS} allowed)"
+                ),
             });
         }
         let mut dims = Vec::with_capacity(n_dims);
@@ -484,4 +484,124 @@ fn tensor_ranges(
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A GGUF v3 header with the given metadata bytes and tensor-table bytes.
+    fn file(n_tensors: u64, kv: &[(&str, u32, Vec<u8>)], table: &[u8], data: &[u8]) -> Vec<u8> {
+        let mut out = b"GGUF".to_vec();
+        out.extend_from_slice(&3u32.to_le_bytes());
+        out.extend_from_slice(&n_tensors.to_le_bytes());
+        out.extend_from_slice(&(kv.len() as u64).to_le_bytes());
+        for (key, ty, value) in kv {
+            out.extend_from_slice(&(key.len() as u64).to_le_bytes());
+            out.extend_from_slice(key.as_bytes());
+            out.extend_from_slice(&ty.to_le_bytes());
+            out.extend_from_slice(value);
+        }
+        out.extend_from_slice(table);
+        out.resize(out.len().div_ceil(32) * 32, 0);
+        out.extend_from_slice(data);
+        out
+    }
+
+    fn tensor(name: &str, dims: &[u64], ty: u32, offset: u64) -> Vec<u8> {
+        let mut out = (name.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+        dims.iter()
+            .for_each(|d| out.extend_from_slice(&d.to_le_bytes()));
+        out.extend_from_slice(&ty.to_le_bytes());
+        out.extend_from_slice(&offset.to_le_bytes());
+        out
+    }
+
+    #[test]
+    fn nested_arrays_and_every_scalar_type_parse() {
+        // [[1u8, 2u8], []] as an array of arrays.
+        let mut nested = 9u32.to_le_bytes().to_vec();
+        nested.extend_from_slice(&2u64.to_le_bytes());
+        nested.extend_from_slice(&0u32.to_le_bytes());
+        nested.extend_from_slice(&2u64.to_le_bytes());
+        nested.extend_from_slice(&[1, 2]);
+        nested.extend_from_slice(&0u32.to_le_bytes());
+        nested.extend_from_slice(&0u64.to_le_bytes());
+        let kv = vec![
+            ("a.u8", 0, vec![7]),
+            ("a.i16", 3, (-3i16).to_le_bytes().to_vec()),
+            ("a.f32", 6, 1.5f32.to_le_bytes().to_vec()),
+            ("a.bool", 7, vec![1]),
+            ("a.i64", 11, (-9i64).to_le_bytes().to_vec()),
+            ("a.f64", 12, 2.25f64.to_le_bytes().to_vec()),
+            ("a.nested", 9, nested),
+        ];
+        let header = parse(&file(0, &kv, &[], &[])).expect("parse");
+        assert_eq!(header.get("a.u8").and_then(MetaValue::as_u64), Some(7));
+        assert_eq!(header.get("a.i16").and_then(MetaValue::as_f64), Some(-3.0));
+        assert_eq!(
+            header.get("a.bool").and_then(MetaValue::as_bool),
+            Some(true)
+        );
+        assert_eq!(header.get("a.f64").and_then(MetaValue::as_f64), Some(2.25));
+        let nested = header
+            .get("a.nested")
+            .and_then(MetaValue::as_array)
+            .expect("array");
+        assert_eq!(
+            nested[0],
+            MetaValue::Array(vec![MetaValue::U8(1), MetaValue::U8(2)])
+        );
+        assert_eq!(nested[1], MetaValue::Array(vec![]));
+    }
+
+    #[test]
+    fn tensor_ranges_and_alignment_are_checked() {
+        let data = vec![0u8; 64];
+        let ok = file(1, &[], &tensor("t", &[4, 2], 0, 0), &data);
+        let header = parse(&ok).expect("parse");
+        assert_eq!(header.tensors[0].torch_shape(), vec![2, 4]);
+        assert_eq!(header.tensors[0].len, 32);
+        let past_end = file(1, &[], &tensor("t", &[64, 2], 0, 0), &data);
+        assert!(matches!(parse(&past_end), Err(GgufError::Tensor { tensor, .. }) if tensor == "t"));
+        let misaligned = file(1, &[], &tensor("t", &[2], 0, 4), &data);
+        assert!(parse(&misaligned).is_err());
+        let bad_alignment = file(
+            0,
+            &[("general.alignment", 4, 3u32.to_le_bytes().to_vec())],
+            &[],
+            &[],
+        );
+        assert!(parse(&bad_alignment).is_err());
+        let partial_block = file(1, &[], &tensor("q", &[16], 8, 0), &data);
+        assert!(
+            parse(&partial_block).is_err(),
+            "16 values are not a Q8_0 block of 32"
+        );
+    }
+
+    #[test]
+    fn hostile_counts_fail_before_allocating() {
+        let mut huge_array = 0u32.to_le_bytes().to_vec();
+        huge_array.extend_from_slice(&u64::MAX.to_le_bytes());
+        let err = parse(&file(0, &[("x", 9, huge_array)], &[], &[])).expect_err("refused");
+        assert!(err.to_string().contains("at most"), "{err}");
+        let mut long_string = u64::MAX.to_le_bytes().to_vec();
+        long_string.extend_from_slice(b"abc");
+        assert!(matches!(
+            parse(&file(0, &[("x", 8, long_string)], &[], &[])),
+            Err(GgufError::Truncated { .. })
+        ));
+        let mut v1 = file(0, &[], &[], &[]);
+        v1[4..8].copy_from_slice(&1u32.to_le_bytes());
+        assert!(
+            parse(&v1)
+                .expect_err("v1")
+                .to_string()
+                .contains("version 1")
+        );
+        assert!(matches!(parse(b"GGU"), Err(GgufError::BadMagic { .. })));
+    }
 }
