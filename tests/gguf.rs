@@ -345,3 +345,19 @@ fn the_tokenizer_rebuilt_from_tokenizer_ggml_encodes_like_the_original() {
     let ids = |t: &tokenizers::Tokenizer| t.encode(text, true).expect("encode").get_ids().to_vec();
     assert_eq!(ids(&rebuilt), ids(&original));
 }
+
+#[test]
+fn a_gguf_as_merged_is_refused_until_its_forensics_exist() {
+    let out = run(&[
+        "check",
+        "--weights-only",
+        "--base",
+        &fixture(ORIGINAL),
+        "--adapter",
+        &fixture("adapters/llama-lora"),
+        "--merged",
+        &fixture(F32),
+    ]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("is a GGUF file"), "{}", stderr(&out));
+}
