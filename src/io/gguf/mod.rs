@@ -3,6 +3,14 @@
 //! config rebuilt from GGUF metadata (here) and the tokenizer rebuilt from `tokenizer.ggml.*`
 //! (`tokenizer`). Tensor data is never read here: [`crate::io::checkpoint::Checkpoint`] maps the
 //! file and dequantizes one tensor at a time.
+//!
+//! A quantized GGUF base (Q4_1, Q8_0…) is the QLoRA situation seen from the other side: the only
+//! weights there are `dequant(W_q)`. lora-doctor takes those dequantized values, in f32, as the
+//! stored base *and* as the reference's base (the adapter runs unmerged on top of exactly what
+//! llama.cpp or transformers' GGUF loader would compute with), so the adapter effect is measured
+//! against the file the user serves; each candidate precision merges `dequant(W_q) + ΔW` and rounds
+//! (or re-quantizes) that. The structural `quantized-base` warning still names the quantized tensors,
+//! because merging onto a quantized base is a choice to state, not a fault to hide.
 
 pub mod names;
 pub mod parse;
