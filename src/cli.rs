@@ -222,6 +222,13 @@ pub struct ExplainArgs {
     pub code: Option<String>,
 }
 
+/// What `merge` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MergeFormat {
+    Safetensors,
+    Gguf,
+}
+
 #[derive(Debug, Args)]
 pub struct MergeArgs {
     /// Base model: an HF folder or one .safetensors file.
@@ -233,12 +240,16 @@ pub struct MergeArgs {
     pub adapters: Vec<PathBuf>,
     #[arg(long, value_name = "REV", default_value = DEFAULT_REVISION, help = REVISION_HELP)]
     pub revision: String,
-    /// Output dtype: f32, bf16 or f16.
-    #[arg(long, value_name = "f32|bf16|f16")]
+    /// Output dtype: f32, bf16 or f16; with `--format gguf` also q8_0, q4_0, q4_1, q5_0, q5_1,
+    /// q2_k–q6_k or a llama-quantize mix (q3_k_m, q4_k_s, q4_k_m, q5_k_m).
+    #[arg(long, value_name = "PRECISION")]
     pub precision: String,
-    /// Output folder (must not exist yet).
-    #[arg(long, value_name = "DIR")]
+    /// Output folder (must not exist yet); with `--format gguf`, the .gguf file.
+    #[arg(long, value_name = "DIR|FILE")]
     pub out: PathBuf,
+    /// `safetensors`: a folder transformers loads; `gguf`: one GGUF v3 file llama.cpp loads.
+    #[arg(long, value_enum, default_value_t = MergeFormat::Safetensors)]
+    pub format: MergeFormat,
     /// `exact` (f64 sum rounded once) or `peft` (bit-compatible with PEFT's merge_and_unload).
     #[arg(long, value_enum, default_value_t = Recipe::Exact)]
     pub recipe: Recipe,

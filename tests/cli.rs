@@ -10,6 +10,7 @@ mod docs_and_inspect;
 mod false_alarms;
 mod finding_codes;
 mod fuzz_regressions;
+mod gguf;
 mod hub;
 mod kquant;
 mod merge_command;

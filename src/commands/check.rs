@@ -356,6 +356,15 @@ fn forensics_stage(
     };
     let checkpoint = Checkpoint::open(dir)
         .with_context(|| format!("cannot open the merged checkpoint `{}`", dir.display()))?;
+    if checkpoint.gguf().is_some() {
+        // Checkpoint::open reads a GGUF under transformers names, but the forensics still judge
+        // it as a transformers folder (config.json, dtypes): refuse rather than mislead.
+        bail!(
+            "--merged `{}` is a GGUF file: forensics of a GGUF merge are not implemented yet \
+             (issue 13 §4); check the merged safetensors folder, or use the GGUF as --base",
+            dir.display()
+        );
+    }
     let precision = Precision::Float(crate::forensics::merged_dtype(&checkpoint));
     let bar = super::progress::bar(
         job.merge_plan.weights.len(),
@@ -423,7 +432,7 @@ fn logit_stage(
              alone"
         ),
     };
-    let prompts = prompts_for(args, &inputs.adapters, arch.max_positions())?;
+    let prompts = prompts_for(args, &inputs.base, &inputs.adapters, arch.max_positions())?;
     parts.tokens = Some(prompts.tokens());
     let bar = super::progress::bar(arch.num_layers() + 2, args.quiet, "forward", "steps");
     let forward_inputs = ForwardInputs {
@@ -590,6 +599,7 @@ fn eos_ids(config: Option<&ModelConfig>) -> Vec<u32> {
 /// ship one (added tokens), else the base's.
 fn prompts_for(
     args: &CheckArgs,
+    base: &Checkpoint,
     adapters: &[Adapter],
     max_positions: Option<usize>,
 ) -> anyhow::Result<TokenizedPrompts> {
@@ -598,8 +608,21 @@ fn prompts_for(
         None => prompts::split_paragraphs(prompts::BUILTIN_TEXT),
     };
     let dirs: Vec<&Path> = adapters.iter().map(|a| a.dir.as_path()).collect();
-    let tokenizer = prompts::find_tokenizer(&dirs, &base_folder(&args.base))
-        .ok_or(prompts::PromptError::NoTokenizer)?;
+    // A GGUF base without a tokenizer.json near it uses the one inside the file (kept alive
+    // until the prompts are tokenized).
+    let (tokenizer, _rebuilt) = match (
+        prompts::find_tokenizer(&dirs, &base_folder(&args.base)),
+        base.gguf(),
+    ) {
+        (Some(path), _) => (path, None),
+        (None, Some(header)) => {
+            let file = crate::io::tokenizer::gguf_tokenizer_file(header).with_context(|| {
+                format!("rebuilding the tokenizer of `{}`", args.base.display())
+            })?;
+            (file.path().to_path_buf(), Some(file))
+        }
+        (None, None) => return Err(prompts::PromptError::NoTokenizer.into()),
+    };
     // Sequences stay within the model's learned positions (GPT-2: n_positions), and leave room
     // for the generation check's continuation.
     let max_len = max_positions.map_or(512, |p| p.min(512));

@@ -22,13 +22,39 @@ pub struct Loaded {
     pub structures: Vec<structure::StructureReport>,
 }
 
+/// A GGUF base describes itself: its config comes from the GGUF metadata (a config.json beside
+/// the file is not read — the file is what llama.cpp serves), and so does its tokenizer's size
+/// unless a tokenizer.json lies beside it (the same tokenizer the prompts are scored with).
+fn gguf_config_and_tokenizer(
+    base: &Checkpoint,
+    header: &crate::io::gguf::GgufHeader,
+) -> anyhow::Result<(Option<ModelConfig>, Option<TokenizerInfo>)> {
+    let config = crate::io::gguf::config_json(header, base.contains("lm_head.weight"))
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("reading the model config of `{}`", base.path.display()))?;
+    let mut config = ModelConfig::from_value(config);
+    config.path = Some(base.path.clone());
+    let beside = TokenizerInfo::read_dir(&base_folder(&base.path))?;
+    let tokenizer = beside.or_else(|| {
+        crate::io::gguf::tokenizer::tokenizer_json(header)
+            .ok()
+            .map(|json| TokenizerInfo::from_value(base.path.clone(), &json))
+    });
+    Ok((Some(config), tokenizer))
+}
+
 /// Opens the base and every adapter (exit 2 on unreadable input) and runs the structural rules.
 pub fn load(base_path: &Path, adapter_dirs: &[PathBuf]) -> anyhow::Result<Loaded> {
     let base = Checkpoint::open(base_path)
         .with_context(|| format!("cannot open the base `{}`", base_path.display()))?;
     let folder = base_folder(base_path);
-    let base_config = ModelConfig::read_dir(&folder)?;
-    let base_tokenizer = TokenizerInfo::read_dir(&folder)?;
+    let (base_config, base_tokenizer) = match base.gguf() {
+        Some(header) => gguf_config_and_tokenizer(&base, header)?,
+        None => (
+            ModelConfig::read_dir(&folder)?,
+            TokenizerInfo::read_dir(&folder)?,
+        ),
+    };
     let mut adapters = Vec::with_capacity(adapter_dirs.len());
     for dir in adapter_dirs {
         adapters.push(

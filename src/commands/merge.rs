@@ -2,6 +2,8 @@
 //! (sharded with an index), config.json, tokenizer files, generation_config.json — into a
 //! temporary folder next to `--out`, renamed into place only when everything is written.
 //! With `--gate` the weights are checked first and nothing is written when the gate fails.
+//! `--format gguf` writes one GGUF v3 file instead (metadata and tokenizer from the HF folder,
+//! q/k rows permuted for llama.cpp), through a temporary file renamed into place.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,13 +14,15 @@ use serde_json::Value;
 
 use super::inputs::{Loaded, load};
 use crate::ExitStatus;
-use crate::cli::MergeArgs;
+use crate::cli::{MergeArgs, MergeFormat};
 use crate::findings::thresholds::Thresholds;
 use crate::findings::{self, Level, Verdict, weights};
 use crate::io::base_folder;
+use crate::io::checkpoint::Checkpoint;
 use crate::io::writer::{self, OutTensor};
 use crate::merge::engine::{self, EvalOptions, MergePlan, TensorJob};
 use crate::merge::float::FloatFormat;
+use crate::merge::ggml::GgmlType;
 use crate::merge::precision::Precision;
 use crate::report;
 
@@ -113,13 +117,7 @@ fn check_out(out: &Path, inputs: &[&Path]) -> anyhow::Result<PathBuf> {
 
 pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
     crate::interrupt::install();
-    let format = match Precision::parse(&args.precision) {
-        Some(Precision::Float(f)) => f,
-        _ => bail!(
-            "--precision `{}`: merge writes f32, bf16 or f16 checkpoints (quantized formats are evaluated by `check`)",
-            args.precision
-        ),
-    };
+    let (precision, format, gguf_type) = output_types(args)?;
     let max_shard = writer::parse_size(&args.max_shard_size).with_context(|| {
         format!(
             "--max-shard-size `{}` is not a size like 5GB or 500MB",
@@ -172,7 +170,6 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
         return Ok(ExitStatus::Failure);
     }
     let plan = MergePlan::build(&base, base_config.as_ref(), &adapters)?;
-    let precision = Precision::Float(format);
 
     if args.gate {
         let options = EvalOptions {
@@ -214,6 +211,17 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
         }
     }
 
+    if let Some(ty) = gguf_type {
+        let inputs = MergeInputs {
+            base: &base,
+            config: base_config.as_ref(),
+            adapters: &adapters,
+            plan: &plan,
+            format,
+        };
+        return write_gguf(args, &parent, &inputs, ty);
+    }
+
     let staging = tempfile::Builder::new()
         .prefix(".lora-doctor-merge-")
         .tempdir_in(&parent)
@@ -234,7 +242,7 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
         .tensors()
         .map(|t| OutTensor {
             name: t.name.clone(),
-            dtype: if t.dtype.is_float() {
+            dtype: if t.dtype.is_float() || base.ggml_type(&t.name).is_some() {
                 out_dtype.clone()
             } else {
                 t.dtype.clone()
@@ -298,10 +306,12 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
                 return writer::encode(&merged, &out_dtype);
             }
             let (info, raw) = base.raw(&t.name)?;
-            if !info.dtype.is_float() {
+            if !info.dtype.is_float() && base.ggml_type(&t.name).is_none() {
                 return Ok(raw.to_vec());
             }
-            let values = crate::io::checkpoint::decode_f32(info, raw)?;
+            // Through the checkpoint: a GGUF base's rows are un-permuted and its ggml types
+            // dequantized there.
+            let values = base.read_f32(&t.name)?;
             finite(&t.name, &values)?;
             writer::encode(&values, &out_dtype)
         },
@@ -403,6 +413,312 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
                 } else {
                     ""
                 }
+            ),
+            false,
+        )?;
+    }
+    Ok(ExitStatus::Success)
+}
+
+/// The ggml types of a GGUF output: one type for every 2-D tensor (with llama-quantize's
+/// fallback for rows that are not whole blocks), or a llama-quantize mix deciding per tensor.
+#[derive(Debug, Clone, Copy)]
+enum GgufTypes {
+    Single(GgmlType),
+    Mix(crate::merge::mix::Mix),
+}
+
+impl GgufTypes {
+    /// The type the 2-D or 1-D tensor `hf_name` of `shape` is written in.
+    fn type_for(self, hf_name: &str, shape: &[usize]) -> anyhow::Result<GgmlType> {
+        use crate::io::gguf::write as gguf_write;
+        Ok(match self {
+            GgufTypes::Single(ty) if ty.is_float() => gguf_write::tensor_type(ty, shape),
+            GgufTypes::Single(ty) => match shape {
+                [_, cols] => crate::merge::mix::fallback(ty, *cols),
+                _ => GgmlType::F32,
+            },
+            // A tensor llama-quantize leaves as stored is written as the converter would: F32.
+            GgufTypes::Mix(mix) => mix.type_for(hf_name, shape)?.unwrap_or(GgmlType::F32),
+        })
+    }
+
+    /// `general.file_type` (`enum llama_ftype` in llama.h).
+    fn file_type(self) -> anyhow::Result<u32> {
+        use crate::merge::mix::MixKind;
+        Ok(match self {
+            GgufTypes::Single(ty) => crate::io::gguf::write::file_type(ty)
+                .with_context(|| format!("no llama.cpp file type for {ty}"))?,
+            GgufTypes::Mix(mix) => match mix.kind {
+                MixKind::Q3KM => 12,
+                MixKind::Q4KS => 14,
+                MixKind::Q4KM => 15,
+                MixKind::Q5KM => 17,
+            },
+        })
+    }
+
+    fn name(self) -> String {
+        match self {
+            GgufTypes::Single(ty) => ty.name(),
+            GgufTypes::Mix(mix) => mix.kind.name().to_uppercase(),
+        }
+    }
+}
+
+/// The precision to gate and merge in, the float format merged values are rounded to, and the
+/// ggml types of a GGUF output. A quantized GGUF is merged in f32 and then quantized, as
+/// llama.cpp's `convert_hf_to_gguf.py --outtype q8_0` (or llama-quantize on an f32 GGUF) does.
+fn output_types(args: &MergeArgs) -> anyhow::Result<(Precision, FloatFormat, Option<GgufTypes>)> {
+    use crate::merge::quant::QuantFormat;
+    let precision = Precision::parse(&args.precision);
+    let writable = "a GGUF is written in f32, bf16, f16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, \
+                    q4_k, q5_k, q6_k or a mix q3_k_m, q4_k_s, q4_k_m, q5_k_m";
+    Ok(match (args.format, precision) {
+        (MergeFormat::Safetensors, Some(p @ Precision::Float(f))) => (p, f, None),
+        (MergeFormat::Gguf, Some(p @ Precision::Float(f))) => {
+            let ty = match f {
+                FloatFormat::F32 => GgmlType::F32,
+                FloatFormat::F16 => GgmlType::F16,
+                FloatFormat::Bf16 => GgmlType::Bf16,
+            };
+            (p, f, Some(GgufTypes::Single(ty)))
+        }
+        (MergeFormat::Gguf, Some(p @ Precision::Quant(QuantFormat::Mix(mix)))) => {
+            (p, FloatFormat::F32, Some(GgufTypes::Mix(mix)))
+        }
+        (MergeFormat::Gguf, Some(p @ Precision::Quant(q))) => match q.ggml_type() {
+            Some(ty) => (p, FloatFormat::F32, Some(GgufTypes::Single(ty))),
+            None => bail!("--precision `{}`: {writable}", args.precision),
+        },
+        (MergeFormat::Gguf, None) => bail!("--precision `{}`: {writable}", args.precision),
+        (MergeFormat::Safetensors, _) => bail!(
+            "--precision `{}`: merge writes f32, bf16 or f16 checkpoints (quantized formats are evaluated by `check`, or written with --format gguf)",
+            args.precision
+        ),
+    })
+}
+
+/// What a GGUF output is merged from.
+struct MergeInputs<'a> {
+    base: &'a Checkpoint,
+    config: Option<&'a crate::io::config::ModelConfig>,
+    adapters: &'a [crate::io::adapter::Adapter],
+    plan: &'a MergePlan,
+    /// The float format merged values are rounded to before encoding.
+    format: FloatFormat,
+}
+
+/// The tokenizer the GGUF carries: the last adapter's tokenizer.json, else the base folder's,
+/// else (a GGUF base) the one rebuilt from the base's own `tokenizer.ggml.*`.
+fn gguf_tokenizer(
+    args: &MergeArgs,
+    base: &Checkpoint,
+    adapters: &[crate::io::adapter::Adapter],
+) -> anyhow::Result<(Value, Option<Value>)> {
+    let read = |path: &Path| -> anyhow::Result<Value> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading `{}`", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("`{}` is not JSON", path.display()))
+    };
+    let base_dir = base_folder(&args.base);
+    let dir = adapters
+        .iter()
+        .rev()
+        .map(|a| a.dir.as_path())
+        .chain(std::iter::once(base_dir.as_path()))
+        .find(|d| d.join("tokenizer.json").is_file());
+    if let Some(dir) = dir {
+        let config = dir.join("tokenizer_config.json");
+        let config = if config.is_file() {
+            Some(read(&config)?)
+        } else {
+            None
+        };
+        return Ok((read(&dir.join("tokenizer.json"))?, config));
+    }
+    let Some(header) = base.gguf() else {
+        bail!(
+            "a GGUF needs the tokenizer: no tokenizer.json in the adapters or in `{}`",
+            base_dir.display()
+        );
+    };
+    let json = crate::io::gguf::tokenizer::tokenizer_json(header).map_err(anyhow::Error::msg)?;
+    let mut config = serde_json::Map::new();
+    if let Some(v) = header
+        .get("tokenizer.ggml.add_bos_token")
+        .and_then(crate::io::gguf::MetaValue::as_bool)
+    {
+        config.insert("add_bos_token".into(), Value::Bool(v));
+    }
+    if let Some(t) = header
+        .get("tokenizer.chat_template")
+        .and_then(crate::io::gguf::MetaValue::as_str)
+    {
+        config.insert("chat_template".into(), Value::String(t.into()));
+    }
+    Ok((json, Some(Value::Object(config))))
+}
+
+/// `merge --format gguf`: every base tensor (merged where a job says so) under its GGUF name, in
+/// the requested ggml type, into a temporary file beside `--out` that is renamed into place.
+fn write_gguf(
+    args: &MergeArgs,
+    parent: &Path,
+    inputs: &MergeInputs<'_>,
+    types: GgufTypes,
+) -> anyhow::Result<ExitStatus> {
+    use crate::io::gguf::write as gguf_write;
+    let MergeInputs {
+        base,
+        config,
+        adapters,
+        plan,
+        format,
+    } = *inputs;
+    let config = config
+        .context("a GGUF needs the model config: the base has no config.json (or GGUF metadata)")?;
+    let model_type = config.model_type.clone().unwrap_or_default();
+    let (tokenizer, tokenizer_config) = gguf_tokenizer(args, base, adapters)?;
+    let name = args
+        .out
+        .file_stem()
+        .map_or_else(|| "merged".into(), |s| s.to_string_lossy().into_owned());
+    let mut config = config.clone();
+    if let Some(rows) = grown_vocab(plan, base) {
+        config.vocab_size = Some(rows);
+    }
+    let metadata = gguf_write::metadata(
+        &config,
+        &tokenizer,
+        tokenizer_config.as_ref(),
+        types.file_type()?,
+        &name,
+    )?;
+    let jobs: HashMap<&str, &TensorJob> = plan
+        .weights
+        .iter()
+        .map(|j| (j.output.as_str(), j))
+        .collect();
+    let biases: HashMap<&str, &engine::BiasJob> =
+        plan.biases.iter().map(|b| (b.tensor.as_str(), b)).collect();
+    // HF name and shape of every tensor written: the base's, plus a head the adapters untie.
+    let mut sources: Vec<(String, Vec<usize>)> = base
+        .tensors()
+        .map(|t| {
+            let shape = jobs
+                .get(t.name.as_str())
+                .map_or_else(|| t.shape.clone(), |j| vec![j.rows, j.cols]);
+            (t.name.clone(), shape)
+        })
+        .collect();
+    for job in &plan.weights {
+        if !base.contains(&job.output) {
+            sources.push((job.output.clone(), vec![job.rows, job.cols]));
+        }
+    }
+    // A mix decides per tensor from the layer count and whether the file has its own head.
+    let types = match types {
+        GgufTypes::Mix(mix) => {
+            let has_head = sources
+                .iter()
+                .any(|(n, _)| n == "lm_head.weight" || n == "embed_out.weight");
+            let model = crate::merge::mix::MixModel::from_config(&config, has_head)
+                .context("a llama-quantize mix needs `num_hidden_layers` in the model config")?;
+            GgufTypes::Mix(mix.bind(model))
+        }
+        single => single,
+    };
+    let mut tensors = Vec::with_capacity(sources.len());
+    let mut hf_of: HashMap<String, String> = HashMap::new();
+    for (hf, shape) in &sources {
+        let gguf = gguf_write::gguf_name(&model_type, hf).with_context(|| {
+            format!("tensor `{hf}` has no GGUF name for model type `{model_type}`")
+        })?;
+        hf_of.insert(gguf.clone(), hf.clone());
+        tensors.push(gguf_write::GgufOutTensor {
+            name: gguf,
+            ty: types.type_for(hf, shape)?,
+            shape: shape.clone(),
+        });
+    }
+    let produce = |t: &gguf_write::GgufOutTensor| -> anyhow::Result<Vec<u8>> {
+        let hf = hf_of
+            .get(&t.name)
+            .with_context(|| format!("no source for `{}`", t.name))?;
+        let values = if let Some(job) = jobs.get(hf.as_str()) {
+            let stored = engine::base_weight(job, base, adapters)?;
+            let updates = engine::load_updates(job, adapters)?;
+            engine::merged_float(&stored, job.rows, job.cols, &updates, format, args.recipe)
+        } else if let Some(bias) = biases.get(hf.as_str()) {
+            engine::merged_bias(bias, base, adapters)?
+        } else {
+            base.read_f32(hf)?
+        };
+        let bad = nonfinite_after_rounding(&values, format);
+        if bad > 0 {
+            return Err(NonFiniteOutput {
+                tensor: hf.clone(),
+                count: bad,
+                total: values.len(),
+                format,
+            }
+            .into());
+        }
+        let values = gguf_write::to_gguf_rows(&model_type, hf, &config, values, &t.shape)?;
+        gguf_write::encode(t.ty, &values, t.shape.last().copied().unwrap_or(1))
+    };
+    let mut staged = tempfile::Builder::new()
+        .prefix(".lora-doctor-merge-")
+        .suffix(".gguf")
+        .tempfile_in(parent)
+        .with_context(|| format!("cannot create a file in `{}`", parent.display()))?;
+    let interrupt_guard = crate::interrupt::track(staged.path());
+    let bar = super::progress::bar(tensors.len(), args.quiet, "writing", "tensors");
+    let written = {
+        let mut out = std::io::BufWriter::new(staged.as_file_mut());
+        gguf_write::write(&mut out, &metadata, &tensors, produce, || bar.inc(1))
+    };
+    bar.finish_and_clear();
+    if let Err(err) = written {
+        if let Some(bad) = err.downcast_ref::<NonFiniteOutput>() {
+            if !args.quiet {
+                report::print_human(
+                    &format!(
+                        "not merged: {bad}; nothing was written\n  advice: {}\n",
+                        bad.advice()
+                    ),
+                    true,
+                )?;
+            }
+            return Ok(ExitStatus::Failure);
+        }
+        return Err(err);
+    }
+    // A temporary file is created owner-only; the merged model is an ordinary output file.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        staged
+            .as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    }
+    staged
+        .persist_noclobber(&args.out)
+        .map_err(|e| e.error)
+        .with_context(|| format!("moving the merged GGUF to `{}`", args.out.display()))?;
+    drop(interrupt_guard);
+    if !args.quiet {
+        let bytes = std::fs::metadata(&args.out).map_or(0, |m| m.len() as usize);
+        report::print_human(
+            &format!(
+                "merged {} tensor(s) from {} adapter(s) into `{}` (GGUF {}, recipe {}, {})\n",
+                plan.weights.len(),
+                adapters.len(),
+                args.out.display(),
+                types.name(),
+                args.recipe.name(),
+                report::format::human_bytes(bytes),
             ),
             false,
         )?;

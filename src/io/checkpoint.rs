@@ -1,5 +1,6 @@
-//! Memory-mapped safetensors checkpoints: one file, a folder with `model.safetensors`, or a sharded
-//! folder with `model.safetensors.index.json`.
+//! Memory-mapped checkpoints: one safetensors file, a folder with `model.safetensors`, a sharded
+//! folder with `model.safetensors.index.json`, or one GGUF file (llama.cpp), seen under
+//! transformers names with llama.cpp's q/k row permutation undone on read.
 //!
 //! Opening a checkpoint maps every file and validates every header (offsets, lengths, dtypes) but
 //! copies no tensor data. Tensors are read one at a time, converted to f32, when a caller asks —
@@ -13,6 +14,9 @@ use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 use thiserror::Error;
 
+use crate::io::gguf::{self, GgufHeader, names::RowOrder};
+use crate::merge::ggml::{self, GgmlType};
+
 /// Storage dtype of one tensor. Only the float formats can be read as numbers; the rest are kept
 /// by name so an inventory (and a quantized-base finding) can still be produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,7 +26,8 @@ pub enum TensorDtype {
     F32,
     F16,
     Bf16,
-    /// Any other safetensors dtype (U8 packed 4-bit, I8, I64 buffers, F8…), by its safetensors name.
+    /// Any other safetensors dtype (U8 packed 4-bit, I8, I64 buffers, F8…), by its safetensors name;
+    /// for a GGUF tensor, a non-float ggml type by its ggml name (`Q4_1`, `Q6_K`, `IQ2_XS`).
     Other(String),
 }
 
@@ -34,6 +39,18 @@ impl TensorDtype {
             Dtype::F16 => TensorDtype::F16,
             Dtype::BF16 => TensorDtype::Bf16,
             other => TensorDtype::Other(format!("{other:?}")),
+        }
+    }
+
+    /// The dtype of a GGUF tensor: the float types as their safetensors twins, the rest by their
+    /// ggml name (the checkpoint keeps the ggml type itself to dequantize).
+    pub fn from_ggml(ty: GgmlType) -> Self {
+        match ty {
+            GgmlType::F64 => TensorDtype::F64,
+            GgmlType::F32 => TensorDtype::F32,
+            GgmlType::F16 => TensorDtype::F16,
+            GgmlType::Bf16 => TensorDtype::Bf16,
+            other => TensorDtype::Other(other.name()),
         }
     }
 
@@ -104,6 +121,23 @@ pub enum CheckpointError {
         first: PathBuf,
         second: PathBuf,
     },
+    #[error("`{path}` is not a readable GGUF file: {source}")]
+    Gguf {
+        path: PathBuf,
+        #[source]
+        source: gguf::GgufError,
+    },
+    #[error("`{path}`: {reason}")]
+    GgufModel { path: PathBuf, reason: String },
+    #[error(
+        "tensor `{tensor}` is stored as ggml type {ty}, which lora-doctor cannot dequantize yet \
+         ({reason}); give a GGUF in F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 or Q2_K–Q6_K, or the safetensors original"
+    )]
+    UnsupportedGgml {
+        tensor: String,
+        ty: String,
+        reason: String,
+    },
     #[error("no tensor `{tensor}` in the checkpoint at `{path}`")]
     NoSuchTensor { path: PathBuf, tensor: String },
     #[error(
@@ -143,6 +177,10 @@ pub struct TensorInfo {
     file: usize,
     start: usize,
     end: usize,
+    /// How the stored rows relate to transformers' (GGUF q/k of llama and mistral differ).
+    order: RowOrder,
+    /// The ggml type of a GGUF tensor (floats included); `None` for safetensors.
+    ggml: Option<GgmlType>,
 }
 
 impl TensorInfo {
@@ -168,6 +206,8 @@ pub struct Checkpoint {
     pub path: PathBuf,
     files: Vec<MappedFile>,
     tensors: BTreeMap<String, TensorInfo>,
+    /// The parsed header when the checkpoint is a GGUF file (metadata, tokenizer, raw names).
+    gguf: Option<GgufHeader>,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -192,6 +232,9 @@ impl Checkpoint {
             source,
         })?;
         if meta.is_file() {
+            if is_gguf(path) {
+                return Self::open_gguf(path);
+            }
             return Self::from_files(path, &[path.to_path_buf()]);
         }
         let index = path.join(INDEX_FILE);
@@ -221,6 +264,59 @@ impl Checkpoint {
     /// Opens exactly one safetensors file (used for adapters, whose file name is fixed).
     pub fn open_file(file: &Path) -> Result<Self, CheckpointError> {
         Self::from_files(file, &[file.to_path_buf()])
+    }
+
+    /// Opens a GGUF file of a llama-family model under transformers names. The header is parsed
+    /// and every tensor's range checked; no tensor data is read.
+    pub fn open_gguf(path: &Path) -> Result<Self, CheckpointError> {
+        let mmap = map_file(path)?;
+        let header = gguf::parse(&mmap).map_err(|source| CheckpointError::Gguf {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let model_error = |reason: String| CheckpointError::GgufModel {
+            path: path.to_path_buf(),
+            reason,
+        };
+        gguf::model_type(&header).map_err(model_error)?;
+        let arch = header.architecture().unwrap_or_default().to_string();
+        let (n_head, n_head_kv) = gguf::head_counts(&header).map_err(model_error)?;
+        let mut tensors = BTreeMap::new();
+        for t in &header.tensors {
+            // A tensor without a transformers twin keeps its GGUF name, so it is still listed.
+            let name = gguf::names::llama_to_hf(&t.name).unwrap_or_else(|| t.name.clone());
+            let info = TensorInfo {
+                name: name.clone(),
+                dtype: TensorDtype::from_ggml(t.ty),
+                shape: t.torch_shape(),
+                file: 0,
+                start: t.start,
+                end: t.start + t.len,
+                order: gguf::names::llama_row_order(&arch, &name, n_head, n_head_kv),
+                ggml: Some(t.ty),
+            };
+            if tensors.insert(name.clone(), info).is_some() {
+                return Err(CheckpointError::DuplicateTensor {
+                    tensor: name,
+                    first: path.to_path_buf(),
+                    second: path.to_path_buf(),
+                });
+            }
+        }
+        Ok(Checkpoint {
+            path: path.to_path_buf(),
+            files: vec![MappedFile {
+                path: path.to_path_buf(),
+                mmap,
+            }],
+            tensors,
+            gguf: Some(header),
+        })
+    }
+
+    /// The GGUF header when this checkpoint is a GGUF file.
+    pub fn gguf(&self) -> Option<&GgufHeader> {
+        self.gguf.as_ref()
     }
 
     fn open_sharded(dir: &Path, index: &Path) -> Result<Self, CheckpointError> {
@@ -302,6 +398,8 @@ impl Checkpoint {
                     file: file_index,
                     start,
                     end: start + data.len(),
+                    order: RowOrder::Same,
+                    ggml: None,
                 };
                 if let Some(previous) = tensors.insert(name.to_string(), info) {
                     return Err(CheckpointError::DuplicateTensor {
@@ -320,6 +418,7 @@ impl Checkpoint {
             path: path.to_path_buf(),
             files: mapped,
             tensors,
+            gguf: None,
         })
     }
 
@@ -353,7 +452,8 @@ impl Checkpoint {
         self.files.iter().map(|f| f.path.as_path())
     }
 
-    /// The raw little-endian bytes of a tensor, borrowed from the mmap.
+    /// The raw little-endian bytes of a tensor, borrowed from the mmap. For a GGUF tensor these are
+    /// the stored ggml blocks, in llama.cpp's row order.
     pub fn raw(&self, name: &str) -> Result<(&TensorInfo, &[u8]), CheckpointError> {
         let info = self
             .tensors
@@ -371,9 +471,23 @@ impl Checkpoint {
     /// it resident: peak memory stays a few tensors wide.
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>, CheckpointError> {
         let (info, bytes) = self.raw(name)?;
-        let values = decode_f32(info, bytes)?;
+        let values = match info.ggml {
+            Some(ty) => ggml::dequantize(ty, bytes, info.numel()).map_err(|e| {
+                CheckpointError::UnsupportedGgml {
+                    tensor: info.name.clone(),
+                    ty: ty.name(),
+                    reason: e.to_string(),
+                }
+            }),
+            _ => decode_f32(info, bytes),
+        };
         self.release(info);
-        Ok(values)
+        reorder_rows(info, values?)
+    }
+
+    /// The stored ggml type of a GGUF tensor (floats included), `None` for safetensors.
+    pub fn ggml_type(&self, name: &str) -> Option<GgmlType> {
+        self.tensors.get(name)?.ggml
     }
 
     /// Hands a tensor's resident pages back to the kernel after a caller streamed it through
@@ -405,6 +519,33 @@ impl Checkpoint {
         #[cfg(not(unix))]
         let _ = info;
     }
+}
+
+/// Undoes llama.cpp's q/k row permutation for GGUF tensors; other tensors pass through.
+fn reorder_rows(info: &TensorInfo, values: Vec<f32>) -> Result<Vec<f32>, CheckpointError> {
+    let RowOrder::LlamaRope { heads } = info.order else {
+        return Ok(values);
+    };
+    let rows = info.shape.first().copied().unwrap_or(0);
+    let cols = info.shape.get(1).copied().unwrap_or(1);
+    gguf::names::permute_rows(&values, rows, cols, heads, true).ok_or_else(|| {
+        CheckpointError::UnsupportedGgml {
+            tensor: info.name.clone(),
+            ty: info.dtype.name().to_string(),
+            reason: format!("its {rows} rows do not split into {heads} rotary heads of even size"),
+        }
+    })
+}
+
+/// True for a `.gguf` file or any file that starts with the GGUF magic.
+fn is_gguf(path: &Path) -> bool {
+    if path.extension().and_then(|e| e.to_str()) == Some(gguf::EXTENSION) {
+        return true;
+    }
+    let mut magic = [0u8; 4];
+    File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .is_ok_and(|()| gguf::has_magic(&magic))
 }
 
 /// Converts little-endian tensor bytes of a float dtype to f32.

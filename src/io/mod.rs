@@ -1,10 +1,11 @@
-//! Reading inputs: safetensors checkpoints (mmap, shards), PEFT adapters, model configs and
+//! Reading inputs: safetensors checkpoints (mmap, shards) and GGUF files, PEFT adapters, model configs and
 //! tokenizer headers, and mapping adapter modules onto base tensors; `hub` turns `org/name` into a
 //! snapshot folder of the local Hugging Face cache; `writer` streams merged checkpoints out.
 
 pub mod adapter;
 pub mod checkpoint;
 pub mod config;
+pub mod gguf;
 pub mod hub;
 pub mod mapping;
 pub mod prompts;

@@ -1,6 +1,11 @@
 //! Tokenizer facts read from `tokenizer.json` headers: how many ids it can emit, and which tokens
 //! were added on top of the base vocabulary. Enough to check vocabulary sizes against embedding
 //! rows without loading a tokenizer runtime.
+//!
+//! A GGUF base carries its tokenizer inside (`tokenizer.ggml.*`): [`gguf_tokenizer_file`] rebuilds
+//! it as a `tokenizer.json` in a temporary file for the tokenizer runtime. The rule for which
+//! tokenizer scores the prompts stays the one of `prompts::find_tokenizer`: an adapter's
+//! tokenizer.json first, then one beside the base, and only then the GGUF's own.
 
 use std::path::{Path, PathBuf};
 
@@ -53,7 +58,8 @@ impl TokenizerInfo {
         Ok(Some(Self::from_value(path, &raw)))
     }
 
-    fn from_value(path: PathBuf, raw: &Value) -> Self {
+    /// The facts of an already parsed `tokenizer.json` object (e.g. one rebuilt from a GGUF).
+    pub fn from_value(path: PathBuf, raw: &Value) -> Self {
         let mut max_id: Option<u64> = None;
         let mut bump = |id: u64| max_id = Some(max_id.map_or(id, |m| m.max(id)));
         match raw.pointer("/model/vocab") {
@@ -84,6 +90,21 @@ impl TokenizerInfo {
             added_tokens,
         }
     }
+}
+
+/// Writes the tokenizer rebuilt from a GGUF header to a temporary `tokenizer.json` (deleted when
+/// the handle drops), or says why it cannot be rebuilt.
+pub fn gguf_tokenizer_file(
+    header: &crate::io::gguf::GgufHeader,
+) -> anyhow::Result<tempfile::NamedTempFile> {
+    let json = crate::io::gguf::tokenizer::tokenizer_json(header).map_err(anyhow::Error::msg)?;
+    let mut file = tempfile::Builder::new()
+        .prefix("lora-doctor-gguf-tokenizer")
+        .suffix(".json")
+        .tempfile()?;
+    serde_json::to_writer(&mut file, &json)?;
+    std::io::Write::flush(&mut file)?;
+    Ok(file)
 }
 
 #[cfg(test)]

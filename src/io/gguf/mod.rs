@@ -1,0 +1,164 @@
+//! GGUF files (llama.cpp's format) as lora-doctor inputs: our own parser of the container
+//! (`parse`), the name and row-order mapping onto transformers tensors (`names`), the model
+//! config rebuilt from GGUF metadata (here) and the tokenizer rebuilt from `tokenizer.ggml.*`
+//! (`tokenizer`). Tensor data is never read here: [`crate::io::checkpoint::Checkpoint`] maps the
+//! file and dequantizes one tensor at a time.
+//!
+//! A quantized GGUF base (Q4_1, Q8_0…) is the QLoRA situation seen from the other side: the only
+//! weights there are `dequant(W_q)`. lora-doctor takes those dequantized values, in f32, as the
+//! stored base *and* as the reference's base (the adapter runs unmerged on top of exactly what
+//! llama.cpp or transformers' GGUF loader would compute with), so the adapter effect is measured
+//! against the file the user serves; each candidate precision merges `dequant(W_q) + ΔW` and rounds
+//! (or re-quantizes) that. The structural `quantized-base` warning still names the quantized tensors,
+//! because merging onto a quantized base is a choice to state, not a fault to hide.
+
+pub mod names;
+pub mod parse;
+pub mod tokenizer;
+pub mod write;
+
+use serde_json::{Value, json};
+
+pub use parse::{GgufError, GgufHeader, MetaValue, TensorHeader, parse};
+
+/// The file extension a GGUF base is recognised by (besides its magic).
+pub const EXTENSION: &str = "gguf";
+
+/// True when `bytes` start with the GGUF magic.
+pub fn has_magic(bytes: &[u8]) -> bool {
+    bytes.starts_with(parse::MAGIC)
+}
+
+/// The transformers `model_type` for a GGUF `general.architecture` lora-doctor maps, or why not.
+pub fn model_type(header: &GgufHeader) -> Result<&'static str, String> {
+    let arch = header
+        .architecture()
+        .ok_or("the GGUF has no `general.architecture`")?;
+    names::LLAMA_FAMILY
+        .iter()
+        .find(|(a, _)| *a == arch)
+        .map(|(_, t)| *t)
+        .ok_or_else(|| {
+            format!(
+                "GGUF architecture `{arch}` is not mapped to transformers names yet (lora-doctor \
+                 reads {}); give the safetensors original as --base",
+                names::LLAMA_FAMILY
+                    .iter()
+                    .map(|(a, _)| *a)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+}
+
+/// `<arch>.<key>` as an unsigned integer.
+fn arch_u64(header: &GgufHeader, arch: &str, key: &str) -> Option<u64> {
+    header
+        .get(&format!("{arch}.{key}"))
+        .and_then(MetaValue::as_u64)
+}
+
+fn arch_f64(header: &GgufHeader, arch: &str, key: &str) -> Option<f64> {
+    header
+        .get(&format!("{arch}.{key}"))
+        .and_then(MetaValue::as_f64)
+}
+
+/// The attention head counts `(n_head, n_head_kv)` the row permutation needs.
+pub fn head_counts(header: &GgufHeader) -> Result<(usize, usize), String> {
+    let arch = header.architecture().unwrap_or_default();
+    let n_head = arch_u64(header, arch, "attention.head_count")
+        .ok_or_else(|| format!("the GGUF has no `{arch}.attention.head_count`"))?
+        as usize;
+    // Absent means no grouped-query attention (`LLM_KV_ATTENTION_HEAD_COUNT_KV` defaults to
+    // head_count in llama.cpp's hparams loader).
+    let n_head_kv =
+        arch_u64(header, arch, "attention.head_count_kv").map_or(n_head, |v| v as usize);
+    Ok((n_head, n_head_kv))
+}
+
+/// A transformers-style `config.json` object rebuilt from GGUF metadata, with the fields the
+/// forward pass and the structural checks read (`convert_hf_to_gguf.py`'s
+/// `set_gguf_parameters` wrote them from the original config).
+pub fn config_json(header: &GgufHeader, has_output: bool) -> Result<Value, String> {
+    let model_type = model_type(header)?;
+    let arch = header.architecture().unwrap_or_default();
+    let need = |key: &str| {
+        arch_u64(header, arch, key).ok_or_else(|| format!("the GGUF has no `{arch}.{key}`"))
+    };
+    let hidden = need("embedding_length")?;
+    let (n_head, n_head_kv) = head_counts(header)?;
+    let vocab = arch_u64(header, arch, "vocab_size").or_else(|| {
+        header
+            .get("tokenizer.ggml.tokens")
+            .and_then(MetaValue::as_array)
+            .map(|t| t.len() as u64)
+    });
+    let head_dim = arch_u64(header, arch, "attention.key_length")
+        .or_else(|| arch_u64(header, arch, "rope.dimension_count"))
+        .unwrap_or(hidden / (n_head.max(1) as u64));
+    let mut rope = json!({
+        "rope_type": "default",
+        "rope_theta": arch_f64(header, arch, "rope.freq_base").unwrap_or(10_000.0),
+    });
+    match header
+        .get(&format!("{arch}.rope.scaling.type"))
+        .and_then(MetaValue::as_str)
+    {
+        None | Some("none") => {}
+        Some(kind @ ("linear" | "yarn")) => {
+            rope["rope_type"] = json!(kind);
+            if let Some(factor) = arch_f64(header, arch, "rope.scaling.factor") {
+                rope["factor"] = json!(factor);
+            }
+            if let Some(original) = arch_u64(header, arch, "rope.scaling.original_context_length") {
+                rope["original_max_position_embeddings"] = json!(original);
+            }
+        }
+        Some(other) => return Err(format!("GGUF rope scaling `{other}` is not supported")),
+    }
+    if header.tensors.iter().any(|t| t.name == "rope_freqs.weight") {
+        // Llama 3's frequency table is stored as a tensor, not as metadata we could translate.
+        return Err(
+            "the GGUF stores rope frequencies as `rope_freqs.weight` (llama3-style rope), which \
+             lora-doctor does not rebuild yet; give the safetensors original as --base"
+                .into(),
+        );
+    }
+    let token = |key: &str| {
+        header
+            .get(&format!("tokenizer.ggml.{key}"))
+            .and_then(MetaValue::as_u64)
+    };
+    let mut config = json!({
+        "model_type": model_type,
+        "architectures": [architecture_class(model_type)],
+        "hidden_size": hidden,
+        "intermediate_size": need("feed_forward_length")?,
+        "num_hidden_layers": need("block_count")?,
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_head_kv,
+        "head_dim": head_dim,
+        "max_position_embeddings": arch_u64(header, arch, "context_length"),
+        "rms_norm_eps": arch_f64(header, arch, "attention.layer_norm_rms_epsilon").unwrap_or(1e-6),
+        "rope_parameters": rope,
+        "tie_word_embeddings": !has_output,
+        "vocab_size": vocab,
+        "bos_token_id": token("bos_token_id"),
+        "eos_token_id": token("eos_token_id"),
+        "pad_token_id": token("padding_token_id"),
+    });
+    if let Some(name) = header.get("general.name").and_then(MetaValue::as_str) {
+        config["_name_or_path"] = json!(name);
+    }
+    Ok(config)
+}
+
+fn architecture_class(model_type: &str) -> &'static str {
+    match model_type {
+        "mistral" => "MistralForCausalLM",
+        "qwen2" => "Qwen2ForCausalLM",
+        "qwen3" => "Qwen3ForCausalLM",
+        _ => "LlamaForCausalLM",
+    }
+}
