@@ -41,15 +41,6 @@ impl std::fmt::Debug for MaterializedModel {
     }
 }
 
-/// The name of the output matrix the head reads when the provider serves it.
-fn head_name(arch: &Architecture) -> &str {
-    match arch {
-        Architecture::Llama(c) => &c.head,
-        Architecture::Gpt2(c) => &c.head,
-        Architecture::NeoX(c) => &c.head,
-    }
-}
-
 impl MaterializedModel {
     /// Fetches from `inner` every tensor `arch` reads: `embed_tensors`, each `block_tensors(i)`,
     /// `head_tensors`, the head's own matrix and any `<module>.bias` next to a listed weight when
@@ -68,7 +59,7 @@ impl MaterializedModel {
             .map(|module| format!("{module}.bias"))
             .collect();
         names.extend(biases);
-        names.insert(head_name(arch).to_string());
+        names.insert(arch.head_matrix().to_string());
         let names: Vec<String> = names.into_iter().collect();
         let fetched: Vec<(String, Option<Tensor>, Vec<UnmergedLora>)> = names
             .into_par_iter()
@@ -237,7 +228,7 @@ pub fn sequence_nll(
 }
 
 /// `log Σ exp(z)` in f64, shifted by the maximum.
-fn log_sum_exp(row: &[f32]) -> f64 {
+pub fn log_sum_exp(row: &[f32]) -> f64 {
     let max = row.iter().fold(f64::NEG_INFINITY, |m, v| m.max(*v as f64));
     if !max.is_finite() {
         // All −∞ (or +∞ present): the shift is meaningless; let the arithmetic say so.
