@@ -11,7 +11,7 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::divergence::{LogitStats, TokenScores};
+use crate::divergence::{LogitStats, ReferenceRows, TokenScores};
 use crate::io::adapter::Adapter;
 use crate::io::checkpoint::Checkpoint;
 use crate::io::prompts::TokenizedPrompts;
@@ -510,12 +510,13 @@ pub fn compare(
     let reference_logits = head_logits(0)?;
     let positions = next_tokens.len().max(1);
     let vocab = reference_logits.len() / positions;
+    let reference_rows = ReferenceRows::new(&reference_logits, vocab);
     let mut scores: Vec<TokenScores> = vec![TokenScores::default(); providers.len()];
     let mut nonfinite = vec![0; providers.len()];
     for m in 1..providers.len() {
         let logits = head_logits(m)?;
         nonfinite[m] = logits.iter().filter(|v| !v.is_finite()).count();
-        scores[m].push_sequence(&reference_logits, &logits, vocab, &next_tokens);
+        scores[m].push_rows(&reference_rows, &logits, &next_tokens);
     }
     on_step();
 
