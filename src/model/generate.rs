@@ -2,13 +2,11 @@
 //! candidate continue the same prompts greedily, and a candidate's text is scored under the
 //! reference.
 //!
-//! Unlike the layer-streamed comparison, decoding runs one model at a time, one token per step, and
-//! every step needs every block's weights. A provider that builds weights on request (a merged or
-//! quantized candidate, bf16 read as f32) would redo that work at every token, so generation runs
-//! on a [`MaterializedModel`]: every tensor the model reads, fetched once and kept in memory as f32.
-//! That is one whole f32 model at a time (SmolLM2-135M: 538 MB), which the layer-streamed forward
-//! avoids but a short greedy continuation cannot reasonably do without; drop it before
-//! materializing the next model.
+//! Decoding runs one model at a time, one token per step, and every step needs every block's
+//! weights. A provider that builds weights on request (a merged or quantized candidate, bf16 read
+//! as f32) redoes that work at every token; a [`MaterializedModel`] fetches every tensor once and
+//! keeps the whole model in f32 (SmolLM2-135M: 538 MB; a 7B model: 27 GB). The check itself streams
+//! instead, all prompts together, keeping what fits in a byte budget (`forward::generation`).
 
 use std::collections::{BTreeSet, HashMap};
 

@@ -19,8 +19,9 @@
 //! ```
 //!
 //! Generation ([`generate_greedy`]) instead runs one model at a time, token by token, over a
-//! key/value cache ([`KvCache`], [`Architecture::block_step`]); its weights are fetched once into a
-//! [`MaterializedModel`] (one f32 copy of the model in memory) rather than per decoding step.
+//! key/value cache ([`KvCache`], [`Architecture::block_step`]). The check streams each model's
+//! weights per step (`forward::generation`); [`MaterializedModel`] (one f32 copy of the model in
+//! memory) serves tests and small models that fit.
 //! [`sequence_nll`] scores a continuation under a model.
 
 mod cache;
