@@ -20,7 +20,7 @@ RAYON_NUM_THREADS=$THREADS CANDLE_NUM_THREADS=$THREADS LD_TIMING_RUNS=$RUNS LD_C
   cargo test --release --quiet --lib model::goldens::smollm2_forward_timing -- --ignored --nocapture \
   2>&1 | grep 'tokens/s' | tee "$tmp/ours"
 
-"$PY" - "$MODEL" "$THREADS" "$RUNS" <<'PY' | tee "$tmp/torch"
+"$PY" - "$MODEL" "$THREADS" "$RUNS" <<'PY' 2>/dev/null | tee "$tmp/torch"
 import os, sys, time
 os.environ["HF_HUB_OFFLINE"] = "1"
 import torch
