@@ -6,6 +6,7 @@
 //! Percentiles interpolate linearly at fraction·(n−1) on sorted values; standard errors use
 //! n−1 as llama.cpp does.
 
+use rayon::prelude::*;
 use serde::Serialize;
 
 /// Per-token scores of one candidate against the reference.
@@ -23,26 +24,85 @@ pub struct TokenScores {
     pub nll_reference: Vec<f64>,
 }
 
-/// log-softmax of one row in f64.
-fn log_softmax(row: &[f32]) -> Vec<f64> {
+/// The log normalizer `log Σ exp(z)` of one row in f64, shifted by the largest finite value.
+fn log_normalizer(row: &[f32]) -> f64 {
     let max = row
         .iter()
         .copied()
         .filter(|v| v.is_finite())
         .fold(f32::NEG_INFINITY, f32::max) as f64;
     let sum: f64 = row.iter().map(|v| (*v as f64 - max).exp()).sum();
-    let log_z = max + sum.ln();
-    row.iter().map(|v| *v as f64 - log_z).collect()
+    max + sum.ln()
 }
 
-fn argmax(row: &[f64]) -> usize {
-    let mut best = 0;
-    for (i, v) in row.iter().enumerate() {
-        if *v > row[best] {
-            best = i;
+/// The reference's logits `[positions, vocab]` with every row's log normalizer, computed once and
+/// shared by every candidate scored against it.
+pub struct ReferenceRows<'a> {
+    logits: &'a [f32],
+    vocab: usize,
+    log_z: Vec<f64>,
+}
+
+impl<'a> ReferenceRows<'a> {
+    pub fn new(logits: &'a [f32], vocab: usize) -> Self {
+        let log_z = logits
+            .par_chunks_exact(vocab.max(1))
+            .map(log_normalizer)
+            .collect();
+        ReferenceRows {
+            logits,
+            vocab,
+            log_z,
         }
     }
-    best
+}
+
+/// One position's scores.
+struct RowScore {
+    kl: f64,
+    same_top1: bool,
+    dp: f64,
+    /// (candidate, reference) NLL of the next token, when there is one inside the vocabulary.
+    nll: Option<(f64, f64)>,
+}
+
+/// Scores one row in a single pass over the vocabulary (one exp per logit for the candidate's
+/// normalizer, one for p_ref), with the reference's normalizer given. Every term is the one the
+/// straightforward version computes (two f64 log-softmax vectors, then Σ p·(a − b) in order, the
+/// argmaxes first-maximum-wins on those vectors), so the results are the same bit for bit
+/// (`fused_scores_equal_the_two_log_softmax_version`).
+fn score_row(r: &[f32], log_z_r: f64, c: &[f32], next: Option<u32>) -> RowScore {
+    let log_z_c = log_normalizer(c);
+    let mut kl = 0.0f64;
+    let (mut top_r, mut best_r) = (0, f64::NAN);
+    let (mut top_c, mut best_c) = (0, f64::NAN);
+    for (i, (rv, cv)) in r.iter().zip(c).enumerate() {
+        let a = *rv as f64 - log_z_r;
+        let b = *cv as f64 - log_z_c;
+        let p = a.exp();
+        kl += if p > 0.0 { p * (a - b) } else { 0.0 };
+        if i == 0 || a > best_r {
+            (top_r, best_r) = (i, a);
+        }
+        if i == 0 || b > best_c {
+            (top_c, best_c) = (i, b);
+        }
+    }
+    let lr = |i: usize| r[i] as f64 - log_z_r;
+    let lc = |i: usize| c[i] as f64 - log_z_c;
+    RowScore {
+        kl: if kl.is_nan() {
+            f64::INFINITY
+        } else {
+            kl.max(0.0)
+        },
+        same_top1: top_r == top_c,
+        dp: lc(top_r).exp() - lr(top_r).exp(),
+        nll: next
+            .map(|t| t as usize)
+            .filter(|t| *t < r.len())
+            .map(|t| (-lc(t), -lr(t))),
+    }
 }
 
 impl TokenScores {
@@ -54,36 +114,33 @@ impl TokenScores {
         vocab: usize,
         next: &[Option<u32>],
     ) {
-        for (i, (r, c)) in reference
-            .chunks_exact(vocab)
-            .zip(candidate.chunks_exact(vocab))
+        self.push_rows(&ReferenceRows::new(reference, vocab), candidate, next);
+    }
+
+    /// Scores a candidate's `[positions, vocab]` logits against the reference's, rows in parallel
+    /// on rayon's pool; `next[i]` is the token that follows position i (if any).
+    pub fn push_rows(
+        &mut self,
+        reference: &ReferenceRows<'_>,
+        candidate: &[f32],
+        next: &[Option<u32>],
+    ) {
+        let vocab = reference.vocab.max(1);
+        let rows: Vec<RowScore> = reference
+            .logits
+            .par_chunks_exact(vocab)
+            .zip(candidate.par_chunks_exact(vocab))
+            .zip(&reference.log_z)
             .enumerate()
-        {
-            let lr = log_softmax(r);
-            let lc = log_softmax(c);
-            let kl: f64 = lr
-                .iter()
-                .zip(&lc)
-                .map(|(a, b)| {
-                    let p = a.exp();
-                    if p > 0.0 { p * (a - b) } else { 0.0 }
-                })
-                .sum();
-            let top_r = argmax(&lr);
-            let top_c = argmax(&lc);
-            self.kl.push(if kl.is_nan() {
-                f64::INFINITY
-            } else {
-                kl.max(0.0)
-            });
-            self.same_top1.push(top_r == top_c);
-            self.dp.push(lc[top_r].exp() - lr[top_r].exp());
-            if let Some(Some(t)) = next.get(i) {
-                let t = *t as usize;
-                if t < vocab {
-                    self.nll.push(-lc[t]);
-                    self.nll_reference.push(-lr[t]);
-                }
+            .map(|(i, ((r, c), log_z_r))| score_row(r, *log_z_r, c, next.get(i).copied().flatten()))
+            .collect();
+        for row in rows {
+            self.kl.push(row.kl);
+            self.same_top1.push(row.same_top1);
+            self.dp.push(row.dp);
+            if let Some((candidate, reference)) = row.nll {
+                self.nll.push(candidate);
+                self.nll_reference.push(reference);
             }
         }
     }
@@ -210,6 +267,105 @@ mod tests {
         let want = 0.25 * (0.25f64 / 0.5).ln() + 0.75 * (0.75f64 / 0.5).ln();
         assert!((s.kl[0] - want).abs() < 1e-7, "{} vs {want}", s.kl[0]);
         assert!((s.dp[0] - (0.5 - 0.75)).abs() < 1e-7);
+    }
+
+    /// The scoring before it was fused: two f64 log-softmax vectors per row.
+    fn two_log_softmax_version(
+        reference: &[f32],
+        candidate: &[f32],
+        vocab: usize,
+        next: &[Option<u32>],
+    ) -> TokenScores {
+        fn log_softmax(row: &[f32]) -> Vec<f64> {
+            let log_z = log_normalizer(row);
+            row.iter().map(|v| *v as f64 - log_z).collect()
+        }
+        fn argmax(row: &[f64]) -> usize {
+            let mut best = 0;
+            for (i, v) in row.iter().enumerate() {
+                if *v > row[best] {
+                    best = i;
+                }
+            }
+            best
+        }
+        let mut s = TokenScores::default();
+        for (i, (r, c)) in reference
+            .chunks_exact(vocab)
+            .zip(candidate.chunks_exact(vocab))
+            .enumerate()
+        {
+            let lr = log_softmax(r);
+            let lc = log_softmax(c);
+            let kl: f64 = lr
+                .iter()
+                .zip(&lc)
+                .map(|(a, b)| {
+                    let p = a.exp();
+                    if p > 0.0 { p * (a - b) } else { 0.0 }
+                })
+                .sum();
+            let (top_r, top_c) = (argmax(&lr), argmax(&lc));
+            s.kl.push(if kl.is_nan() {
+                f64::INFINITY
+            } else {
+                kl.max(0.0)
+            });
+            s.same_top1.push(top_r == top_c);
+            s.dp.push(lc[top_r].exp() - lr[top_r].exp());
+            if let Some(Some(t)) = next.get(i) {
+                let t = *t as usize;
+                if t < vocab {
+                    s.nll.push(-lc[t]);
+                    s.nll_reference.push(-lr[t]);
+                }
+            }
+        }
+        s
+    }
+
+    /// The fused, row-parallel scoring gives exactly the two-log-softmax version's numbers, on
+    /// random rows with ties, a NaN, infinities and near-identical candidates.
+    #[test]
+    fn fused_scores_equal_the_two_log_softmax_version() {
+        let vocab = 97;
+        let positions = 40;
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut uniform = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let reference: Vec<f32> = (0..vocab * positions)
+            .map(|_| (uniform() * 20.0 - 10.0) as f32)
+            .collect();
+        let mut candidate: Vec<f32> = reference
+            .iter()
+            .map(|v| v + (uniform() * 0.02 - 0.01) as f32)
+            .collect();
+        candidate[5] = f32::NAN;
+        candidate[vocab + 3] = f32::INFINITY;
+        candidate[2 * vocab + 1] = f32::NEG_INFINITY;
+        candidate[3 * vocab..4 * vocab].copy_from_slice(&reference[3 * vocab..4 * vocab]);
+        candidate[4 * vocab..5 * vocab].fill(1.0);
+        let next: Vec<Option<u32>> = (0..positions)
+            .map(|i| match i % 4 {
+                0 => None,
+                1 => Some(vocab as u32 + 3),
+                _ => Some((i * 7 % vocab) as u32),
+            })
+            .collect();
+        let want = two_log_softmax_version(&reference, &candidate, vocab, &next);
+        let mut got = TokenScores::default();
+        got.push_sequence(&reference, &candidate, vocab, &next);
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got.kl), bits(&want.kl));
+        assert_eq!(got.same_top1, want.same_top1);
+        assert_eq!(bits(&got.dp), bits(&want.dp));
+        assert_eq!(bits(&got.nll), bits(&want.nll));
+        assert_eq!(bits(&got.nll_reference), bits(&want.nll_reference));
+        assert_eq!(got.kl.len(), positions);
     }
 
     #[test]

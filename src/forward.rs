@@ -11,7 +11,7 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::divergence::{LogitStats, TokenScores};
+use crate::divergence::{LogitStats, ReferenceRows, TokenScores};
 use crate::io::adapter::Adapter;
 use crate::io::checkpoint::Checkpoint;
 use crate::io::prompts::TokenizedPrompts;
@@ -187,22 +187,37 @@ impl WeightProvider for QuantizedBase<'_> {
     }
 }
 
-/// One block's (or the embedding's / head's) weights fetched once and served to every sequence.
+/// One block's (or the embedding's / head's) weights fetched once and served to every sequence
+/// as shared f32 tensors (no copy per sequence: [`WeightProvider::shared`]).
 struct Prepared<'a> {
     inner: &'a dyn WeightProvider,
-    weights: HashMap<String, Vec<f32>>,
+    weights: HashMap<String, Tensor>,
     loras: HashMap<String, Vec<UnmergedLora>>,
 }
 
 impl<'a> Prepared<'a> {
+    /// Builds `names` (those `inner` has) and their LoRA terms, the tensors in parallel on rayon's
+    /// pool (a merged candidate's tensors are merged one per worker).
     fn load(inner: &'a dyn WeightProvider, names: &[String]) -> Result<Self, ModelError> {
+        let fetched = names
+            .par_iter()
+            .map(|name| {
+                let weight = if inner.has(name) {
+                    let data = inner.weight(name)?;
+                    let n = data.len();
+                    Some(crate::model::weight_tensor(data, n)?)
+                } else {
+                    None
+                };
+                Ok((name, weight, inner.lora(name)?))
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
         let mut weights = HashMap::new();
         let mut loras = HashMap::new();
-        for name in names {
-            if inner.has(name) {
-                weights.insert(name.clone(), inner.weight(name)?);
+        for (name, weight, terms) in fetched {
+            if let Some(w) = weight {
+                weights.insert(name.clone(), w);
             }
-            let terms = inner.lora(name)?;
             if !terms.is_empty() {
                 loras.insert(name.clone(), terms);
             }
@@ -213,12 +228,24 @@ impl<'a> Prepared<'a> {
             loras,
         })
     }
+
+    /// Bytes held: every weight in f32 plus every LoRA factor and magnitude vector.
+    fn bytes(&self) -> usize {
+        let weights: usize = self.weights.values().map(Tensor::elem_count).sum();
+        let loras: usize = self
+            .loras
+            .values()
+            .flatten()
+            .map(|l| l.a.len() + l.b.len() + l.magnitude.as_ref().map_or(0, Vec::len))
+            .sum();
+        (weights + loras) * std::mem::size_of::<f32>()
+    }
 }
 
 impl WeightProvider for Prepared<'_> {
     fn weight(&self, name: &str) -> Result<Vec<f32>, ModelError> {
         match self.weights.get(name) {
-            Some(w) => Ok(w.clone()),
+            Some(w) => Ok(w.to_vec1::<f32>()?),
             None => self.inner.weight(name),
         }
     }
@@ -230,6 +257,9 @@ impl WeightProvider for Prepared<'_> {
             Some(terms) => Ok(terms.clone()),
             None => self.inner.lora(name),
         }
+    }
+    fn shared(&self, name: &str) -> Option<Tensor> {
+        self.weights.get(name).cloned()
     }
 }
 
@@ -303,156 +333,6 @@ fn split_rows(t: &Tensor, lengths: &[usize]) -> Result<Vec<Tensor>, ModelError> 
         start += len;
     }
     Ok(out)
-}
-
-/// The greedy-generation check of one candidate against the reference.
-#[derive(Debug, Clone, Serialize)]
-pub struct GenerationStats {
-    pub prompts: usize,
-    pub max_new_tokens: usize,
-    /// Earliest position (over prompts) where the candidate's greedy token differs; null when
-    /// every continuation is identical.
-    pub first_divergence: Option<usize>,
-    /// Prompts whose continuation is identical to the reference's.
-    pub identical: usize,
-    /// Mean NLL (nats/token) of the reference's own continuation under the reference.
-    pub nll_reference: f64,
-    /// Mean NLL of the candidate's continuation under the reference.
-    pub nll_candidate: f64,
-    /// nll_candidate / nll_reference: gibberish shows as a large jump.
-    pub nll_ratio: f64,
-    /// Share of generated tokens that close a trigram already generated (degenerate loops).
-    pub repetition: f64,
-    pub reference_repetition: f64,
-    /// Generated token ids per prompt (reference, candidate), for reports that decode them.
-    #[serde(skip)]
-    pub samples: Vec<(Vec<u32>, Vec<u32>, Vec<u32>)>,
-}
-
-/// Share of tokens that complete a trigram seen earlier in the same continuation.
-pub fn repetition_rate(tokens: &[u32]) -> f64 {
-    if tokens.len() < 4 {
-        return 0.0;
-    }
-    let mut seen = HashSet::new();
-    let mut repeats = 0;
-    for w in tokens.windows(3) {
-        if !seen.insert((w[0], w[1], w[2])) {
-            repeats += 1;
-        }
-    }
-    repeats as f64 / (tokens.len() - 2) as f64
-}
-
-fn mean(values: &[f64]) -> f64 {
-    if values.is_empty() {
-        0.0
-    } else {
-        values.iter().sum::<f64>() / values.len() as f64
-    }
-}
-
-/// Greedy continuations of `max_new` tokens from each prompt by the reference and every merged
-/// candidate; candidate texts are scored under the reference. One model is materialized (one
-/// f32 copy) at a time: candidates first, then the reference scores them all.
-pub fn generation_check(
-    inputs: &ForwardInputs<'_>,
-    prompts: &[Vec<u32>],
-    max_new: usize,
-    stop: &[u32],
-    on_model: &(dyn Fn() + Sync),
-) -> Result<BTreeMap<String, GenerationStats>, ModelError> {
-    use crate::model::{MaterializedModel, generate_greedy, sequence_nll};
-    let arch = inputs.arch;
-    let block_linear = block_linear_names(arch, inputs.base);
-    let jobs = plan_jobs(inputs.plan);
-    let mut outputs: Vec<(String, Vec<Vec<u32>>)> = Vec::new();
-    let mut kinds: Vec<ModelKind> = inputs
-        .precisions
-        .iter()
-        .map(|p| ModelKind::Merged(*p))
-        .collect();
-    if inputs.merged.is_some() {
-        kinds.push(ModelKind::MergedDir);
-    }
-    for kind in kinds {
-        let provider = provider_for(kind, inputs, &jobs, &block_linear);
-        let model = MaterializedModel::new(arch, provider.as_ref())?;
-        let texts = prompts
-            .iter()
-            .map(|prompt| generate_greedy(arch, &model, prompt, max_new, stop))
-            .collect::<Result<Vec<_>, _>>()?;
-        outputs.push((kind.label(), texts));
-        on_model();
-    }
-    let provider = provider_for(ModelKind::Reference, inputs, &jobs, &block_linear);
-    let reference = MaterializedModel::new(arch, provider.as_ref())?;
-    let ref_texts = prompts
-        .iter()
-        .map(|prompt| generate_greedy(arch, &reference, prompt, max_new, stop))
-        .collect::<Result<Vec<_>, _>>()?;
-    let nll_of = |prompt: &[u32], text: &[u32]| -> Result<f64, ModelError> {
-        if text.is_empty() {
-            return Ok(0.0);
-        }
-        Ok(mean(&sequence_nll(arch, &reference, prompt, text)?))
-    };
-    let ref_nll = prompts
-        .iter()
-        .zip(&ref_texts)
-        .map(|(p, t)| nll_of(p, t))
-        .collect::<Result<Vec<_>, _>>()?;
-    let ref_repetition = mean(
-        &ref_texts
-            .iter()
-            .map(|t| repetition_rate(t))
-            .collect::<Vec<_>>(),
-    );
-    let mut stats = BTreeMap::new();
-    for (label, texts) in outputs {
-        let mut first = None::<usize>;
-        let mut identical = 0;
-        let mut cand_nll = Vec::new();
-        for ((prompt, text), reference_text) in prompts.iter().zip(&texts).zip(&ref_texts) {
-            match text.iter().zip(reference_text).position(|(a, b)| a != b) {
-                Some(i) => first = Some(first.map_or(i, |f| f.min(i))),
-                None if text.len() == reference_text.len() => identical += 1,
-                None => {
-                    let i = text.len().min(reference_text.len());
-                    first = Some(first.map_or(i, |f| f.min(i)));
-                }
-            }
-            cand_nll.push(nll_of(prompt, text)?);
-        }
-        let nll_reference = mean(&ref_nll);
-        let nll_candidate = mean(&cand_nll);
-        stats.insert(
-            label,
-            GenerationStats {
-                prompts: prompts.len(),
-                max_new_tokens: max_new,
-                first_divergence: first,
-                identical,
-                nll_reference,
-                nll_candidate,
-                nll_ratio: if nll_reference > 0.0 {
-                    nll_candidate / nll_reference
-                } else {
-                    1.0
-                },
-                repetition: mean(&texts.iter().map(|t| repetition_rate(t)).collect::<Vec<_>>()),
-                reference_repetition: ref_repetition,
-                samples: prompts
-                    .iter()
-                    .zip(&ref_texts)
-                    .zip(&texts)
-                    .map(|((p, r), c)| (p.clone(), r.clone(), c.clone()))
-                    .collect(),
-            },
-        );
-    }
-    on_model();
-    Ok(stats)
 }
 
 fn l2_sq(t: &Tensor) -> Result<f64, ModelError> {
@@ -600,13 +480,16 @@ pub fn compare(
     }
     on_step();
 
-    // Blocks: every model through block i, in parallel; then drift against the reference.
+    // Blocks: every model through block i; then drift against the reference.
     let mut drift: Vec<Vec<f64>> = vec![Vec::new(); providers.len()];
     for i in 0..arch.num_layers() {
         let names = arch.block_tensors(i);
+        // One model at a time: a block's weights are built in parallel (Prepared::load) and the
+        // GEMMs run on candle's own pool, so a rayon loop over models would only nest pools and
+        // hold every model's block at once (4 x 810 MB at 7B).
         hidden = providers
-            .par_iter()
-            .zip(hidden.into_par_iter())
+            .iter()
+            .zip(hidden)
             .map(|(provider, states)| {
                 let prepared = Prepared::load(provider.as_ref(), &names)?;
                 states
@@ -657,12 +540,13 @@ pub fn compare(
     let reference_logits = head_logits(0)?;
     let positions = next_tokens.len().max(1);
     let vocab = reference_logits.len() / positions;
+    let reference_rows = ReferenceRows::new(&reference_logits, vocab);
     let mut scores: Vec<TokenScores> = vec![TokenScores::default(); providers.len()];
     let mut nonfinite = vec![0; providers.len()];
     for m in 1..providers.len() {
         let logits = head_logits(m)?;
         nonfinite[m] = logits.iter().filter(|v| !v.is_finite()).count();
-        scores[m].push_sequence(&reference_logits, &logits, vocab, &next_tokens);
+        scores[m].push_rows(&reference_rows, &logits, &next_tokens);
     }
     on_step();
 
@@ -703,5 +587,8 @@ pub fn compare(
     })
 }
 
+mod generation;
 #[cfg(test)]
 mod goldens;
+
+pub use generation::{GenerationStats, generation_check, generation_steps, repetition_rate};

@@ -500,7 +500,12 @@ fn logit_stage(
         .map(|s| s[..s.len().min(GENERATION_PROMPT_TOKENS)].to_vec())
         .collect();
     let stop = eos_ids(inputs.base_config.as_ref());
-    let bar = super::progress::bar(job.precisions.len() + 1, args.quiet, "generating", "models");
+    let bar = super::progress::bar(
+        crate::forward::generation_steps(&forward_inputs, args.generate),
+        args.quiet,
+        "generating",
+        "steps",
+    );
     let generation = crate::forward::generation_check(
         &forward_inputs,
         &gen_prompts,

@@ -2,13 +2,11 @@
 //! candidate continue the same prompts greedily, and a candidate's text is scored under the
 //! reference.
 //!
-//! Unlike the layer-streamed comparison, decoding runs one model at a time, one token per step, and
-//! every step needs every block's weights. A provider that builds weights on request (a merged or
-//! quantized candidate, bf16 read as f32) would redo that work at every token, so generation runs
-//! on a [`MaterializedModel`]: every tensor the model reads, fetched once and kept in memory as f32.
-//! That is one whole f32 model at a time (SmolLM2-135M: 538 MB), which the layer-streamed forward
-//! avoids but a short greedy continuation cannot reasonably do without; drop it before
-//! materializing the next model.
+//! Decoding runs one model at a time, one token per step, and every step needs every block's
+//! weights. A provider that builds weights on request (a merged or quantized candidate, bf16 read
+//! as f32) redoes that work at every token; a [`MaterializedModel`] fetches every tensor once and
+//! keeps the whole model in f32 (SmolLM2-135M: 538 MB; a 7B model: 27 GB). The check itself streams
+//! instead, all prompts together, keeping what fits in a byte budget (`forward::generation`).
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -41,15 +39,6 @@ impl std::fmt::Debug for MaterializedModel {
     }
 }
 
-/// The name of the output matrix the head reads when the provider serves it.
-fn head_name(arch: &Architecture) -> &str {
-    match arch {
-        Architecture::Llama(c) => &c.head,
-        Architecture::Gpt2(c) => &c.head,
-        Architecture::NeoX(c) => &c.head,
-    }
-}
-
 impl MaterializedModel {
     /// Fetches from `inner` every tensor `arch` reads: `embed_tensors`, each `block_tensors(i)`,
     /// `head_tensors`, the head's own matrix and any `<module>.bias` next to a listed weight when
@@ -68,7 +57,7 @@ impl MaterializedModel {
             .map(|module| format!("{module}.bias"))
             .collect();
         names.extend(biases);
-        names.insert(head_name(arch).to_string());
+        names.insert(arch.head_matrix().to_string());
         let names: Vec<String> = names.into_iter().collect();
         let fetched: Vec<(String, Option<Tensor>, Vec<UnmergedLora>)> = names
             .into_par_iter()
@@ -237,7 +226,7 @@ pub fn sequence_nll(
 }
 
 /// `log Σ exp(z)` in f64, shifted by the maximum.
-fn log_sum_exp(row: &[f32]) -> f64 {
+pub fn log_sum_exp(row: &[f32]) -> f64 {
     let max = row.iter().fold(f64::NEG_INFINITY, |m, v| m.max(*v as f64));
     if !max.is_finite() {
         // All −∞ (or +∞ present): the shift is meaningless; let the arithmetic say so.

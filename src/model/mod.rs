@@ -19,8 +19,9 @@
 //! ```
 //!
 //! Generation ([`generate_greedy`]) instead runs one model at a time, token by token, over a
-//! key/value cache ([`KvCache`], [`Architecture::block_step`]); its weights are fetched once into a
-//! [`MaterializedModel`] (one f32 copy of the model in memory) rather than per decoding step.
+//! key/value cache ([`KvCache`], [`Architecture::block_step`]). The check streams each model's
+//! weights per step (`forward::generation`); [`MaterializedModel`] (one f32 copy of the model in
+//! memory) serves tests and small models that fit.
 //! [`sequence_nll`] scores a continuation under a model.
 
 mod cache;
@@ -44,7 +45,7 @@ use crate::io::config::ModelConfig;
 pub use crate::merge::delta::Layout;
 
 pub use cache::{KvCache, LayerCache};
-pub use generate::{MaterializedModel, argmax, generate_greedy, sequence_nll};
+pub use generate::{MaterializedModel, argmax, generate_greedy, log_sum_exp, sequence_nll};
 pub use gpt2::Gpt2Config;
 pub use llama::LlamaConfig;
 pub use neox::NeoXConfig;
@@ -143,6 +144,12 @@ pub trait WeightProvider: Sync {
     fn shared(&self, _name: &str) -> Option<Tensor> {
         None
     }
+}
+
+/// A weight's values as a flat f32 tensor, for providers that keep weights in memory and serve
+/// them through [`WeightProvider::shared`].
+pub fn weight_tensor(data: Vec<f32>, len: usize) -> Result<Tensor, ModelError> {
+    ops::tensor(data, &[len])
 }
 
 /// One adapter's low-rank term for one weight, exactly as PEFT stores it.
@@ -266,6 +273,16 @@ impl Architecture {
             Architecture::Llama(c) => c.head_tensors(),
             Architecture::Gpt2(c) => c.head_tensors(),
             Architecture::NeoX(c) => c.head_tensors(),
+        }
+    }
+
+    /// The output matrix the head reads when the provider serves it (`lm_head.weight`; a tied
+    /// model falls back to the input embedding, listed in [`head_tensors`](Self::head_tensors)).
+    pub fn head_matrix(&self) -> &str {
+        match self {
+            Architecture::Llama(c) => &c.head,
+            Architecture::Gpt2(c) => &c.head,
+            Architecture::NeoX(c) => &c.head,
         }
     }
 

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Forward throughput of one model, side by side in one run (issue 12 §2): lora-doctor's f32 forward
+# of SmolLM2-135M over 512 tokens (the ignored timing test model::goldens::smollm2_forward_timing,
+# best of RUNS) and transformers' on the same 512 token ids (token i = (7919 i + 13) mod 49152), f32,
+# eager attention, best of RUNS, both at THREADS threads. Prints tokens/s for each and the ratio.
+#
+#   scripts/bench-forward.sh          # THREADS=2 RUNS=3; ${LD_CACHE:-~/.cache/lora-doctor}
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CACHE=${LD_CACHE:-$HOME/.cache/lora-doctor}
+MODEL=$CACHE/smollm2-135m
+PY=${LD_PYTHON:-$CACHE/venv/bin/python}
+THREADS=${THREADS:-2}
+RUNS=${RUNS:-3}
+[ -d "$MODEL" ] || { echo "run scripts/real-model.sh first" >&2; exit 2; }
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+
+echo "== $(nproc) cores, $THREADS threads; load: $(uptime | sed 's/.*load average/load average/')"
+RAYON_NUM_THREADS=$THREADS CANDLE_NUM_THREADS=$THREADS LD_TIMING_RUNS=$RUNS LD_CACHE=$CACHE \
+  cargo test --release --quiet --lib model::goldens::smollm2_forward_timing -- --ignored --nocapture \
+  2>&1 | grep 'tokens/s' | tee "$tmp/ours"
+
+"$PY" - "$MODEL" "$THREADS" "$RUNS" <<'PY' 2>/dev/null | tee "$tmp/torch"
+import os, sys, time
+os.environ["HF_HUB_OFFLINE"] = "1"
+import torch
+from transformers import AutoModelForCausalLM
+model_dir, threads, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+torch.set_num_threads(threads)
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+ids = torch.tensor([[(i * 7919 + 13) % 49152 for i in range(512)]])
+best = float("inf")
+with torch.no_grad():
+    model(input_ids=ids)  # warm-up
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        model(input_ids=ids)
+        best = min(best, time.perf_counter() - t0)
+print(f"transformers {torch.__version__} f32, 512 tokens, best of {runs}: {best:.2f} s, {512 / best:.0f} tokens/s")
+PY
+python3 - "$tmp/ours" "$tmp/torch" <<'PY'
+import re, sys
+ours = float(re.findall(r"(\d+) tokens/s", open(sys.argv[1]).read())[-1])
+theirs = float(re.findall(r"(\d+) tokens/s", open(sys.argv[2]).read())[-1])
+print(f"lora-doctor {ours:.0f} tokens/s vs transformers {theirs:.0f} tokens/s: {ours / theirs:.2f}x")
+PY
+echo "== load after: $(uptime | sed 's/.*load average/load average/')"

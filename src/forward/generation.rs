@@ -1,0 +1,495 @@
+//! The generation check, streamed: the reference and each candidate continue the same prompts
+//! greedily and every continuation is scored under the reference, without ever holding a whole
+//! model. One model decodes at a time, all prompts together: at each step the embedding, every
+//! block and the head are built from the model's provider ([`Prepared`]) just before use, each
+//! prompt advances one token through its key/value cache, and the weights are dropped — except
+//! the first groups (embedding, then blocks in order) that fit in [`GENERATION_KEEP_BYTES`], which
+//! stay for the model's next steps. A small model is thus built once (as a materialized model
+//! would be), while a 7B model holds one block at a time (issue 12 §1).
+//!
+//! The arithmetic per prompt is exactly [`generate_greedy`](crate::model::generate_greedy)'s and
+//! [`sequence_nll`](crate::model::sequence_nll)'s (same ops, same weights), so the tokens and
+//! NLLs are the same bit for bit (tests below).
+
+use std::collections::{BTreeMap, HashSet};
+
+use serde::Serialize;
+
+use super::{ForwardInputs, ModelKind, Prepared, block_linear_names, plan_jobs, provider_for};
+use crate::model::{Architecture, ModelError, WeightProvider, argmax, log_sum_exp};
+
+/// Bytes of f32 weights one decoding model keeps between steps (the rest is rebuilt at each step).
+/// SmolLM2-135M (538 MB) fits whole; a 7B model (about 810 MB per block) keeps its embedding.
+pub const GENERATION_KEEP_BYTES: usize = 768 << 20;
+
+/// The greedy-generation check of one candidate against the reference.
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerationStats {
+    pub prompts: usize,
+    pub max_new_tokens: usize,
+    /// Earliest position (over prompts) where the candidate's greedy token differs; null when
+    /// every continuation is identical.
+    pub first_divergence: Option<usize>,
+    /// Prompts whose continuation is identical to the reference's.
+    pub identical: usize,
+    /// Mean NLL (nats/token) of the reference's own continuation under the reference.
+    pub nll_reference: f64,
+    /// Mean NLL of the candidate's continuation under the reference.
+    pub nll_candidate: f64,
+    /// nll_candidate / nll_reference: gibberish shows as a large jump.
+    pub nll_ratio: f64,
+    /// Share of generated tokens that close a trigram already generated (degenerate loops).
+    pub repetition: f64,
+    pub reference_repetition: f64,
+    /// Generated token ids per prompt (reference, candidate), for reports that decode them.
+    #[serde(skip)]
+    pub samples: Vec<(Vec<u32>, Vec<u32>, Vec<u32>)>,
+}
+
+/// Share of tokens that complete a trigram seen earlier in the same continuation.
+pub fn repetition_rate(tokens: &[u32]) -> f64 {
+    if tokens.len() < 4 {
+        return 0.0;
+    }
+    let mut seen = HashSet::new();
+    let mut repeats = 0;
+    for w in tokens.windows(3) {
+        if !seen.insert((w[0], w[1], w[2])) {
+            repeats += 1;
+        }
+    }
+    repeats as f64 / (tokens.len() - 2) as f64
+}
+
+fn mean(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        0.0
+    } else {
+        values.iter().sum::<f64>() / values.len() as f64
+    }
+}
+
+/// A model's weights for decoding, in groups: the embedding's tensors (0), block i's (1 + i), the
+/// head's (last). A group is built when first needed; it is kept while the byte budget allows,
+/// else dropped after use and rebuilt at the next step.
+struct StreamedModel<'a> {
+    provider: &'a dyn WeightProvider,
+    groups: Vec<Vec<String>>,
+    kept: Vec<Option<Prepared<'a>>>,
+    budget_left: usize,
+}
+
+impl<'a> StreamedModel<'a> {
+    fn new(arch: &Architecture, provider: &'a dyn WeightProvider, budget: usize) -> Self {
+        let with_biases = |names: Vec<String>| -> Vec<String> {
+            let biases: Vec<String> = names
+                .iter()
+                .filter_map(|n| n.strip_suffix(".weight"))
+                .map(|module| format!("{module}.bias"))
+                .collect();
+            names.into_iter().chain(biases).collect()
+        };
+        let mut groups = vec![with_biases(arch.embed_tensors())];
+        groups.extend((0..arch.num_layers()).map(|i| with_biases(arch.block_tensors(i))));
+        let mut head = arch.head_tensors();
+        head.push(arch.head_matrix().to_string());
+        groups.push(with_biases(head));
+        let kept = groups.iter().map(|_| None).collect();
+        StreamedModel {
+            provider,
+            groups,
+            kept,
+            budget_left: budget,
+        }
+    }
+
+    fn head_group(&self) -> usize {
+        self.groups.len() - 1
+    }
+
+    /// Runs `f` on group `g`'s weights, building them unless kept.
+    fn with_group<R>(
+        &mut self,
+        g: usize,
+        f: impl FnOnce(&dyn WeightProvider) -> Result<R, ModelError>,
+    ) -> Result<R, ModelError> {
+        if let Some(prepared) = &self.kept[g] {
+            return f(prepared);
+        }
+        let prepared = Prepared::load(self.provider, &self.groups[g])?;
+        let result = f(&prepared)?;
+        let bytes = prepared.bytes();
+        if bytes <= self.budget_left {
+            self.budget_left -= bytes;
+            self.kept[g] = Some(prepared);
+        }
+        Ok(result)
+    }
+}
+
+/// Greedy continuations of every prompt by one model, all prompts advancing together step by
+/// step (see the module comment). Per prompt the same as `generate_greedy`: prefill, then one
+/// token at a time, the argmax of the last position's logits, stopping after `max_new` tokens or
+/// right after a `stop` token. `on_step` is called once per step, `max_new` times in all.
+fn decode(
+    arch: &Architecture,
+    model: &mut StreamedModel<'_>,
+    prompts: &[Vec<u32>],
+    max_new: usize,
+    stop: &[u32],
+    on_step: &(dyn Fn() + Sync),
+) -> Result<Vec<Vec<u32>>, ModelError> {
+    if prompts.iter().any(Vec::is_empty) {
+        return Err(ModelError::Empty);
+    }
+    let layers = arch.num_layers();
+    let mut caches: Vec<crate::model::KvCache> = prompts
+        .iter()
+        .map(|_| crate::model::KvCache::new(arch))
+        .collect();
+    let mut inputs: Vec<Vec<u32>> = prompts.to_vec();
+    let mut out: Vec<Vec<u32>> = vec![Vec::with_capacity(max_new); prompts.len()];
+    let mut done = vec![false; prompts.len()];
+    for step in 0..max_new {
+        let active: Vec<usize> = (0..prompts.len()).filter(|p| !done[*p]).collect();
+        if active.is_empty() {
+            (step..max_new).for_each(|_| on_step());
+            break;
+        }
+        let mut hidden = model.with_group(0, |w| {
+            active
+                .iter()
+                .map(|&p| arch.embed_at(w, &inputs[p], caches[p].len()))
+                .collect::<Result<Vec<_>, _>>()
+        })?;
+        for i in 0..layers {
+            let states = std::mem::take(&mut hidden);
+            hidden = model.with_group(1 + i, |w| {
+                active
+                    .iter()
+                    .zip(&states)
+                    .map(|(&p, h)| {
+                        let cache = caches[p]
+                            .layer_mut(i)
+                            .ok_or(ModelError::NoBlock { index: i, layers })?;
+                        let start = cache.len();
+                        arch.block_step(i, w, h, cache, start)
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })?;
+        }
+        let head = model.head_group();
+        let tokens = model.with_group(head, |w| {
+            active
+                .iter()
+                .zip(&hidden)
+                .map(|(&p, h)| {
+                    let last = h.narrow(0, inputs[p].len() - 1, 1)?;
+                    let logits = arch.head(w, &last)?.flatten_all()?.to_vec1::<f32>()?;
+                    Ok(argmax(&logits) as u32)
+                })
+                .collect::<Result<Vec<_>, ModelError>>()
+        })?;
+        for (&p, token) in active.iter().zip(tokens) {
+            out[p].push(token);
+            done[p] = out[p].len() == max_new || stop.contains(&token);
+            inputs[p] = vec![token];
+        }
+        on_step();
+    }
+    Ok(out)
+}
+
+/// Negative log-likelihood of each `(prompt, continuation)` pair's continuation under one model,
+/// every pair through each group in one pass; per pair the same as `sequence_nll`. Empty
+/// continuations score as empty.
+fn score(
+    arch: &Architecture,
+    model: &mut StreamedModel<'_>,
+    pairs: &[(&[u32], &[u32])],
+) -> Result<Vec<Vec<f64>>, ModelError> {
+    if pairs.iter().any(|(p, _)| p.is_empty()) {
+        return Err(ModelError::Empty);
+    }
+    let scored: Vec<usize> = (0..pairs.len())
+        .filter(|k| !pairs[*k].1.is_empty())
+        .collect();
+    let mut out = vec![Vec::new(); pairs.len()];
+    if scored.is_empty() {
+        return Ok(out);
+    }
+    let tokens: Vec<Vec<u32>> = scored
+        .iter()
+        .map(|&k| [pairs[k].0, pairs[k].1].concat())
+        .collect();
+    let mut hidden = model.with_group(0, |w| {
+        tokens
+            .iter()
+            .map(|t| arch.embed(w, t))
+            .collect::<Result<Vec<_>, _>>()
+    })?;
+    for i in 0..arch.num_layers() {
+        let states = std::mem::take(&mut hidden);
+        hidden = model.with_group(1 + i, |w| {
+            states
+                .iter()
+                .map(|h| arch.block(i, w, h))
+                .collect::<Result<Vec<_>, _>>()
+        })?;
+    }
+    let head = model.head_group();
+    let rows = model.with_group(head, |w| {
+        scored
+            .iter()
+            .zip(&hidden)
+            .map(|(&k, h)| {
+                let (prompt, continuation) = pairs[k];
+                let rows = h.narrow(0, prompt.len() - 1, continuation.len())?;
+                Ok(arch.head(w, &rows)?.to_vec2::<f32>()?)
+            })
+            .collect::<Result<Vec<_>, ModelError>>()
+    })?;
+    for (&k, logits) in scored.iter().zip(rows) {
+        let (prompt, continuation) = pairs[k];
+        out[k] = continuation
+            .iter()
+            .zip(&logits)
+            .enumerate()
+            .map(|(j, (&token, row))| {
+                let z = row.get(token as usize).ok_or(ModelError::Token {
+                    token,
+                    position: prompt.len() + j,
+                    vocab: row.len(),
+                })?;
+                Ok(log_sum_exp(row) - *z as f64)
+            })
+            .collect::<Result<_, ModelError>>()?;
+    }
+    Ok(out)
+}
+
+/// The candidates of the generation check, in order: every merged precision, then `--merged`.
+fn candidates(inputs: &ForwardInputs<'_>) -> Vec<ModelKind> {
+    let mut kinds: Vec<ModelKind> = inputs
+        .precisions
+        .iter()
+        .map(|p| ModelKind::Merged(*p))
+        .collect();
+    if inputs.merged.is_some() {
+        kinds.push(ModelKind::MergedDir);
+    }
+    kinds
+}
+
+/// How many times [`generation_check`] calls `on_step`: `max_new` decoding steps per model
+/// (candidates and reference), and one for scoring every continuation under the reference.
+pub fn generation_steps(inputs: &ForwardInputs<'_>, max_new: usize) -> usize {
+    (candidates(inputs).len() + 1) * max_new + 1
+}
+
+/// Greedy continuations of `max_new` tokens from each prompt by the reference and every merged
+/// candidate; candidate texts are scored under the reference. Candidates decode first, one at a
+/// time, then the reference decodes and scores them all; each model's weights are streamed
+/// (module comment), so memory stays a block or [`GENERATION_KEEP_BYTES`] wide whatever the
+/// model's size. `on_step` counts [`generation_steps`].
+pub fn generation_check(
+    inputs: &ForwardInputs<'_>,
+    prompts: &[Vec<u32>],
+    max_new: usize,
+    stop: &[u32],
+    on_step: &(dyn Fn() + Sync),
+) -> Result<BTreeMap<String, GenerationStats>, ModelError> {
+    generation_check_within(
+        inputs,
+        prompts,
+        max_new,
+        stop,
+        on_step,
+        GENERATION_KEEP_BYTES,
+    )
+}
+
+fn generation_check_within(
+    inputs: &ForwardInputs<'_>,
+    prompts: &[Vec<u32>],
+    max_new: usize,
+    stop: &[u32],
+    on_step: &(dyn Fn() + Sync),
+    keep_bytes: usize,
+) -> Result<BTreeMap<String, GenerationStats>, ModelError> {
+    let arch = inputs.arch;
+    let block_linear = block_linear_names(arch, inputs.base);
+    let jobs = plan_jobs(inputs.plan);
+    let mut outputs: Vec<(String, Vec<Vec<u32>>)> = Vec::new();
+    for kind in candidates(inputs) {
+        let provider = provider_for(kind, inputs, &jobs, &block_linear);
+        let mut model = StreamedModel::new(arch, provider.as_ref(), keep_bytes);
+        let texts = decode(arch, &mut model, prompts, max_new, stop, on_step)?;
+        outputs.push((kind.label(), texts));
+    }
+    let provider = provider_for(ModelKind::Reference, inputs, &jobs, &block_linear);
+    let mut reference = StreamedModel::new(arch, provider.as_ref(), keep_bytes);
+    let ref_texts = decode(arch, &mut reference, prompts, max_new, stop, on_step)?;
+    // Every continuation under the reference in one pass: the reference's own, then each
+    // candidate's, prompt by prompt.
+    let mut pairs: Vec<(&[u32], &[u32])> = prompts
+        .iter()
+        .zip(&ref_texts)
+        .map(|(p, t)| (p.as_slice(), t.as_slice()))
+        .collect();
+    for (_, texts) in &outputs {
+        pairs.extend(
+            prompts
+                .iter()
+                .zip(texts)
+                .map(|(p, t)| (p.as_slice(), t.as_slice())),
+        );
+    }
+    let nll = score(arch, &mut reference, &pairs)?;
+    on_step();
+    let mut nll = nll.iter().map(|v| mean(v));
+    let ref_nll: Vec<f64> = nll.by_ref().take(prompts.len()).collect();
+    let ref_repetition = mean(
+        &ref_texts
+            .iter()
+            .map(|t| repetition_rate(t))
+            .collect::<Vec<_>>(),
+    );
+    let mut stats = BTreeMap::new();
+    for (label, texts) in outputs {
+        let mut first = None::<usize>;
+        let mut identical = 0;
+        let cand_nll: Vec<f64> = nll.by_ref().take(prompts.len()).collect();
+        for (text, reference_text) in texts.iter().zip(&ref_texts) {
+            match text.iter().zip(reference_text).position(|(a, b)| a != b) {
+                Some(i) => first = Some(first.map_or(i, |f| f.min(i))),
+                None if text.len() == reference_text.len() => identical += 1,
+                None => {
+                    let i = text.len().min(reference_text.len());
+                    first = Some(first.map_or(i, |f| f.min(i)));
+                }
+            }
+        }
+        let nll_reference = mean(&ref_nll);
+        let nll_candidate = mean(&cand_nll);
+        stats.insert(
+            label,
+            GenerationStats {
+                prompts: prompts.len(),
+                max_new_tokens: max_new,
+                first_divergence: first,
+                identical,
+                nll_reference,
+                nll_candidate,
+                nll_ratio: if nll_reference > 0.0 {
+                    nll_candidate / nll_reference
+                } else {
+                    1.0
+                },
+                repetition: mean(&texts.iter().map(|t| repetition_rate(t)).collect::<Vec<_>>()),
+                reference_repetition: ref_repetition,
+                samples: prompts
+                    .iter()
+                    .zip(&ref_texts)
+                    .zip(&texts)
+                    .map(|((p, r), c)| (p.clone(), r.clone(), c.clone()))
+                    .collect(),
+            },
+        );
+    }
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::io::checkpoint::Checkpoint;
+    use crate::io::config::ModelConfig;
+    use crate::model::{CheckpointProvider, generate_greedy, sequence_nll};
+
+    fn tiny(name: &str) -> (Checkpoint, Architecture) {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/models")
+            .join(name);
+        let base = Checkpoint::open(&dir).expect("open");
+        let config = ModelConfig::read_dir(&dir)
+            .expect("config")
+            .expect("config.json");
+        let arch = Architecture::from_config(&config, &|n| base.contains(n)).expect("arch");
+        (base, arch)
+    }
+
+    /// The streamed decoder and scorer give exactly the tokens and NLLs of `generate_greedy` and
+    /// `sequence_nll` run prompt by prompt, whether every group is rebuilt at each step (budget 0)
+    /// or all are kept, including a prompt that stops early on a stop token.
+    #[test]
+    fn streamed_generation_is_the_per_prompt_greedy_loop() {
+        for name in ["tiny-llama", "tiny-gpt2", "tiny-neox"] {
+            let (base, arch) = tiny(name);
+            let w = CheckpointProvider::base(&base);
+            let prompts = vec![vec![5u32, 80, 13], vec![200, 7, 7, 31, 9], vec![42]];
+            let max_new = 7;
+            let free: Vec<Vec<u32>> = prompts
+                .iter()
+                .map(|p| generate_greedy(&arch, &w, p, max_new, &[]).expect("generate"))
+                .collect();
+            // A stop token the second prompt emits mid-way.
+            let stop = [free[1][3]];
+            let want: Vec<Vec<u32>> = prompts
+                .iter()
+                .map(|p| generate_greedy(&arch, &w, p, max_new, &stop).expect("generate"))
+                .collect();
+            assert!(
+                want[1].len() < max_new,
+                "{name}: the stop token must end early"
+            );
+            for budget in [0, usize::MAX] {
+                let steps = std::sync::atomic::AtomicUsize::new(0);
+                let tick = || {
+                    steps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                };
+                let mut model = StreamedModel::new(&arch, &w, budget);
+                let got =
+                    decode(&arch, &mut model, &prompts, max_new, &stop, &tick).expect("decode");
+                assert_eq!(got, want, "{name} budget {budget}");
+                assert_eq!(steps.into_inner(), max_new, "{name}: one tick per step");
+                let pairs: Vec<(&[u32], &[u32])> = prompts
+                    .iter()
+                    .zip(&free)
+                    .map(|(p, t)| (p.as_slice(), t.as_slice()))
+                    .chain(std::iter::once((prompts[0].as_slice(), &[][..])))
+                    .collect();
+                let nll = score(&arch, &mut model, &pairs).expect("score");
+                for (k, (p, t)) in pairs.iter().enumerate() {
+                    let direct = sequence_nll(&arch, &w, p, t).expect("nll");
+                    assert_eq!(nll[k], direct, "{name} budget {budget} pair {k}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_budget_keeps_the_first_groups_that_fit() {
+        let (base, arch) = tiny("tiny-llama");
+        let w = CheckpointProvider::base(&base);
+        let mut all = StreamedModel::new(&arch, &w, usize::MAX);
+        let mut none = StreamedModel::new(&arch, &w, 0);
+        let prompts = vec![vec![3u32, 4, 5]];
+        let nothing = || {};
+        decode(&arch, &mut all, &prompts, 2, &[], &nothing).expect("decode");
+        decode(&arch, &mut none, &prompts, 2, &[], &nothing).expect("decode");
+        assert!(all.kept.iter().all(Option::is_some));
+        assert!(none.kept.iter().all(Option::is_none));
+        let embed = all.kept[0].as_ref().expect("kept").bytes();
+        let mut one = StreamedModel::new(&arch, &w, embed);
+        decode(&arch, &mut one, &prompts, 2, &[], &nothing).expect("decode");
+        assert!(one.kept[0].is_some());
+        assert_eq!(one.budget_left, 0);
+        assert!(matches!(
+            decode(&arch, &mut one, &[vec![]], 2, &[], &nothing),
+            Err(ModelError::Empty)
+        ));
+    }
+}
