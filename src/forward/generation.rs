@@ -77,6 +77,9 @@ struct StreamedModel<'a> {
     groups: Vec<Vec<String>>,
     kept: Vec<Option<Prepared<'a>>>,
     budget_left: usize,
+    /// The head's group: the last one, or the embedding's (0) when the head is tied to it, so
+    /// the shared matrix is built and kept once.
+    head: usize,
 }
 
 impl<'a> StreamedModel<'a> {
@@ -91,20 +94,32 @@ impl<'a> StreamedModel<'a> {
         };
         let mut groups = vec![with_biases(arch.embed_tensors())];
         groups.extend((0..arch.num_layers()).map(|i| with_biases(arch.block_tensors(i))));
-        let mut head = arch.head_tensors();
-        head.push(arch.head_matrix().to_string());
-        groups.push(with_biases(head));
+        let mut head_names = arch.head_tensors();
+        head_names.push(arch.head_matrix().to_string());
+        let head_names = with_biases(head_names);
+        let head = if groups[0].iter().any(|n| n == arch.head_matrix()) {
+            for name in head_names {
+                if !groups[0].contains(&name) {
+                    groups[0].push(name);
+                }
+            }
+            0
+        } else {
+            groups.push(head_names);
+            groups.len() - 1
+        };
         let kept = groups.iter().map(|_| None).collect();
         StreamedModel {
             provider,
             groups,
             kept,
             budget_left: budget,
+            head,
         }
     }
 
     fn head_group(&self) -> usize {
-        self.groups.len() - 1
+        self.head
     }
 
     /// Runs `f` on group `g`'s weights, building them unless kept.
