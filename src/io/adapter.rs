@@ -32,18 +32,8 @@ pub enum AdapterError {
         "no `adapter_config.json` in `{path}`: without it the rank, alpha and scaling are unknown (save the adapter with PEFT's `save_pretrained`, or restore the config that came with it)"
     )]
     MissingConfig { path: PathBuf },
-    #[error("cannot read `{path}`: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("`{path}` is not valid JSON: {source}")]
-    Json {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
+    #[error(transparent)]
+    File(#[from] crate::io::json_file::JsonFileError),
     #[error("`{path}`: field `{field}` {problem}")]
     BadField {
         path: PathBuf,
@@ -141,14 +131,7 @@ pub struct ModuleScaling {
 impl AdapterConfig {
     /// Parses and validates `adapter_config.json`.
     pub fn read(path: &Path) -> Result<Self, AdapterError> {
-        let text = std::fs::read_to_string(path).map_err(|source| AdapterError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let raw: Value = serde_json::from_str(&text).map_err(|source| AdapterError::Json {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let raw: Value = crate::io::json_file::read(path)?;
         Self::from_value(path, raw)
     }
 

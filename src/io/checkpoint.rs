@@ -91,12 +91,8 @@ pub enum CheckpointError {
     },
     #[error("`{path}` is not a valid safetensors file: {reason}")]
     Header { path: PathBuf, reason: String },
-    #[error("`{path}` is not valid JSON: {source}")]
-    Json {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
+    #[error(transparent)]
+    File(#[from] crate::io::json_file::JsonFileError),
     #[error(
         "no safetensors weights in `{path}` (expected `model.safetensors` or `model.safetensors.index.json`)"
     )]
@@ -320,19 +316,11 @@ impl Checkpoint {
     }
 
     fn open_sharded(dir: &Path, index: &Path) -> Result<Self, CheckpointError> {
-        let text = std::fs::read_to_string(index).map_err(|source| CheckpointError::Io {
-            path: index.to_path_buf(),
-            source,
-        })?;
         #[derive(serde::Deserialize)]
         struct Index {
             weight_map: BTreeMap<String, String>,
         }
-        let parsed: Index =
-            serde_json::from_str(&text).map_err(|source| CheckpointError::Json {
-                path: index.to_path_buf(),
-                source,
-            })?;
+        let parsed: Index = crate::io::json_file::read(index)?;
         let mut shard_names: Vec<&String> = parsed.weight_map.values().collect();
         shard_names.sort();
         shard_names.dedup();

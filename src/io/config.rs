@@ -13,18 +13,8 @@ use thiserror::Error;
 /// Errors reading `config.json`.
 #[derive(Debug, Error)]
 pub enum ConfigError {
-    #[error("cannot read `{path}`: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("`{path}` is not valid JSON: {source}")]
-    Json {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
+    #[error(transparent)]
+    File(#[from] crate::io::json_file::JsonFileError),
     #[error("`{path}` is not a JSON object")]
     NotAnObject { path: PathBuf },
 }
@@ -74,14 +64,7 @@ impl ModelConfig {
 
     /// Reads and resolves one `config.json`.
     pub fn read(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let raw: Value = serde_json::from_str(&text).map_err(|source| ConfigError::Json {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let raw: Value = crate::io::json_file::read(path)?;
         if !raw.is_object() {
             return Err(ConfigError::NotAnObject {
                 path: path.to_path_buf(),

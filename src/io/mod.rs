@@ -1,12 +1,13 @@
 //! Reading inputs: safetensors checkpoints (mmap, shards) and GGUF files, PEFT adapters, model configs and
 //! tokenizer headers, and mapping adapter modules onto base tensors; `hub` turns `org/name` into a
-//! snapshot folder of the local Hugging Face cache; `writer` streams merged checkpoints out.
+//! snapshot folder of the local Hugging Face cache; `writer` streams merged checkpoints out; `json_file` is the one JSON-file reader.
 
 pub mod adapter;
 pub mod checkpoint;
 pub mod config;
 pub mod gguf;
 pub mod hub;
+pub mod json_file;
 pub mod mapping;
 pub mod prompts;
 pub mod tokenizer;
