@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Forward throughput of one model, side by side in one run (issue 12 §2): lora-doctor's f32 forward
-# of SmolLM2-135M over 512 tokens (the ignored timing test model::goldens::smollm2_forward_timing,
-# best of RUNS) and transformers' on the same 512 token ids (token i = (7919 i + 13) mod 49152), f32,
+# of SmolLM2-135M over 512 tokens (`cargo bench --bench forward`, best of RUNS) and transformers' on the same 512 token ids (token i = (7919 i + 13) mod 49152), f32,
 # eager attention, best of RUNS, both at THREADS threads. Prints tokens/s for each and the ratio.
 #
 #   scripts/bench-forward.sh          # THREADS=2 RUNS=3; ${LD_CACHE:-~/.cache/lora-doctor}
@@ -17,8 +16,7 @@ tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 
 echo "== $(nproc) cores, $THREADS threads; load: $(uptime | sed 's/.*load average/load average/')"
 RAYON_NUM_THREADS=$THREADS CANDLE_NUM_THREADS=$THREADS LD_TIMING_RUNS=$RUNS LD_CACHE=$CACHE \
-  cargo test --release --quiet --lib model::goldens::smollm2_forward_timing -- --ignored --nocapture \
-  2>&1 | grep 'tokens/s' | tee "$tmp/ours"
+  cargo bench --quiet --bench forward 2>/dev/null | grep 'f32, 512 tokens' | tee "$tmp/ours"
 
 "$PY" - "$MODEL" "$THREADS" "$RUNS" <<'PY' 2>/dev/null | tee "$tmp/torch"
 import os, sys, time

@@ -241,8 +241,6 @@ pub fn log_sum_exp(row: &[f32]) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
-    use std::path::PathBuf;
 
     use serde_json::Value;
 
@@ -496,72 +494,6 @@ mod tests {
         assert_eq!(
             generate_greedy(&arch, &w, &prompt, 6, &stop).expect("generate"),
             got[..=first].to_vec()
-        );
-    }
-
-    /// 32 greedy tokens from a 16-token prompt on the real SmolLM2-135M in f32 (release build):
-    /// `cargo test --release --lib model::generate::tests::smollm2 -- --ignored --nocapture`.
-    /// Uses `${LD_CACHE:-~/.cache/lora-doctor}/smollm2-135m` when present. Prints the time to
-    /// materialize the model, to decode with the cache, and (a check) the tokens a cache-less
-    /// greedy loop of full forwards picks, which must be the same.
-    #[test]
-    #[ignore = "needs the real SmolLM2-135M checkpoint; a timing, not a check"]
-    fn smollm2_generation_timing() {
-        let cache = std::env::var_os("LD_CACHE").map(PathBuf::from).or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/lora-doctor"))
-        });
-        let Some(dir) = cache.map(|c| c.join("smollm2-135m")).filter(|d| d.is_dir()) else {
-            let _ = writeln!(std::io::stderr(), "no SmolLM2-135M checkpoint; skipped");
-            return;
-        };
-        let base = Checkpoint::open(&dir).expect("open SmolLM2");
-        let config = ModelConfig::read_dir(&dir)
-            .expect("config")
-            .expect("config.json");
-        let arch = Architecture::from_config(&config, &|n| base.contains(n)).expect("llama");
-        let w = CheckpointProvider::base(&base);
-        let prompt: Vec<u32> = (0..16u32).map(|i| (i * 7919 + 13) % 49152).collect();
-        let start = std::time::Instant::now();
-        let m = MaterializedModel::new(&arch, &w).expect("materialize");
-        let materialize = start.elapsed().as_secs_f64();
-        let start = std::time::Instant::now();
-        let tokens = generate_greedy(&arch, &m, &prompt, 32, &[]).expect("generate");
-        let decode = start.elapsed().as_secs_f64();
-        assert_eq!(tokens.len(), 32);
-        let start = std::time::Instant::now();
-        let mut seq = prompt.clone();
-        for _ in 0..32 {
-            let mut hidden = arch.embed(&m, &seq).expect("embed");
-            for i in 0..arch.num_layers() {
-                hidden = arch.block(i, &m, &hidden).expect("block");
-            }
-            let last = hidden.narrow(0, seq.len() - 1, 1).expect("last");
-            let row = arch
-                .head(&m, &last)
-                .expect("head")
-                .flatten_all()
-                .expect("flat")
-                .to_vec1::<f32>()
-                .expect("row");
-            seq.push(argmax(&row) as u32);
-        }
-        let uncached = start.elapsed().as_secs_f64();
-        assert_eq!(
-            &seq[16..],
-            tokens.as_slice(),
-            "cached vs full-forward greedy"
-        );
-        let mut kv = KvCache::new(&arch);
-        kv.extend(&arch, &m, &seq).expect("cache");
-        let _ = writeln!(
-            std::io::stderr(),
-            "SmolLM2-135M f32, 16-token prompt, 32 greedy tokens: materialize {materialize:.2} s \
-             ({} tensors, {:.1} MB), decode {decode:.2} s ({:.1} tokens/s, prefill included); \
-             without a cache {uncached:.2} s; KV cache at 48 positions {:.2} MB\ntokens {tokens:?}",
-            m.len(),
-            m.bytes() as f64 / 1e6,
-            32.0 / decode,
-            kv.bytes() as f64 / 1e6,
         );
     }
 }
