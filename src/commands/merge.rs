@@ -322,19 +322,7 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
         Ok(files) => files,
         Err(err) => {
             // The staging folder is removed when `staging` drops; nothing reaches --out.
-            if let Some(bad) = err.downcast_ref::<NonFiniteOutput>() {
-                if !args.quiet {
-                    report::print_human(
-                        &format!(
-                            "not merged: {bad}; nothing was written\n  advice: {}\n",
-                            bad.advice()
-                        ),
-                        true,
-                    )?;
-                }
-                return Ok(ExitStatus::Failure);
-            }
-            return Err(err);
+            return refused_output(args, err);
         }
     };
 
@@ -681,19 +669,7 @@ fn write_gguf(
     };
     bar.finish_and_clear();
     if let Err(err) = written {
-        if let Some(bad) = err.downcast_ref::<NonFiniteOutput>() {
-            if !args.quiet {
-                report::print_human(
-                    &format!(
-                        "not merged: {bad}; nothing was written\n  advice: {}\n",
-                        bad.advice()
-                    ),
-                    true,
-                )?;
-            }
-            return Ok(ExitStatus::Failure);
-        }
-        return Err(err);
+        return refused_output(args, err);
     }
     // A temporary file is created owner-only; the merged model is an ordinary output file.
     #[cfg(unix)]
@@ -724,6 +700,24 @@ fn write_gguf(
         )?;
     }
     Ok(ExitStatus::Success)
+}
+
+/// A write that failed: a merged value that is not finite in the output dtype is a gate failure
+/// (exit 1, with advice, nothing written); anything else is an error.
+fn refused_output(args: &MergeArgs, err: anyhow::Error) -> anyhow::Result<ExitStatus> {
+    let Some(bad) = err.downcast_ref::<NonFiniteOutput>() else {
+        return Err(err);
+    };
+    if !args.quiet {
+        report::print_human(
+            &format!(
+                "not merged: {bad}; nothing was written\n  advice: {}\n",
+                bad.advice()
+            ),
+            true,
+        )?;
+    }
+    Ok(ExitStatus::Failure)
 }
 
 /// Rows of the merged input embedding when the adapters resized the vocabulary.

@@ -15,18 +15,8 @@ use thiserror::Error;
 /// Errors reading `tokenizer.json`.
 #[derive(Debug, Error)]
 pub enum TokenizerError {
-    #[error("cannot read `{path}`: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("`{path}` is not valid JSON: {source}")]
-    Json {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
+    #[error(transparent)]
+    File(#[from] crate::io::json_file::JsonFileError),
 }
 
 /// What a `tokenizer.json` says about its id space.
@@ -47,14 +37,7 @@ impl TokenizerInfo {
         if !path.is_file() {
             return Ok(None);
         }
-        let text = std::fs::read_to_string(&path).map_err(|source| TokenizerError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        let raw: Value = serde_json::from_str(&text).map_err(|source| TokenizerError::Json {
-            path: path.clone(),
-            source,
-        })?;
+        let raw: Value = crate::io::json_file::read(&path)?;
         Ok(Some(Self::from_value(path, &raw)))
     }
 
