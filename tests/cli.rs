@@ -11,6 +11,7 @@ mod false_alarms;
 mod finding_codes;
 mod fuzz_regressions;
 mod gguf;
+mod gguf_lora;
 mod hub;
 mod kquant;
 mod merge_command;

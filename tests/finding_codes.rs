@@ -35,6 +35,20 @@ const CASES: &[(&str, &[&str], i32, &[&str])] = &[
         &[],
     ),
     ("models/tiny-gpt2", &["adapters/gpt2-lora"], 0, &[]),
+    // A llama.cpp GGUF adapter applies what PEFT applies for a plain LoRA…
+    (
+        "models/tiny-llama",
+        &["adapters/gguf/llama-lora.f32.gguf"],
+        0,
+        &[],
+    ),
+    // …but not for rsLoRA with an alpha_pattern (the PEFT folder lies beside it).
+    (
+        "models/tiny-llama",
+        &["adapters/gguf-rslora/llama-rslora-patterns.f16.gguf"],
+        1,
+        &["adapter-conversion"],
+    ),
     ("models/tiny-neox", &["adapters/neox-lora"], 0, &[]),
     ("models/tiny-neox", &["adapters/neox-embed"], 0, &[]),
     // Each faulty adapter raises its code.

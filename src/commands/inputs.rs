@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
+use crate::findings::conversion;
 use crate::findings::structure::{self, StructureInput};
 use crate::io::adapter::Adapter;
 use crate::io::base_folder;
@@ -43,6 +44,46 @@ fn gguf_config_and_tokenizer(
     Ok((Some(config), tokenizer))
 }
 
+/// llama.cpp refuses a GGUF adapter whose architecture is not the model's
+/// (`llama_adapter_lora_init_impl`), and so does lora-doctor: its names and row order follow it.
+fn gguf_adapter_fits(adapter: &Adapter, base_config: Option<&ModelConfig>) -> anyhow::Result<()> {
+    let Some(header) = adapter.weights.gguf() else {
+        return Ok(());
+    };
+    let adapter_type = crate::io::gguf::model_type(header).map_err(anyhow::Error::msg)?;
+    match base_config.and_then(|c| c.model_type.as_deref()) {
+        Some(base_type) if base_type != adapter_type => anyhow::bail!(
+            "the GGUF adapter `{}` is for `{adapter_type}` models but the base is `{base_type}`; \
+             llama.cpp refuses it too (\"model arch and LoRA arch mismatch\") — convert the \
+             adapter with this base (convert_lora_to_gguf.py --base <base folder>)",
+            adapter.dir.display()
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// For a llama.cpp GGUF adapter lying in the PEFT folder it was converted from: whether
+/// llama.cpp applies what PEFT applies (`adapter-conversion`).
+fn conversion_findings(
+    gguf: &Adapter,
+    base_heads: Option<(usize, usize)>,
+) -> anyhow::Result<Vec<crate::findings::Finding>> {
+    let Some(dir) = conversion::peft_folder_beside(&gguf.dir) else {
+        return Ok(Vec::new());
+    };
+    let peft = match Adapter::open_any(&dir, base_heads) {
+        Ok(peft) => peft,
+        Err(e) => return Ok(vec![conversion::unreadable(&dir, &e)]),
+    };
+    conversion::cross_check(gguf, &peft).with_context(|| {
+        format!(
+            "cross-checking `{}` with `{}`",
+            gguf.dir.display(),
+            dir.display()
+        )
+    })
+}
+
 /// Opens the base and every adapter (exit 2 on unreadable input) and runs the structural rules.
 pub fn load(base_path: &Path, adapter_dirs: &[PathBuf]) -> anyhow::Result<Loaded> {
     let base = Checkpoint::open(base_path)
@@ -55,12 +96,16 @@ pub fn load(base_path: &Path, adapter_dirs: &[PathBuf]) -> anyhow::Result<Loaded
             TokenizerInfo::read_dir(&folder)?,
         ),
     };
+    let base_heads = base_config.as_ref().and_then(|c| {
+        let n_head = c.num_attention_heads?;
+        Some((n_head, c.num_key_value_heads.unwrap_or(n_head)))
+    });
     let mut adapters = Vec::with_capacity(adapter_dirs.len());
     for dir in adapter_dirs {
-        adapters.push(
-            Adapter::open(dir)
-                .with_context(|| format!("cannot read the adapter `{}`", dir.display()))?,
-        );
+        let adapter = Adapter::open_any(dir, base_heads)
+            .with_context(|| format!("cannot read the adapter `{}`", dir.display()))?;
+        gguf_adapter_fits(&adapter, base_config.as_ref())?;
+        adapters.push(adapter);
     }
     let mut findings = Vec::new();
     let mut structures = Vec::new();
@@ -74,6 +119,13 @@ pub fn load(base_path: &Path, adapter_dirs: &[PathBuf]) -> anyhow::Result<Loaded
             adapter_tokenizer: adapter_tokenizer.as_ref(),
         })
         .with_context(|| format!("reading the adapter tensors in `{}`", adapter.dir.display()))?;
+        if adapter.is_gguf() {
+            let mut conversion = conversion_findings(adapter, base_heads)?;
+            for f in &mut conversion {
+                f.adapter = Some(result.adapter.clone());
+            }
+            result.findings.append(&mut conversion);
+        }
         findings.append(&mut result.findings);
         structures.push(result);
     }

@@ -22,7 +22,8 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<ExitStatus> {
         _ => args.path.clone(),
     };
     let path = &path;
-    let is_adapter = path.is_dir() && path.join(adapter::CONFIG_FILE).is_file();
+    let is_adapter = (path.is_dir() && path.join(adapter::CONFIG_FILE).is_file())
+        || crate::io::gguf::adapter::is_adapter_file(path);
     let (text, json) = if is_adapter {
         let summary = summarize_adapter(path)?;
         (
@@ -45,8 +46,12 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<ExitStatus> {
 }
 
 fn summarize_adapter(dir: &Path) -> anyhow::Result<AdapterSummary> {
-    let adapter = Adapter::open(dir)
-        .with_context(|| format!("cannot read the adapter `{}`", dir.display()))?;
+    let adapter = if dir.is_file() {
+        Adapter::open_gguf_listing(dir)
+    } else {
+        Adapter::open(dir)
+    }
+    .with_context(|| format!("cannot read the adapter `{}`", dir.display()))?;
     let config = &adapter.config;
     let mut dtypes: Vec<String> = adapter
         .weights

@@ -5,6 +5,7 @@
 //! never renamed, only added. Each rule family lives in its own submodule and returns `Finding`s;
 //! only this module knows every code.
 
+pub mod conversion;
 pub mod logits;
 pub mod policy;
 pub mod structure;
@@ -68,6 +69,7 @@ pub enum Code {
     ModulesToSaveDropped,
     TensorInventory,
     ConfigDrift,
+    AdapterConversion,
 }
 
 /// Documentation of one code, in ruff's "what it checks / why it matters / how to fix" shape.
@@ -115,6 +117,7 @@ impl Code {
         Code::ModulesToSaveDropped,
         Code::TensorInventory,
         Code::ConfigDrift,
+        Code::AdapterConversion,
     ];
 
     /// The stable kebab-case name.
@@ -147,6 +150,9 @@ impl Code {
             }
             ConfigDrift => {
                 Some("warn for a changed setting, deny when M has no loadable config.json")
+            }
+            AdapterConversion => {
+                Some("deny for a difference, warn when the PEFT adapter beside cannot be read")
             }
             _ => None,
         }
@@ -512,6 +518,20 @@ impl Code {
                 "Copy tokenizer*, chat_template.jinja and generation_config.json from the adapter \
                  folder (or the base) into the merged folder, or save them with the merged model.",
             ),
+            AdapterConversion => (
+                Deny,
+                "a llama.cpp GGUF adapter does not apply what its PEFT adapter applies",
+                "When a GGUF LoRA adapter lies beside the adapter_config.json it was converted from \
+                 (convert_lora_to_gguf.py writes it there by default), compares module by module the \
+                 scale llama.cpp applies (adapter.lora.alpha / rank) with PEFT's (rsLoRA, \
+                 alpha_pattern), the modules present and the A/B values.",
+                "convert_lora_to_gguf.py keeps one lora_alpha and drops use_rslora and alpha_pattern, \
+                 so llama-cli --lora and llama-export-lora apply the update at another strength than \
+                 the one trained — by √r for rsLoRA — and the served model is not the fine-tune.",
+                "Serve or merge from the PEFT folder (merge_and_unload, then convert the merged \
+                 model), or fold the scale into the factors before converting (multiply lora_B by \
+                 the PEFT scale ÷ (lora_alpha/r)) so llama.cpp's alpha/r reproduces it.",
+            ),
         };
         CodeDoc {
             code: self,
@@ -561,6 +581,7 @@ impl CodeDoc {
             ModulesToSaveDropped => "modules-to-save-dropped",
             TensorInventory => "tensor-inventory",
             ConfigDrift => "config-drift",
+            AdapterConversion => "adapter-conversion",
         }
     }
 }

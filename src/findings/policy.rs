@@ -6,9 +6,10 @@ use crate::forward::ModelKind;
 
 /// A structural finding that makes merging meaningless. A tied head the adapter trains is a
 /// hazard for a merge, not a misfit: the engine unties it, so the later stages still mean
-/// something.
+/// something. A GGUF adapter that applies another scale than its PEFT origin still fits its
+/// base: the later stages then measure what llama.cpp serves.
 pub fn blocks_merge(f: &Finding) -> bool {
-    f.level == Level::Deny && f.code != Code::TiedEmbeddings
+    f.level == Level::Deny && !matches!(f.code, Code::TiedEmbeddings | Code::AdapterConversion)
 }
 
 /// The structural tied-head warning is about what a merge might do; a `--merged` checkpoint that

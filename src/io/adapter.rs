@@ -6,7 +6,8 @@
 //! `token_adapter.trainable_tokens_delta`, and full `modules_to_save` copies — with or without the
 //! `base_model.model.` prefix and with an optional adapter-name infix (`lora_A.default.weight`)
 //! that hand-written save scripts leave in. Pickled `adapter_model.bin` files are refused, never
-//! unpickled.
+//! unpickled. A llama.cpp LoRA GGUF is read as the PEFT adapter llama.cpp applies
+//! (`io::gguf::adapter`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use serde_json::Value;
 use thiserror::Error;
 
 use super::checkpoint::{Checkpoint, CheckpointError, TensorInfo};
+use super::gguf::adapter as gguf_adapter;
 
 /// Fixed file names PEFT uses (`peft/utils/constants.py`).
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -135,7 +137,7 @@ impl AdapterConfig {
         Self::from_value(path, raw)
     }
 
-    fn from_value(path: &Path, raw: Value) -> Result<Self, AdapterError> {
+    pub(crate) fn from_value(path: &Path, raw: Value) -> Result<Self, AdapterError> {
         let bad = |field: &str, problem: &str| AdapterError::BadField {
             path: path.to_path_buf(),
             field: field.to_string(),
@@ -543,8 +545,9 @@ impl AdapterModule {
     }
 }
 
-/// A PEFT LoRA adapter folder, parsed and memory-mapped.
+/// A PEFT LoRA adapter folder (or a llama.cpp LoRA GGUF seen as one), parsed and memory-mapped.
 pub struct Adapter {
+    /// The folder; for a GGUF adapter, the file.
     pub dir: PathBuf,
     pub config: AdapterConfig,
     pub weights: Checkpoint,
@@ -589,6 +592,60 @@ impl Adapter {
             });
         }
         let weights = Checkpoint::open_file(&weights_path)?;
+        Ok(Self::from_parts(dir.to_path_buf(), config, weights))
+    }
+
+    /// Opens what `--adapter` names: a PEFT folder, or a llama.cpp LoRA adapter GGUF file.
+    /// `base_heads` are the base's `(n_head, n_head_kv)`, which a GGUF adapter needs to undo the
+    /// q/k row permutation (the adapter file does not carry them).
+    pub fn open_any(path: &Path, base_heads: Option<(usize, usize)>) -> Result<Self, AdapterError> {
+        if path.is_file() {
+            Self::open_gguf(path, base_heads)
+        } else {
+            Self::open(path)
+        }
+    }
+
+    /// Opens a llama.cpp LoRA adapter (`convert_lora_to_gguf.py` output) as the PEFT adapter
+    /// llama.cpp applies: `io::gguf::adapter` names its tensors and builds its config. `dir` is
+    /// the file itself.
+    pub fn open_gguf(
+        path: &Path,
+        base_heads: Option<(usize, usize)>,
+    ) -> Result<Self, AdapterError> {
+        let mut alpha = 0.0;
+        let mut ranks = BTreeMap::new();
+        let weights = Checkpoint::open_gguf_with(path, |header| {
+            let (_, a) = gguf_adapter::describe(header)?;
+            alpha = a;
+            ranks = gguf_adapter::module_ranks(header);
+            let arch = header.architecture().unwrap_or_default().to_string();
+            let (n_head, n_head_kv) = match base_heads {
+                Some(heads) => heads,
+                None if !crate::io::gguf::names::permutes_qk(&arch) => (0, 0),
+                None => {
+                    return Err("the base's attention head counts are unknown (no config), and                                 a llama GGUF adapter's q/k factors cannot be un-permuted without                                 them"
+                        .into());
+                }
+            };
+            Ok(move |t: &crate::io::gguf::TensorHeader| {
+                gguf_adapter::peft_view(t, &arch, n_head, n_head_kv)
+            })
+        })?;
+        let raw = gguf_adapter::peft_config(alpha, &ranks);
+        let config = AdapterConfig::from_value(path, raw)?;
+        Ok(Self::from_parts(path.to_path_buf(), config, weights))
+    }
+
+    /// Opens a llama.cpp LoRA adapter for listing only (`inspect`): names, shapes, ranks and
+    /// scales, without the base's head counts. Reading a q/k B factor from it fails loudly (its
+    /// rows cannot be un-permuted without them); every other tensor reads normally.
+    pub fn open_gguf_listing(path: &Path) -> Result<Self, AdapterError> {
+        Self::open_gguf(path, Some((0, 0)))
+    }
+
+    /// Groups the tensors of an adapter checkpoint by module.
+    fn from_parts(dir: PathBuf, config: AdapterConfig, weights: Checkpoint) -> Self {
         let mut modules: BTreeMap<String, AdapterModule> = BTreeMap::new();
         for info in weights.tensors() {
             let tensor = parse_key(info.clone());
@@ -604,12 +661,17 @@ impl Adapter {
                 module.tensors.insert(tensor.role, tensor);
             }
         }
-        Ok(Adapter {
-            dir: dir.to_path_buf(),
+        Adapter {
+            dir,
             config,
             weights,
             modules,
-        })
+        }
+    }
+
+    /// True for a llama.cpp GGUF adapter (its `dir` is the file).
+    pub fn is_gguf(&self) -> bool {
+        self.weights.gguf().is_some()
     }
 
     /// Total bytes of tensor data.

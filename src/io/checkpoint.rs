@@ -265,30 +265,52 @@ impl Checkpoint {
     /// Opens a GGUF file of a llama-family model under transformers names. The header is parsed
     /// and every tensor's range checked; no tensor data is read.
     pub fn open_gguf(path: &Path) -> Result<Self, CheckpointError> {
+        Self::open_gguf_with(path, |header| {
+            gguf::model_type(header)?;
+            let arch = header.architecture().unwrap_or_default().to_string();
+            let (n_head, n_head_kv) = gguf::head_counts(header)?;
+            Ok(move |t: &gguf::TensorHeader| {
+                // A tensor without a transformers twin keeps its GGUF name, so it is still listed.
+                let name = gguf::names::llama_to_hf(&t.name).unwrap_or_else(|| t.name.clone());
+                let order = gguf::names::llama_row_order(&arch, &name, n_head, n_head_kv);
+                (name, order)
+            })
+        })
+    }
+
+    /// Opens a GGUF file whose tensors `naming` renames: given the parsed header it returns (or
+    /// refuses with a reason) the function that gives each tensor its lora-doctor name and row
+    /// order. Used for models ([`Self::open_gguf`]) and for llama.cpp LoRA adapters
+    /// (`io::gguf::adapter`).
+    pub fn open_gguf_with<F, N>(path: &Path, naming: N) -> Result<Self, CheckpointError>
+    where
+        N: FnOnce(&GgufHeader) -> Result<F, String>,
+        F: Fn(&gguf::TensorHeader) -> (String, RowOrder),
+    {
         let mmap = map_file(path)?;
         let header = gguf::parse(&mmap).map_err(|source| CheckpointError::Gguf {
             path: path.to_path_buf(),
             source,
         })?;
-        let model_error = |reason: String| CheckpointError::GgufModel {
+        let name_of = naming(&header).map_err(|reason| CheckpointError::GgufModel {
             path: path.to_path_buf(),
             reason,
-        };
-        gguf::model_type(&header).map_err(model_error)?;
-        let arch = header.architecture().unwrap_or_default().to_string();
-        let (n_head, n_head_kv) = gguf::head_counts(&header).map_err(model_error)?;
+        })?;
         let mut tensors = BTreeMap::new();
         for t in &header.tensors {
-            // A tensor without a transformers twin keeps its GGUF name, so it is still listed.
-            let name = gguf::names::llama_to_hf(&t.name).unwrap_or_else(|| t.name.clone());
+            let (name, order) = name_of(t);
+            let mut shape = t.torch_shape();
+            if order == RowOrder::Transposed {
+                shape.reverse();
+            }
             let info = TensorInfo {
                 name: name.clone(),
                 dtype: TensorDtype::from_ggml(t.ty),
-                shape: t.torch_shape(),
+                shape,
                 file: 0,
                 start: t.start,
                 end: t.start + t.len,
-                order: gguf::names::llama_row_order(&arch, &name, n_head, n_head_kv),
+                order,
                 ggml: Some(t.ty),
             };
             if tensors.insert(name.clone(), info).is_some() {
@@ -509,20 +531,39 @@ impl Checkpoint {
     }
 }
 
-/// Undoes llama.cpp's q/k row permutation for GGUF tensors; other tensors pass through.
+/// Undoes llama.cpp's q/k row permutation (and a LoRA adapter's transposed `token_embd.lora_a`)
+/// for GGUF tensors; other tensors pass through.
 fn reorder_rows(info: &TensorInfo, values: Vec<f32>) -> Result<Vec<f32>, CheckpointError> {
-    let RowOrder::LlamaRope { heads } = info.order else {
-        return Ok(values);
-    };
-    let rows = info.shape.first().copied().unwrap_or(0);
-    let cols = info.shape.get(1).copied().unwrap_or(1);
-    gguf::names::permute_rows(&values, rows, cols, heads, true).ok_or_else(|| {
-        CheckpointError::UnsupportedGgml {
-            tensor: info.name.clone(),
-            ty: info.dtype.name().to_string(),
-            reason: format!("its {rows} rows do not split into {heads} rotary heads of even size"),
+    match info.order {
+        RowOrder::Same => Ok(values),
+        RowOrder::Transposed => {
+            // `info.shape` is the transformers shape; the file holds its transpose.
+            let (rows, cols) = match info.shape.as_slice() {
+                [r, c] => (*r, *c),
+                _ => {
+                    return Err(CheckpointError::UnsupportedGgml {
+                        tensor: info.name.clone(),
+                        ty: info.dtype.name().to_string(),
+                        reason: format!("a transposed tensor must be 2-D, not {:?}", info.shape),
+                    });
+                }
+            };
+            Ok(crate::merge::delta::transpose(&values, cols, rows))
         }
-    })
+        RowOrder::LlamaRope { heads } => {
+            let rows = info.shape.first().copied().unwrap_or(0);
+            let cols = info.shape.get(1).copied().unwrap_or(1);
+            gguf::names::permute_rows(&values, rows, cols, heads, true).ok_or_else(|| {
+                CheckpointError::UnsupportedGgml {
+                    tensor: info.name.clone(),
+                    ty: info.dtype.name().to_string(),
+                    reason: format!(
+                        "its {rows} rows do not split into {heads} rotary heads of even size"
+                    ),
+                }
+            })
+        }
+    }
 }
 
 /// True for a `.gguf` file or any file that starts with the GGUF magic.
@@ -561,7 +602,8 @@ pub fn decode_f32(info: &TensorInfo, bytes: &[u8]) -> Result<Vec<f32>, Checkpoin
     Ok(values)
 }
 
-fn map_file(path: &Path) -> Result<Mmap, CheckpointError> {
+/// Maps a file read-only (validated as at least 8 bytes long).
+pub(crate) fn map_file(path: &Path) -> Result<Mmap, CheckpointError> {
     let io = |source| CheckpointError::Io {
         path: path.to_path_buf(),
         source,

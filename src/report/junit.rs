@@ -37,7 +37,7 @@ pub fn check_of(code: Code) -> Check {
     match code {
         NoMatch | MissingTarget | ShapeMismatch | RankMismatch | UnusedTensor | VocabMismatch
         | TiedEmbeddings | NonfiniteAdapter | UntrainedAdapter | NegativeScale | BaseMismatch
-        | QuantizedBase => Check::Structure,
+        | QuantizedBase | AdapterConversion => Check::Structure,
         NonfiniteMerge | Overflow | PrecisionDrift | DeltaSwamped | QuantizationError
         | DeltaOutlier => Check::Weights,
         // `--merged` forensics judge the merged checkpoint's weights.

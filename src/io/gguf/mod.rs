@@ -12,6 +12,7 @@
 //! (or re-quantizes) that. The structural `quantized-base` warning still names the quantized tensors,
 //! because merging onto a quantized base is a choice to state, not a fault to hide.
 
+pub mod adapter;
 pub mod names;
 pub mod parse;
 pub mod tokenizer;

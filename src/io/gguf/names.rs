@@ -14,6 +14,9 @@ pub enum RowOrder {
     Same,
     /// llama.cpp's interleaved-rope order over `heads` heads (q: n_head, k: n_head_kv).
     LlamaRope { heads: usize },
+    /// Stored transposed (a LoRA adapter's `token_embd.weight.lora_a`, which
+    /// `convert_lora_to_gguf.py` writes as Aᵀ for `llm_build_inp_embd`'s row lookup).
+    Transposed,
 }
 
 /// The architectures whose GGUF names lora-doctor maps (`general.architecture`) and the
