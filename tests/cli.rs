@@ -12,6 +12,7 @@ mod finding_codes;
 mod fuzz_regressions;
 mod gguf;
 mod gguf_lora;
+mod gguf_merged;
 mod hub;
 mod kquant;
 mod merge_command;

@@ -349,22 +349,6 @@ fn the_tokenizer_rebuilt_from_tokenizer_ggml_encodes_like_the_original() {
     assert_eq!(ids(&rebuilt), ids(&original));
 }
 
-#[test]
-fn a_gguf_as_merged_is_refused_until_its_forensics_exist() {
-    let out = run(&[
-        "check",
-        "--weights-only",
-        "--base",
-        &fixture(ORIGINAL),
-        "--adapter",
-        &fixture("adapters/llama-lora"),
-        "--merged",
-        &fixture(F32),
-    ]);
-    assert_eq!(code(&out), 2, "{}", stderr(&out));
-    assert!(stderr(&out).contains("is a GGUF file"), "{}", stderr(&out));
-}
-
 /// `merge --format gguf --precision q4_k_m` writes every tensor in the type llama-quantize's rules
 /// give it (the rules are checked against the real llama-quantize in `tests/kquant.rs`), and each
 /// quantized tensor holds exactly ggml's reference quantization of the f32 merge.

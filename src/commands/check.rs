@@ -356,16 +356,7 @@ fn forensics_stage(
     };
     let checkpoint = Checkpoint::open(dir)
         .with_context(|| format!("cannot open the merged checkpoint `{}`", dir.display()))?;
-    if checkpoint.gguf().is_some() {
-        // Checkpoint::open reads a GGUF under transformers names, but the forensics still judge
-        // it as a transformers folder (config.json, dtypes): refuse rather than mislead.
-        bail!(
-            "--merged `{}` is a GGUF file: forensics of a GGUF merge are not implemented yet \
-             (issue 13 §4); check the merged safetensors folder, or use the GGUF as --base",
-            dir.display()
-        );
-    }
-    let precision = Precision::Float(crate::forensics::merged_dtype(&checkpoint));
+    let precision = crate::forensics::merged_precision(&checkpoint);
     let bar = super::progress::bar(
         job.merge_plan.weights.len(),
         job.args.quiet,

@@ -523,6 +523,7 @@ fn gguf_tokenizer(
         } else {
             None
         };
+        let config = crate::io::gguf::tokenizer::tokenizer_config_with_template(dir, config);
         return Ok((read(&dir.join("tokenizer.json"))?, config));
     }
     let Some(header) = base.gguf() else {

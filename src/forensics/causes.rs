@@ -79,6 +79,20 @@ pub fn candidates(config: &AdapterConfig, module: &ModuleScaling) -> Vec<ScaleMi
             ),
         );
     }
+    if config.use_rslora || module.alpha_key.is_some() {
+        // convert_lora_to_gguf.py keeps one lora_alpha and each pair's rank; llama.cpp (and so
+        // llama-export-lora) scales by alpha / rank.
+        add(
+            lora_scale(config.lora_alpha, module.r, false) / s,
+            "gguf-conversion",
+            format!(
+                "converted to a llama.cpp GGUF adapter and merged there: lora_alpha/r = {}/{} \
+                 instead of this module's {s:.4} (rsLoRA and alpha_pattern are dropped by \
+                 convert_lora_to_gguf.py)",
+                config.lora_alpha, module.r
+            ),
+        );
+    }
     add(
         2.0,
         "added-twice",
@@ -101,6 +115,9 @@ pub fn kind_title(kind: &str) -> &'static str {
         "alpha-ignored" => "alpha ignored: scale 1 instead of s (factor 1/s)",
         "rank-not-divided" => "scale α used without dividing by the rank (factor r)",
         "pattern-ignored" => "rank_pattern / alpha_pattern ignored (the default scale used)",
+        "gguf-conversion" => {
+            "merged through a llama.cpp GGUF adapter (lora_alpha/r; rsLoRA and alpha_pattern dropped)"
+        }
         "added-twice" => "update added twice (merged twice)",
         "subtracted" => "update subtracted (unmerged instead of merged)",
         _ => "unknown mistake",
@@ -147,8 +164,10 @@ mod tests {
             "use_rslora": true, "target_modules": ["q_proj"]}));
         let m = c.scaling_for("model.layers.0.self_attn.q_proj");
         let names = name_scale(0.25, &candidates(&c, &m));
-        assert_eq!(names.len(), 1, "{names:?}");
+        // Without patterns, llama.cpp's alpha/r after a GGUF conversion is the same factor.
+        assert_eq!(names.len(), 2, "{names:?}");
         assert!(names[0].contains("plain α/r"), "{names:?}");
+        assert!(names[1].contains("llama.cpp GGUF adapter"), "{names:?}");
     }
 
     #[test]

@@ -6,9 +6,8 @@
 use crate::findings::Code;
 use crate::merge::delta::{self, Update};
 use crate::merge::engine::{self, MergeError, Source, TensorJob};
-use crate::merge::float::FloatFormat;
 
-use super::fit::{self, BasicFit, TensorArrays, explained};
+use super::fit::{self, BasicFit, StoredFormat, TensorArrays, explained};
 use super::hypothesis::QuantHypothesis;
 use super::{Inputs, ModuleFit, causes, inventory};
 
@@ -64,7 +63,7 @@ pub(super) struct Loaded {
     pub(super) m: Vec<f32>,
     pub(super) wstar: Vec<f64>,
     pub(super) updates: Vec<Update>,
-    pub(super) format: FloatFormat,
+    pub(super) format: StoredFormat,
 }
 
 pub(super) fn kind(job: &TensorJob) -> &'static str {
@@ -113,7 +112,7 @@ fn load(job: &TensorJob, input: &Inputs<'_>) -> Result<Option<Loaded>, MergeErro
     let Some(info) = input.merged.info(&job.output) else {
         return Ok(None);
     };
-    let Some(format) = FloatFormat::of_dtype(&info.dtype) else {
+    let Some(format) = StoredFormat::of(info, input.merged.ggml_type(&job.output)) else {
         return Ok(None);
     };
     // Another shape (even with the same element count, e.g. stored transposed) is an inventory
@@ -378,12 +377,8 @@ fn stack_subset(
     if !(2..=4).contains(&n) || basic.nan + basic.inf > 0 {
         return Ok(None);
     }
-    let rounded = |target: &[f64]| {
-        fit::distance(
-            a.m,
-            target.iter().map(|v| a.format.round_from_f64(*v) as f64),
-        )
-    };
+    let rounded =
+        |target: &[f64]| fit::stored_distance(a.m, a.format, target.iter().copied(), a.cols);
     let exact = rounded(a.wstar);
     if exact == 0.0 {
         return Ok(None);
@@ -440,6 +435,7 @@ fn scale_explanation(
 mod tests {
     use super::*;
     use crate::forensics::TOLERANCE;
+    use crate::merge::float::FloatFormat;
 
     /// A bf16 tensor whose update is only a few rounding floors (SmolLM2's r=16 adapter: 1.7–10):
     /// every hypothesis sits within the tolerance of M, and only the comparison after rounding
@@ -473,7 +469,7 @@ mod tests {
                 wstar: &wstar,
                 rows: n,
                 cols: n,
-                format: FloatFormat::Bf16,
+                format: StoredFormat::Float(FloatFormat::Bf16),
             };
             let basic = fit::measure(&a);
             (

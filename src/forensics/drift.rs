@@ -324,6 +324,174 @@ fn tokenizer_summary(v: Option<&Value>) -> String {
     )
 }
 
+/// The `file` of a GGUF metadata difference.
+pub const GGUF_FILE: &str = "GGUF metadata";
+
+/// `tokenizer.ggml.*` keys whose value changes what llama.cpp feeds the model or when it stops
+/// (`tokenizer.ggml.pre` is compared by what the pre-tokenizer does, not by name).
+const GGUF_TOKENIZER_KEYS: &[&str] = &[
+    "tokenizer.ggml.model",
+    "tokenizer.ggml.tokens",
+    "tokenizer.ggml.merges",
+    "tokenizer.ggml.bos_token_id",
+    "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.padding_token_id",
+    "tokenizer.chat_template",
+];
+/// The add-special flags, compared by the value llama.cpp runs with: the flag when written, else
+/// its default for a BPE vocabulary (`llama_vocab::impl::load`: false, true for the pre-tokenizers
+/// listed in [`ADDS_BOS_BY_DEFAULT`]).
+const GGUF_ADD_FLAGS: &[&str] = &[
+    "tokenizer.ggml.add_bos_token",
+    "tokenizer.ggml.add_eos_token",
+];
+/// BPE pre-tokenizers for which llama.cpp adds BOS unless told otherwise (of the ones lora-doctor
+/// names; `llama-bpe` is Llama 3's).
+const ADDS_BOS_BY_DEFAULT: &[&str] = &["llama-bpe", "llama3"];
+const GGUF_PRE_KEY: &str = "tokenizer.ggml.pre";
+
+/// Shows a GGUF metadata value short enough for a table cell (arrays by length).
+fn show_meta(v: Option<&crate::io::gguf::MetaValue>) -> String {
+    use crate::io::gguf::MetaValue;
+    match v {
+        None => "(absent)".into(),
+        Some(MetaValue::Array(items)) => format!("{} entries", items.len()),
+        Some(MetaValue::Str(s)) => show(Some(&Value::String(s.clone()))),
+        Some(other) => match (other.as_u64(), other.as_bool(), other.as_f64()) {
+            (Some(n), _, _) => n.to_string(),
+            (_, Some(b), _) => b.to_string(),
+            (_, _, Some(x)) => x.to_string(),
+            _ => format!("{other:?}"),
+        },
+    }
+}
+
+/// Config drift of a GGUF merge: its tokenizer metadata against what `convert_hf_to_gguf.py`
+/// writes from the reference tokenizer (the adapter's tokenizer.json when it ships one, else the
+/// base's): the vocabulary and merges, special ids, add_bos/add_eos, the chat template and what
+/// the pre-tokenizer does (the llama.cpp #7062 failure: right weights, wrong pre-tokenizer). A
+/// reference tokenizer lora-doctor cannot translate (not byte-level BPE) leaves the special ids
+/// of config.json to compare.
+pub fn compare_gguf(
+    header: &crate::io::gguf::GgufHeader,
+    folders: &Folders<'_>,
+    base_config: Option<&crate::io::config::ModelConfig>,
+) -> Vec<ConfigDifference> {
+    use crate::io::gguf::{MetaValue, tokenizer};
+    let file = GGUF_FILE.to_string();
+    let mut out = Vec::new();
+    let Some((reference, path)) = folders.reference("tokenizer.json") else {
+        return out;
+    };
+    let Some(tokenizer_json) = read_json(&path) else {
+        return out;
+    };
+    // The tokenizer_config.json (and chat template) of the folder the tokenizer comes from.
+    let dir = path.parent().unwrap_or(folders.base);
+    let tokenizer_config = tokenizer::tokenizer_config_with_template(
+        dir,
+        read_json(&dir.join("tokenizer_config.json")),
+    );
+    let config = base_config.cloned().unwrap_or_else(|| {
+        crate::io::config::ModelConfig::from_value(Value::Object(Default::default()))
+    });
+    let expected =
+        match tokenizer::tokenizer_metadata(&tokenizer_json, tokenizer_config.as_ref(), &config) {
+            Ok(meta) => meta,
+            Err(_) => {
+                // Not translatable: compare the special ids config.json states.
+                for (key, config_key) in [
+                    ("tokenizer.ggml.bos_token_id", &config.bos_token_id),
+                    ("tokenizer.ggml.eos_token_id", &config.eos_token_id),
+                ] {
+                    let want = config_key.as_ref().and_then(Value::as_u64);
+                    let found = header.get(key).and_then(MetaValue::as_u64);
+                    if want.is_some() && want != found {
+                        out.push(ConfigDifference {
+                            file: file.clone(),
+                            key: key.to_string(),
+                            reference: "base",
+                            expected: want.map_or("(absent)".into(), |v| v.to_string()),
+                            found: found.map_or("(absent)".into(), |v| v.to_string()),
+                        });
+                    }
+                }
+                return out;
+            }
+        };
+    let want = |key: &str| expected.iter().find(|(k, _)| k == key).map(|(_, v)| v);
+    for key in GGUF_TOKENIZER_KEYS {
+        let (e, f) = (want(key), header.get(key));
+        // Integers compare by value: a converter may write an id as u32 or i32.
+        let same = match (e.and_then(MetaValue::as_u64), f.and_then(MetaValue::as_u64)) {
+            (Some(a), Some(b)) => a == b,
+            _ => e == f,
+        };
+        if !same {
+            let (mut expected_text, mut found_text) = (show_meta(e), show_meta(f));
+            if let (Some(MetaValue::Array(a)), Some(MetaValue::Array(b))) = (e, f)
+                && let Some(i) = a.iter().zip(b.iter()).position(|(x, y)| x != y)
+            {
+                expected_text.push_str(&format!(", first difference at {i}"));
+                found_text.push_str(&format!(", first difference at {i}"));
+            }
+            out.push(ConfigDifference {
+                file: file.clone(),
+                key: key.to_string(),
+                reference,
+                expected: expected_text,
+                found: found_text,
+            });
+        }
+    }
+    fn pre_of(meta: Option<&MetaValue>) -> &str {
+        meta.and_then(MetaValue::as_str).unwrap_or("default")
+    }
+    for key in GGUF_ADD_FLAGS {
+        let effective = |flag: Option<&MetaValue>, pre: &str| {
+            flag.and_then(MetaValue::as_bool)
+                .unwrap_or(key.ends_with("add_bos_token") && ADDS_BOS_BY_DEFAULT.contains(&pre))
+        };
+        let e = effective(want(key), pre_of(want(GGUF_PRE_KEY)));
+        let f = effective(header.get(key), pre_of(header.get(GGUF_PRE_KEY)));
+        if e != f {
+            out.push(ConfigDifference {
+                file: file.clone(),
+                key: key.to_string(),
+                reference,
+                expected: e.to_string(),
+                found: f.to_string(),
+            });
+        }
+    }
+    // The pre-tokenizer: equal when both names split text the same way; a name lora-doctor does
+    // not know cannot be judged and is left alone.
+    let expected_pre = want(GGUF_PRE_KEY).and_then(MetaValue::as_str);
+    let found_pre = header.get(GGUF_PRE_KEY).and_then(MetaValue::as_str);
+    if let (Some(e), Some(f)) = (expected_pre, found_pre)
+        && e != f
+        && let (Ok(ev), Ok(fv)) = (tokenizer::pre_tokenizer(e), tokenizer::pre_tokenizer(f))
+        && tokenizer::pre_name(&ev) != tokenizer::pre_name(&fv)
+    {
+        out.push(ConfigDifference {
+            file: file.clone(),
+            key: GGUF_PRE_KEY.to_string(),
+            reference,
+            expected: e.to_string(),
+            found: f.to_string(),
+        });
+    } else if expected_pre.is_some() && found_pre.is_none() {
+        out.push(ConfigDifference {
+            file,
+            key: GGUF_PRE_KEY.to_string(),
+            reference,
+            expected: expected_pre.unwrap_or_default().to_string(),
+            found: "(absent)".into(),
+        });
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -549,7 +549,7 @@ fn config_drift(e: &Evidence<'_>) -> Vec<Finding> {
             .iter()
             .map(|d| format!("{} {}: {} → {}", d.file, d.key, d.expected, d.found))
             .collect::<Vec<_>>();
-        out.push(Finding::new(
+        let mut finding = Finding::new(
             Code::ConfigDrift,
             None,
             format!(
@@ -557,7 +557,16 @@ fn config_drift(e: &Evidence<'_>) -> Vec<Finding> {
                 list.len(),
                 list.join("; ")
             ),
-        ));
+        );
+        if drift.iter().any(|d| d.file == drift::GGUF_FILE) {
+            finding = finding.advice(
+                "Convert again with llama.cpp's convert_hf_to_gguf.py from a folder holding the \
+                 tokenizer the adapter was trained with (tokenizer.json, tokenizer_config.json, \
+                 chat_template.jinja); a wrong tokenizer.ggml.pre changes how llama.cpp splits \
+                 text even when every weight is right.",
+            );
+        }
+        out.push(finding);
     }
     out
 }

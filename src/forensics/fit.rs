@@ -1,8 +1,97 @@
 //! The per-tensor measurements behind the forensics: the least-squares scale of the merged
 //! change along the exact update, the same fit against the transposed update, residuals of named
 //! hypotheses, and the rounding floor every residual is judged against. All sums in f64.
+//!
+//! The floor is the error of storing the exact merge in *the format M stores that tensor in*
+//! ([`StoredFormat`]): a float dtype rounds element by element; a quantized GGUF tensor (Q8_0,
+//! Q4_K, …) rounds block by block with ggml's reference quantizer, so a GGUF re-quantized after a
+//! correct merge sits at one floor, like a correctly rounded bf16 merge.
 
+use crate::io::checkpoint::TensorInfo;
 use crate::merge::float::FloatFormat;
+use crate::merge::ggml::{self, GgmlType};
+
+/// The format M stores one tensor in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredFormat {
+    /// f32, f16 or bf16: rounding to nearest even, element by element.
+    Float(FloatFormat),
+    /// A quantized ggml type lora-doctor quantizes bit-exactly (rows are whole blocks).
+    Ggml(GgmlType),
+}
+
+impl StoredFormat {
+    /// The format of a tensor of M, when it can be compared element-wise: a float dtype, or a
+    /// quantized ggml type whose rows are whole blocks and which lora-doctor can quantize.
+    pub fn of(info: &TensorInfo, ggml_type: Option<GgmlType>) -> Option<StoredFormat> {
+        if let Some(f) = FloatFormat::of_dtype(&info.dtype) {
+            return Some(StoredFormat::Float(f));
+        }
+        let ty = ggml_type?;
+        let cols = *info.shape.last()?;
+        let (block, _) = ty.layout()?;
+        let probe = vec![0.0f32; block];
+        (cols.is_multiple_of(block) && ggml::quantize(ty, &probe).is_ok())
+            .then_some(StoredFormat::Ggml(ty))
+    }
+
+    /// `f32`, `bf16`, `q4_k`, …
+    pub fn name(self) -> String {
+        match self {
+            StoredFormat::Float(f) => f.name().to_string(),
+            StoredFormat::Ggml(t) => t.name().to_ascii_lowercase(),
+        }
+    }
+
+    /// The dtype a quantized base is dequantized into before a merge stored in this format
+    /// (llama.cpp computes in f32).
+    pub fn load_dtype(self) -> FloatFormat {
+        match self {
+            StoredFormat::Float(f) => f,
+            StoredFormat::Ggml(_) => FloatFormat::F32,
+        }
+    }
+
+    /// A nominal relative error of one rounding: the unit roundoff of a float dtype, 2^-bits
+    /// per weight for a block format (only used as a lower bound of the floor).
+    fn unit_roundoff(self) -> f64 {
+        match self {
+            StoredFormat::Float(f) => f64::from(f.unit_roundoff()),
+            StoredFormat::Ggml(t) => t.layout().map_or(1e-2, |(block, bytes)| {
+                (-((bytes * 8) as f64 / block as f64)).exp2()
+            }),
+        }
+    }
+
+    /// The largest magnitude the format holds (block formats: no limit the fit can use).
+    fn max_finite(self) -> f64 {
+        match self {
+            StoredFormat::Float(f) => f64::from(f.max_finite()),
+            StoredFormat::Ggml(_) => f64::from(f32::MAX),
+        }
+    }
+
+    /// `values` (rows of `cols`) as M would store them, read back as f64.
+    pub fn store(self, values: impl Iterator<Item = f64>, cols: usize) -> Vec<f64> {
+        match self {
+            StoredFormat::Float(f) => values.map(|v| f64::from(f.round_from_f64(v))).collect(),
+            StoredFormat::Ggml(ty) => {
+                let row_f32: Vec<f32> = values.map(|v| v as f32).collect();
+                let mut out = Vec::with_capacity(row_f32.len());
+                for row in row_f32.chunks(cols.max(1)) {
+                    // `StoredFormat::of` admitted only whole-block rows of a writable type.
+                    match ggml::quantize(ty, row)
+                        .and_then(|bytes| ggml::dequantize(ty, &bytes, row.len()))
+                    {
+                        Ok(back) => out.extend(back.into_iter().map(f64::from)),
+                        Err(_) => out.extend(row.iter().map(|v| f64::from(*v))),
+                    }
+                }
+                out
+            }
+        }
+    }
+}
 
 /// The arrays of one adapter-changed tensor: base W, merged checkpoint M, exact merge W*.
 pub struct TensorArrays<'a> {
@@ -11,8 +100,8 @@ pub struct TensorArrays<'a> {
     pub wstar: &'a [f64],
     pub rows: usize,
     pub cols: usize,
-    /// The dtype M stores this tensor in.
-    pub format: FloatFormat,
+    /// The format M stores this tensor in.
+    pub format: StoredFormat,
 }
 
 /// What the fit measured on one tensor (norms are Frobenius, absolute).
@@ -50,20 +139,41 @@ impl BasicFit {
 /// The floor a residual is divided by: the actual error of rounding `exact` once to `format`,
 /// but never below a tenth of the nominal `u·‖x‖` (an exactly representable tensor, such as an
 /// all-ones norm, has no rounding error and would make every ratio infinite).
-pub fn floor_of(rounding_error: f64, norm: f64, format: FloatFormat) -> f64 {
-    let nominal = 0.1 * format.unit_roundoff() as f64 * norm;
+pub fn floor_of(rounding_error: f64, norm: f64, format: StoredFormat) -> f64 {
+    let nominal = 0.1 * format.unit_roundoff() * norm;
     rounding_error.max(nominal).max(f64::MIN_POSITIVE)
 }
 
 /// Measures a tensor. Returns None fits when M holds non-finite values (they are counted).
 pub fn measure(a: &TensorArrays<'_>) -> BasicFit {
+    match a.format {
+        StoredFormat::Float(f) => measure_with(
+            a,
+            |_, s| f64::from(f.round_from_f64(s)),
+            |_, w| f64::from(f.round(w)),
+        ),
+        StoredFormat::Ggml(_) => {
+            let star = a.format.store(a.wstar.iter().copied(), a.cols);
+            let base = a.format.store(a.w.iter().map(|v| f64::from(*v)), a.cols);
+            measure_with(a, |i, _| star[i], |i, _| base[i])
+        }
+    }
+}
+
+/// [`measure`] with the stored value of W*[i] and of W[i] given by `store_star` / `store_w`
+/// (monomorphised: the float path keeps its element-wise rounding without a copy).
+fn measure_with(
+    a: &TensorArrays<'_>,
+    store_star: impl Fn(usize, f64) -> f64,
+    store_w: impl Fn(usize, f32) -> f64,
+) -> BasicFit {
     let fmt = a.format;
-    let max_finite = fmt.max_finite() as f64;
+    let max_finite = fmt.max_finite();
     let (mut dd, mut ed, mut ee) = (0.0f64, 0.0f64, 0.0f64);
     let (mut res2, mut floor2, mut star2) = (0.0f64, 0.0f64, 0.0f64);
     let (mut wfloor2, mut w2) = (0.0f64, 0.0f64);
     let (mut nan, mut inf, mut out_of_range) = (0usize, 0usize, 0usize);
-    for ((&w, &m), &s) in a.w.iter().zip(a.m).zip(a.wstar) {
+    for (i, ((&w, &m), &s)) in a.w.iter().zip(a.m).zip(a.wstar).enumerate() {
         if m.is_nan() {
             nan += 1;
         } else if m.is_infinite() {
@@ -72,6 +182,7 @@ pub fn measure(a: &TensorArrays<'_>) -> BasicFit {
         if s.is_finite() && s.abs() > max_finite {
             out_of_range += 1;
         }
+        let stored_w = store_w(i, w);
         let (w, m) = (w as f64, m as f64);
         let d = s - w;
         let e = m - w;
@@ -79,12 +190,12 @@ pub fn measure(a: &TensorArrays<'_>) -> BasicFit {
         ed += e * d;
         ee += e * e;
         res2 += (m - s) * (m - s);
-        let r = fmt.round_from_f64(s) as f64 - s;
+        let r = store_star(i, s) - s;
         if r.is_finite() {
             floor2 += r * r;
         }
         star2 += s * s;
-        let rw = fmt.round(w as f32) as f64 - w;
+        let rw = stored_w - w;
         if rw.is_finite() {
             wfloor2 += rw * rw;
         }
@@ -154,15 +265,25 @@ fn transposed_fit(a: &TensorArrays<'_>, dd: f64) -> (f64, f64) {
 /// element for element and the wrong ones do not.
 pub fn rounded_distance(a: &TensorArrays<'_>, factor: f64, transposed: bool) -> f64 {
     let n = a.cols;
-    let mut sum = 0.0f64;
-    for (i, (&w, &m)) in a.w.iter().zip(a.m).enumerate() {
+    let target = a.w.iter().enumerate().map(|(i, &w)| {
         let j = if transposed { (i % n) * n + i / n } else { i };
         let delta = a.wstar[j] - a.w[j] as f64;
-        let expected = a.format.round_from_f64(w as f64 + factor * delta) as f64;
-        let d = m as f64 - expected;
-        sum += d * d;
+        w as f64 + factor * delta
+    });
+    stored_distance(a.m, a.format, target, a.cols)
+}
+
+/// ‖M − store(target)‖: the distance to a hypothesis after storing it as M stores the tensor.
+pub fn stored_distance(
+    m: &[f32],
+    format: StoredFormat,
+    target: impl Iterator<Item = f64>,
+    cols: usize,
+) -> f64 {
+    match format {
+        StoredFormat::Float(f) => distance(m, target.map(|v| f64::from(f.round_from_f64(v)))),
+        StoredFormat::Ggml(_) => distance(m, format.store(target, cols).into_iter()),
     }
-    sum.sqrt()
 }
 
 /// ‖M − expected‖ for a hypothesis given element by element.
@@ -205,7 +326,7 @@ mod tests {
             wstar,
             rows: n,
             cols: n,
-            format,
+            format: StoredFormat::Float(format),
         }
     }
 
@@ -275,6 +396,38 @@ mod tests {
         let fit = measure(&arrays(&w, &m, &wstar, 4, FloatFormat::F16));
         assert_eq!((fit.nan, fit.inf), (1, 1));
         assert!(fit.scale_ratio.is_none() && fit.transposed.is_none());
+    }
+
+    #[test]
+    fn a_requantized_merge_sits_at_the_floor_of_its_block_format() {
+        let (w, wstar) = sample(64);
+        for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4K, GgmlType::Q6K] {
+            let cols = 256;
+            let rows = w.len() / cols;
+            let format = StoredFormat::Ggml(ty);
+            let m: Vec<f32> = format
+                .store(wstar.iter().copied(), cols)
+                .into_iter()
+                .map(|v| v as f32)
+                .collect();
+            let a = TensorArrays {
+                w: &w,
+                m: &m,
+                wstar: &wstar,
+                rows,
+                cols,
+                format,
+            };
+            let fit = measure(&a);
+            assert!((fit.ratio(fit.residual) - 1.0).abs() < 1e-9, "{ty:?}");
+            // The same file judged as f16 would be hundreds of floors away.
+            let as_f16 = TensorArrays {
+                format: StoredFormat::Float(FloatFormat::F16),
+                ..a
+            };
+            let f16 = measure(&as_f16);
+            assert!(f16.ratio(f16.residual) > 10.0, "{ty:?}");
+        }
     }
 
     #[test]

@@ -70,7 +70,13 @@ impl QuantHypothesis {
         data: &[f32],
         dtype: FloatFormat,
     ) -> Result<Option<Vec<f32>>, MergeError> {
-        let cast: Vec<f32> = data.iter().map(|v| dtype.round(*v)).collect();
+        // llama.cpp's converter quantizes a ggml type from the stored values (upcast to f32);
+        // bitsandbytes quantizes what the model was loaded as.
+        let cast: Vec<f32> = if self.format.ggml_type().is_some() {
+            data.to_vec()
+        } else {
+            data.iter().map(|v| dtype.round(*v)).collect()
+        };
         let (rows, cols, conv1d) = (job.rows, job.cols, job.is_conv1d());
         let kind = match self.format {
             QuantFormat::Nf4 => Some(Bnb4bitType::Nf4),
@@ -104,7 +110,10 @@ mod tests {
     #[test]
     fn every_quantized_format_is_a_hypothesis_both_ways_and_bnb_on_both_backends() {
         let all = QuantHypothesis::all();
-        assert_eq!(all.len(), 6 * 2 + 2 * 2);
+        assert_eq!(
+            all.len(),
+            QuantFormat::FORENSIC_HYPOTHESES.len() * 2 + 2 * 2
+        );
         for f in QuantFormat::FORENSIC_HYPOTHESES {
             for requantized in [false, true] {
                 assert!(

@@ -162,7 +162,16 @@ pub struct Inputs<'a> {
 /// Runs the whole analysis: per-tensor fits, quantization search, untouched tensors, inventory,
 /// tied heads and config drift, and the findings they add up to.
 pub fn analyze(input: &Inputs<'_>) -> anyhow::Result<(Forensics, Vec<Finding>)> {
-    let merged_config = ModelConfig::read_dir(input.merged_dir)?;
+    let merged_config = match input.merged.gguf() {
+        // A GGUF describes itself: its config is its metadata.
+        Some(header) => {
+            let has_head = input.merged.contains("lm_head.weight");
+            crate::io::gguf::config_json(header, has_head)
+                .ok()
+                .map(ModelConfig::from_value)
+        }
+        None => ModelConfig::read_dir(input.merged_dir)?,
+    };
     let merged_ties = match &merged_config {
         Some(c) => c.tie_word_embeddings,
         None => input.base_config.is_some_and(|c| c.tie_word_embeddings),
@@ -262,13 +271,17 @@ pub fn analyze(input: &Inputs<'_>) -> anyhow::Result<(Forensics, Vec<Finding>)> 
     };
 
     let adapter_dirs: Vec<&Path> = input.adapters.iter().map(|a| a.dir.as_path()).collect();
-    let config_drift = drift::compare(&drift::Folders {
+    let folders = drift::Folders {
         merged: input.merged_dir,
         adapters: adapter_dirs,
         base: input.base_dir,
-    });
+    };
+    let config_drift = match input.merged.gguf() {
+        Some(header) => drift::compare_gguf(header, &folders, input.base_config),
+        None => drift::compare(&folders),
+    };
 
-    let dtype = merged_dtype(input.merged);
+    let dtype = merged_format_name(input.merged);
     let mut findings = findings::findings(&findings::Evidence {
         input,
         results: &results,
@@ -283,7 +296,7 @@ pub fn analyze(input: &Inputs<'_>) -> anyhow::Result<(Forensics, Vec<Finding>)> 
     }
     results.sort_by_key(|r| r.index);
     let forensics = Forensics {
-        dtype: dtype.name().to_string(),
+        dtype,
         tolerance: input.tolerance,
         modules: results.into_iter().map(|r| r.fit).collect(),
         untouched: untouched_summary,
@@ -346,4 +359,41 @@ pub fn merged_dtype(checkpoint: &Checkpoint) -> FloatFormat {
         "f16" => FloatFormat::F16,
         _ => FloatFormat::Bf16,
     }
+}
+
+/// The ggml type most of a GGUF checkpoint's values are stored in (by element count), `None` for
+/// safetensors.
+fn dominant_ggml_type(checkpoint: &Checkpoint) -> Option<crate::merge::ggml::GgmlType> {
+    let mut count: BTreeMap<u32, (crate::merge::ggml::GgmlType, usize)> = BTreeMap::new();
+    for t in checkpoint.tensors() {
+        let ty = checkpoint.ggml_type(&t.name)?;
+        count.entry(ty.id()).or_insert((ty, 0)).1 += t.numel();
+    }
+    count
+        .into_values()
+        .max_by_key(|(_, n)| *n)
+        .map(|(ty, _)| ty)
+}
+
+/// The storage format M is reported in: its float dtype, or a GGUF's dominant ggml type
+/// (`q4_k`, `f16`).
+pub fn merged_format_name(checkpoint: &Checkpoint) -> String {
+    match dominant_ggml_type(checkpoint) {
+        Some(ty) if !ty.is_float() => ty.name().to_ascii_lowercase(),
+        _ => merged_dtype(checkpoint).name().to_string(),
+    }
+}
+
+/// The precision M's row is judged as (its thresholds' class): a GGUF's dominant quantized type
+/// when lora-doctor knows it as a precision, else M's float dtype.
+pub fn merged_precision(checkpoint: &Checkpoint) -> Precision {
+    dominant_ggml_type(checkpoint)
+        .filter(|ty| !ty.is_float())
+        .and_then(|ty| {
+            Precision::KNOWN.iter().copied().find(|p| match p {
+                Precision::Quant(q) => q.ggml_type() == Some(ty),
+                Precision::Float(_) => false,
+            })
+        })
+        .unwrap_or(Precision::Float(merged_dtype(checkpoint)))
 }

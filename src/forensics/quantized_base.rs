@@ -31,7 +31,7 @@ fn quant_ratio(
         };
         fit::distance(&l.m, q.iter().map(|v| *v as f64))
     } else {
-        let Some(q) = h.apply(job, &l.w, l.format)? else {
+        let Some(q) = h.apply(job, &l.w, l.format.load_dtype())? else {
             return Ok(None);
         };
         fit::distance(

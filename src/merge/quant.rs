@@ -837,15 +837,23 @@ impl QuantFormat {
         QuantFormat::Mix(Mix::unbound(MixKind::Q5KM)),
     ];
 
-    /// The formats `--merged` forensics tests merge hypotheses for: the ones that existed before
-    /// the K-quants (K-quant hypotheses belong to GGUF forensics, issue 13 §4).
-    pub const FORENSIC_HYPOTHESES: [QuantFormat; 6] = [
+    /// The formats `--merged` forensics tests merge hypotheses for: every single-type format
+    /// lora-doctor quantizes to (a llama-quantize mix is mostly its base K-quant, which explains
+    /// most of its tensors).
+    pub const FORENSIC_HYPOTHESES: [QuantFormat; 13] = [
         QuantFormat::Q8_0,
         QuantFormat::Q4_0,
         QuantFormat::Q4_1,
         QuantFormat::Nf4,
         QuantFormat::Fp4,
         QuantFormat::Int8,
+        QuantFormat::Q5_0,
+        QuantFormat::Q5_1,
+        QuantFormat::Q2K,
+        QuantFormat::Q3K,
+        QuantFormat::Q4K,
+        QuantFormat::Q5K,
+        QuantFormat::Q6K,
     ];
 
     /// Lower-case name as the tools spell it: `q8_0`, `q4_0`, `nf4`, `int8`, `q4_k`, `q4_k_m`, …

@@ -33,7 +33,7 @@ fn split_then_bytes(regex: &str) -> Value {
 }
 
 /// The pre-tokenizer for a `tokenizer.ggml.pre` name.
-fn pre_tokenizer(pre: &str) -> Result<Value, String> {
+pub fn pre_tokenizer(pre: &str) -> Result<Value, String> {
     Ok(match pre {
         "default" | "gpt-2" => byte_level(true),
         // SmolLM / SmolLM2's tokenizer.json: single digits, then GPT-2 byte-level splitting.
@@ -193,6 +193,67 @@ fn special_id(
     u32::try_from(id).ok()
 }
 
+/// `(add_bos, add_eos)` as gguf-py's `SpecialVocab` reads them from tokenizer.json's
+/// post-processor (it wins over tokenizer_config.json): a `ByteLevel` processor means false
+/// unless set otherwise, a `TemplateProcessing` whose single-sequence template starts (ends)
+/// with a special token means bos (eos) is added.
+fn post_processor_flags(tokenizer_json: &Value) -> (Option<bool>, Option<bool>) {
+    let Some(post) = tokenizer_json.get("post_processor") else {
+        return (None, None);
+    };
+    let processors: Vec<&Value> = match post.get("processors").and_then(Value::as_array) {
+        Some(list) => list.iter().collect(),
+        None => vec![post],
+    };
+    let (mut bos, mut eos) = (None, None);
+    for p in processors {
+        match p.get("type").and_then(Value::as_str) {
+            Some("ByteLevel") => {
+                bos.get_or_insert(false);
+                eos.get_or_insert(false);
+            }
+            Some("TemplateProcessing") => {
+                let single = p.get("single").and_then(Value::as_array);
+                if let Some(single) = single.filter(|s| s.len() > 1) {
+                    let special =
+                        |v: Option<&Value>| v.and_then(|t| t.get("SpecialToken")).is_some();
+                    if special(single.first()) {
+                        bos = Some(true);
+                    }
+                    if special(single.last()) {
+                        eos = Some(true);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    (bos, eos)
+}
+
+/// tokenizer_config.json of `dir` as the GGUF converter sees it: a `chat_template` saved apart
+/// in `chat_template.jinja` (transformers ≥ 4.43 writes it there) is put back in.
+pub fn tokenizer_config_with_template(
+    dir: &std::path::Path,
+    config: Option<Value>,
+) -> Option<Value> {
+    let template = dir.join("chat_template.jinja");
+    let has_template = config
+        .as_ref()
+        .is_some_and(|c| c.get("chat_template").is_some());
+    if has_template || !template.is_file() {
+        return config;
+    }
+    let Ok(text) = std::fs::read_to_string(&template) else {
+        return config;
+    };
+    let mut config = config.unwrap_or_else(|| Value::Object(Default::default()));
+    if let Some(map) = config.as_object_mut() {
+        map.insert("chat_template".into(), Value::String(text));
+    }
+    Some(config)
+}
+
 /// `tokenizer.ggml.*` for a byte-level BPE `tokenizer.json`, as `convert_hf_to_gguf.py`'s
 /// `_set_vocab_gpt2` and `gguf.SpecialVocab` write them: every id up to the model's vocab size
 /// (missing ids as `[PAD<i>]`, type UNUSED), token types, merges, the pre-tokenizer name, special
@@ -305,11 +366,19 @@ pub fn tokenizer_metadata(
         ("tokenizer.ggml.merges".into(), MetaValue::Array(merges)),
     ];
     out.extend(specials);
-    for flag in ["add_bos_token", "add_eos_token"] {
-        if let Some(v) = tokenizer_config
-            .and_then(|c| c.get(flag))
-            .and_then(Value::as_bool)
-        {
+    let (mut add_bos, mut add_eos) = post_processor_flags(tokenizer_json);
+    for (flag, slot) in [
+        ("add_bos_token", &mut add_bos),
+        ("add_eos_token", &mut add_eos),
+    ] {
+        if slot.is_none() {
+            *slot = tokenizer_config
+                .and_then(|c| c.get(flag))
+                .and_then(Value::as_bool);
+        }
+    }
+    for (flag, value) in [("add_bos_token", add_bos), ("add_eos_token", add_eos)] {
+        if let Some(v) = value {
             out.push((format!("tokenizer.ggml.{flag}"), MetaValue::Bool(v)));
         }
     }
