@@ -256,8 +256,9 @@ fn check_passes_and_kl_matches_pytorch() {
             .trim_start_matches("fixtures/");
         let (exit, report) = check_json_full(base, &[adapter], &["--precision", "bf16,q4_0"]);
         let raised = codes(&report);
-        // q4_0 on a 32-wide model is far from lossless; what matters here is that it ran.
-        let allowed: BTreeSet<String> = ["quantization-error", "delta-swamped"]
+        // q4_0 on a 32-wide model is far from lossless (its top-1 agreement is 83–93 %); what
+        // matters here is that it ran and that bf16 raised nothing.
+        let allowed: BTreeSet<String> = ["quantization-error", "delta-swamped", "top1-disagreement"]
             .iter()
             .map(|c| c.to_string())
             .collect();
@@ -308,7 +309,7 @@ fn check_runs_every_precision() {
         let (exit, report) = check_json_full(
             base,
             &[adapter],
-            &["--precision", "f32,bf16,f16,q8_0,q4_k_m", "--no-generation"],
+            &["--precision", "f32,bf16,f16,q8_0,q4_k_m", "--generate", "0"],
         );
         assert_ne!(exit, 2, "{base}: {report}");
         for p in ["f32", "bf16", "f16", "q8_0", "q4_k_m"] {
@@ -365,15 +366,21 @@ fn code_table(doc: &Value) -> Vec<(String, String, Vec<String>, Vec<String>, i32
             1,
             vec!["scale-mismatch"],
         ));
-        // An adapter trained on another model (tiny-llama's): nothing maps, and its config names
-        // a llama.
+        // An adapter trained on another model (tiny-llama's): its config names a llama, Gemma's
+        // q/k/v/o and MLP names match with other shapes, Phi-3 has no q_proj/k_proj/v_proj/gate_proj
+        // /up_proj at all (fused) and only o_proj/down_proj match, with other shapes.
+        let wrong_model: Vec<&'static str> = if name == "phi3" {
+            vec!["base-mismatch", "missing-target", "shape-mismatch"]
+        } else {
+            vec!["base-mismatch", "shape-mismatch"]
+        };
         rows.push((
             name.clone(),
             base.clone(),
             vec!["adapters/llama-lora".to_string()],
             vec![],
             1,
-            vec!["no-match", "base-mismatch"],
+            wrong_model,
         ));
     }
     rows
@@ -421,7 +428,7 @@ fn check_merged_with_logits_passes() {
         let (exit, report) = check_json_full(
             &rel("base"),
             &[&rel("adapter")],
-            &["--precision", "bf16", "--merged", &merged, "--no-generation"],
+            &["--precision", "bf16", "--merged", &merged, "--generate", "0"],
         );
         assert_eq!(exit, 0, "{}: {report}", rel("base"));
     }

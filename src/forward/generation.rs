@@ -171,6 +171,13 @@ fn decode(
             (step..max_new).for_each(|_| on_step());
             break;
         }
+        for &p in &active {
+            // Phi-3's LongRoPE switch: recompute the whole sequence, as `generate_greedy` does.
+            if arch.cache_is_stale(caches[p].len(), caches[p].len() + inputs[p].len()) {
+                caches[p] = crate::model::KvCache::new(arch);
+                inputs[p] = [prompts[p].as_slice(), out[p].as_slice()].concat();
+            }
+        }
         let mut hidden = model.with_group(0, |w| {
             active
                 .iter()

@@ -256,6 +256,23 @@ impl Architecture {
         }
     }
 
+    /// Whether a decoding cache of `cached` positions must be dropped and the whole sequence
+    /// recomputed before the sequence grows to `total` positions. Phi-3 with LongRoPE rotates every
+    /// position with the long factors once the sequence is longer than
+    /// `original_max_position_embeddings`, and transformers' `Phi3ForCausalLM.
+    /// prepare_inputs_for_generation` drops a cache built below that length at the step that
+    /// crosses it (the cached keys were rotated with the short factors). Never for other models.
+    pub fn cache_is_stale(&self, cached: usize, total: usize) -> bool {
+        let threshold = match self {
+            Architecture::Phi3(c) => c.rope.long_threshold(),
+            Architecture::Llama(_)
+            | Architecture::Gemma(_)
+            | Architecture::Gpt2(_)
+            | Architecture::NeoX(_) => None,
+        };
+        threshold.is_some_and(|n| cached > 0 && cached <= n && total > n)
+    }
+
     pub fn num_layers(&self) -> usize {
         match self {
             Architecture::Llama(c) => c.num_layers,

@@ -175,6 +175,11 @@ impl Rope {
         &self.inv_freq
     }
 
+    /// LongRoPE's pretraining length, past which the long factors apply; `None` without LongRoPE.
+    pub fn long_threshold(&self) -> Option<usize> {
+        self.long.as_ref().map(|l| l.original)
+    }
+
     /// The frequencies a step whose sequence ends at position `end` (exclusive) rotates with:
     /// LongRoPE's long set once `end` passes the pretraining length (transformers compares
     /// `max(position_ids) + 1` with it at every forward, so a cached decode switches sets mid-way and
