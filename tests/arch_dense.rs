@@ -194,14 +194,13 @@ fn greedy_generation_matches_transformers() {
             let ours = generate_greedy(&arch, &model, &prompt, max_new, &eos).expect("generate");
             let margins = entry["margins"].as_array().expect("margins");
             let runner_up = token_list(&entry["runner_up"]);
-            let agree = ours
-                .iter()
-                .zip(&want)
-                .position(|(a, b)| a != b)
-                .map_or(ours.len() == want.len(), |i| {
+            let agree = ours.iter().zip(&want).position(|(a, b)| a != b).map_or(
+                ours.len() == want.len(),
+                |i| {
                     margins[i].as_f64().expect("margin") < f64::from(LOGIT_TOLERANCE)
                         && ours[i] == runner_up[i]
-                });
+                },
+            );
             if !agree {
                 failures.push(format!(
                     "{} {case} prompt {}: {ours:?} vs transformers {want:?}",
@@ -209,7 +208,11 @@ fn greedy_generation_matches_transformers() {
                 ));
             }
             let nll = sequence_nll(&arch, &model, &prompt, &want).expect("nll");
-            for (j, (got, golden)) in nll.iter().zip(entry["nll"].as_array().expect("nll")).enumerate() {
+            for (j, (got, golden)) in nll
+                .iter()
+                .zip(entry["nll"].as_array().expect("nll"))
+                .enumerate()
+            {
                 let golden = golden.as_f64().expect("nll value");
                 if (got - golden).abs() > NLL_TOLERANCE {
                     failures.push(format!(
@@ -249,7 +252,10 @@ fn check_passes_and_kl_matches_pytorch() {
     let mut table = Vec::new();
     for family in families(&doc) {
         let name = family["family"].as_str().expect("family");
-        let base = family["base"].as_str().expect("base").trim_start_matches("fixtures/");
+        let base = family["base"]
+            .as_str()
+            .expect("base")
+            .trim_start_matches("fixtures/");
         let adapter = family["adapter"]
             .as_str()
             .expect("adapter")
@@ -258,10 +264,11 @@ fn check_passes_and_kl_matches_pytorch() {
         let raised = codes(&report);
         // q4_0 on a 32-wide model is far from lossless (its top-1 agreement is 83–93 %); what
         // matters here is that it ran and that bf16 raised nothing.
-        let allowed: BTreeSet<String> = ["quantization-error", "delta-swamped", "top1-disagreement"]
-            .iter()
-            .map(|c| c.to_string())
-            .collect();
+        let allowed: BTreeSet<String> =
+            ["quantization-error", "delta-swamped", "top1-disagreement"]
+                .iter()
+                .map(|c| c.to_string())
+                .collect();
         if exit != 0 || !raised.is_subset(&allowed) {
             failures.push(format!("{name}: exit {exit}, codes {raised:?}"));
         }
@@ -269,8 +276,14 @@ fn check_passes_and_kl_matches_pytorch() {
         let golden = |model: &str| kl[model]["mean_kl"].as_f64().expect("golden mean_kl");
         let ours = [
             ("base", report["adapter_effect"]["mean_kl"].as_f64()),
-            ("bf16", precision(&report, "bf16")["logits"]["mean_kl"].as_f64()),
-            ("q4_0", precision(&report, "q4_0")["logits"]["mean_kl"].as_f64()),
+            (
+                "bf16",
+                precision(&report, "bf16")["logits"]["mean_kl"].as_f64(),
+            ),
+            (
+                "q4_0",
+                precision(&report, "q4_0")["logits"]["mean_kl"].as_f64(),
+            ),
         ];
         for (model, value) in ours {
             let Some(value) = value else {
@@ -288,11 +301,7 @@ fn check_passes_and_kl_matches_pytorch() {
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{failures:?}\n{}",
-        table.join("\n")
-    );
+    assert!(failures.is_empty(), "{failures:?}\n{}", table.join("\n"));
 }
 
 /// `check` runs every precision on every family: the float formats clean, the quantized ones
@@ -301,7 +310,10 @@ fn check_passes_and_kl_matches_pytorch() {
 fn check_runs_every_precision() {
     let doc = cases();
     for family in families(&doc) {
-        let base = family["base"].as_str().expect("base").trim_start_matches("fixtures/");
+        let base = family["base"]
+            .as_str()
+            .expect("base")
+            .trim_start_matches("fixtures/");
         let adapter = family["adapter"]
             .as_str()
             .expect("adapter")
@@ -335,7 +347,16 @@ fn check_runs_every_precision() {
 
 /// (family, fixture base, adapters, flags, exit code, the exact set of codes raised): the codes
 /// that apply to a dense family fire on each.
-fn code_table(doc: &Value) -> Vec<(String, String, Vec<String>, Vec<String>, i32, Vec<&'static str>)> {
+fn code_table(
+    doc: &Value,
+) -> Vec<(
+    String,
+    String,
+    Vec<String>,
+    Vec<String>,
+    i32,
+    Vec<&'static str>,
+)> {
     let mut rows = Vec::new();
     for family in families(doc) {
         let name = family["family"].as_str().expect("family").to_string();
@@ -428,7 +449,14 @@ fn check_merged_with_logits_passes() {
         let (exit, report) = check_json_full(
             &rel("base"),
             &[&rel("adapter")],
-            &["--precision", "bf16", "--merged", &merged, "--generate", "0"],
+            &[
+                "--precision",
+                "bf16",
+                "--merged",
+                &merged,
+                "--generate",
+                "0",
+            ],
         );
         assert_eq!(exit, 0, "{}: {report}", rel("base"));
     }

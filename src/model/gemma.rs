@@ -117,13 +117,20 @@ impl GemmaConfig {
                 "{num_heads} attention heads cannot share {num_kv_heads} key/value heads"
             )));
         }
-        if text.get("use_bidirectional_attention").and_then(Value::as_bool) == Some(true) {
+        if text
+            .get("use_bidirectional_attention")
+            .and_then(Value::as_bool)
+            == Some(true)
+        {
             return Err(Unsupported::new(
                 "`use_bidirectional_attention` (an encoder-style Gemma) is not implemented",
             ));
         }
         // Every Gemma config class defaults head_dim to 256, independent of the hidden size.
-        let head_dim = bounded(config.head_dim.filter(|d| *d > 0).unwrap_or(256), "head_dim")?;
+        let head_dim = bounded(
+            config.head_dim.filter(|d| *d > 0).unwrap_or(256),
+            "head_dim",
+        )?;
         let num_layers = required(config.num_hidden_layers, "num_hidden_layers")?;
         let activation_key = match generation {
             GemmaGeneration::One => "hidden_act",
@@ -168,7 +175,12 @@ impl GemmaConfig {
         let windows = windows(text, generation, num_layers)?;
         let (rope, local_rope) = ropes(config, text, generation, head_dim)?;
         let prefix = find_prefix(
-            &["model.", "", "model.language_model.", "language_model.model."],
+            &[
+                "model.",
+                "",
+                "model.language_model.",
+                "language_model.model.",
+            ],
             "embed_tokens.weight",
             has,
         )?;
@@ -315,7 +327,10 @@ impl GemmaConfig {
                 &k.reshape((t * kv_heads, dh))?,
                 dh,
             )?;
-            (qn.reshape((t, heads * dh))?, kn.reshape((t, kv_heads * dh))?)
+            (
+                qn.reshape((t, heads * dh))?,
+                kn.reshape((t, kv_heads * dh))?,
+            )
         } else {
             (q, k)
         };
@@ -471,4 +486,117 @@ fn ropes(
             1.0,
         )?),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(raw: Value) -> Result<GemmaConfig, Unsupported> {
+        let config = ModelConfig::from_value(raw);
+        let generation =
+            GemmaGeneration::from_model_type(config.model_type.as_deref().unwrap_or(""))
+                .expect("a Gemma model type");
+        GemmaConfig::from_config(&config, generation, &|n| n == "model.embed_tokens.weight")
+    }
+
+    fn dims(model_type: &str) -> Value {
+        json!({"model_type": model_type, "hidden_size": 48, "intermediate_size": 96,
+               "num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 1,
+               "head_dim": 16})
+    }
+
+    fn with(mut base: Value, extra: Value) -> Value {
+        for (k, v) in extra.as_object().expect("object") {
+            base[k] = v.clone();
+        }
+        base
+    }
+
+    /// Configs written before transformers 5 have no `layer_types`: Gemma 2 slides the even
+    /// layers, Gemma 3 all but every sixth (or `sliding_window_pattern`-th); the class defaults
+    /// of absent keys apply (Gemma 2's soft-caps 50 and 30, window 4096, scalar 256).
+    #[test]
+    fn older_configs_get_the_class_rules_and_defaults() {
+        let g2 = parse(dims("gemma2")).expect("gemma2");
+        let w = Some(4096);
+        assert_eq!(g2.windows, vec![w, None, w, None, w, None]);
+        assert_eq!(
+            (g2.attn_softcap, g2.final_softcap),
+            (Some(50.0), Some(30.0))
+        );
+        assert_eq!(g2.attn_scale, 1.0 / 16.0);
+        assert!(g2.sandwich_norms && !g2.qk_norm && g2.tied);
+        assert_eq!(g2.embed_scale, 48f64.sqrt() as f32);
+
+        let g3 = parse(with(
+            dims("gemma3_text"),
+            json!({"sliding_window": 8, "sliding_window_pattern": 3, "rope_theta": 1e6,
+                   "rope_local_base_freq": 1e4, "rope_scaling": {"rope_type": "linear", "factor": 8.0}}),
+        ))
+        .expect("gemma3");
+        assert_eq!(
+            g3.windows,
+            vec![Some(8), Some(8), None, Some(8), Some(8), None]
+        );
+        assert_eq!((g3.attn_softcap, g3.final_softcap), (None, None));
+        let local = g3.local_rope.as_ref().expect("local rope");
+        let want = 1.0 / 1e4f64.powf(2.0 / 16.0);
+        assert!((f64::from(local.inv_freq()[1]) / want - 1.0).abs() < 1e-6);
+        let global = Rope::new(1e6, 16, &super::super::RopeScaling::Linear { factor: 8.0 });
+        assert_eq!(g3.rope.inv_freq(), global.inv_freq());
+
+        let g1 = parse(with(dims("gemma"), json!({"hidden_act": "gelu"}))).expect("gemma");
+        assert_eq!(g1.windows, vec![None; 6]);
+        assert_eq!(g1.activation, Activation::GeluErf);
+        assert!(!g1.sandwich_norms);
+        assert_eq!(g1.attn_scale, 0.25);
+    }
+
+    #[test]
+    fn null_caps_turn_capping_off_and_unsupported_variants_say_why() {
+        let g2 = parse(with(
+            dims("gemma2"),
+            json!({"attn_logit_softcapping": null, "final_logit_softcapping": null}),
+        ))
+        .expect("gemma2");
+        assert_eq!((g2.attn_softcap, g2.final_softcap), (None, None));
+        let err = parse(with(
+            dims("gemma3_text"),
+            json!({"use_bidirectional_attention": true}),
+        ))
+        .expect_err("encoder-style Gemma");
+        assert!(err.reason.contains("bidirectional"), "{}", err.reason);
+        let err = parse(with(
+            dims("gemma2"),
+            json!({"layer_types": ["full_attention"]}),
+        ))
+        .expect_err("one type for six layers");
+        assert!(err.reason.contains("layer_types"), "{}", err.reason);
+        let err = parse(with(
+            dims("gemma2"),
+            json!({"attn_logit_softcapping": -1.0}),
+        ))
+        .expect_err("negative cap");
+        assert!(
+            err.reason.contains("attn_logit_softcapping"),
+            "{}",
+            err.reason
+        );
+    }
+
+    /// The multimodal Gemma 3 keeps the language model under a nested prefix.
+    #[test]
+    fn multimodal_gemma3_finds_its_language_model() {
+        let config = ModelConfig::from_value(json!({
+            "model_type": "gemma3",
+            "text_config": with(dims("gemma3_text"), json!({"sliding_window": 8}))
+        }));
+        let has = |n: &str| n == "model.language_model.embed_tokens.weight";
+        let c = GemmaConfig::from_config(&config, GemmaGeneration::Three, &has).expect("gemma3");
+        assert_eq!(c.prefix, "model.language_model.");
+        assert_eq!(c.norm, "model.language_model.norm.weight");
+        assert!(c.tied);
+    }
 }

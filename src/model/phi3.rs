@@ -207,3 +207,30 @@ impl Phi3Config {
         linear::head(w, matrix, &self.head, &h)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn phi3_defaults_and_window() {
+        let config = ModelConfig::from_value(json!({
+            "model_type": "phi3", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "sliding_window": 2047
+        }));
+        let has = |n: &str| n == "model.embed_tokens.weight" || n == "lm_head.weight";
+        let c = Phi3Config::from_config(&config, &has).expect("phi3");
+        assert_eq!((c.num_kv_heads, c.head_dim, c.window), (4, 16, Some(2047)));
+        assert_eq!(c.activation, Activation::Silu);
+        assert!(!c.tied, "Phi-3 defaults to an untied head");
+        assert!(
+            c.block_tensors(1)
+                .contains(&"model.layers.1.self_attn.qkv_proj.weight".into())
+        );
+        assert!(
+            c.block_tensors(0)
+                .contains(&"model.layers.0.mlp.gate_up_proj.weight".into())
+        );
+    }
+}

@@ -175,6 +175,11 @@ impl Rope {
         &self.inv_freq
     }
 
+    /// The factor cos and sin are multiplied by (LongRoPE's attention factor; 1 otherwise).
+    pub fn attention_factor(&self) -> f32 {
+        self.attention_factor
+    }
+
     /// LongRoPE's pretraining length, past which the long factors apply; `None` without LongRoPE.
     pub fn long_threshold(&self) -> Option<usize> {
         self.long.as_ref().map(|l| l.original)
@@ -534,6 +539,92 @@ mod tests {
                 assert!(rel <= 2.5e-7, "{name}[{i}]: {got} vs transformers {want}");
             }
         }
+    }
+
+    /// LongRoPE as transformers computes it for Phi-3 configs in the v5 style (`rope_parameters`)
+    /// and the v4 style (`rope_scaling` with `type`, top-level theta and partial rotary factor):
+    /// the short and the long set, and the attention factor (fixtures/gen/arch_dense.py).
+    #[test]
+    fn longrope_matches_transformers() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/goldens/arch_dense/cases.json"
+        );
+        let doc: Value =
+            serde_json::from_str(&std::fs::read_to_string(path).expect("read arch_dense goldens"))
+                .expect("parse arch_dense goldens");
+        let entries = doc["rope"].as_array().expect("rope entries");
+        assert_eq!(entries.len(), 2);
+        let floats = |v: &Value| -> Vec<f32> {
+            v.as_array()
+                .expect("list")
+                .iter()
+                .map(|x| x.as_f64().expect("number") as f32)
+                .collect()
+        };
+        for entry in entries {
+            let name = entry["name"].as_str().expect("name");
+            let config = ModelConfig::from_value(entry["config"].clone());
+            let head_dim =
+                config.hidden_size.expect("hidden") / config.num_attention_heads.expect("heads");
+            let rope = Rope::from_config(&config, head_dim, 1.0).expect("longrope is supported");
+            let threshold = rope.long_threshold().expect("a long set");
+            assert_eq!(threshold, 16, "{name}");
+            for (got, want, set) in [
+                (
+                    rope.inv_freq_until(threshold),
+                    floats(&entry["short_inv_freq"]),
+                    "short",
+                ),
+                (
+                    rope.inv_freq_until(threshold + 1),
+                    floats(&entry["long_inv_freq"]),
+                    "long",
+                ),
+            ] {
+                assert_eq!(got.len(), want.len(), "{name} {set}");
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    let rel = ((g - w) / w).abs();
+                    assert!(rel <= 2.5e-7, "{name} {set}[{i}]: {g} vs transformers {w}");
+                }
+            }
+            let factor = entry["attention_factor"].as_f64().expect("factor") as f32;
+            assert_eq!(rope.attention_factor(), factor, "{name}");
+            assert!(factor > 1.0, "{name}: the factor must bite");
+        }
+    }
+
+    #[test]
+    fn longrope_tables_switch_sets_at_the_pretraining_length_and_scale_by_the_factor() {
+        let scaling = RopeScaling::LongRope {
+            short_factor: vec![1.0, 2.0],
+            long_factor: vec![4.0, 8.0],
+            original_max_position_embeddings: 4,
+            attention_factor: 1.5,
+        };
+        let rope = Rope::new(10_000.0, 4, &scaling);
+        let short = rope.tables_at(0, 4).expect("short");
+        let long = rope.tables_at(0, 5).expect("long");
+        // Position 1, pair 0: angle 1 / 1 (short) or 1 / 4 (long), times the factor.
+        assert_eq!(short.cos[2], 1f32.cos() * 1.5);
+        assert_eq!(long.cos[2], 0.25f32.cos() * 1.5);
+        // A decoding step ending past the length uses the long set at its own positions.
+        assert_eq!(rope.tables_at(4, 1).expect("step").sin[1], long.sin[9]);
+        // `su` is the first Phi-3 release's name; factor lists of the wrong length are refused.
+        let config = |factors: serde_json::Value| {
+            ModelConfig::from_value(serde_json::json!({
+                "model_type": "phi3", "max_position_embeddings": 64,
+                "original_max_position_embeddings": 16,
+                "rope_scaling": {"type": "su", "short_factor": factors, "long_factor": [1.0, 2.0]}
+            }))
+        };
+        let su = Rope::from_config(&config(serde_json::json!([1.0, 1.5])), 4, 1.0).expect("su");
+        assert_eq!(su.long_threshold(), Some(16));
+        let expected = (1.0 + 4f64.ln() / 16f64.ln()).sqrt() as f32;
+        assert_eq!(su.attention_factor(), expected);
+        let err = Rope::from_config(&config(serde_json::json!([1.0])), 4, 1.0)
+            .expect_err("one factor for two pairs");
+        assert!(err.reason.contains("short_factor"), "{}", err.reason);
     }
 
     #[test]
