@@ -462,3 +462,20 @@ fn check_merged_with_logits_passes() {
         assert_eq!(exit, 0, "{}: {report}", rel("base"));
     }
 }
+
+/// `inspect` of each base says the logit comparison runs on it (and names the model type).
+#[test]
+fn inspect_says_the_forward_pass_runs() {
+    let doc = cases();
+    for family in families(&doc) {
+        let base = fixture_path(family["base"].as_str().expect("base"));
+        let out = run(&["inspect", &base]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let text = String::from_utf8_lossy(&out.stdout);
+        let model_type = family["model_type"].as_str().expect("model_type");
+        assert!(
+            text.contains(&format!("logits     forward pass ({model_type})")),
+            "{text}"
+        );
+    }
+}
