@@ -479,3 +479,52 @@ fn inspect_says_the_forward_pass_runs() {
         );
     }
 }
+
+/// A merged Gemma 2 whose config.json lost its final-logit soft-cap (its weights are PEFT's
+/// faithful merge, so only the config can tell): `config-drift` names the key. The logit
+/// comparison would not see it, since the merged weights run under the base's architecture.
+#[test]
+fn a_merged_gemma2_without_its_soft_cap_is_config_drift() {
+    let doc = cases();
+    let family = families(&doc)
+        .iter()
+        .find(|f| f["family"] == "gemma2")
+        .expect("gemma2");
+    let good = root()
+        .join("fixtures")
+        .join(family["merged_good"].as_str().expect("merged_good"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    for entry in std::fs::read_dir(&good).expect("merged folder") {
+        let path = entry.expect("entry").path();
+        let dest = dir.path().join(path.file_name().expect("name"));
+        std::fs::copy(&path, &dest).expect("copy");
+    }
+    let config_path = dir.path().join("config.json");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).expect("config"))
+            .expect("JSON");
+    config["final_logit_softcapping"] = Value::Null;
+    std::fs::write(&config_path, config.to_string()).expect("write config");
+    let merged = dir.path().display().to_string();
+    let (exit, report) = check_json_with(
+        "models/tiny-gemma2",
+        &["adapters/gemma2-lora"],
+        &["--merged", &merged],
+    );
+    assert_eq!(exit, 0, "config drift warns: {report}");
+    let drift: Vec<&Value> = report["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .filter(|f| f["code"] == "config-drift")
+        .collect();
+    assert_eq!(drift.len(), 1, "{report}");
+    assert!(
+        drift[0]["message"]
+            .as_str()
+            .expect("message")
+            .contains("final_logit_softcapping"),
+        "{}",
+        drift[0]
+    );
+}
