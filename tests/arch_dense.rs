@@ -577,3 +577,33 @@ fn a_merged_gemma2_without_its_soft_cap_is_config_drift() {
         drift[0]
     );
 }
+
+/// An adapter with separate q/k/v and gate/up projections on Phi-3's fused base (trained on a
+/// split copy, as Unsloth's llamafied Phi-3 is): each `missing-target` names the fused module.
+#[test]
+fn split_projections_on_a_fused_base_name_the_fused_module() {
+    let (exit, report) = check_json("models/tiny-phi3", &["adapters/llama-lora"]);
+    assert_eq!(exit, 1);
+    let missing: Vec<&Value> = report["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .filter(|f| f["code"] == "missing-target")
+        .collect();
+    // q, k, v, gate, up in each of the two layers.
+    assert_eq!(missing.len(), 10, "{report}");
+    for f in missing {
+        let module = f["module"].as_str().expect("module");
+        let fused = if module.contains("self_attn") {
+            "qkv_proj"
+        } else {
+            "gate_up_proj"
+        };
+        let message = f["message"].as_str().expect("message");
+        assert!(
+            message.contains(&format!("`{}", module.rsplit_once('.').expect("dot").0))
+                && message.contains(fused),
+            "{message}"
+        );
+    }
+}
