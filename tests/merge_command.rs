@@ -225,7 +225,15 @@ fn merge_and_forward_agree_on_which_models_store_conv1d() {
     use lora_doctor::io::config::ModelConfig;
     use lora_doctor::io::mapping::stores_conv1d;
     use lora_doctor::model::Architecture;
-    for model in ["tiny-llama", "tiny-gpt2", "tiny-neox"] {
+    for model in [
+        "tiny-llama",
+        "tiny-gpt2",
+        "tiny-neox",
+        "tiny-gemma",
+        "tiny-gemma2",
+        "tiny-gemma3",
+        "tiny-phi3",
+    ] {
         let dir = root().join("fixtures/models").join(model);
         let config = ModelConfig::read_dir(&dir)
             .expect("config.json parses")

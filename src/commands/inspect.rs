@@ -104,6 +104,29 @@ fn summarize_adapter(dir: &Path) -> anyhow::Result<AdapterSummary> {
     })
 }
 
+/// Whether the logit comparison can run with this checkpoint as the base, the way `check`
+/// decides it (`Architecture::from_config`).
+fn logit_support(config: Option<&ModelConfig>, checkpoint: &Checkpoint) -> String {
+    if let Some(header) = checkpoint.gguf() {
+        // `check` builds the config from the GGUF metadata; every architecture it maps has a
+        // forward pass.
+        return match crate::io::gguf::model_type(header) {
+            Ok(model_type) => format!("forward pass ({model_type}, from the GGUF metadata)"),
+            Err(why) => format!("weights only: {why}"),
+        };
+    }
+    let Some(config) = config else {
+        return "weights only: no config.json, so the architecture is unknown".to_string();
+    };
+    match crate::model::Architecture::from_config(config, &|n| checkpoint.contains(n)) {
+        Ok(_) => format!(
+            "forward pass ({})",
+            config.model_type.as_deref().unwrap_or_default()
+        ),
+        Err(why) => format!("weights only: {why}"),
+    }
+}
+
 fn summarize_checkpoint(path: &Path) -> anyhow::Result<CheckpointSummary> {
     let checkpoint = Checkpoint::open(path)
         .with_context(|| format!("cannot open the checkpoint `{}`", path.display()))?;
@@ -130,5 +153,6 @@ fn summarize_checkpoint(path: &Path) -> anyhow::Result<CheckpointSummary> {
         vocab_size: config.as_ref().and_then(|c| c.vocab_size),
         tie_word_embeddings: config.as_ref().map(|c| c.tie_word_embeddings),
         quantization: config.as_ref().and_then(ModelConfig::quantization_summary),
+        logits: logit_support(config.as_ref(), &checkpoint),
     })
 }

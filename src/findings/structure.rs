@@ -504,10 +504,18 @@ fn coverage_rules(
     }
     for (module, why) in unresolved {
         let message = match why {
-            Unresolved::NotFound => format!(
-                "no base tensor `{module}.weight` (nor under a known prefix or as a unique suffix); its \
-                 update would be dropped"
-            ),
+            Unresolved::NotFound => match mapping::fused_sibling(&module, base) {
+                Some(fused) => format!(
+                    "no base tensor `{module}.weight`: the base fuses it into `{fused}` (Phi-3's \
+                     layout), so the adapter was trained on a copy with separate projections \
+                     (e.g. Unsloth's llamafied Phi-3); merge it into that copy, or its update \
+                     would be dropped"
+                ),
+                None => format!(
+                    "no base tensor `{module}.weight` (nor under a known prefix or as a unique \
+                     suffix); its update would be dropped"
+                ),
+            },
             Unresolved::Ambiguous(candidates) => format!(
                 "`{module}` matches several base tensors ({}); refusing to guess",
                 candidates.join(", ")

@@ -12,6 +12,21 @@ use super::ConfigDifference;
 
 /// config.json keys that decide generation.
 const CONFIG_KEYS: &[&str] = &["bos_token_id", "eos_token_id", "pad_token_id"];
+/// config.json keys of the forward pass a merge must carry over and that the logit comparison
+/// cannot see for a `--merged` folder (it runs the merged weights under the base's architecture):
+/// Gemma 2/3's soft-caps (a merged Gemma 2 without them still loads, and degrades), query scalar
+/// and sliding window, the MLP activation, Phi-3's LongRoPE pretraining length. Looked up in
+/// `text_config` when the base nests one; compared only when the base writes the key, numbers by
+/// value (transformers 5.x re-saves each of these keys unchanged, checked per config class).
+const FORWARD_KEYS: &[&str] = &[
+    "final_logit_softcapping",
+    "attn_logit_softcapping",
+    "query_pre_attn_scalar",
+    "sliding_window",
+    "hidden_activation",
+    "hidden_act",
+    "original_max_position_embeddings",
+];
 /// generation_config.json keys that are bookkeeping, not behaviour.
 const GENERATION_IGNORED: &[&str] = &["transformers_version", "_from_model_config"];
 /// tokenizer_config.json keys that change tokenization or the prompt format.
@@ -80,6 +95,14 @@ fn read_json_checked(path: &Path) -> JsonFile {
 /// The `key` of a difference about a whole file (missing, extra, unreadable).
 pub const FILE_KEY: &str = "(file)";
 
+/// JSON equality with numbers compared by value (`256` and `256.0` are one setting).
+fn same_value(a: &Value, b: &Value) -> bool {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    }
+}
+
 /// Shows a value short enough for a table cell.
 fn show(v: Option<&Value>) -> String {
     let s = match v {
@@ -147,6 +170,19 @@ pub fn compare(folders: &Folders<'_>) -> Vec<ConfigDifference> {
                     expected.get(*key),
                     found.get(*key),
                 );
+            }
+        }
+        let text = |v: &Value| v.get("text_config").filter(|t| t.is_object()).cloned();
+        let (expected_text, found_text) = (text(&expected), text(&found));
+        let expected_scope = expected_text.as_ref().unwrap_or(&expected);
+        let found_scope = found_text.as_ref().unwrap_or(&found);
+        for key in FORWARD_KEYS {
+            let Some(want) = expected_scope.get(*key) else {
+                continue;
+            };
+            let got = found_scope.get(*key);
+            if !got.is_some_and(|got| same_value(want, got)) {
+                push("config.json", key, "base", Some(want), got);
             }
         }
     }
@@ -577,6 +613,60 @@ mod tests {
             keys.contains(&("tokenizer.json", FILE_KEY, "base")),
             "{keys:?}"
         );
+    }
+
+    /// A merged Gemma 2 whose config lost its soft-caps is drift; the same values re-written as
+    /// floats, or keys the base never wrote, are not.
+    #[test]
+    fn forward_keys_are_compared_by_value_when_the_base_writes_them() {
+        let base = tempfile::tempdir().expect("tmp");
+        let merged = tempfile::tempdir().expect("tmp");
+        write(
+            base.path(),
+            "config.json",
+            r#"{"query_pre_attn_scalar": 256, "final_logit_softcapping": 30.0,
+                "attn_logit_softcapping": 50.0}"#,
+        );
+        write(
+            merged.path(),
+            "config.json",
+            r#"{"query_pre_attn_scalar": 256.0, "final_logit_softcapping": 30,
+                "attn_logit_softcapping": 50.0, "sliding_window": 4096}"#,
+        );
+        let folders = Folders {
+            merged: merged.path(),
+            adapters: vec![],
+            base: base.path(),
+        };
+        let config_keys = |found: Vec<ConfigDifference>| -> Vec<String> {
+            found
+                .into_iter()
+                .filter(|d| d.file == "config.json")
+                .map(|d| d.key)
+                .collect()
+        };
+        assert!(config_keys(compare(&folders)).is_empty());
+        write(
+            merged.path(),
+            "config.json",
+            r#"{"query_pre_attn_scalar": 256, "final_logit_softcapping": null}"#,
+        );
+        assert_eq!(
+            config_keys(compare(&folders)),
+            ["final_logit_softcapping", "attn_logit_softcapping"]
+        );
+        // A multimodal config nests the language model's keys.
+        write(
+            base.path(),
+            "config.json",
+            r#"{"text_config": {"sliding_window": 512}}"#,
+        );
+        write(
+            merged.path(),
+            "config.json",
+            r#"{"text_config": {"sliding_window": 4096}}"#,
+        );
+        assert_eq!(config_keys(compare(&folders)), ["sliding_window"]);
     }
 
     #[test]

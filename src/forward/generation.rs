@@ -171,6 +171,13 @@ fn decode(
             (step..max_new).for_each(|_| on_step());
             break;
         }
+        for &p in &active {
+            // Phi-3's LongRoPE switch: recompute the whole sequence, as `generate_greedy` does.
+            if arch.cache_is_stale(caches[p].len(), caches[p].len() + inputs[p].len()) {
+                caches[p] = crate::model::KvCache::new(arch);
+                inputs[p] = [prompts[p].as_slice(), out[p].as_slice()].concat();
+            }
+        }
         let mut hidden = model.with_group(0, |w| {
             active
                 .iter()
@@ -439,13 +446,23 @@ mod tests {
     /// The streamed decoder and scorer give exactly the tokens and NLLs of `generate_greedy` and
     /// `sequence_nll` run prompt by prompt, whether every group is rebuilt at each step (budget 0)
     /// or all are kept, including a prompt that stops early on a stop token.
+    /// Phi-3's prompts grow past its 16-position LongRoPE threshold, so both loops drop their
+    /// caches at the crossing.
     #[test]
     fn streamed_generation_is_the_per_prompt_greedy_loop() {
-        for name in ["tiny-llama", "tiny-gpt2", "tiny-neox"] {
+        for name in [
+            "tiny-llama",
+            "tiny-gpt2",
+            "tiny-neox",
+            "tiny-gemma",
+            "tiny-gemma2",
+            "tiny-gemma3",
+            "tiny-phi3",
+        ] {
             let (base, arch) = tiny(name);
             let w = CheckpointProvider::base(&base);
             let prompts = vec![vec![5u32, 80, 13], vec![200, 7, 7, 31, 9], vec![42]];
-            let max_new = 7;
+            let max_new = 14;
             let free: Vec<Vec<u32>> = prompts
                 .iter()
                 .map(|p| generate_greedy(&arch, &w, p, max_new, &[]).expect("generate"))
@@ -483,6 +500,56 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The streamed decoder on Phi-3 + LoRA reproduces transformers' `generate` past the LongRoPE
+    /// switch at 16 positions (10 prompt + 16 new tokens), where transformers drops the cache: a
+    /// decoder that kept the short-factor keys diverges from it (fixtures/gen/arch_dense.py).
+    #[test]
+    fn streamed_generation_matches_transformers_across_the_longrope_switch() {
+        use crate::io::adapter::Adapter;
+        use crate::merge::engine::MergePlan;
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let doc: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(root.join("fixtures/goldens/arch_dense/cases.json"))
+                .expect("arch_dense cases.json"),
+        )
+        .expect("JSON");
+        let family = doc["families"]
+            .as_array()
+            .expect("families")
+            .iter()
+            .find(|f| f["family"] == "phi3")
+            .expect("phi3");
+        let ids = |v: &serde_json::Value| -> Vec<u32> {
+            v.as_array()
+                .expect("ids")
+                .iter()
+                .map(|t| t.as_u64().expect("id") as u32)
+                .collect()
+        };
+        let entries: Vec<&serde_json::Value> = family["generation"]
+            .as_array()
+            .expect("generation")
+            .iter()
+            .filter(|e| e["case"] == "phi3-lora")
+            .collect();
+        let prompts: Vec<Vec<u32>> = entries.iter().map(|e| ids(&e["prompt"])).collect();
+        let want: Vec<Vec<u32>> = entries.iter().map(|e| ids(&e["generated"])).collect();
+        assert!(
+            want.iter().all(|w| w.len() == 16),
+            "both cross 16 positions"
+        );
+        let (base, arch) = tiny("tiny-phi3");
+        let config = ModelConfig::read_dir(&root.join("fixtures/models/tiny-phi3"))
+            .expect("config")
+            .expect("config.json");
+        let adapters = [Adapter::open(&root.join("fixtures/adapters/phi3-lora")).expect("adapter")];
+        let plan = MergePlan::build(&base, Some(&config), &adapters).expect("plan");
+        let w = CheckpointProvider::with_adapters(&base, &adapters, &plan);
+        let mut model = StreamedModel::new(&arch, &w, usize::MAX);
+        let got = decode(&arch, &mut model, &prompts, 16, &[0], &|| {}).expect("decode");
+        assert_eq!(got, want);
     }
 
     #[test]

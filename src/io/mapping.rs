@@ -53,6 +53,26 @@ const PREFIX_SWAPS: &[(&str, &str)] = &[
     ("gpt_neox.", ""),
 ];
 
+/// Fused projections and the separate ones they stand for, in row order (Phi-3's `qkv_proj` holds
+/// q, k, v; its `gate_up_proj` gate, up). A copy of such a model with the projections split
+/// (Unsloth "llamafies" Phi-3) trains adapters on the separate names.
+pub const FUSED_PROJECTIONS: &[(&str, &[&str])] = &[
+    ("qkv_proj", &["q_proj", "k_proj", "v_proj"]),
+    ("gate_up_proj", &["gate_proj", "up_proj"]),
+];
+
+/// The base module that fuses the separate projection `module` (`…self_attn.q_proj` →
+/// `…self_attn.qkv_proj`), when the base has it: the adapter was trained on a split copy.
+pub fn fused_sibling(module: &str, base: &Checkpoint) -> Option<String> {
+    let (parent, leaf) = module.rsplit_once('.')?;
+    let (fused, _) = FUSED_PROJECTIONS
+        .iter()
+        .find(|(_, parts)| parts.contains(&leaf))?;
+    resolve(&format!("{parent}.{fused}"), base)
+        .ok()
+        .map(|target| target.prefix)
+}
+
 /// Known names of the input embedding and the output head.
 pub const EMBEDDING_SUFFIXES: &[&str] = &[
     "embed_tokens.weight",

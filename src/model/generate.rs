@@ -149,7 +149,8 @@ pub fn argmax(row: &[f32]) -> usize {
 
 /// Greedy continuation of `prompt`: the prompt is prefilled through every block into per-layer
 /// key/value caches, then one token at a time is appended, each the argmax of the last position's
-/// logits ([`argmax`]: first maximum on ties). Stops after `max_new` tokens or right after emitting
+/// logits ([`argmax`]: first maximum on ties). A step at which the cache goes stale
+/// ([`Architecture::cache_is_stale`]: Phi-3's LongRoPE switch) recomputes the whole sequence. Stops after `max_new` tokens or right after emitting
 /// a token in `stop` (eos ids), which is kept, as transformers' `generate` keeps it. Returns only
 /// the new tokens.
 ///
@@ -173,6 +174,10 @@ pub fn generate_greedy(
     let mut cache = KvCache::new(arch);
     let mut input = prompt.to_vec();
     loop {
+        if arch.cache_is_stale(cache.len(), cache.len() + input.len()) {
+            cache = KvCache::new(arch);
+            input = [prompt, &new].concat();
+        }
         let hidden = cache.extend(arch, w, &input)?;
         let last = hidden.narrow(0, input.len() - 1, 1)?;
         let logits = arch.head(w, &last)?.flatten_all()?.to_vec1::<f32>()?;

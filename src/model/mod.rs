@@ -5,8 +5,8 @@
 //! Weights come from a [`WeightProvider`], which decides what a tensor *is* for its model: the stored
 //! base, the base plus unmerged LoRA terms ([`UnmergedLora`], applied in the forward the way PEFT does),
 //! or a merged weight rounded or quantized on the fly. The decoder itself only knows transformers'
-//! architectures ([`Architecture`]): the Llama family (llama, mistral, qwen2, qwen3), GPT-2 and
-//! GPT-NeoX. Everything computes in f32 on the CPU, one sequence at a time, and returns logits for
+//! architectures ([`Architecture`]): the Llama family (llama, mistral, qwen2, qwen3), Gemma 1/2/3
+//! (text), Phi-3, GPT-2 and GPT-NeoX. Everything computes in f32 on the CPU, one sequence at a time, and returns logits for
 //! every position.
 //!
 //! ```text
@@ -25,12 +25,14 @@
 //! [`sequence_nll`] scores a continuation under a model.
 
 mod cache;
+mod gemma;
 mod generate;
 mod gpt2;
 mod linear;
 mod llama;
 mod neox;
 mod ops;
+mod phi3;
 mod provider;
 mod rope;
 
@@ -45,11 +47,13 @@ use crate::io::config::ModelConfig;
 pub use crate::merge::delta::Layout;
 
 pub use cache::{KvCache, LayerCache};
+pub use gemma::{GemmaConfig, GemmaGeneration};
 pub use generate::{MaterializedModel, argmax, generate_greedy, log_sum_exp, sequence_nll};
 pub use gpt2::Gpt2Config;
 pub use llama::LlamaConfig;
 pub use neox::NeoXConfig;
 pub use ops::Activation;
+pub use phi3::Phi3Config;
 pub use provider::CheckpointProvider;
 pub use rope::{Rope, RopeScaling};
 
@@ -175,9 +179,26 @@ pub struct UnmergedLora {
 #[derive(Debug, Clone)]
 pub enum Architecture {
     Llama(LlamaConfig),
+    Gemma(GemmaConfig),
+    Phi3(Phi3Config),
     Gpt2(Gpt2Config),
     NeoX(NeoXConfig),
 }
+
+/// The `model_type`s with a forward pass, as the unsupported message lists them.
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "gemma3",
+    "phi3",
+    "gpt2",
+    "gpt_neox",
+];
 
 impl Architecture {
     /// Resolves the architecture from `config.json`. `has` answers whether the base checkpoint holds a
@@ -195,11 +216,18 @@ impl Architecture {
             "llama" | "mistral" | "qwen2" | "qwen3" => {
                 LlamaConfig::from_config(config, has).map(Architecture::Llama)
             }
+            "phi3" => Phi3Config::from_config(config, has).map(Architecture::Phi3),
             "gpt2" => Gpt2Config::from_config(config, has).map(Architecture::Gpt2),
             "gpt_neox" => NeoXConfig::from_config(config, has).map(Architecture::NeoX),
-            other => Err(Unsupported::new(format!(
-                "architecture `{other}` has no forward pass in lora-doctor yet (llama, mistral, qwen2, qwen3, gpt2 and gpt_neox do)"
-            ))),
+            other => match GemmaGeneration::from_model_type(other) {
+                Some(generation) => {
+                    GemmaConfig::from_config(config, generation, has).map(Architecture::Gemma)
+                }
+                None => Err(Unsupported::new(format!(
+                    "architecture `{other}` has no forward pass in lora-doctor yet ({} do)",
+                    SUPPORTED_MODEL_TYPES.join(", ")
+                ))),
+            },
         }
     }
 
@@ -209,7 +237,10 @@ impl Architecture {
     pub fn conv1d(&self) -> bool {
         match self {
             Architecture::Gpt2(_) => true,
-            Architecture::Llama(_) | Architecture::NeoX(_) => false,
+            Architecture::Llama(_)
+            | Architecture::Gemma(_)
+            | Architecture::Phi3(_)
+            | Architecture::NeoX(_) => false,
         }
     }
 
@@ -218,13 +249,35 @@ impl Architecture {
     pub fn learned_positions(&self) -> bool {
         match self {
             Architecture::Gpt2(_) => true,
-            Architecture::Llama(_) | Architecture::NeoX(_) => false,
+            Architecture::Llama(_)
+            | Architecture::Gemma(_)
+            | Architecture::Phi3(_)
+            | Architecture::NeoX(_) => false,
         }
+    }
+
+    /// Whether a decoding cache of `cached` positions must be dropped and the whole sequence
+    /// recomputed before the sequence grows to `total` positions. Phi-3 with LongRoPE rotates every
+    /// position with the long factors once the sequence is longer than
+    /// `original_max_position_embeddings`, and transformers' `Phi3ForCausalLM.
+    /// prepare_inputs_for_generation` drops a cache built below that length at the step that
+    /// crosses it (the cached keys were rotated with the short factors). Never for other models.
+    pub fn cache_is_stale(&self, cached: usize, total: usize) -> bool {
+        let threshold = match self {
+            Architecture::Phi3(c) => c.rope.long_threshold(),
+            Architecture::Llama(_)
+            | Architecture::Gemma(_)
+            | Architecture::Gpt2(_)
+            | Architecture::NeoX(_) => None,
+        };
+        threshold.is_some_and(|n| cached > 0 && cached <= n && total > n)
     }
 
     pub fn num_layers(&self) -> usize {
         match self {
             Architecture::Llama(c) => c.num_layers,
+            Architecture::Gemma(c) => c.num_layers,
+            Architecture::Phi3(c) => c.num_layers,
             Architecture::Gpt2(c) => c.num_layers,
             Architecture::NeoX(c) => c.num_layers,
         }
@@ -234,7 +287,10 @@ impl Architecture {
     pub fn max_positions(&self) -> Option<usize> {
         match self {
             Architecture::Gpt2(c) => Some(c.max_positions),
-            Architecture::Llama(_) | Architecture::NeoX(_) => None,
+            Architecture::Llama(_)
+            | Architecture::Gemma(_)
+            | Architecture::Phi3(_)
+            | Architecture::NeoX(_) => None,
         }
     }
 
@@ -242,6 +298,8 @@ impl Architecture {
     pub fn hidden_size(&self) -> usize {
         match self {
             Architecture::Llama(c) => c.hidden_size,
+            Architecture::Gemma(c) => c.hidden_size,
+            Architecture::Phi3(c) => c.hidden_size,
             Architecture::Gpt2(c) => c.hidden_size,
             Architecture::NeoX(c) => c.hidden_size,
         }
@@ -251,6 +309,8 @@ impl Architecture {
     pub fn embed_tensors(&self) -> Vec<String> {
         match self {
             Architecture::Llama(c) => vec![c.embed.clone()],
+            Architecture::Gemma(c) => vec![c.embed.clone()],
+            Architecture::Phi3(c) => vec![c.embed.clone()],
             Architecture::Gpt2(c) => vec![c.embed.clone(), c.positions.clone()],
             Architecture::NeoX(c) => vec![c.embed.clone()],
         }
@@ -261,6 +321,8 @@ impl Architecture {
     pub fn block_tensors(&self, i: usize) -> Vec<String> {
         match self {
             Architecture::Llama(c) => c.block_tensors(i),
+            Architecture::Gemma(c) => c.block_tensors(i),
+            Architecture::Phi3(c) => c.block_tensors(i),
             Architecture::Gpt2(c) => c.block_tensors(i),
             Architecture::NeoX(c) => c.block_tensors(i),
         }
@@ -271,6 +333,8 @@ impl Architecture {
     pub fn head_tensors(&self) -> Vec<String> {
         match self {
             Architecture::Llama(c) => c.head_tensors(),
+            Architecture::Gemma(c) => c.head_tensors(),
+            Architecture::Phi3(c) => c.head_tensors(),
             Architecture::Gpt2(c) => c.head_tensors(),
             Architecture::NeoX(c) => c.head_tensors(),
         }
@@ -281,6 +345,8 @@ impl Architecture {
     pub fn head_matrix(&self) -> &str {
         match self {
             Architecture::Llama(c) => &c.head,
+            Architecture::Gemma(c) => &c.head,
+            Architecture::Phi3(c) => &c.head,
             Architecture::Gpt2(c) => &c.head,
             Architecture::NeoX(c) => &c.head,
         }
@@ -305,6 +371,8 @@ impl Architecture {
         }
         match self {
             Architecture::Llama(c) => c.embed(w, tokens),
+            Architecture::Gemma(c) => c.embed(w, tokens),
+            Architecture::Phi3(c) => c.embed(w, tokens),
             Architecture::Gpt2(c) => c.embed_at(w, tokens, start_pos),
             Architecture::NeoX(c) => c.embed(w, tokens),
         }
@@ -349,6 +417,8 @@ impl Architecture {
         }
         match self {
             Architecture::Llama(c) => c.block_step(i, w, hidden_new, cache, start_pos),
+            Architecture::Gemma(c) => c.block_step(i, w, hidden_new, cache, start_pos),
+            Architecture::Phi3(c) => c.block_step(i, w, hidden_new, cache, start_pos),
             Architecture::Gpt2(c) => c.block_step(i, w, hidden_new, cache),
             Architecture::NeoX(c) => c.block_step(i, w, hidden_new, cache, start_pos),
         }
@@ -359,6 +429,8 @@ impl Architecture {
         self.check_hidden(hidden)?;
         match self {
             Architecture::Llama(c) => c.head(w, hidden),
+            Architecture::Gemma(c) => c.head(w, hidden),
+            Architecture::Phi3(c) => c.head(w, hidden),
             Architecture::Gpt2(c) => c.head(w, hidden),
             Architecture::NeoX(c) => c.head(w, hidden),
         }

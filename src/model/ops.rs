@@ -276,6 +276,20 @@ pub(crate) fn attention(
     scale: f64,
     window: Option<usize>,
 ) -> Result<Tensor, ModelError> {
+    attention_capped(q, k, v, scale, window, None)
+}
+
+/// [`attention`] with Gemma 2's attention-logit soft-capping: each scaled score s becomes
+/// `cap · tanh(s / cap)` before the mask and the softmax (transformers' `eager_attention_forward`
+/// with `softcap`).
+pub(crate) fn attention_capped(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    window: Option<usize>,
+    softcap: Option<f32>,
+) -> Result<Tensor, ModelError> {
     let (heads, t, dh) = q.dims3()?;
     let (kv_heads, _, _) = k.dims3()?;
     let group = heads / kv_heads;
@@ -287,6 +301,7 @@ pub(crate) fn attention(
         scale: scale as f32,
         window: window.unwrap_or(usize::MAX),
         queries: t,
+        softcap,
     })?;
     let out = probs.matmul(&v.contiguous()?)?; // [KV, G·T, Dh]
     let out = out.reshape((heads, t, dh))?.transpose(0, 1)?;
@@ -302,6 +317,19 @@ struct CausalSoftmax {
     scale: f32,
     window: usize,
     queries: usize,
+    softcap: Option<f32>,
+}
+
+impl CausalSoftmax {
+    /// A raw score as the softmax sees it: scaled, then soft-capped when asked, in f32 in
+    /// transformers' order (`s·scale / cap`, `tanh`, `· cap`).
+    fn score(&self, s: f32) -> f32 {
+        let scaled = s * self.scale;
+        match self.softcap {
+            Some(cap) => (scaled / cap).tanh() * cap,
+            None => scaled,
+        }
+    }
 }
 
 impl CustomOp1 for CausalSoftmax {
@@ -334,10 +362,10 @@ impl CustomOp1 for CausalSoftmax {
                 let visible = &scores[first..=i];
                 let max = visible
                     .iter()
-                    .fold(f32::NEG_INFINITY, |m, s| m.max(s * self.scale));
+                    .fold(f32::NEG_INFINITY, |m, s| m.max(self.score(*s)));
                 let mut sum = 0.0f32;
                 for (o, s) in out[first..=i].iter_mut().zip(visible) {
-                    *o = (s * self.scale - max).exp();
+                    *o = (self.score(*s) - max).exp();
                     sum += *o;
                 }
                 for o in &mut out[first..=i] {
@@ -346,6 +374,19 @@ impl CustomOp1 for CausalSoftmax {
             });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
+}
+
+/// `cap · tanh(x / cap)` element-wise in f32 (Gemma's final-logit soft-capping, transformers'
+/// order of operations).
+pub(crate) fn soft_cap(x: &Tensor, cap: f32) -> Result<Tensor, ModelError> {
+    let shape = x.shape().clone();
+    let capped: Vec<f32> = x
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(|v| (v / cap).tanh() * cap)
+        .collect();
+    Ok(Tensor::from_vec(capped, shape, &Device::Cpu)?)
 }
 
 /// `[T, H·Dh]` → `[H, T, Dh]`, contiguous.
@@ -378,6 +419,7 @@ mod tests {
                     scale: 1.0,
                     window,
                     queries: 4,
+                    softcap: None,
                 })
                 .expect("softmax")
                 .squeeze(0)
@@ -422,6 +464,7 @@ mod tests {
                     scale: 1.0,
                     window,
                     queries: 2,
+                    softcap: None,
                 })
                 .expect("softmax")
                 .squeeze(0)
@@ -440,6 +483,7 @@ mod tests {
             scale: 1.0,
             window: usize::MAX,
             queries: 3,
+            softcap: None,
         });
         assert!(err.is_err());
     }

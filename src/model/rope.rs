@@ -1,8 +1,12 @@
 //! Rotary position embeddings as transformers computes them: inverse frequencies from `rope_theta`
-//! (default, `linear` and `llama3` scaling, in f32 in transformers' order of operations so the angles
-//! match to the last bit where possible), optional partial rotation (GPT-NeoX's `rotary_pct` /
-//! `partial_rotary_factor`), and the `rotate_half` convention: the rotated dimensions are split in a
-//! first and a second half, not interleaved in pairs.
+//! (default, `linear`, `llama3` and `longrope` scaling, in f32 in transformers' order of operations so
+//! the angles match to the last bit where possible), optional partial rotation (GPT-NeoX's
+//! `rotary_pct` / `partial_rotary_factor`), and the `rotate_half` convention: the rotated dimensions
+//! are split in a first and a second half, not interleaved in pairs.
+//!
+//! LongRoPE (Phi-3's `longrope`, formerly `su`) keeps two frequency sets and an attention factor that
+//! scales cos and sin; which set a forward step uses depends on where the step's sequence ends
+//! (transformers `dynamic_rope_update`, `longrope_frequency_update`).
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -28,6 +32,15 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: f64,
     },
+    /// `longrope` / `su` (Phi-3): `inv_freq = 1 / (ext · θ^(2i/d))` with `ext` the `short_factor`
+    /// list, or the `long_factor` list once a sequence is longer than
+    /// `original_max_position_embeddings`; cos and sin are multiplied by `attention_factor`.
+    LongRope {
+        short_factor: Vec<f64>,
+        long_factor: Vec<f64>,
+        original_max_position_embeddings: usize,
+        attention_factor: f64,
+    },
 }
 
 /// The rotary embedding of one attention layer: `inv_freq` has one entry per rotated pair, so
@@ -37,6 +50,17 @@ pub struct Rope {
     inv_freq: Vec<f32>,
     /// Longest sequence these frequencies are valid for (dynamic scaling changes them beyond).
     max_positions: Option<usize>,
+    /// LongRoPE's second set, used by steps whose sequence ends beyond `original` positions.
+    long: Option<LongFrequencies>,
+    /// Multiplies cos and sin (LongRoPE's attention factor; 1 otherwise).
+    attention_factor: f32,
+}
+
+/// LongRoPE's frequencies for long sequences.
+#[derive(Debug, Clone, PartialEq)]
+struct LongFrequencies {
+    inv_freq: Vec<f32>,
+    original: usize,
 }
 
 impl Rope {
@@ -47,7 +71,28 @@ impl Rope {
         head_dim: usize,
         default_partial: f64,
     ) -> Result<Self, Unsupported> {
-        let params = config.rope_scaling.as_ref();
+        let theta = config.rope_theta.unwrap_or(10_000.0);
+        Self::from_params(
+            config,
+            config.rope_scaling.as_ref(),
+            theta,
+            head_dim,
+            default_partial,
+        )
+    }
+
+    /// The rotary embedding described by one `rope_parameters` dict (`params`; `None`: default
+    /// frequencies) with base `theta`, for models whose layers rotate differently (Gemma 3's local and
+    /// global layers each have their own dict). The rotated fraction and the model-level lengths
+    /// (`max_position_embeddings`, Phi-3's top-level `original_max_position_embeddings`) come from
+    /// `config`.
+    pub fn from_params(
+        config: &ModelConfig,
+        params: Option<&Value>,
+        theta: f64,
+        head_dim: usize,
+        default_partial: f64,
+    ) -> Result<Self, Unsupported> {
         let text = text_config(config);
         let number = |v: Option<&Value>| v.and_then(Value::as_f64);
         let partial = number(params.and_then(|p| p.get("partial_rotary_factor")))
@@ -61,9 +106,17 @@ impl Rope {
                 "rotary dimension {rotary_dim} (head_dim {head_dim} × {partial}) is not an even number in 1..={head_dim}"
             )));
         }
-        let theta = config.rope_theta.unwrap_or(10_000.0);
+        let lengths = Lengths {
+            max_positions: config.max_position_embeddings,
+            // Phi-3 writes the pretraining length next to `rope_scaling`; transformers gives it
+            // priority over the one inside the dict (`standardize_rope_params`).
+            original_top: text
+                .get("original_max_position_embeddings")
+                .and_then(Value::as_u64)
+                .map(|v| v as usize),
+        };
         let scaling = match params {
-            Some(p) => parse_scaling(p, config.max_position_embeddings)?,
+            Some(p) => parse_scaling(p, &lengths, rotary_dim)?,
             None => RopeScaling::None,
         };
         Ok(Rope::new(theta, rotary_dim, &scaling))
@@ -76,11 +129,25 @@ impl Rope {
             RopeScaling::Dynamic { max_positions } => Some(max_positions),
             _ => None,
         };
-        let inv_freq = match *scaling {
+        let (mut long, mut attention_factor) = (None, 1.0f32);
+        let inv_freq = match scaling {
             RopeScaling::None | RopeScaling::Dynamic { .. } => base,
             RopeScaling::Linear { factor } => {
-                let f = factor as f32;
+                let f = *factor as f32;
                 base.into_iter().map(|v| v / f).collect()
+            }
+            RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings,
+                attention_factor: factor,
+            } => {
+                long = Some(LongFrequencies {
+                    inv_freq: longrope(theta, rotary_dim, long_factor),
+                    original: *original_max_position_embeddings,
+                });
+                attention_factor = *factor as f32;
+                longrope(theta, rotary_dim, short_factor)
             }
             RopeScaling::Llama3 {
                 factor,
@@ -89,21 +156,44 @@ impl Rope {
                 original_max_position_embeddings,
             } => llama3(
                 &base,
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
+                *factor,
+                *low_freq_factor,
+                *high_freq_factor,
+                *original_max_position_embeddings,
             ),
         };
         Rope {
             inv_freq,
             max_positions,
+            long,
+            attention_factor,
         }
     }
 
-    /// One inverse frequency per rotated pair.
+    /// One inverse frequency per rotated pair (LongRoPE: the short set).
     pub fn inv_freq(&self) -> &[f32] {
         &self.inv_freq
+    }
+
+    /// The factor cos and sin are multiplied by (LongRoPE's attention factor; 1 otherwise).
+    pub fn attention_factor(&self) -> f32 {
+        self.attention_factor
+    }
+
+    /// LongRoPE's pretraining length, past which the long factors apply; `None` without LongRoPE.
+    pub fn long_threshold(&self) -> Option<usize> {
+        self.long.as_ref().map(|l| l.original)
+    }
+
+    /// The frequencies a step whose sequence ends at position `end` (exclusive) rotates with:
+    /// LongRoPE's long set once `end` passes the pretraining length (transformers compares
+    /// `max(position_ids) + 1` with it at every forward, so a cached decode switches sets mid-way and
+    /// keeps the keys it already rotated with the short set), else the one set.
+    pub fn inv_freq_until(&self, end: usize) -> &[f32] {
+        match &self.long {
+            Some(long) if end > long.original => &long.inv_freq,
+            _ => &self.inv_freq,
+        }
     }
 
     /// Number of leading head dimensions that rotate.
@@ -125,15 +215,18 @@ impl Rope {
                         .to_string(),
             });
         }
-        let half = self.inv_freq.len();
+        let freqs = self.inv_freq_until(end);
+        let half = freqs.len();
+        let factor = self.attention_factor;
         let mut cos = Vec::with_capacity(t * half);
         let mut sin = Vec::with_capacity(t * half);
         for p in start..end {
-            for f in &self.inv_freq {
-                // f32 product then f32 cos/sin, as transformers' rotary forward computes them.
+            for f in freqs {
+                // f32 product then f32 cos/sin, each times the attention factor in f32, as
+                // transformers' rotary forward computes them (a factor of 1 changes nothing).
                 let angle = p as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+                cos.push(angle.cos() * factor);
+                sin.push(angle.sin() * factor);
             }
         }
         Ok(RopeTables {
@@ -223,10 +316,19 @@ impl CustomOp1 for Rotate<'_> {
     }
 }
 
+/// The model-level lengths a scaling may need.
+struct Lengths {
+    max_positions: Option<usize>,
+    /// A top-level `original_max_position_embeddings` (Phi-3).
+    original_top: Option<usize>,
+}
+
 fn parse_scaling(
     params: &Value,
-    max_position_embeddings: Option<usize>,
+    lengths: &Lengths,
+    rotary_dim: usize,
 ) -> Result<RopeScaling, Unsupported> {
+    let max_position_embeddings = lengths.max_positions;
     let kind = params
         .get("rope_type")
         .or_else(|| params.get("type"))
@@ -271,10 +373,88 @@ fn parse_scaling(
                 original_max_position_embeddings: original,
             })
         }
+        // transformers' Phi3Config renames `su` (the first Phi-3 release) to `longrope`.
+        "longrope" | "su" => longrope_scaling(params, lengths, rotary_dim),
         other => Err(Unsupported::new(format!(
-            "rope scaling `{other}` is not implemented (default, linear, dynamic and llama3 are)"
+            "rope scaling `{other}` is not implemented (default, linear, dynamic, llama3 and longrope are)"
         ))),
     }
+}
+
+/// LongRoPE's parameters (transformers `_compute_longrope_parameters`): both factor lists with one
+/// entry per rotated pair; the pretraining length from the top level of the config, else the dict,
+/// else `max_position_embeddings`; `factor` defaulting to max / original; the attention factor,
+/// unless given, `sqrt(1 + ln(factor) / ln(original))` for factors above 1.
+fn longrope_scaling(
+    params: &Value,
+    lengths: &Lengths,
+    rotary_dim: usize,
+) -> Result<RopeScaling, Unsupported> {
+    let list = |key: &str| -> Result<Vec<f64>, Unsupported> {
+        let values = params
+            .get(key)
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().map(Value::as_f64).collect::<Option<Vec<f64>>>());
+        match values {
+            Some(v) if v.len() == rotary_dim / 2 && v.iter().all(|f| f.is_finite() && *f > 0.0) => {
+                Ok(v)
+            }
+            _ => Err(Unsupported::new(format!(
+                "rope scaling `longrope` needs `{key}`: {} positive numbers, one per rotated pair",
+                rotary_dim / 2
+            ))),
+        }
+    };
+    let original = lengths
+        .original_top
+        .or_else(|| {
+            params
+                .get("original_max_position_embeddings")
+                .and_then(Value::as_u64)
+                .map(|v| v as usize)
+        })
+        .or(lengths.max_positions)
+        .filter(|v| *v > 1)
+        .ok_or_else(|| {
+            Unsupported::new("rope scaling `longrope` needs `original_max_position_embeddings`")
+        })?;
+    let positive = |key: &str| {
+        params
+            .get(key)
+            .and_then(Value::as_f64)
+            .filter(|v| v.is_finite() && *v > 0.0)
+    };
+    let factor = positive("factor").or_else(|| {
+        lengths
+            .max_positions
+            .map(|max| max as f64 / original as f64)
+    });
+    let attention_factor = match (positive("attention_factor"), factor) {
+        (Some(given), _) => given,
+        (None, Some(f)) if f > 1.0 => (1.0 + f.ln() / (original as f64).ln()).sqrt(),
+        (None, _) => 1.0,
+    };
+    Ok(RopeScaling::LongRope {
+        short_factor: list("short_factor")?,
+        long_factor: list("long_factor")?,
+        original_max_position_embeddings: original,
+        attention_factor,
+    })
+}
+
+/// `1 / (ext_i · θ^(2i/d))`, every step in f32 (transformers: `1.0 / (ext_factors *
+/// base**inv_freq_shape)` with `ext_factors` a float32 tensor of the config's list).
+fn longrope(theta: f64, rotary_dim: usize, ext: &[f64]) -> Vec<f32> {
+    (0..rotary_dim / 2)
+        .map(|i| {
+            let exponent = (2 * i) as f32 / rotary_dim as f32;
+            let power = (theta as f32 as f64).powf(exponent as f64) as f32;
+            // A list of the wrong length cannot come from a config (parse_scaling checks it);
+            // a missing entry scales by 1 rather than panicking.
+            let ext = ext.get(i).copied().unwrap_or(1.0) as f32;
+            1.0f32 / (ext * power)
+        })
+        .collect()
 }
 
 /// `1 / θ^(2i/d)`: the exponent divided in f32, the power rounded once to f32, the reciprocal in
@@ -359,6 +539,92 @@ mod tests {
                 assert!(rel <= 2.5e-7, "{name}[{i}]: {got} vs transformers {want}");
             }
         }
+    }
+
+    /// LongRoPE as transformers computes it for Phi-3 configs in the v5 style (`rope_parameters`)
+    /// and the v4 style (`rope_scaling` with `type`, top-level theta and partial rotary factor):
+    /// the short and the long set, and the attention factor (fixtures/gen/arch_dense.py).
+    #[test]
+    fn longrope_matches_transformers() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/goldens/arch_dense/cases.json"
+        );
+        let doc: Value =
+            serde_json::from_str(&std::fs::read_to_string(path).expect("read arch_dense goldens"))
+                .expect("parse arch_dense goldens");
+        let entries = doc["rope"].as_array().expect("rope entries");
+        assert_eq!(entries.len(), 2);
+        let floats = |v: &Value| -> Vec<f32> {
+            v.as_array()
+                .expect("list")
+                .iter()
+                .map(|x| x.as_f64().expect("number") as f32)
+                .collect()
+        };
+        for entry in entries {
+            let name = entry["name"].as_str().expect("name");
+            let config = ModelConfig::from_value(entry["config"].clone());
+            let head_dim =
+                config.hidden_size.expect("hidden") / config.num_attention_heads.expect("heads");
+            let rope = Rope::from_config(&config, head_dim, 1.0).expect("longrope is supported");
+            let threshold = rope.long_threshold().expect("a long set");
+            assert_eq!(threshold, 16, "{name}");
+            for (got, want, set) in [
+                (
+                    rope.inv_freq_until(threshold),
+                    floats(&entry["short_inv_freq"]),
+                    "short",
+                ),
+                (
+                    rope.inv_freq_until(threshold + 1),
+                    floats(&entry["long_inv_freq"]),
+                    "long",
+                ),
+            ] {
+                assert_eq!(got.len(), want.len(), "{name} {set}");
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    let rel = ((g - w) / w).abs();
+                    assert!(rel <= 2.5e-7, "{name} {set}[{i}]: {g} vs transformers {w}");
+                }
+            }
+            let factor = entry["attention_factor"].as_f64().expect("factor") as f32;
+            assert_eq!(rope.attention_factor(), factor, "{name}");
+            assert!(factor > 1.0, "{name}: the factor must bite");
+        }
+    }
+
+    #[test]
+    fn longrope_tables_switch_sets_at_the_pretraining_length_and_scale_by_the_factor() {
+        let scaling = RopeScaling::LongRope {
+            short_factor: vec![1.0, 2.0],
+            long_factor: vec![4.0, 8.0],
+            original_max_position_embeddings: 4,
+            attention_factor: 1.5,
+        };
+        let rope = Rope::new(10_000.0, 4, &scaling);
+        let short = rope.tables_at(0, 4).expect("short");
+        let long = rope.tables_at(0, 5).expect("long");
+        // Position 1, pair 0: angle 1 / 1 (short) or 1 / 4 (long), times the factor.
+        assert_eq!(short.cos[2], 1f32.cos() * 1.5);
+        assert_eq!(long.cos[2], 0.25f32.cos() * 1.5);
+        // A decoding step ending past the length uses the long set at its own positions.
+        assert_eq!(rope.tables_at(4, 1).expect("step").sin[1], long.sin[9]);
+        // `su` is the first Phi-3 release's name; factor lists of the wrong length are refused.
+        let config = |factors: serde_json::Value| {
+            ModelConfig::from_value(serde_json::json!({
+                "model_type": "phi3", "max_position_embeddings": 64,
+                "original_max_position_embeddings": 16,
+                "rope_scaling": {"type": "su", "short_factor": factors, "long_factor": [1.0, 2.0]}
+            }))
+        };
+        let su = Rope::from_config(&config(serde_json::json!([1.0, 1.5])), 4, 1.0).expect("su");
+        assert_eq!(su.long_threshold(), Some(16));
+        let expected = (1.0 + 4f64.ln() / 16f64.ln()).sqrt() as f32;
+        assert_eq!(su.attention_factor(), expected);
+        let err = Rope::from_config(&config(serde_json::json!([1.0])), 4, 1.0)
+            .expect_err("one factor for two pairs");
+        assert!(err.reason.contains("short_factor"), "{}", err.reason);
     }
 
     #[test]

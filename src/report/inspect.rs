@@ -45,6 +45,9 @@ pub struct CheckpointSummary {
     pub vocab_size: Option<usize>,
     pub tie_word_embeddings: Option<bool>,
     pub quantization: Option<String>,
+    /// Whether `check` can run the logit comparison on this checkpoint as a base: `forward pass
+    /// (<model_type>)`, or `weights only: <why>`.
+    pub logits: String,
 }
 
 /// `inspect` of an adapter folder.
@@ -123,6 +126,7 @@ pub fn checkpoint_summary(s: &CheckpointSummary) -> String {
     );
     let dtypes: Vec<String> = s.dtypes.iter().map(|(d, n)| format!("{d} ×{n}")).collect();
     let _ = writeln!(out, "dtypes     {}", dtypes.join(", "));
+    let _ = writeln!(out, "logits     {}", s.logits);
     if let Some(layers) = s.layers {
         let _ = writeln!(out, "layers     {layers}");
     }
