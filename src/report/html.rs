@@ -971,6 +971,7 @@ mod tests {
                 weights_only: true,
                 config: None,
                 hub: Vec::new(),
+                repair: None,
             },
             adapter_effect: None,
             logits_skipped: None,

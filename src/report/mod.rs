@@ -46,6 +46,21 @@ pub struct Inputs {
     /// when every input was a path.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub hub: Vec<crate::io::hub::HubSnapshot>,
+    /// With `check --repair`: which texts scored and calibrated the repaired candidates; omitted
+    /// otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repair: Option<RepairInputs>,
+}
+
+/// The texts behind repaired candidates: they are scored on the evaluation text and fitted on
+/// the calibration text, never the same built-in text.
+#[derive(Debug, Clone, Serialize)]
+pub struct RepairInputs {
+    pub methods: Vec<&'static str>,
+    pub evaluation_text: String,
+    /// Null when no method needs calibration (stochastic rounding only).
+    pub calibration_text: Option<String>,
+    pub calibration_tokens: Option<usize>,
 }
 
 /// The settings the weight stage ran with.
