@@ -15,6 +15,7 @@ mod hub;
 mod kquant;
 mod merge_command;
 mod merged;
+mod repair;
 mod reports;
 mod shell;
 mod snapshots;
