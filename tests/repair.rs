@@ -149,10 +149,19 @@ fn check_reports_the_kl_transformers_measures_on_the_written_files() {
     assert!(lost("bf16") > 0.5, "plain bf16 loses {}", lost("bf16"));
     assert!(lost("bf16:repaired") < lost("bf16"));
     // Which texts scored and calibrated the repairs.
-    let texts = &report["inputs"]["repair"];
+    let texts = &report["repair"];
     assert_eq!(texts["evaluation_text"], prompts.as_str());
     assert_eq!(texts["calibration_text"], "built-in calibration text");
     assert!(texts["calibration_tokens"].as_u64().unwrap_or(0) > 0);
+    // The best option per format names a candidate that was measured; the report validates.
+    let best = report["repair"]["best"].as_array().expect("best options");
+    assert_eq!(best.len(), 1, "{best:?}");
+    assert_eq!(best[0]["format"], "bf16");
+    assert_eq!(best[0]["candidate"], "bf16:repaired");
+    assert_eq!(
+        super::reports::schema::schema_errors(&report),
+        Vec::<String>::new()
+    );
     // Repaired rows inform the choice; they never deny the plain merge.
     for f in report["findings"].as_array().expect("findings") {
         if f["precision"].as_str().is_some_and(|p| p.contains(':')) {

@@ -318,7 +318,7 @@ struct Parts {
     adapter_effect: Option<crate::forward::AdapterEffect>,
     token_kl: std::collections::BTreeMap<String, Vec<f64>>,
     tokens: Option<usize>,
-    repair: Option<report::RepairInputs>,
+    repair: Option<report::RepairSection>,
 }
 
 /// Why merging is meaningless (structural deny findings), if it is.
@@ -480,7 +480,7 @@ fn logit_stage(
         None
     };
     if !repairs.is_empty() {
-        parts.repair = Some(report::RepairInputs {
+        parts.repair = Some(report::RepairSection {
             methods: args.repair.iter().map(|m| m.label_suffix()).collect(),
             evaluation_text: super::inputs::text_source(
                 args.prompts.as_deref(),
@@ -493,6 +493,7 @@ fn logit_stage(
                 )
             }),
             calibration_tokens: calibration.as_ref().map(TokenizedPrompts::tokens),
+            best: Vec::new(),
         });
     }
     let bar = super::progress::bar(arch.num_layers() + 2, args.quiet, "forward", "steps");
@@ -544,6 +545,9 @@ fn logit_stage(
             unmerged_logits: None,
             generation: None,
         });
+    }
+    if let Some(section) = parts.repair.as_mut() {
+        section.best = report::RepairSection::best_of(&weights.precisions);
     }
     for model in &forward.models {
         let precision = match model.kind {
@@ -642,7 +646,6 @@ fn assemble(
             weights_only: args.weights_only,
             config: plan.config.as_ref().map(|c| c.display().to_string()),
             hub: args.hub.clone(),
-            repair: parts.repair,
         },
         adapter_effect: parts.adapter_effect,
         logits_skipped: parts.logits_skipped,
@@ -658,6 +661,7 @@ fn assemble(
         layers,
         forensics: parts.forensics,
         token_kl: parts.token_kl,
+        repair: parts.repair,
     };
     crate::gate::apply_gate(&mut report, &plan.levels);
     report

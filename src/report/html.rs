@@ -971,7 +971,6 @@ mod tests {
                 weights_only: true,
                 config: None,
                 hub: Vec::new(),
-                repair: None,
             },
             adapter_effect: None,
             logits_skipped: None,
@@ -982,6 +981,7 @@ mod tests {
             layers: None,
             forensics,
             token_kl: Default::default(),
+            repair: None,
         }
     }
 
