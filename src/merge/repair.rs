@@ -385,19 +385,20 @@ impl InverseFactor {
             pivot,
             n,
         })?;
-        let r: Vec<f64> = (0..n * n)
-            .map(|k| l[(n - 1 - k / n) * n + (n - 1 - k % n)])
-            .collect();
+        // R⁻¹ = (P·L·P)⁻¹ = P·L⁻¹·P.
+        let l_inv = invert_lower(&l, n);
         Ok(InverseFactor {
             n,
-            u: invert_upper(&r, n),
+            u: (0..n * n)
+                .map(|k| l_inv[(n - 1 - k / n) * n + (n - 1 - k % n)])
+                .collect(),
         })
     }
 }
 
 /// Lower Cholesky factor of a symmetric positive-definite `[n, n]` matrix (column by column, the
 /// rows below each pivot in parallel); `Err(pivot)` when a pivot is not positive.
-fn cholesky_lower(a: &[f64], n: usize) -> Result<Vec<f64>, usize> {
+fn cholesky_unblocked(a: &[f64], n: usize) -> Result<Vec<f64>, usize> {
     let mut l = vec![0.0f64; n * n];
     for j in 0..n {
         let row_j: Vec<f64> = l[j * n..j * n + j].to_vec();
@@ -419,25 +420,123 @@ fn cholesky_lower(a: &[f64], n: usize) -> Result<Vec<f64>, usize> {
     Ok(l)
 }
 
-/// R⁻¹ of an upper-triangular `[n, n]` R, by back substitution, one column per worker.
-fn invert_upper(r: &[f64], n: usize) -> Vec<f64> {
-    // Column c of V = R⁻¹ is held as a contiguous vector, then scattered.
+/// Side of the diagonal blocks of the blocked factorizations: the work outside them is GEMM.
+const FACTOR_BLOCK: usize = 128;
+
+/// Lower Cholesky factor, blocked (right-looking): each diagonal block is factored directly, the
+/// panel below it is solved with that block's inverse and the trailing matrix is updated by one
+/// matrix product, so almost all of the n³/3 work runs in candle's GEMM.
+fn cholesky_lower(a: &[f64], n: usize) -> Result<Vec<f64>, usize> {
+    let mut a = a.to_vec();
+    let mut l = vec![0.0f64; n * n];
+    let mut k0 = 0;
+    while k0 < n {
+        let k1 = (k0 + FACTOR_BLOCK).min(n);
+        let b = k1 - k0;
+        let diag = submatrix(&a, n, k0..k1, k0..k1);
+        let l_kk = cholesky_unblocked(&diag, b).map_err(|p| k0 + p)?;
+        put(&mut l, n, k0, k0, &l_kk, b, b);
+        if k1 < n {
+            let rest = n - k1;
+            // L21 = A21 · L11⁻ᵀ
+            let inv_t = transpose(&invert_lower(&l_kk, b), b, b);
+            let a21 = submatrix(&a, n, k1..n, k0..k1);
+            let l21 = gemm(&a21, rest, b, &inv_t, b);
+            put(&mut l, n, k1, k0, &l21, rest, b);
+            // A22 -= L21 · L21ᵀ
+            let update = gemm(&l21, rest, b, &transpose(&l21, rest, b), rest);
+            a[k1 * n..]
+                .par_chunks_mut(n)
+                .zip(update.par_chunks(rest))
+                .for_each(|(row, d)| {
+                    for (v, x) in row[k1..].iter_mut().zip(d) {
+                        *v -= x;
+                    }
+                });
+        }
+        k0 = k1;
+    }
+    Ok(l)
+}
+
+/// L⁻¹ of a lower-triangular `[n, n]` L, blocked by rows: X[i, :i] = −L_ii⁻¹ · (L[i, :i] · X[:i, :i]).
+fn invert_lower(l: &[f64], n: usize) -> Vec<f64> {
+    if n <= FACTOR_BLOCK {
+        return invert_lower_unblocked(l, n);
+    }
+    let mut x = vec![0.0f64; n * n];
+    let mut i0 = 0;
+    while i0 < n {
+        let i1 = (i0 + FACTOR_BLOCK).min(n);
+        let b = i1 - i0;
+        let inv_ii = invert_lower_unblocked(&submatrix(l, n, i0..i1, i0..i1), b);
+        put(&mut x, n, i0, i0, &inv_ii, b, b);
+        if i0 > 0 {
+            let t = gemm(
+                &submatrix(l, n, i0..i1, 0..i0),
+                b,
+                i0,
+                &submatrix(&x, n, 0..i0, 0..i0),
+                i0,
+            );
+            let mut block = gemm(&inv_ii, b, b, &t, i0);
+            block.iter_mut().for_each(|v| *v = -*v);
+            put(&mut x, n, i0, 0, &block, b, i0);
+        }
+        i0 = i1;
+    }
+    x
+}
+
+/// L⁻¹ by forward substitution, one column per worker.
+fn invert_lower_unblocked(l: &[f64], n: usize) -> Vec<f64> {
     let columns: Vec<Vec<f64>> = (0..n)
         .into_par_iter()
         .map(|c| {
-            let mut v = vec![0.0f64; c + 1];
-            for i in (0..=c).rev() {
+            // Rows c..n of column c.
+            let mut v = vec![0.0f64; n - c];
+            for i in c..n {
                 let rhs = if i == c { 1.0 } else { 0.0 };
-                let s = dot(&r[i * n + i + 1..i * n + c + 1], &v[i + 1..=c]);
-                v[i] = (rhs - s) / r[i * n + i];
+                let s = dot(&l[i * n + c..i * n + i], &v[..i - c]);
+                v[i - c] = (rhs - s) / l[i * n + i];
             }
             v
         })
         .collect();
     let mut out = vec![0.0f64; n * n];
     for (c, v) in columns.iter().enumerate() {
-        for (i, x) in v.iter().enumerate() {
-            out[i * n + c] = *x;
+        for (k, x) in v.iter().enumerate() {
+            out[(c + k) * n + c] = *x;
+        }
+    }
+    out
+}
+
+fn submatrix(
+    a: &[f64],
+    n: usize,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+) -> Vec<f64> {
+    let mut out = Vec::with_capacity(rows.len() * cols.len());
+    for r in rows {
+        out.extend_from_slice(&a[r * n + cols.start..r * n + cols.end]);
+    }
+    out
+}
+
+fn put(a: &mut [f64], n: usize, row: usize, col: usize, block: &[f64], rows: usize, cols: usize) {
+    for r in 0..rows {
+        a[(row + r) * n + col..(row + r) * n + col + cols]
+            .copy_from_slice(&block[r * cols..(r + 1) * cols]);
+    }
+}
+
+fn transpose(a: &[f64], rows: usize, cols: usize) -> Vec<f64> {
+    let mut out = vec![0.0f64; rows * cols];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = a[r * cols + c];
         }
     }
     out
@@ -513,34 +612,31 @@ pub fn gptq(
     let u = &factor.u;
     let block_bytes = target.block_bytes();
     let row_bytes = block_bytes.map_or(0, |b| cols / GGML_QK * b);
+    let mut work = w.to_vec();
     let mut values = vec![0.0f32; rows * cols];
     let mut bytes = vec![0u8; rows * row_bytes];
-    let row_chunks = bytes.par_chunks_mut((row_bytes * ROW_TILE).max(1));
-    let tiles: Vec<(usize, &mut [f32])> = values
-        .chunks_mut(cols * ROW_TILE)
-        .enumerate()
-        .collect::<Vec<_>>();
-    let byte_tiles: Vec<&mut [u8]> = if row_bytes > 0 {
-        row_chunks.collect()
-    } else {
-        Vec::new()
-    };
-    let mut byte_tiles: Vec<Option<&mut [u8]>> = byte_tiles.into_iter().map(Some).collect();
-    byte_tiles.resize_with(tiles.len(), || None);
-    tiles
-        .into_par_iter()
-        .zip(byte_tiles)
-        .for_each(|((t, out), out_bytes)| {
-            let first = t * ROW_TILE;
-            let count = out.len() / cols;
-            let mut work: Vec<f64> = w[first * cols..(first + count) * cols].to_vec();
-            let mut errors = vec![0.0f64; count * BATCH_COLUMNS];
-            let mut blocks: Vec<Block> = vec![Block::Float(FloatFormat::F32); count];
-            let mut codes = vec![0i32; count * GGML_QK];
-            let mut out_bytes = out_bytes;
-            let mut start = 0;
-            while start < cols {
-                let end = (start + BATCH_COLUMNS).min(cols);
+    let mut start = 0;
+    while start < cols {
+        let end = (start + BATCH_COLUMNS).min(cols);
+        let width = end - start;
+        let mut errors = vec![0.0f64; rows * width];
+        // The batch's columns, rows in parallel tiles (each row's feedback is its own).
+        let byte_tiles: Vec<Option<&mut [u8]>> = if row_bytes > 0 {
+            bytes
+                .chunks_mut(row_bytes * ROW_TILE)
+                .map(Some)
+                .collect()
+        } else {
+            (0..rows.div_ceil(ROW_TILE)).map(|_| None).collect()
+        };
+        work.par_chunks_mut(cols * ROW_TILE)
+            .zip(values.par_chunks_mut(cols * ROW_TILE))
+            .zip(errors.par_chunks_mut(width * ROW_TILE))
+            .zip(byte_tiles)
+            .for_each(|(((work, out), errors), mut out_bytes)| {
+                let count = out.len() / cols;
+                let mut blocks = vec![Block::from_values(target, &[]); count];
+                let mut codes = vec![0i32; count * GGML_QK];
                 for j in start..end {
                     if block_bytes.is_some() && j % GGML_QK == 0 {
                         for (r, block) in blocks.iter_mut().enumerate() {
@@ -550,8 +646,6 @@ pub fn gptq(
                                 .collect();
                             *block = Block::from_values(target, &current);
                         }
-                    } else if block_bytes.is_none() && j == 0 {
-                        blocks.fill(Block::from_values(target, &[]));
                     }
                     let ujj = u[j * cols + j];
                     let spread = &u[j * cols + j + 1..j * cols + end];
@@ -561,7 +655,7 @@ pub fn gptq(
                         out[r * cols + j] = q;
                         codes[r * GGML_QK + j % GGML_QK] = code;
                         let e = (x - f64::from(q)) / ujj;
-                        errors[r * BATCH_COLUMNS + (j - start)] = e;
+                        errors[r * width + (j - start)] = e;
                         let later = &mut work[r * cols + j + 1..r * cols + end];
                         for (v, s) in later.iter_mut().zip(spread) {
                             *v -= e * s;
@@ -571,37 +665,64 @@ pub fn gptq(
                         && j % GGML_QK == GGML_QK - 1
                     {
                         let b = j / GGML_QK;
-                        for r in 0..count {
+                        for (r, block) in blocks.iter().enumerate() {
                             let at = r * row_bytes + b * bb;
-                            blocks[r].encode(
+                            block.encode(
                                 &codes[r * GGML_QK..(r + 1) * GGML_QK],
                                 &mut dst[at..at + bb],
                             );
                         }
                     }
                 }
-                // The batch's errors reach every later column.
-                if end < cols {
-                    for r in 0..count {
-                        let row = &mut work[r * cols..(r + 1) * cols];
-                        for j in start..end {
-                            let e = errors[r * BATCH_COLUMNS + (j - start)];
-                            if e == 0.0 {
-                                continue;
-                            }
-                            let spread = &u[j * cols + end..j * cols + cols];
-                            for (v, s) in row[end..].iter_mut().zip(spread) {
-                                *v -= e * s;
-                            }
-                        }
-                    }
-                }
-                start = end;
+            });
+        // The batch's errors reach every later column at once: W[:, end:] -= E · U[batch, end:],
+        // one matrix product (GPTQ's lazy batch update).
+        if end < cols {
+            let rest = cols - end;
+            let mut spread = Vec::with_capacity(width * rest);
+            for j in start..end {
+                spread.extend_from_slice(&u[j * cols + end..j * cols + cols]);
             }
-        });
+            let update = gemm(&errors, rows, width, &spread, rest);
+            work.par_chunks_mut(cols)
+                .zip(update.par_chunks(rest))
+                .for_each(|(row, delta)| {
+                    for (v, d) in row[end..].iter_mut().zip(delta) {
+                        *v -= d;
+                    }
+                });
+        }
+        start = end;
+    }
     Ok(Rounded {
         values,
         ggml: block_bytes.map(|_| bytes),
+    })
+}
+
+/// E `[rows, width]` · S `[width, rest]` in f64: candle's GEMM, or the plain sum if candle fails
+/// (it cannot for these shapes; the fallback keeps the function total without an unwrap).
+fn gemm(e: &[f64], rows: usize, width: usize, s: &[f64], rest: usize) -> Vec<f64> {
+    use candle_core::{Device, Tensor};
+    let product = (|| -> candle_core::Result<Vec<f64>> {
+        let e = Tensor::from_slice(e, (rows, width), &Device::Cpu)?;
+        let s = Tensor::from_slice(s, (width, rest), &Device::Cpu)?;
+        e.matmul(&s)?.flatten_all()?.to_vec1::<f64>()
+    })();
+    product.unwrap_or_else(|_| {
+        let mut out = vec![0.0f64; rows * rest];
+        for r in 0..rows {
+            for k in 0..width {
+                let ek = e[r * width + k];
+                for (o, sv) in out[r * rest..(r + 1) * rest]
+                    .iter_mut()
+                    .zip(&s[k * rest..(k + 1) * rest])
+                {
+                    *o += ek * sv;
+                }
+            }
+        }
+        out
     })
 }
 
@@ -755,6 +876,36 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn blocked_factorizations_agree_with_the_direct_ones() {
+        let n = 300;
+        let x = pseudo(9, 400 * n, 1.0);
+        let mut h = vec![0.0; n * n];
+        for t in 0..400 {
+            for i in 0..n {
+                for j in 0..n {
+                    h[i * n + j] += x[t * n + i] * x[t * n + j];
+                }
+            }
+        }
+        let blocked = cholesky_lower(&h, n).expect("pd");
+        let direct = cholesky_unblocked(&h, n).expect("pd");
+        let worst = blocked
+            .iter()
+            .zip(&direct)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(worst < 1e-9, "cholesky {worst}");
+        let inv = invert_lower(&direct, n);
+        let inv_direct = invert_lower_unblocked(&direct, n);
+        let worst = inv
+            .iter()
+            .zip(&inv_direct)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(worst < 1e-9, "inverse {worst}");
     }
 
     #[test]
