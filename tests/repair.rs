@@ -5,8 +5,8 @@
 use serde_json::Value;
 
 use super::{check_json_full, code, fixture, run, stderr};
-use lora_doctor::merge::repair::{self, InverseFactor, Target};
 use lora_doctor::merge::float::FloatFormat;
+use lora_doctor::merge::repair::{self, InverseFactor, Target};
 
 /// `check` and transformers compute the same KL on the same files within this relative tolerance
 /// (f32 forward passes in different operation orders; the bar is 2 %).
@@ -130,7 +130,9 @@ fn check_reports_the_kl_transformers_measures_on_the_written_files() {
         "the same evaluation tokens"
     );
     close(
-        report["adapter_effect"]["mean_kl"].as_f64().expect("effect"),
+        report["adapter_effect"]["mean_kl"]
+            .as_f64()
+            .expect("effect"),
         golden["base"].as_f64().expect("base"),
         "adapter effect",
     );
@@ -145,7 +147,11 @@ fn check_reports_the_kl_transformers_measures_on_the_written_files() {
         );
     }
     // The update is far below half a bf16 ulp: the plain merge deletes most of it, GPTQ keeps more.
-    let lost = |label: &str| row(&report, label)["logits"]["effect_lost"].as_f64().expect("lost");
+    let lost = |label: &str| {
+        row(&report, label)["logits"]["effect_lost"]
+            .as_f64()
+            .expect("lost")
+    };
     assert!(lost("bf16") > 0.5, "plain bf16 loses {}", lost("bf16"));
     assert!(lost("bf16:repaired") < lost("bf16"));
     // Which texts scored and calibrated the repairs.
@@ -175,8 +181,18 @@ fn merge(precision: &str, format: &str, out: &std::path::Path, repair: Option<&s
     let base = fixture("models/repair-llama");
     let adapter = fixture("adapters/repair-lora");
     let mut args = vec![
-        "merge", "--base", &base, "--adapter", &adapter, "--precision", precision, "--format",
-        format, "--out", &out_s, "--quiet",
+        "merge",
+        "--base",
+        &base,
+        "--adapter",
+        &adapter,
+        "--precision",
+        precision,
+        "--format",
+        format,
+        "--out",
+        &out_s,
+        "--quiet",
     ];
     if let Some(method) = repair {
         args.extend(["--repair", method]);
@@ -198,8 +214,16 @@ fn merge_writes_the_candidate_check_scored() {
         "models/repair-llama",
         &["adapters/repair-lora"],
         &[
-            "--precision", "bf16", "--repair", "gptq", "--merged", &out_s, "--prompts", &prompts,
-            "--generate", "0",
+            "--precision",
+            "bf16",
+            "--repair",
+            "gptq",
+            "--merged",
+            &out_s,
+            "--prompts",
+            &prompts,
+            "--generate",
+            "0",
         ],
     );
     assert_ne!(status, 2, "{report}");
@@ -221,10 +245,14 @@ fn merge_writes_the_candidate_check_scored() {
 #[test]
 fn repaired_gguf_blocks_sit_where_llama_cpp_reads_them() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (plain, repaired) = (dir.path().join("plain.gguf"), dir.path().join("repaired.gguf"));
+    let (plain, repaired) = (
+        dir.path().join("plain.gguf"),
+        dir.path().join("repaired.gguf"),
+    );
     merge("q4_0", "gguf", &plain, None);
     merge("q4_0", "gguf", &repaired, Some("gptq"));
-    let open = |p: &std::path::Path| lora_doctor::io::checkpoint::Checkpoint::open(p).expect("gguf");
+    let open =
+        |p: &std::path::Path| lora_doctor::io::checkpoint::Checkpoint::open(p).expect("gguf");
     let (plain, repaired) = (open(&plain), open(&repaired));
     let names: Vec<String> = plain
         .tensors()
@@ -237,8 +265,15 @@ fn repaired_gguf_blocks_sit_where_llama_cpp_reads_them() {
         let a = plain.read_f32(name).expect("plain");
         let b = repaired.read_f32(name).expect("repaired");
         let power: f64 = a.iter().map(|v| f64::from(*v).powi(2)).sum();
-        let diff: f64 = a.iter().zip(&b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
-        assert!(diff < 0.2 * power, "{name}: repaired differs like another tensor ({diff} vs {power})");
+        let diff: f64 = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| f64::from(x - y).powi(2))
+            .sum();
+        assert!(
+            diff < 0.2 * power,
+            "{name}: repaired differs like another tensor ({diff} vs {power})"
+        );
         changed += usize::from(a != b);
     }
     assert_eq!(changed, names.len(), "every block linear is repaired");
@@ -252,26 +287,74 @@ fn repair_refuses_what_it_cannot_do() {
     let out = dir.path().join("x").display().to_string();
     let cases: [(&[&str], &str); 4] = [
         (
-            &["check", "--base", &base, "--adapter", &adapter, "--precision", "nf4", "--repair", "gptq"],
+            &[
+                "check",
+                "--base",
+                &base,
+                "--adapter",
+                &adapter,
+                "--precision",
+                "nf4",
+                "--repair",
+                "gptq",
+            ],
             "nf4",
         ),
         (
-            &["check", "--base", &base, "--adapter", &adapter, "--weights-only", "--repair", "gptq"],
+            &[
+                "check",
+                "--base",
+                &base,
+                "--adapter",
+                &adapter,
+                "--weights-only",
+                "--repair",
+                "gptq",
+            ],
             "--weights-only",
         ),
         (
-            &["merge", "--base", &base, "--adapter", &adapter, "--precision", "f32", "--repair", "gptq", "--out", &out],
+            &[
+                "merge",
+                "--base",
+                &base,
+                "--adapter",
+                &adapter,
+                "--precision",
+                "f32",
+                "--repair",
+                "gptq",
+                "--out",
+                &out,
+            ],
             "f32",
         ),
         (
-            &["merge", "--base", &base, "--adapter", &adapter, "--precision", "bf16", "--repair", "gptq", "--gate", "--out", &out],
+            &[
+                "merge",
+                "--base",
+                &base,
+                "--adapter",
+                &adapter,
+                "--precision",
+                "bf16",
+                "--repair",
+                "gptq",
+                "--gate",
+                "--out",
+                &out,
+            ],
             "--gate",
         ),
     ];
     for (args, named) in cases {
         let result = run(args);
         assert_eq!(code(&result), 2, "{args:?}: {}", stderr(&result));
-        assert!(stderr(&result).contains(named), "{args:?}: {}", stderr(&result));
+        assert!(
+            stderr(&result).contains(named),
+            "{args:?}: {}",
+            stderr(&result)
+        );
     }
     assert!(!dir.path().join("x").exists(), "nothing written");
 }

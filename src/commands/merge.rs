@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use serde_json::Value;
 
 use super::inputs::{Loaded, load};
+use super::repaired::{self, RepairJob, Repaired};
 use crate::ExitStatus;
 use crate::cli::{MergeArgs, MergeFormat};
 use crate::findings::thresholds::Thresholds;
@@ -27,7 +28,6 @@ use crate::merge::precision::Precision;
 use crate::merge::repair::{RepairMethod, Rounded, Target};
 use crate::model::Architecture;
 use crate::report;
-use super::repaired::{self, RepairJob, Repaired};
 
 /// Tokenizer and generation files copied into the merged folder.
 const SIDE_FILES: &[&str] = &[
@@ -698,7 +698,9 @@ fn write_gguf(
         }
     };
     let repaired = match args.repair {
-        Some(method) => Some(repair_pass(args, method, precision, inputs, parent, &encode)?),
+        Some(method) => Some(repair_pass(
+            args, method, precision, inputs, parent, &encode,
+        )?),
         None => None,
     };
     let produce = |t: &gguf_write::GgufOutTensor| -> anyhow::Result<Vec<u8>> {
@@ -809,7 +811,7 @@ fn repair_pass(
     precision: Precision,
     inputs: &MergeInputs<'_>,
     spill_dir: &Path,
-    encode: &(dyn Fn(&str, &[usize], Rounded) -> anyhow::Result<Option<Vec<u8>>> + Sync),
+    encode: &repaired::Encode<'_>,
 ) -> anyhow::Result<Repaired> {
     let Some(target) = Target::of(precision) else {
         bail!(

@@ -52,6 +52,11 @@ impl Repaired {
     }
 }
 
+/// Turns one repaired tensor (HF name, shape) into the bytes the output stores, or `None` when
+/// the writer's plain path must handle it (a tensor the output does not store on the grid).
+pub type Encode<'a> =
+    dyn Fn(&str, &[usize], Rounded) -> anyhow::Result<Option<Vec<u8>>> + Sync + 'a;
+
 /// What a repair needs from the merge command.
 pub struct RepairJob<'a> {
     pub arch: &'a Architecture,
@@ -71,7 +76,7 @@ pub struct RepairJob<'a> {
 /// turns each into its final bytes with `encode` (`None`: the writer's plain path handles it).
 pub fn repair_all(
     job: &RepairJob<'_>,
-    encode: &(dyn Fn(&str, &[usize], Rounded) -> anyhow::Result<Option<Vec<u8>>> + Sync),
+    encode: &Encode<'_>,
     on_layer: &dyn Fn(),
 ) -> anyhow::Result<Repaired> {
     if job.arch.conv1d() {
@@ -115,7 +120,12 @@ pub fn repair_all(
             let Some((rows, cols)) = repaired_shape(job, &jobs, &name) else {
                 continue;
             };
-            let w = calibration::exact_weight(&name, jobs.get(name.as_str()).copied(), job.base, job.adapters)?;
+            let w = calibration::exact_weight(
+                &name,
+                jobs.get(name.as_str()).copied(),
+                job.base,
+                job.adapters,
+            )?;
             let rounded = calibration::repaired_tensor(
                 &name,
                 &w,

@@ -91,9 +91,7 @@ impl WeightProvider for Recorder<'_> {
             state.owner.insert(name.to_string(), owner);
             return;
         }
-        let product = input
-            .to_dtype(DType::F32)
-            .and_then(|x| x.t()?.matmul(&x));
+        let product = input.to_dtype(DType::F32).and_then(|x| x.t()?.matmul(&x));
         let product = match product {
             Ok(p) => p,
             Err(e) => {

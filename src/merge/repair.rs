@@ -320,9 +320,17 @@ fn neighbour(v: f32, up: bool, f: FloatFormat) -> f32 {
             let bits = v.to_bits();
             let toward_larger_magnitude = up == (v >= 0.0);
             if v == 0.0 {
-                return if up { f32::from_bits(1) } else { -f32::from_bits(1) };
+                return if up {
+                    f32::from_bits(1)
+                } else {
+                    -f32::from_bits(1)
+                };
             }
-            f32::from_bits(if toward_larger_magnitude { bits + 1 } else { bits - 1 })
+            f32::from_bits(if toward_larger_magnitude {
+                bits + 1
+            } else {
+                bits - 1
+            })
         }
         FloatFormat::Bf16 => {
             let h = half::bf16::from_f32(v);
@@ -332,8 +340,12 @@ fn neighbour(v: f32, up: bool, f: FloatFormat) -> f32 {
             }
             let toward_larger_magnitude = up == (v > 0.0);
             let bits = h.to_bits();
-            half::bf16::from_bits(if toward_larger_magnitude { bits + 1 } else { bits - 1 })
-                .to_f32()
+            half::bf16::from_bits(if toward_larger_magnitude {
+                bits + 1
+            } else {
+                bits - 1
+            })
+            .to_f32()
         }
         FloatFormat::F16 => {
             let h = f16::from_f32(v);
@@ -343,7 +355,12 @@ fn neighbour(v: f32, up: bool, f: FloatFormat) -> f32 {
             }
             let toward_larger_magnitude = up == (v > 0.0);
             let bits = h.to_bits();
-            f16::from_bits(if toward_larger_magnitude { bits + 1 } else { bits - 1 }).to_f32()
+            f16::from_bits(if toward_larger_magnitude {
+                bits + 1
+            } else {
+                bits - 1
+            })
+            .to_f32()
         }
     }
 }
@@ -622,10 +639,7 @@ pub fn gptq(
         let mut errors = vec![0.0f64; rows * width];
         // The batch's columns, rows in parallel tiles (each row's feedback is its own).
         let byte_tiles: Vec<Option<&mut [u8]>> = if row_bytes > 0 {
-            bytes
-                .chunks_mut(row_bytes * ROW_TILE)
-                .map(Some)
-                .collect()
+            bytes.chunks_mut(row_bytes * ROW_TILE).map(Some).collect()
         } else {
             (0..rows.div_ceil(ROW_TILE)).map(|_| None).collect()
         };
@@ -728,7 +742,13 @@ fn gemm(e: &[f64], rows: usize, width: usize, s: &[f64], rest: usize) -> Vec<f64
 
 /// Round-to-nearest with the same block parameters a repair uses (ggml's), for comparisons and
 /// as the zero-feedback limit of [`gptq`].
-pub fn nearest(tensor: &str, w: &[f64], rows: usize, cols: usize, target: Target) -> Result<Rounded, RepairError> {
+pub fn nearest(
+    tensor: &str,
+    w: &[f64],
+    rows: usize,
+    cols: usize,
+    target: Target,
+) -> Result<Rounded, RepairError> {
     round_each(tensor, w, rows, cols, target, |b, x, _| b.nearest(x))
 }
 
@@ -761,7 +781,11 @@ fn round_each(
     let row_bytes = block_bytes.map_or(0, |b| cols / GGML_QK * b);
     let mut values = vec![0.0f32; rows * cols];
     let mut bytes = vec![0u8; rows * row_bytes];
-    let group = if block_bytes.is_some() { GGML_QK } else { cols.max(1) };
+    let group = if block_bytes.is_some() {
+        GGML_QK
+    } else {
+        cols.max(1)
+    };
     values
         .par_chunks_mut(group)
         .enumerate()
@@ -775,21 +799,18 @@ fn round_each(
             }
         });
     if let Some(bb) = block_bytes {
-        bytes
-            .par_chunks_mut(bb)
-            .enumerate()
-            .for_each(|(g, dst)| {
-                let at = g * GGML_QK;
-                let x = &w[at..at + GGML_QK];
-                let current: Vec<f32> = x.iter().map(|v| *v as f32).collect();
-                let block = Block::from_values(target, &current);
-                let codes: Vec<i32> = x
-                    .iter()
-                    .enumerate()
-                    .map(|(k, v)| round(block, *v, at + k).1)
-                    .collect();
-                block.encode(&codes, dst);
-            });
+        bytes.par_chunks_mut(bb).enumerate().for_each(|(g, dst)| {
+            let at = g * GGML_QK;
+            let x = &w[at..at + GGML_QK];
+            let current: Vec<f32> = x.iter().map(|v| *v as f32).collect();
+            let block = Block::from_values(target, &current);
+            let codes: Vec<i32> = x
+                .iter()
+                .enumerate()
+                .map(|(k, v)| round(block, *v, at + k).1)
+                .collect();
+            block.encode(&codes, dst);
+        });
     }
     Ok(Rounded {
         values,
@@ -836,7 +857,14 @@ mod tests {
             .collect()
     }
 
-    fn output_error(w: &[f64], q: &[f32], x: &[f64], rows: usize, cols: usize, tokens: usize) -> f64 {
+    fn output_error(
+        w: &[f64],
+        q: &[f32],
+        x: &[f64],
+        rows: usize,
+        cols: usize,
+        tokens: usize,
+    ) -> f64 {
         let mut s = 0.0;
         for t in 0..tokens {
             for r in 0..rows {
@@ -944,7 +972,8 @@ mod tests {
         let w = pseudo(5, rows * cols, 0.3);
         let x = pseudo(6, 40 * cols, 1.0);
         let f = InverseFactor::from_hessian(&hessian(&x, 40, cols), cols, "t").expect("pd");
-        let decode: [(Target, fn(&[u8]) -> Result<Vec<f32>, _>); 3] = [
+        type Decode = fn(&[u8]) -> Result<Vec<f32>, crate::merge::quant::QuantError>;
+        let decode: [(Target, Decode); 3] = [
             (Target::Q8_0, dequantize_q8_0),
             (Target::Q4_0, dequantize_q4_0),
             (Target::Q4_1, dequantize_q4_1),
@@ -967,9 +996,14 @@ mod tests {
         let w32: Vec<f32> = w.iter().map(|v| *v as f32).collect();
         let w32_64: Vec<f64> = w32.iter().map(|v| f64::from(*v)).collect();
         let ours = nearest("t", &w32_64, 4, 64, Target::Q8_0).expect("q8_0");
-        let ggml = dequantize_q8_0(&crate::merge::quant::quantize_q8_0(&w32).expect("q"))
-            .expect("dq");
-        let same = ours.values.iter().zip(&ggml).filter(|(a, b)| a == b).count();
+        let ggml =
+            dequantize_q8_0(&crate::merge::quant::quantize_q8_0(&w32).expect("q")).expect("dq");
+        let same = ours
+            .values
+            .iter()
+            .zip(&ggml)
+            .filter(|(a, b)| a == b)
+            .count();
         // ggml rounds with the f32 scale and decodes with its f16: rare codes differ by one.
         assert!(same >= ggml.len() * 98 / 100, "{same} of {}", ggml.len());
     }
