@@ -38,11 +38,15 @@ measure() {
 import json, sys
 r = json.load(open(sys.argv[1]))
 e = r["adapter_effect"]
-print(f"  adapter effect: mean KL {e['mean_kl']:.3e}; texts: {r['inputs'].get('repair')}")
+rep = r.get("repair") or {}
+print(f"  adapter effect: mean KL {e['mean_kl']:.3e}; scored on {rep.get('evaluation_text')}, fitted on {rep.get('calibration_text')} ({rep.get('calibration_tokens')} tokens)")
+for best in rep.get("best", []):
+    print(f"  best for {best['format']}: {best['candidate']} (KL {best['mean_kl']:.3e})")
 rows = {p["name"]: p["logits"] for p in r["precisions"] if p["logits"]}
 for name, l in rows.items():
     plain = rows.get(name.split(":")[0])
-    cut = "" if plain is None or plain is l else f"  KL {100 * (1 - l['mean_kl'] / plain['mean_kl']):+.1f} % lower than plain"
+    change = None if plain is None or plain is l else 100 * (1 - l['mean_kl'] / plain['mean_kl'])
+    cut = "" if change is None else (f"  KL {change:.1f} % lower than plain" if change >= 0 else f"  KL {-change:.1f} % higher than plain")
     print(f"  {name:18} KL {l['mean_kl']:.3e}  effect lost {100 * l['effect_lost']:7.2f} %  same top-1 {100 * l['same_top1']:.1f} %{cut}")
 PY
 }
@@ -75,7 +79,8 @@ for precision in bf16 q4_0; do
     done
     echo "== merge $precision ($format): plain ${best_plain}s, --repair gptq ${best_repair}s (best of $runs)"
 done
-# One forward pass for scale: check's logit comparison of the plain bf16 candidate alone.
+# One forward pass for scale: check's logit comparison runs the reference, the base and bf16.
 start=$(date +%s.%N)
 "$bin" check --base "$base" --adapter "$adapter" --precision bf16 --generate 0 --quiet --json /dev/null || true
-echo "== check --precision bf16 (reference, base, bf16: three forward passes over 512 tokens): $(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$start" "$(date +%s.%N)")s"
+t=$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$start" "$(date +%s.%N)")
+echo "== check --precision bf16 --generate 0 (three forward passes over 512 tokens): ${t}s"
