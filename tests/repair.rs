@@ -358,3 +358,26 @@ fn repair_refuses_what_it_cannot_do() {
     }
     assert!(!dir.path().join("x").exists(), "nothing written");
 }
+
+/// A repaired tensor obeys the merge's rule: nothing non-finite is written (exit 1, nothing left).
+#[test]
+fn repaired_overflow_writes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("merged").display().to_string();
+    let result = run(&[
+        "merge",
+        "--base",
+        &fixture("models/tiny-llama"),
+        "--adapter",
+        &fixture("adapters/exploded"),
+        "--precision",
+        "f16",
+        "--repair",
+        "stochastic",
+        "--out",
+        &out,
+    ]);
+    assert_eq!(code(&result), 1, "{}", stderr(&result));
+    assert!(stderr(&result).contains("overflow"), "{}", stderr(&result));
+    assert_eq!(std::fs::read_dir(dir.path()).expect("list").count(), 0);
+}

@@ -241,7 +241,8 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
     let repaired = match args.repair {
         Some(method) => {
             let out_dtype = format.dtype();
-            let encode = |_: &str, _: &[usize], r: Rounded| -> anyhow::Result<Option<Vec<u8>>> {
+            let encode = |name: &str, _: &[usize], r: Rounded| -> anyhow::Result<Option<Vec<u8>>> {
+                refuse_nonfinite(name, &r.values, format)?;
                 Ok(Some(writer::encode(&r.values, &out_dtype)?))
             };
             let inputs = MergeInputs {
@@ -251,9 +252,10 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
                 plan: &plan,
                 format,
             };
-            Some(repair_pass(
-                args, method, precision, &inputs, &parent, &encode,
-            )?)
+            match repair_pass(args, method, precision, &inputs, &parent, &encode) {
+                Ok(repaired) => Some(repaired),
+                Err(err) => return refused_output(args, err),
+            }
         }
         None => None,
     };
@@ -674,6 +676,7 @@ fn write_gguf(
     // A repaired tensor's bytes: ggml blocks written as repaired (rows reordered for llama.cpp's
     // rotary layout as whole rows, which keeps every block intact), or float values encoded.
     let encode = |hf: &str, shape: &[usize], r: Rounded| -> anyhow::Result<Option<Vec<u8>>> {
+        refuse_nonfinite(hf, &r.values, format)?;
         let ty = types.type_for(hf, shape)?;
         let [rows, cols] = shape[..] else {
             return Ok(None);
@@ -698,9 +701,10 @@ fn write_gguf(
         }
     };
     let repaired = match args.repair {
-        Some(method) => Some(repair_pass(
-            args, method, precision, inputs, parent, &encode,
-        )?),
+        Some(method) => match repair_pass(args, method, precision, inputs, parent, &encode) {
+            Ok(repaired) => Some(repaired),
+            Err(err) => return refused_output(args, err),
+        },
         None => None,
     };
     let produce = |t: &gguf_write::GgufOutTensor| -> anyhow::Result<Vec<u8>> {
@@ -777,6 +781,22 @@ fn write_gguf(
         )?;
     }
     Ok(ExitStatus::Success)
+}
+
+/// A repaired tensor is held to the same rule as every merged one: no NaN, Inf or overflow is
+/// written (exit 1 through [`refused_output`]).
+fn refuse_nonfinite(name: &str, values: &[f32], format: FloatFormat) -> anyhow::Result<()> {
+    let bad = nonfinite_after_rounding(values, format);
+    if bad > 0 {
+        return Err(NonFiniteOutput {
+            tensor: name.to_string(),
+            count: bad,
+            total: values.len(),
+            format,
+        }
+        .into());
+    }
+    Ok(())
 }
 
 /// The ggml type a repair target writes.
