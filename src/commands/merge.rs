@@ -139,6 +139,9 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
              `lora-doctor check --repair …` and merge with --repair alone"
         );
     }
+    if args.calibration.tokens < 2 {
+        bail!("--calibration-tokens must be at least 2");
+    }
     if let Some(c) = &args.calibration.file {
         if args.repair != Some(RepairMethod::Gptq) {
             bail!("--calibration is read only by --repair gptq");

@@ -127,6 +127,10 @@ impl<'a> Calibration<'a> {
         reference: &'a dyn WeightProvider,
         sequences: &[Vec<u32>],
     ) -> Result<Self, ModelError> {
+        // No calibration sequence would leave every weight without H: refuse up front.
+        if sequences.is_empty() {
+            return Err(ModelError::Empty);
+        }
         let hidden = sequences
             .iter()
             .map(|s| arch.embed(reference, s))
