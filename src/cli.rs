@@ -7,6 +7,7 @@ use clap::{Args, ColorChoice, Parser, Subcommand};
 
 use crate::io::hub::{DEFAULT_REVISION, HubSnapshot};
 use crate::merge::precision::Recipe;
+use crate::merge::repair::RepairMethod;
 
 /// Proves a LoRA merge is faithful before it ships.
 #[derive(Debug, Parser)]
@@ -149,6 +150,13 @@ pub struct CheckArgs {
     /// Tokens scored by the logit comparison.
     #[arg(long, value_name = "N", default_value_t = 512)]
     pub max_tokens: usize,
+    /// Add repaired candidates beside each plain precision that can be repaired (bf16, f16,
+    /// q8_0, q4_0, q4_1): `gptq` (error-feedback rounding fitted on the calibration text: row
+    /// `bf16:repaired`) and/or `stochastic` (`bf16:stochastic`). Comma-separated.
+    #[arg(long, value_enum, value_name = "METHOD", value_delimiter = ',')]
+    pub repair: Vec<RepairMethod>,
+    #[command(flatten)]
+    pub calibration: CalibrationArgs,
     /// Greedy tokens generated per prompt by the reference and each candidate (0 = no generation
     /// check).
     #[arg(long, value_name = "N", default_value_t = 32)]
@@ -222,6 +230,19 @@ pub struct ExplainArgs {
     pub code: Option<String>,
 }
 
+/// The calibration text of a GPTQ repair (`--repair gptq`).
+#[derive(Debug, Clone, Args)]
+pub struct CalibrationArgs {
+    /// Calibration text for `--repair gptq` (plain text with paragraphs separated by blank
+    /// lines, or .jsonl with a `text` field). Default: a built-in text that shares nothing with
+    /// the built-in evaluation text.
+    #[arg(long = "calibration", value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// Calibration tokens run through the reference.
+    #[arg(long = "calibration-tokens", value_name = "N", default_value_t = 512)]
+    pub tokens: usize,
+}
+
 /// What `merge` writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum MergeFormat {
@@ -256,6 +277,13 @@ pub struct MergeArgs {
     /// Largest shard, e.g. 5GB, 500MB, 2GiB.
     #[arg(long, value_name = "SIZE", default_value = "5GB")]
     pub max_shard_size: String,
+    /// Round the merge so that each layer's outputs, not each weight, stay close (`gptq`: error
+    /// feedback fitted on the calibration text; `stochastic`: no calibration). For bf16, f16 and
+    /// GGUF q8_0/q4_0/q4_1; the files are ordinary checkpoints. `check --repair` measures it.
+    #[arg(long, value_enum, value_name = "METHOD")]
+    pub repair: Option<RepairMethod>,
+    #[command(flatten)]
+    pub calibration: CalibrationArgs,
     /// Check the merge's weights first and write nothing (exit 1) if the gate fails.
     #[arg(long)]
     pub gate: bool,

@@ -6,6 +6,7 @@
 //! dropped. Only the reference's logits are kept while candidates are scored one by one.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, RwLock};
 
 use candle_core::Tensor;
 use rayon::prelude::*;
@@ -18,6 +19,7 @@ use crate::io::prompts::TokenizedPrompts;
 use crate::merge::engine::{self, MergePlan, TensorJob};
 use crate::merge::precision::{Precision, Recipe};
 use crate::merge::quant::QuantFormat;
+use crate::merge::repair::{self, RepairMethod, Target};
 use crate::model::{Architecture, CheckpointProvider, ModelError, UnmergedLora, WeightProvider};
 
 /// What one model in the comparison is.
@@ -37,6 +39,8 @@ pub enum ModelKind {
     AdapterBeside(QuantFormat),
     /// An already-merged checkpoint (`--merged DIR`), in its own dtype.
     MergedDir,
+    /// The merge repaired onto a precision's grid (`bf16:repaired`, `q4_0:stochastic`).
+    Repaired(Precision, RepairMethod),
 }
 
 impl ModelKind {
@@ -48,6 +52,7 @@ impl ModelKind {
             ModelKind::Merged(p) => p.name().into(),
             ModelKind::AdapterBeside(q) => format!("{}+lora", q.name()),
             ModelKind::MergedDir => MERGED_LABEL.into(),
+            ModelKind::Repaired(p, m) => repair::candidate_label(p, m),
         }
     }
 }
@@ -152,6 +157,83 @@ impl WeightProvider for MergedProvider<'_> {
 
     fn has(&self, name: &str) -> bool {
         self.base.contains(name) || self.jobs.contains_key(name)
+    }
+
+    fn lora(&self, _name: &str) -> Result<Vec<UnmergedLora>, ModelError> {
+        Ok(Vec::new())
+    }
+}
+
+/// The input moments of the block being run, shared by every GPTQ candidate.
+type MomentSlot = RwLock<Option<Arc<calibration::LayerMoments>>>;
+
+/// Serves a repaired candidate: the weights the format stores in blocks (quantized formats: every
+/// block linear; float formats: the block linears an adapter changes) rounded by the repair, every
+/// other tensor as the plain candidate serves it.
+struct RepairedProvider<'a> {
+    plain: MergedProvider<'a>,
+    /// `None` only for a precision the plan refused (the command checks first).
+    target: Option<Target>,
+    method: RepairMethod,
+    moments: Option<&'a MomentSlot>,
+}
+
+impl RepairedProvider<'_> {
+    /// The weight's shape when the repair rounds it.
+    fn repaired_shape(&self, name: &str) -> Option<(usize, usize)> {
+        let plain = &self.plain;
+        let target = self.target?;
+        if !plain.block_linear.names.contains(name) || plain.block_linear.conv1d {
+            return None;
+        }
+        let changed = plain.jobs.get(name);
+        if matches!(target, Target::Float(_)) && changed.is_none() {
+            return None;
+        }
+        let (rows, cols) = match changed {
+            Some(j) => (j.rows, j.cols),
+            None => match plain.base.info(name)?.shape[..] {
+                [r, c] => (r, c),
+                _ => return None,
+            },
+        };
+        // Rows that are not whole blocks ship as the plain format stores them (f16).
+        if !matches!(target, Target::Float(_)) && !cols.is_multiple_of(crate::merge::quant::GGML_QK)
+        {
+            return None;
+        }
+        Some((rows, cols))
+    }
+}
+
+impl WeightProvider for RepairedProvider<'_> {
+    fn weight(&self, name: &str) -> Result<Vec<f32>, ModelError> {
+        let (Some((rows, cols)), Some(target)) = (self.repaired_shape(name), self.target) else {
+            return self.plain.weight(name);
+        };
+        let w = calibration::exact_weight(
+            name,
+            self.plain.jobs.get(name),
+            self.plain.base,
+            self.plain.adapters,
+        )?;
+        let current = self
+            .moments
+            .and_then(|slot| slot.read().ok().and_then(|m| m.clone()));
+        calibration::repaired_tensor(
+            name,
+            &w,
+            rows,
+            cols,
+            target,
+            self.method,
+            current.as_deref(),
+        )
+        .map(|r| r.values)
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.plain.has(name)
     }
 
     fn lora(&self, _name: &str) -> Result<Vec<UnmergedLora>, ModelError> {
@@ -322,6 +404,10 @@ pub struct ForwardInputs<'a> {
     pub trained_on: Option<Precision>,
     /// An already-merged checkpoint to compare as one more candidate.
     pub merged: Option<&'a Checkpoint>,
+    /// Repaired candidates: each (precision, method) pair is one more model.
+    pub repairs: &'a [(Precision, RepairMethod)],
+    /// Calibration sequences for GPTQ repairs (disjoint from `prompts`).
+    pub calibration: Option<&'a TokenizedPrompts>,
 }
 
 /// Splits `[ΣT, hidden]` back into one tensor per sequence.
@@ -392,6 +478,7 @@ fn provider_for<'a>(
     inputs: &'a ForwardInputs<'a>,
     jobs: &'a HashMap<String, TensorJob>,
     block_linear: &'a BlockLinear,
+    moments: Option<&'a MomentSlot>,
 ) -> Box<dyn WeightProvider + 'a> {
     let base = inputs.base;
     match kind {
@@ -428,6 +515,19 @@ fn provider_for<'a>(
         }),
         // Without --merged the kind is never listed; serve the base rather than panic.
         ModelKind::MergedDir => Box::new(CheckpointProvider::base(inputs.merged.unwrap_or(base))),
+        ModelKind::Repaired(p, method) => Box::new(RepairedProvider {
+            plain: MergedProvider {
+                base,
+                adapters: inputs.adapters,
+                jobs,
+                precision: p,
+                recipe: inputs.recipe,
+                block_linear,
+            },
+            target: Target::of(p),
+            method,
+            moments,
+        }),
     }
 }
 
@@ -455,9 +555,26 @@ pub fn compare(
     if inputs.merged.is_some() {
         kinds.push(ModelKind::MergedDir);
     }
+    kinds.extend(
+        inputs
+            .repairs
+            .iter()
+            .map(|(p, m)| ModelKind::Repaired(*p, *m)),
+    );
+    // GPTQ candidates read the current block's input moments, computed from the calibration
+    // text one block ahead of them (the reference's own provider, a separate walk).
+    let moments: MomentSlot = RwLock::new(None);
+    let calibration_reference =
+        provider_for(ModelKind::Reference, inputs, &jobs, &block_linear, None);
+    let mut calibration = match inputs.calibration {
+        Some(c) if inputs.repairs.iter().any(|(_, m)| m.needs_calibration()) => Some(
+            calibration::Calibration::start(arch, calibration_reference.as_ref(), &c.sequences)?,
+        ),
+        _ => None,
+    };
     let providers: Vec<Box<dyn WeightProvider + '_>> = kinds
         .iter()
-        .map(|kind| provider_for(*kind, inputs, &jobs, &block_linear))
+        .map(|kind| provider_for(*kind, inputs, &jobs, &block_linear, Some(&moments)))
         .collect();
     let sequences = &inputs.prompts.sequences;
 
@@ -484,6 +601,12 @@ pub fn compare(
     let mut drift: Vec<Vec<f64>> = vec![Vec::new(); providers.len()];
     for i in 0..arch.num_layers() {
         let names = arch.block_tensors(i);
+        if let Some(c) = calibration.as_mut() {
+            let layer = c.next_layer()?;
+            if let Ok(mut slot) = moments.write() {
+                *slot = Some(Arc::new(layer));
+            }
+        }
         // One model at a time: a block's weights are built in parallel (Prepared::load) and the
         // GEMMs run on candle's own pool, so a rayon loop over models would only nest pools and
         // hold every model's block at once (4 x 810 MB at 7B).
@@ -587,6 +710,7 @@ pub fn compare(
     })
 }
 
+pub mod calibration;
 mod generation;
 #[cfg(test)]
 mod goldens;

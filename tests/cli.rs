@@ -18,6 +18,7 @@ mod hub;
 mod kquant;
 mod merge_command;
 mod merged;
+mod repair;
 mod reports;
 mod shell;
 mod snapshots;

@@ -26,6 +26,7 @@ use crate::merge::float::FloatFormat;
 use crate::merge::mix::MixModel;
 use crate::merge::precision::{self, Precision};
 use crate::merge::quant::QuantFormat;
+use crate::merge::repair::{RepairMethod, Target};
 use crate::model::Architecture;
 use crate::report::{self, Format, Inputs, MergeSettings, OutputTarget, REPORT_DIR_FILES, Report};
 
@@ -107,6 +108,26 @@ fn plan_without_outputs(args: &CheckArgs) -> anyhow::Result<Settings> {
     }
     if args.max_tokens < 2 {
         problems.push("--max-tokens must be at least 2".to_string());
+    }
+    if !args.repair.is_empty() && args.weights_only {
+        problems.push(
+            "--repair candidates are measured by the logit comparison; drop --weights-only"
+                .to_string(),
+        );
+    }
+    if let Some(c) = &args.calibration.file {
+        if !c.is_file() {
+            problems.push(format!(
+                "--calibration `{}` is not a readable file",
+                c.display()
+            ));
+        }
+        if !args.repair.contains(&RepairMethod::Gptq) {
+            problems.push("--calibration is read only by --repair gptq".to_string());
+        }
+    }
+    if args.calibration.tokens < 2 {
+        problems.push("--calibration-tokens must be at least 2".to_string());
     }
     if let Some(m) = &args.merged
         && !m.exists()
@@ -297,6 +318,7 @@ struct Parts {
     adapter_effect: Option<crate::forward::AdapterEffect>,
     token_kl: std::collections::BTreeMap<String, Vec<f64>>,
     tokens: Option<usize>,
+    repair: Option<report::RepairSection>,
 }
 
 /// Why merging is meaningless (structural deny findings), if it is.
@@ -425,6 +447,46 @@ fn logit_stage(
     };
     let prompts = prompts_for(args, &inputs.base, &inputs.adapters, arch.max_positions())?;
     parts.tokens = Some(prompts.tokens());
+    let repairs = repair_candidates(&args.repair, job.precisions)?;
+    if !repairs.is_empty() && arch.conv1d() {
+        bail!(
+            "--repair does not handle GPT-2's Conv1D weights yet (llama-family and GPT-NeoX \
+             models only); run without --repair"
+        );
+    }
+    let calibration = if args.repair.iter().any(|m| m.needs_calibration()) {
+        Some(
+            super::inputs::tokenized_text(
+                args.calibration.file.as_deref(),
+                prompts::CALIBRATION_TEXT,
+                &args.base,
+                &inputs.base,
+                &inputs.adapters,
+                args.calibration.tokens,
+                arch.max_positions().map_or(512, |p| p.min(512)),
+            )
+            .context("reading the calibration text")?,
+        )
+    } else {
+        None
+    };
+    if !repairs.is_empty() {
+        parts.repair = Some(report::RepairSection {
+            methods: args.repair.iter().map(|m| m.label_suffix()).collect(),
+            evaluation_text: super::inputs::text_source(
+                args.prompts.as_deref(),
+                "built-in evaluation text",
+            ),
+            calibration_text: calibration.as_ref().map(|_| {
+                super::inputs::text_source(
+                    args.calibration.file.as_deref(),
+                    "built-in calibration text",
+                )
+            }),
+            calibration_tokens: calibration.as_ref().map(TokenizedPrompts::tokens),
+            best: Vec::new(),
+        });
+    }
     let bar = super::progress::bar(arch.num_layers() + 2, args.quiet, "forward", "steps");
     let forward_inputs = ForwardInputs {
         arch: &arch,
@@ -436,6 +498,8 @@ fn logit_stage(
         recipe: args.recipe,
         trained_on: job.plan.trained_on,
         merged: merged.map(|(c, _)| c),
+        repairs: &repairs,
+        calibration: calibration.as_ref(),
     };
     let forward = crate::forward::compare(&forward_inputs, &|| bar.inc(1))
         .context("running the logit comparison")?;
@@ -459,6 +523,23 @@ fn logit_stage(
             p.unmerged_logits = forward.stats(ModelKind::AdapterBeside(q)).cloned();
         }
     }
+    // Repaired candidates: rows of their own beside the plain ones, measured by the logits only
+    // (their weights depend on the calibration activations, which the weight stage never sees).
+    for (precision, method) in &repairs {
+        let kind = ModelKind::Repaired(*precision, *method);
+        weights.precisions.push(PrecisionReport {
+            name: kind.label(),
+            class: precision.class().name(),
+            verdict: Verdict::Pass,
+            weights: weights::WeightSummary::not_measured(),
+            logits: forward.stats(kind).cloned(),
+            unmerged_logits: None,
+            generation: None,
+        });
+    }
+    if let Some(section) = parts.repair.as_mut() {
+        section.best = report::RepairSection::best_of(&weights.precisions);
+    }
     for model in &forward.models {
         let precision = match model.kind {
             ModelKind::Merged(p) => p,
@@ -467,6 +548,7 @@ fn logit_stage(
                 Some((_, p)) => *p,
                 None => continue,
             },
+            ModelKind::Repaired(p, _) => p,
             ModelKind::Reference | ModelKind::Base | ModelKind::StoredBase => continue,
         };
         let mut found = crate::findings::logits::assess(
@@ -570,9 +652,49 @@ fn assemble(
         layers,
         forensics: parts.forensics,
         token_kl: parts.token_kl,
+        repair: parts.repair,
     };
     crate::gate::apply_gate(&mut report, &plan.levels);
     report
+}
+
+/// The repaired candidates of `--repair`: every requested method on every requested precision
+/// but f32 (which has nothing to round). A precision no repair supports is an error (exit 2), so
+/// no row the user asked for is silently missing.
+fn repair_candidates(
+    methods: &[RepairMethod],
+    precisions: &[Precision],
+) -> anyhow::Result<Vec<(Precision, RepairMethod)>> {
+    if methods.is_empty() {
+        return Ok(Vec::new());
+    }
+    let unsupported: Vec<&str> = precisions
+        .iter()
+        .filter(|p| **p != Precision::Float(FloatFormat::F32) && Target::of(**p).is_none())
+        .map(|p| p.name())
+        .collect();
+    if !unsupported.is_empty() {
+        bail!(
+            "--repair supports {} so far, not {}; drop them from --precision or run without \
+             --repair",
+            Target::NAMES,
+            unsupported.join(", ")
+        );
+    }
+    let mut out = Vec::new();
+    for p in precisions.iter().filter(|p| Target::of(**p).is_some()) {
+        let mut sorted = methods.to_vec();
+        sorted.sort();
+        sorted.dedup();
+        out.extend(sorted.into_iter().map(|m| (*p, m)));
+    }
+    if out.is_empty() {
+        bail!(
+            "--repair has nothing to repair: add one of {} to --precision",
+            Target::NAMES
+        );
+    }
+    Ok(out)
 }
 
 /// Prompts the generation check continues, and how many of their tokens it keeps.
@@ -599,35 +721,18 @@ fn prompts_for(
     adapters: &[Adapter],
     max_positions: Option<usize>,
 ) -> anyhow::Result<TokenizedPrompts> {
-    let texts = match &args.prompts {
-        Some(path) => prompts::read_prompts(path)?,
-        None => prompts::split_paragraphs(prompts::BUILTIN_TEXT),
-    };
-    let dirs: Vec<&Path> = adapters.iter().map(|a| a.dir.as_path()).collect();
-    // A GGUF base without a tokenizer.json near it uses the one inside the file (kept alive
-    // until the prompts are tokenized).
-    let (tokenizer, _rebuilt) = match (
-        prompts::find_tokenizer(&dirs, &base_folder(&args.base)),
-        base.gguf(),
-    ) {
-        (Some(path), _) => (path, None),
-        (None, Some(header)) => {
-            let file = crate::io::tokenizer::gguf_tokenizer_file(header).with_context(|| {
-                format!("rebuilding the tokenizer of `{}`", args.base.display())
-            })?;
-            (file.path().to_path_buf(), Some(file))
-        }
-        (None, None) => return Err(prompts::PromptError::NoTokenizer.into()),
-    };
     // Sequences stay within the model's learned positions (GPT-2: n_positions), and leave room
     // for the generation check's continuation.
     let max_len = max_positions.map_or(512, |p| p.min(512));
-    Ok(prompts::tokenize(
-        &tokenizer,
-        &texts,
+    super::inputs::tokenized_text(
+        args.prompts.as_deref(),
+        prompts::BUILTIN_TEXT,
+        &args.base,
+        base,
+        adapters,
         args.max_tokens,
         max_len,
-    )?)
+    )
 }
 
 pub fn run(args: &CheckArgs) -> anyhow::Result<ExitStatus> {

@@ -137,3 +137,43 @@ pub fn load(base_path: &Path, adapter_dirs: &[PathBuf]) -> anyhow::Result<Loaded
         structures,
     })
 }
+
+/// Where a text read through the model's tokenizer came from, as reports name it.
+pub fn text_source(file: Option<&Path>, builtin: &str) -> String {
+    file.map_or_else(|| builtin.to_string(), |p| p.display().to_string())
+}
+
+/// Tokenizes `file` (or the built-in `builtin` text) with the adapters' or the base's tokenizer
+/// (a GGUF base without tokenizer.json: the one inside the file), keeping at most `max_tokens`
+/// tokens in sequences of at most `max_len` positions.
+pub fn tokenized_text(
+    file: Option<&Path>,
+    builtin: &str,
+    base_path: &Path,
+    base: &Checkpoint,
+    adapters: &[Adapter],
+    max_tokens: usize,
+    max_len: usize,
+) -> anyhow::Result<crate::io::prompts::TokenizedPrompts> {
+    use crate::io::prompts;
+    let texts = match file {
+        Some(path) => prompts::read_prompts(path)?,
+        None => prompts::split_paragraphs(builtin),
+    };
+    let dirs: Vec<&Path> = adapters.iter().map(|a| a.dir.as_path()).collect();
+    // The rebuilt tokenizer file lives until the prompts are tokenized.
+    let (tokenizer, _rebuilt) = match (
+        prompts::find_tokenizer(&dirs, &base_folder(base_path)),
+        base.gguf(),
+    ) {
+        (Some(path), _) => (path, None),
+        (None, Some(header)) => {
+            let file = crate::io::tokenizer::gguf_tokenizer_file(header).with_context(|| {
+                format!("rebuilding the tokenizer of `{}`", base_path.display())
+            })?;
+            (file.path().to_path_buf(), Some(file))
+        }
+        (None, None) => return Err(prompts::PromptError::NoTokenizer.into()),
+    };
+    Ok(prompts::tokenize(&tokenizer, &texts, max_tokens, max_len)?)
+}

@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use serde_json::Value;
 
 use super::inputs::{Loaded, load};
+use super::repaired::{self, RepairJob, Repaired};
 use crate::ExitStatus;
 use crate::cli::{MergeArgs, MergeFormat};
 use crate::findings::thresholds::Thresholds;
@@ -24,6 +25,8 @@ use crate::merge::engine::{self, EvalOptions, MergePlan, TensorJob};
 use crate::merge::float::FloatFormat;
 use crate::merge::ggml::GgmlType;
 use crate::merge::precision::Precision;
+use crate::merge::repair::{RepairMethod, Rounded, Target};
+use crate::model::Architecture;
 use crate::report;
 
 /// Tokenizer and generation files copied into the merged folder.
@@ -130,6 +133,23 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
             .apply_override(spec)
             .map_err(|e| anyhow::anyhow!("--threshold {e}"))?;
     }
+    if args.repair.is_some() && args.gate {
+        bail!(
+            "--gate checks the plain merge's weights, not a repaired one; gate with \
+             `lora-doctor check --repair …` and merge with --repair alone"
+        );
+    }
+    if args.calibration.tokens < 2 {
+        bail!("--calibration-tokens must be at least 2");
+    }
+    if let Some(c) = &args.calibration.file {
+        if args.repair != Some(RepairMethod::Gptq) {
+            bail!("--calibration is read only by --repair gptq");
+        }
+        if !c.is_file() {
+            bail!("--calibration `{}` is not a readable file", c.display());
+        }
+    }
     let mut inputs: Vec<&Path> = vec![args.base.as_path()];
     inputs.extend(args.adapters.iter().map(PathBuf::as_path));
     let parent = check_out(&args.out, &inputs)?;
@@ -219,8 +239,29 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
             plan: &plan,
             format,
         };
-        return write_gguf(args, &parent, &inputs, ty);
+        return write_gguf(args, &parent, &inputs, ty, precision);
     }
+    let repaired = match args.repair {
+        Some(method) => {
+            let out_dtype = format.dtype();
+            let encode = |name: &str, _: &[usize], r: Rounded| -> anyhow::Result<Option<Vec<u8>>> {
+                refuse_nonfinite(name, &r.values, format)?;
+                Ok(Some(writer::encode(&r.values, &out_dtype)?))
+            };
+            let inputs = MergeInputs {
+                base: &base,
+                config: base_config.as_ref(),
+                adapters: &adapters,
+                plan: &plan,
+                format,
+            };
+            match repair_pass(args, method, precision, &inputs, &parent, &encode) {
+                Ok(repaired) => Some(repaired),
+                Err(err) => return refused_output(args, err),
+            }
+        }
+        None => None,
+    };
 
     let staging = tempfile::Builder::new()
         .prefix(".lora-doctor-merge-")
@@ -286,6 +327,9 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
         &tensors,
         max_shard,
         |t| {
+            if let Some(bytes) = repaired.as_ref().and_then(|r| r.bytes(&t.name)) {
+                return bytes;
+            }
             if let Some(job) = jobs.get(t.name.as_str()) {
                 let stored = engine::base_weight(job, &base, &adapters)?;
                 let updates = engine::load_updates(job, &adapters)?;
@@ -387,12 +431,13 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
             .sum();
         report::print_human(
             &format!(
-                "merged {} tensor(s) from {} adapter(s) into `{}` ({}, recipe {}, {} in {} file(s){}{})\n",
+                "merged {} tensor(s) from {} adapter(s) into `{}` ({}, recipe {}{}, {} in {} file(s){}{})\n",
                 plan.weights.len(),
                 adapters.len(),
                 args.out.display(),
                 format.name(),
                 args.recipe.name(),
+                repair_summary(repaired.as_ref()),
                 report::format::human_bytes(bytes),
                 files.iter().filter(|f| f.ends_with(".safetensors")).count(),
                 if untied { ", lm_head untied" } else { "" },
@@ -556,6 +601,7 @@ fn write_gguf(
     parent: &Path,
     inputs: &MergeInputs<'_>,
     types: GgufTypes,
+    precision: Precision,
 ) -> anyhow::Result<ExitStatus> {
     use crate::io::gguf::write as gguf_write;
     let MergeInputs {
@@ -631,10 +677,47 @@ fn write_gguf(
             shape: shape.clone(),
         });
     }
+    // A repaired tensor's bytes: ggml blocks written as repaired (rows reordered for llama.cpp's
+    // rotary layout as whole rows, which keeps every block intact), or float values encoded.
+    let encode = |hf: &str, shape: &[usize], r: Rounded| -> anyhow::Result<Option<Vec<u8>>> {
+        refuse_nonfinite(hf, &r.values, format)?;
+        let ty = types.type_for(hf, shape)?;
+        let [rows, cols] = shape[..] else {
+            return Ok(None);
+        };
+        match r.ggml {
+            Some(bytes) if Some(ty) == Target::of(precision).and_then(target_ggml_type) => {
+                let order: Vec<f32> = (0..rows).map(|r| r as f32).collect();
+                let order = gguf_write::to_gguf_rows(&model_type, hf, &config, order, &[rows, 1])?;
+                let row_bytes = bytes.len() / rows.max(1);
+                let mut out = Vec::with_capacity(bytes.len());
+                for source in order {
+                    let at = source as usize * row_bytes;
+                    out.extend_from_slice(&bytes[at..at + row_bytes]);
+                }
+                Ok(Some(out))
+            }
+            None if ty.is_float() => {
+                let values = gguf_write::to_gguf_rows(&model_type, hf, &config, r.values, shape)?;
+                Ok(Some(gguf_write::encode(ty, &values, cols)?))
+            }
+            _ => Ok(None),
+        }
+    };
+    let repaired = match args.repair {
+        Some(method) => match repair_pass(args, method, precision, inputs, parent, &encode) {
+            Ok(repaired) => Some(repaired),
+            Err(err) => return refused_output(args, err),
+        },
+        None => None,
+    };
     let produce = |t: &gguf_write::GgufOutTensor| -> anyhow::Result<Vec<u8>> {
         let hf = hf_of
             .get(&t.name)
             .with_context(|| format!("no source for `{}`", t.name))?;
+        if let Some(bytes) = repaired.as_ref().and_then(|r| r.bytes(hf)) {
+            return bytes;
+        }
         let values = if let Some(job) = jobs.get(hf.as_str()) {
             let stored = engine::base_weight(job, base, adapters)?;
             let updates = engine::load_updates(job, adapters)?;
@@ -689,18 +772,113 @@ fn write_gguf(
         let bytes = std::fs::metadata(&args.out).map_or(0, |m| m.len() as usize);
         report::print_human(
             &format!(
-                "merged {} tensor(s) from {} adapter(s) into `{}` (GGUF {}, recipe {}, {})\n",
+                "merged {} tensor(s) from {} adapter(s) into `{}` (GGUF {}, recipe {}{}, {})\n",
                 plan.weights.len(),
                 adapters.len(),
                 args.out.display(),
                 types.name(),
                 args.recipe.name(),
+                repair_summary(repaired.as_ref()),
                 report::format::human_bytes(bytes),
             ),
             false,
         )?;
     }
     Ok(ExitStatus::Success)
+}
+
+/// A repaired tensor is held to the same rule as every merged one: no NaN, Inf or overflow is
+/// written (exit 1 through [`refused_output`]).
+fn refuse_nonfinite(name: &str, values: &[f32], format: FloatFormat) -> anyhow::Result<()> {
+    let bad = nonfinite_after_rounding(values, format);
+    if bad > 0 {
+        return Err(NonFiniteOutput {
+            tensor: name.to_string(),
+            count: bad,
+            total: values.len(),
+            format,
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// The ggml type a repair target writes.
+fn target_ggml_type(target: Target) -> Option<GgmlType> {
+    match target {
+        Target::Float(_) => None,
+        Target::Q8_0 => Some(GgmlType::Q8_0),
+        Target::Q4_0 => Some(GgmlType::Q4_0),
+        Target::Q4_1 => Some(GgmlType::Q4_1),
+    }
+}
+
+/// `, repaired by gptq (37 tensors, 512 calibration tokens)` for the summary line.
+fn repair_summary(repaired: Option<&Repaired>) -> String {
+    match repaired {
+        None => String::new(),
+        Some(r) => format!(
+            ", {} tensor(s) repaired{}",
+            r.len(),
+            r.calibration_tokens
+                .map(|t| format!(" on {t} calibration tokens"))
+                .unwrap_or_default()
+        ),
+    }
+}
+
+/// `--repair`: the repaired tensors of this merge, spilled beside the output. Refuses (exit 2)
+/// what it cannot repair rather than writing a plain merge under a repaired name.
+fn repair_pass(
+    args: &MergeArgs,
+    method: RepairMethod,
+    precision: Precision,
+    inputs: &MergeInputs<'_>,
+    spill_dir: &Path,
+    encode: &repaired::Encode<'_>,
+) -> anyhow::Result<Repaired> {
+    let Some(target) = Target::of(precision) else {
+        bail!(
+            "--repair rounds onto {}; `{}` is not one of them",
+            Target::NAMES,
+            precision.name()
+        );
+    };
+    let config = inputs
+        .config
+        .context("--repair runs the model: the base has no config.json (or GGUF metadata)")?;
+    let arch = Architecture::from_config(config, &|n| inputs.base.contains(n))
+        .map_err(|e| anyhow::anyhow!("--repair cannot run the model: {}", e.reason))?;
+    let calibration = if method.needs_calibration() {
+        Some(
+            super::inputs::tokenized_text(
+                args.calibration.file.as_deref(),
+                crate::io::prompts::CALIBRATION_TEXT,
+                &args.base,
+                inputs.base,
+                inputs.adapters,
+                args.calibration.tokens,
+                arch.max_positions().map_or(512, |p| p.min(512)),
+            )
+            .context("reading the calibration text")?,
+        )
+    } else {
+        None
+    };
+    let bar = super::progress::bar(arch.num_layers(), args.quiet, "repairing", "blocks");
+    let job = RepairJob {
+        arch: &arch,
+        base: inputs.base,
+        adapters: inputs.adapters,
+        plan: inputs.plan,
+        target,
+        method,
+        calibration: calibration.as_ref().map(|c| c.sequences.as_slice()),
+        spill_dir,
+    };
+    let repaired = repaired::repair_all(&job, encode, &|| bar.inc(1))?;
+    bar.finish_and_clear();
+    Ok(repaired)
 }
 
 /// A write that failed: a merged value that is not finite in the output dtype is a gate failure

@@ -8,6 +8,7 @@ pub mod inputs;
 pub mod inspect;
 pub mod merge;
 pub mod progress;
+mod repaired;
 pub mod shell;
 
 use crate::ExitStatus;

@@ -34,10 +34,11 @@ pub fn settle_tied_head_by_untied_write(findings: &mut Vec<Finding>) {
     findings.retain(|f| f.code != Code::TiedEmbeddings);
 }
 
-/// Logit findings of a `P+lora` row (the adapter served unmerged beside a quantized base) inform
-/// the choice of deployment; they do not gate the merge.
+/// Logit findings of a `P+lora` row (the adapter served unmerged beside a quantized base) and of
+/// a repaired candidate (`bf16:repaired`) inform the choice of deployment; they do not gate the
+/// plain merge.
 pub fn logit_levels(kind: ModelKind, findings: &mut [Finding]) {
-    if matches!(kind, ModelKind::AdapterBeside(_)) {
+    if matches!(kind, ModelKind::AdapterBeside(_) | ModelKind::Repaired(..)) {
         for f in findings {
             f.level = Level::Allow;
         }

@@ -69,6 +69,23 @@ pub struct WeightSummary {
 }
 
 impl WeightSummary {
+    /// A candidate whose weights the weight stage does not measure (repaired candidates: their
+    /// values depend on calibration activations); its logits say how it fares.
+    pub fn not_measured() -> Self {
+        WeightSummary {
+            modules: 0,
+            worst_rel_error: None,
+            worst_module: None,
+            mean_rel_error: None,
+            max_floor_ratio: None,
+            min_retention: None,
+            scale_ratio_range: None,
+            mean_below_half_ulp: None,
+            nonfinite: 0,
+            overflow: 0,
+        }
+    }
+
     /// The retention a table shows: a candidate's minimum, or the merged checkpoint's ŝ/s bound
     /// farthest from 1.
     pub fn shown_retention(&self) -> Option<f64> {

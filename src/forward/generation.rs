@@ -344,12 +344,12 @@ fn generation_check_within(
     let jobs = plan_jobs(inputs.plan);
     let mut outputs: Vec<(String, Vec<Vec<u32>>)> = Vec::new();
     for kind in candidates(inputs) {
-        let provider = provider_for(kind, inputs, &jobs, &block_linear);
+        let provider = provider_for(kind, inputs, &jobs, &block_linear, None);
         let mut model = StreamedModel::new(arch, provider.as_ref(), keep_bytes);
         let texts = decode(arch, &mut model, prompts, max_new, stop, on_step)?;
         outputs.push((kind.label(), texts));
     }
-    let provider = provider_for(ModelKind::Reference, inputs, &jobs, &block_linear);
+    let provider = provider_for(ModelKind::Reference, inputs, &jobs, &block_linear, None);
     let mut reference = StreamedModel::new(arch, provider.as_ref(), keep_bytes);
     let ref_texts = decode(arch, &mut reference, prompts, max_new, stop, on_step)?;
     // Every continuation under the reference in one pass: the reference's own, then each

@@ -106,6 +106,8 @@ fn run_case(case: &Value) -> Vec<(String, f64, f64)> {
             recipe: Recipe::Exact,
             trained_on,
             merged: None,
+            repairs: &[],
+            calibration: None,
         },
         &|| {},
     )

@@ -36,6 +36,11 @@ pub enum PromptError {
 /// turn, about a thousand tokens with common tokenizers. Paragraphs are separate prompts.
 pub const BUILTIN_TEXT: &str = include_str!("eval_text.txt");
 
+/// The built-in calibration text for repairs (`merge --repair gptq`, `check --repair gptq`):
+/// written for lora-doctor, shares no paragraph with [`BUILTIN_TEXT`], so a repaired candidate is
+/// never scored on the text it was fitted to.
+pub const CALIBRATION_TEXT: &str = include_str!("calibration_text.txt");
+
 /// Splits plain text into prompts at blank lines.
 pub fn split_paragraphs(text: &str) -> Vec<String> {
     text.split("\n\n")

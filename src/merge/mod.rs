@@ -15,3 +15,4 @@ pub mod kquant;
 pub mod mix;
 pub mod precision;
 pub mod quant;
+pub mod repair;

@@ -73,6 +73,7 @@ pub(crate) fn linear(
 ) -> Result<Tensor, ModelError> {
     let (_t, inp) = x.dims2()?;
     let name = format!("{module}.weight");
+    w.observe(&name, x);
     let (weight, base) = match layout {
         Layout::Conv1d => {
             let weight = load(w, &name, &[inp, out])?;

@@ -148,6 +148,10 @@ pub trait WeightProvider: Sync {
     fn shared(&self, _name: &str) -> Option<Tensor> {
         None
     }
+    /// Called by every linear layer with its input `[T, in]` just before the product with
+    /// `name` (`….weight`): a calibration run records it to build H = XᵀX per input. Modules that
+    /// share an input (q/k/v, gate/up) are handed the same tensor. The default ignores it.
+    fn observe(&self, _name: &str, _input: &Tensor) {}
 }
 
 /// A weight's values as a flat f32 tensor, for providers that keep weights in memory and serve

@@ -239,7 +239,8 @@ impl HeatmapData {
 
     fn anchor(report: &Report, precision: &str, metric: HeatmapMetric) -> Option<(f64, f64)> {
         let thresholds = &report.merge.as_ref()?.thresholds;
-        let class = Precision::parse(precision).map_or(PrecisionClass::Float, Precision::class);
+        let class = crate::merge::repair::label_precision(precision)
+            .map_or(PrecisionClass::Float, Precision::class);
         let t = thresholds.class(class);
         match metric {
             HeatmapMetric::RelError => t

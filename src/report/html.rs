@@ -981,6 +981,7 @@ mod tests {
             layers: None,
             forensics,
             token_kl: Default::default(),
+            repair: None,
         }
     }
 

@@ -48,6 +48,74 @@ pub struct Inputs {
     pub hub: Vec<crate::io::hub::HubSnapshot>,
 }
 
+/// `check --repair`: the texts behind the repaired candidates (scored on the evaluation text,
+/// fitted on the calibration text, never the same built-in text) and the best option per
+/// deployment format.
+#[derive(Debug, Clone, Serialize)]
+pub struct RepairSection {
+    pub methods: Vec<&'static str>,
+    pub evaluation_text: String,
+    /// Null when no method needs calibration (stochastic rounding only).
+    pub calibration_text: Option<String>,
+    pub calibration_tokens: Option<usize>,
+    pub best: Vec<BestOption>,
+}
+
+/// The candidate with the lowest mean KL to the reference among those that ship in one format:
+/// the plain merge, its repairs and, for quantized formats, the adapter served unmerged beside
+/// the quantized base (`q4_0+lora`).
+#[derive(Debug, Clone, Serialize)]
+pub struct BestOption {
+    pub format: String,
+    pub candidate: String,
+    pub mean_kl: f64,
+    /// The plain merge's mean KL in the same format.
+    pub plain_mean_kl: Option<f64>,
+}
+
+impl RepairSection {
+    /// The best option per format among `precisions` (rows named `fmt`, `fmt:method`, and their
+    /// `+lora` logits).
+    pub fn best_of(precisions: &[PrecisionReport]) -> Vec<BestOption> {
+        let mut out: Vec<BestOption> = Vec::new();
+        for p in precisions {
+            let format = p.name.split(':').next().unwrap_or(&p.name).to_string();
+            if format == crate::forward::MERGED_LABEL {
+                continue;
+            }
+            let options = [
+                p.logits.as_ref().map(|l| (p.name.clone(), l.mean_kl)),
+                p.unmerged_logits
+                    .as_ref()
+                    .map(|l| (format!("{}+lora", p.name), l.mean_kl)),
+            ];
+            let plain = (p.name == format)
+                .then(|| p.logits.as_ref().map(|l| l.mean_kl))
+                .flatten();
+            for (candidate, kl) in options.into_iter().flatten() {
+                match out.iter_mut().find(|b| b.format == format) {
+                    Some(best) => {
+                        if plain.is_some() {
+                            best.plain_mean_kl = plain;
+                        }
+                        if kl < best.mean_kl {
+                            best.candidate = candidate;
+                            best.mean_kl = kl;
+                        }
+                    }
+                    None => out.push(BestOption {
+                        format: format.clone(),
+                        candidate,
+                        mean_kl: kl,
+                        plain_mean_kl: plain,
+                    }),
+                }
+            }
+        }
+        out
+    }
+}
+
 /// The settings the weight stage ran with.
 #[derive(Debug, Clone, Serialize)]
 pub struct MergeSettings {
@@ -84,6 +152,9 @@ pub struct Report {
     /// tokens.csv and the KL chart; not part of the JSON.
     #[serde(skip)]
     pub token_kl: std::collections::BTreeMap<String, Vec<f64>>,
+    /// With `check --repair` only (omitted otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repair: Option<RepairSection>,
 }
 
 impl Report {

@@ -154,6 +154,9 @@ pub fn check_summary(report: &Report, palette: Palette) -> String {
         }
         (None, None) => {}
     }
+    if let Some(repair) = &report.repair {
+        repair_advice(&mut out, repair);
+    }
     if let Some(f) = &report.forensics {
         forensics_summary(&mut out, f, report.inputs.merged.as_deref().unwrap_or("-"));
     }
@@ -241,6 +244,34 @@ pub fn explain_index() -> String {
 
 /// The `--merged` forensics in three lines: how many tensors are faithful, the spread of the scale
 /// fit and of the residual against the rounding floor, and the untouched tensors.
+/// `check --repair`: the best option per deployment format, and the texts behind the repairs.
+fn repair_advice(out: &mut String, repair: &crate::report::RepairSection) {
+    let _ = writeln!(
+        out,
+        "\nrepair: scored on {}{}",
+        repair.evaluation_text,
+        repair
+            .calibration_text
+            .as_ref()
+            .map(|c| format!(
+                ", fitted on {c} ({} tokens)",
+                repair.calibration_tokens.unwrap_or(0)
+            ))
+            .unwrap_or_default()
+    );
+    for best in &repair.best {
+        let plain = best
+            .plain_mean_kl
+            .map(|p| format!(" (plain {}: {p:.3e})", best.format))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  to ship {}: {} — mean KL {:.3e}{plain}",
+            best.format, best.candidate, best.mean_kl
+        );
+    }
+}
+
 fn forensics_summary(out: &mut String, f: &crate::forensics::Forensics, path: &str) {
     let fitted: Vec<&crate::forensics::ModuleFit> = f
         .modules

@@ -1,0 +1,176 @@
+//! `merge --repair`: the repaired tensors of a merge, computed before the writer runs and held in
+//! an anonymous spill file beside the output (deleted on drop), so memory stays one block's
+//! calibration state plus one tensor, as for the plain merge.
+//!
+//! The writers ask for tensors in name order (`layers.1`, `layers.10`, …), but GPTQ needs each
+//! block's input moments, which come from running the unmerged reference forward block by block.
+//! So the reference walks the calibration text once, every block's tensors are repaired as soon
+//! as its moments exist, and their final bytes are spilled; the writer then reads them back.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+use std::sync::Mutex;
+
+use anyhow::{Context, bail};
+
+use crate::forward::calibration::{self, Calibration, LayerMoments};
+use crate::io::adapter::Adapter;
+use crate::io::checkpoint::Checkpoint;
+use crate::merge::engine::{MergePlan, TensorJob};
+use crate::merge::quant::GGML_QK;
+use crate::merge::repair::{RepairMethod, Rounded, Target};
+use crate::model::{Architecture, CheckpointProvider};
+
+/// Repaired tensors' final bytes, by tensor name.
+pub struct Repaired {
+    file: Mutex<File>,
+    index: HashMap<String, (u64, usize)>,
+    /// Calibration tokens run (GPTQ), for the summary line.
+    pub calibration_tokens: Option<usize>,
+}
+
+impl Repaired {
+    /// The bytes of `name` if it was repaired.
+    pub fn bytes(&self, name: &str) -> Option<anyhow::Result<Vec<u8>>> {
+        let (offset, len) = *self.index.get(name)?;
+        Some((|| {
+            let mut file = self
+                .file
+                .lock()
+                .map_err(|_| anyhow::anyhow!("the spill file lock is poisoned"))?;
+            file.seek(SeekFrom::Start(offset))?;
+            let mut out = vec![0u8; len];
+            file.read_exact(&mut out)?;
+            Ok(out)
+        })())
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+}
+
+/// Turns one repaired tensor (HF name, shape) into the bytes the output stores, or `None` when
+/// the writer's plain path must handle it (a tensor the output does not store on the grid).
+pub type Encode<'a> =
+    dyn Fn(&str, &[usize], Rounded) -> anyhow::Result<Option<Vec<u8>>> + Sync + 'a;
+
+/// What a repair needs from the merge command.
+pub struct RepairJob<'a> {
+    pub arch: &'a Architecture,
+    pub base: &'a Checkpoint,
+    pub adapters: &'a [Adapter],
+    pub plan: &'a MergePlan,
+    pub target: Target,
+    pub method: RepairMethod,
+    /// Calibration sequences (GPTQ only).
+    pub calibration: Option<&'a [Vec<u32>]>,
+    /// The folder the spill file goes in (the output's).
+    pub spill_dir: &'a Path,
+}
+
+/// Repairs every tensor the format stores on the target grid (quantized targets: each block
+/// linear with whole 32-value blocks; float targets: the block linears an adapter changes) and
+/// turns each into its final bytes with `encode` (`None`: the writer's plain path handles it).
+pub fn repair_all(
+    job: &RepairJob<'_>,
+    encode: &Encode<'_>,
+    on_layer: &dyn Fn(),
+) -> anyhow::Result<Repaired> {
+    if job.arch.conv1d() {
+        bail!(
+            "--repair does not handle GPT-2's Conv1D weights yet (llama-family and GPT-NeoX \
+             models only); merge without --repair"
+        );
+    }
+    let jobs: HashMap<&str, &TensorJob> = job
+        .plan
+        .weights
+        .iter()
+        .map(|j| (j.output.as_str(), j))
+        .collect();
+    let reference = CheckpointProvider::with_adapters(job.base, job.adapters, job.plan);
+    let mut calibration = match (job.method.needs_calibration(), job.calibration) {
+        (true, Some(sequences)) => Some(
+            Calibration::start(job.arch, &reference, sequences)
+                .context("embedding the calibration text")?,
+        ),
+        (true, None) => bail!("--repair gptq needs calibration text"),
+        (false, _) => None,
+    };
+    let mut file = tempfile::tempfile_in(job.spill_dir).with_context(|| {
+        format!(
+            "cannot create a spill file in `{}`",
+            job.spill_dir.display()
+        )
+    })?;
+    let mut index = HashMap::new();
+    let mut offset = 0u64;
+    for i in 0..job.arch.num_layers() {
+        let moments: Option<LayerMoments> = match calibration.as_mut() {
+            Some(c) => Some(
+                c.next_layer()
+                    .with_context(|| format!("calibration activations of block {i}"))?,
+            ),
+            None => None,
+        };
+        for name in job.arch.block_tensors(i) {
+            let Some((rows, cols)) = repaired_shape(job, &jobs, &name) else {
+                continue;
+            };
+            let w = calibration::exact_weight(
+                &name,
+                jobs.get(name.as_str()).copied(),
+                job.base,
+                job.adapters,
+            )?;
+            let rounded = calibration::repaired_tensor(
+                &name,
+                &w,
+                rows,
+                cols,
+                job.target,
+                job.method,
+                moments.as_ref(),
+            )?;
+            drop(w);
+            if let Some(bytes) = encode(&name, &[rows, cols], rounded)? {
+                file.write_all(&bytes)?;
+                index.insert(name.clone(), (offset, bytes.len()));
+                offset += bytes.len() as u64;
+            }
+        }
+        on_layer();
+    }
+    file.flush()?;
+    Ok(Repaired {
+        file: Mutex::new(file),
+        index,
+        calibration_tokens: calibration.map(|c| c.tokens),
+    })
+}
+
+/// The shape of `name` when the repair rounds it.
+fn repaired_shape(
+    job: &RepairJob<'_>,
+    jobs: &HashMap<&str, &TensorJob>,
+    name: &str,
+) -> Option<(usize, usize)> {
+    let changed = jobs.get(name);
+    if matches!(job.target, Target::Float(_)) && changed.is_none() {
+        return None;
+    }
+    let (rows, cols) = match changed {
+        Some(j) => (j.rows, j.cols),
+        None => match job.base.info(name)?.shape[..] {
+            [r, c] => (r, c),
+            _ => return None,
+        },
+    };
+    if !matches!(job.target, Target::Float(_)) && !cols.is_multiple_of(GGML_QK) {
+        return None;
+    }
+    Some((rows, cols))
+}
