@@ -4,6 +4,7 @@
 //! This file holds the helpers every subject module uses; the tests live in one module per subject.
 
 mod action;
+mod arch_moe;
 mod bad_inputs;
 mod contract;
 mod docs_and_inspect;

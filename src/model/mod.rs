@@ -5,8 +5,8 @@
 //! Weights come from a [`WeightProvider`], which decides what a tensor *is* for its model: the stored
 //! base, the base plus unmerged LoRA terms ([`UnmergedLora`], applied in the forward the way PEFT does),
 //! or a merged weight rounded or quantized on the fly. The decoder itself only knows transformers'
-//! architectures ([`Architecture`]): the Llama family (llama, mistral, qwen2, qwen3), GPT-2 and
-//! GPT-NeoX. Everything computes in f32 on the CPU, one sequence at a time, and returns logits for
+//! architectures ([`Architecture`]): the Llama family (llama, mistral, qwen2, qwen3, and the
+//! mixture-of-experts mixtral, qwen2_moe, qwen3_moe), GPT-2 and GPT-NeoX. Everything computes in f32 on the CPU, one sequence at a time, and returns logits for
 //! every position.
 //!
 //! ```text
@@ -29,6 +29,7 @@ mod generate;
 mod gpt2;
 mod linear;
 mod llama;
+mod moe;
 mod neox;
 mod ops;
 mod provider;
@@ -48,6 +49,7 @@ pub use cache::{KvCache, LayerCache};
 pub use generate::{MaterializedModel, argmax, generate_greedy, log_sum_exp, sequence_nll};
 pub use gpt2::Gpt2Config;
 pub use llama::LlamaConfig;
+pub use moe::{ExpertLayout, MoeConfig, Routing};
 pub use neox::NeoXConfig;
 pub use ops::Activation;
 pub use provider::CheckpointProvider;
@@ -192,13 +194,13 @@ impl Architecture {
             .as_deref()
             .ok_or_else(|| Unsupported::new("config.json has no `model_type`"))?;
         match model_type {
-            "llama" | "mistral" | "qwen2" | "qwen3" => {
+            "llama" | "mistral" | "qwen2" | "qwen3" | "mixtral" | "qwen2_moe" | "qwen3_moe" => {
                 LlamaConfig::from_config(config, has).map(Architecture::Llama)
             }
             "gpt2" => Gpt2Config::from_config(config, has).map(Architecture::Gpt2),
             "gpt_neox" => NeoXConfig::from_config(config, has).map(Architecture::NeoX),
             other => Err(Unsupported::new(format!(
-                "architecture `{other}` has no forward pass in lora-doctor yet (llama, mistral, qwen2, qwen3, gpt2 and gpt_neox do)"
+                "architecture `{other}` has no forward pass in lora-doctor yet (llama, mistral, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe, gpt2 and gpt_neox do)"
             ))),
         }
     }
@@ -336,6 +338,28 @@ impl Architecture {
         cache: &mut LayerCache,
         start_pos: usize,
     ) -> Result<Tensor, ModelError> {
+        Ok(self.block_step_routed(i, w, hidden_new, cache, start_pos)?.0)
+    }
+
+    /// [`block`](Self::block) with the router's decisions of a sparse mixture-of-experts layer
+    /// (`None` for a dense block).
+    pub fn block_routed(
+        &self,
+        i: usize,
+        w: &dyn WeightProvider,
+        hidden: &Tensor,
+    ) -> Result<(Tensor, Option<Routing>), ModelError> {
+        self.block_step_routed(i, w, hidden, &mut LayerCache::new(), 0)
+    }
+
+    fn block_step_routed(
+        &self,
+        i: usize,
+        w: &dyn WeightProvider,
+        hidden_new: &Tensor,
+        cache: &mut LayerCache,
+        start_pos: usize,
+    ) -> Result<(Tensor, Option<Routing>), ModelError> {
         let layers = self.num_layers();
         if i >= layers {
             return Err(ModelError::NoBlock { index: i, layers });
@@ -349,8 +373,8 @@ impl Architecture {
         }
         match self {
             Architecture::Llama(c) => c.block_step(i, w, hidden_new, cache, start_pos),
-            Architecture::Gpt2(c) => c.block_step(i, w, hidden_new, cache),
-            Architecture::NeoX(c) => c.block_step(i, w, hidden_new, cache, start_pos),
+            Architecture::Gpt2(c) => Ok((c.block_step(i, w, hidden_new, cache)?, None)),
+            Architecture::NeoX(c) => Ok((c.block_step(i, w, hidden_new, cache, start_pos)?, None)),
         }
     }
 
