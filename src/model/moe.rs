@@ -232,15 +232,15 @@ impl MoeConfig {
         let inter = self.expert_intermediate;
         let fused = match self.layout {
             ExpertLayout::Fused => Some((
-                load(
+                stacked(
                     w,
                     &format!("{m}experts.{FUSED_GATE_UP}"),
-                    &[self.experts, 2 * inter, hidden],
+                    [self.experts, 2 * inter, hidden],
                 )?,
-                load(
+                stacked(
                     w,
                     &format!("{m}experts.{FUSED_DOWN}"),
-                    &[self.experts, hidden, inter],
+                    [self.experts, hidden, inter],
                 )?,
             )),
             ExpertLayout::PerExpert { .. } => None,
@@ -299,6 +299,43 @@ impl MoeConfig {
         };
         Ok((out, routing))
     }
+}
+
+/// A stacked expert parameter `[E, out, in]` with its LoRA terms added: PEFT's `ParamWrapper`
+/// forward parametrizes the parameter as `W + s·B·A` (in f32 here), which is what this computes; the
+/// terms come as one `[E·out, in]` update (`io::experts::FactorView::Stack`).
+fn stacked(w: &dyn WeightProvider, name: &str, shape: [usize; 3]) -> Result<Tensor, ModelError> {
+    let [experts, out, inp] = shape;
+    let mut weight = load(w, name, &[experts * out, inp])?;
+    for term in w.lora(name)? {
+        if term.magnitude.is_some() {
+            return Err(ModelError::Read {
+                tensor: name.to_string(),
+                source: "DoRA on a stacked expert parameter (PEFT's ParamWrapper refuses it)".into(),
+            });
+        }
+        let r = term.rank;
+        if term.a.len() != r * inp {
+            return Err(ModelError::LoraShape {
+                tensor: name.to_string(),
+                part: "lora_A",
+                expected: vec![r, inp],
+                got: term.a.len(),
+            });
+        }
+        if term.b.len() != experts * out * r {
+            return Err(ModelError::LoraShape {
+                tensor: name.to_string(),
+                part: "lora_B",
+                expected: vec![experts * out, r],
+                got: term.b.len(),
+            });
+        }
+        let a = Tensor::from_vec(term.a, (r, inp), &Device::Cpu)?;
+        let b = Tensor::from_vec(term.b, (experts * out, r), &Device::Cpu)?;
+        weight = (weight + (b.matmul(&a)? * term.scale)?)?;
+    }
+    Ok(weight.reshape((experts, out, inp))?)
 }
 
 /// `1 / (1 + e^{-x})`, elementwise.
