@@ -549,6 +549,17 @@ pub fn fake_quantize(
 }
 
 impl TensorJob {
+    /// The shape the merged tensor is written in: the stored shape when the job covers it as is
+    /// (a stacked expert tensor `[E, out, in]` is merged as its `[E·out, in]` matrix), else the
+    /// job's `[rows, cols]` (a resized vocabulary).
+    pub fn shape_over(&self, stored: &[usize]) -> Vec<usize> {
+        if stored.iter().product::<usize>() == self.rows * self.cols {
+            stored.to_vec()
+        } else {
+            vec![self.rows, self.cols]
+        }
+    }
+
     /// True when the base weight is a GPT-2 Conv1D (`[in, out]`), as the plan's LoRA layout says.
     pub fn is_conv1d(&self) -> bool {
         self.sources.iter().any(|s| {

@@ -205,6 +205,17 @@ impl Architecture {
         }
     }
 
+    /// True for a mixture-of-experts router weight (`….gate.weight`): deployment formats keep it
+    /// unquantized (transformers 5.x routers are plain parameters, not the `nn.Linear`s
+    /// bitsandbytes replaces; llama.cpp `src/llama-quant.cpp` skips `ffn_gate_inp.weight`), so the
+    /// comparison does too. Qwen2-MoE's `shared_expert_gate` is an `nn.Linear` and is quantized.
+    pub fn is_router(&self, name: &str) -> bool {
+        match self {
+            Architecture::Llama(c) => c.moe.as_ref().is_some_and(|m| m.is_router(name)),
+            Architecture::Gpt2(_) | Architecture::NeoX(_) => false,
+        }
+    }
+
     /// Number of decoder blocks.
     /// True when linear weights are stored `[in, out]` (transformers' `Conv1D`: GPT-2), so a
     /// LoRA update is added transposed.

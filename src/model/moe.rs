@@ -70,7 +70,17 @@ impl Routing {
     /// Share of tokens whose selected expert *set* differs from `reference`'s (order within the top-k
     /// does not change which experts run). `None` when the two cover different token counts.
     pub fn flip_rate(&self, reference: &Routing) -> Option<f64> {
-        if self.experts.len() != reference.experts.len() || self.experts.is_empty() {
+        if self.experts.is_empty() {
+            return None;
+        }
+        self.flips(reference)
+            .map(|n| n as f64 / self.experts.len() as f64)
+    }
+
+    /// Number of tokens whose selected expert set differs from `reference`'s; `None` when the two
+    /// cover different token counts.
+    pub fn flips(&self, reference: &Routing) -> Option<usize> {
+        if self.experts.len() != reference.experts.len() {
             return None;
         }
         let differs = self
@@ -85,7 +95,7 @@ impl Routing {
                 a != b
             })
             .count();
-        Some(differs as f64 / self.experts.len() as f64)
+        Some(differs)
     }
 }
 
@@ -179,6 +189,11 @@ impl MoeConfig {
             module: module.to_string(),
             layout,
         }))
+    }
+
+    /// True for the router weight of this model's sparse layers.
+    pub(crate) fn is_router(&self, name: &str) -> bool {
+        name.ends_with(&format!(".{}.gate.weight", self.module))
     }
 
     /// `layers.{i}.{module}.`
