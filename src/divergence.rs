@@ -216,7 +216,9 @@ pub struct RoutingLayer {
 impl RoutingLayer {
     /// The worst block by flip rate, if any block is sparse.
     pub fn worst(layers: &[RoutingLayer]) -> Option<&RoutingLayer> {
-        layers.iter().max_by(|a, b| a.flip_rate.total_cmp(&b.flip_rate))
+        layers
+            .iter()
+            .max_by(|a, b| a.flip_rate.total_cmp(&b.flip_rate))
     }
 }
 

@@ -71,8 +71,10 @@ pub fn assess(
             Some(min),
         );
     }
-    if let (Some(max), Some(worst)) = (t.routing_flips, RoutingLayer::worst(&stats.routing_by_layer))
-    {
+    if let (Some(max), Some(worst)) = (
+        t.routing_flips,
+        RoutingLayer::worst(&stats.routing_by_layer),
+    ) {
         let rate = worst.flip_rate;
         let stderr = (rate * (1.0 - rate) / worst.tokens.saturating_sub(1).max(1) as f64).sqrt();
         if rate - 2.0 * stderr > max {

@@ -102,7 +102,9 @@ pub fn check(input: &StructureInput<'_>) -> Result<StructureReport, CheckpointEr
                     merged += 1;
                     scales.push((module.name.clone(), scaling));
                 }
-                Err(Unplaced::NotFound) => unresolved.push((module.name.clone(), Unresolved::NotFound)),
+                Err(Unplaced::NotFound) => {
+                    unresolved.push((module.name.clone(), Unresolved::NotFound))
+                }
                 Err(Unplaced::Shapes(why)) => findings.push(
                     Finding::new(
                         Code::ShapeMismatch,

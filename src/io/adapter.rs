@@ -675,15 +675,15 @@ pub fn parse_key(info: TensorInfo) -> AdapterTensor {
         !nested(i)
             && matches!(
                 segments[i],
-            "lora_A"
-                | "lora_B"
-                | "lora_embedding_A"
-                | "lora_embedding_B"
-                | "lora_magnitude_vector"
-                | "base_layer"
-                | "token_adapter"
-                | "modules_to_save"
-                | "original_module"
+                "lora_A"
+                    | "lora_B"
+                    | "lora_embedding_A"
+                    | "lora_embedding_B"
+                    | "lora_magnitude_vector"
+                    | "base_layer"
+                    | "token_adapter"
+                    | "modules_to_save"
+                    | "original_module"
             )
     });
     let (module, role, adapter_name) = match marker {

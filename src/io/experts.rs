@@ -55,7 +55,11 @@ pub enum FactorLayout {
 /// The parameters `target_parameters` selects on an experts module, in nesting order (innermost
 /// first).
 pub fn targeted(config: &AdapterConfig) -> Vec<ExpertParam> {
-    let Some(list) = config.raw.get("target_parameters").and_then(Value::as_array) else {
+    let Some(list) = config
+        .raw
+        .get("target_parameters")
+        .and_then(Value::as_array)
+    else {
         return Vec::new();
     };
     let names: Vec<&str> = list.iter().filter_map(Value::as_str).collect();
@@ -205,7 +209,10 @@ pub fn place(
         let count = (0..)
             .take_while(|e| base.contains(&format!("{candidate}.{e}.{}.weight", names[0])))
             .count();
-        let shape = |name: &str| base.info(&format!("{candidate}.0.{name}.weight")).map(|i| i.shape.clone());
+        let shape = |name: &str| {
+            base.info(&format!("{candidate}.0.{name}.weight"))
+                .map(|i| i.shape.clone())
+        };
         let (Some(gate), Some(down)) = (shape(names[0]), shape(names[2])) else {
             continue;
         };
@@ -300,9 +307,10 @@ impl FactorView {
     /// A and B of a wrapper with per-expert rank `rank`: `(a, b, r')`.
     pub fn apply(&self, a: &[f32], b: &[f32], rank: usize) -> (Vec<f32>, Vec<f32>, usize) {
         let (experts, layout) = match self {
-            FactorView::Stack { experts, layout } | FactorView::Expert { experts, layout, .. } => {
-                (*experts, *layout)
-            }
+            FactorView::Stack { experts, layout }
+            | FactorView::Expert {
+                experts, layout, ..
+            } => (*experts, *layout),
         };
         let stacked = experts * rank;
         let a_cols = a.len() / stacked.max(1);
@@ -374,8 +382,12 @@ mod tests {
     #[test]
     fn both_layouts_and_the_stack_agree_with_peft_einsum() {
         let (e_count, r, out, inp) = (3usize, 2usize, 4usize, 5usize);
-        let a: Vec<f32> = (0..e_count * r * inp).map(|v| (v as f32 * 0.37).sin()).collect();
-        let b: Vec<f32> = (0..out * e_count * r).map(|v| (v as f32 * 0.91).cos()).collect();
+        let a: Vec<f32> = (0..e_count * r * inp)
+            .map(|v| (v as f32 * 0.37).sin())
+            .collect();
+        let b: Vec<f32> = (0..out * e_count * r)
+            .map(|v| (v as f32 * 0.91).cos())
+            .collect();
         // PEFT ≥ 0.19: delta[e] = einsum("o r e, e r i -> e o i", B.reshape(out, r, E), A.reshape(E, r, in)).
         let peft = |e: usize, o: usize, i: usize| -> f32 {
             (0..r)
@@ -412,7 +424,10 @@ mod tests {
                 let got = product(&ae, &be, r, 2, inp);
                 for o in 0..2 {
                     for i in 0..inp {
-                        assert!((got[o * inp + i] - peft(e, o + 1, i)).abs() < 1e-6, "{layout:?}");
+                        assert!(
+                            (got[o * inp + i] - peft(e, o + 1, i)).abs() < 1e-6,
+                            "{layout:?}"
+                        );
                     }
                 }
             }

@@ -427,9 +427,7 @@ pub fn load_updates(job: &TensorJob, adapters: &[Adapter]) -> Result<Vec<Update>
                     let w = &adapters[*adapter].weights;
                     let magnitude = magnitude.as_ref().map(|m| w.read_f32(m)).transpose()?;
                     let (a, b, rank) = read_factors(w, a, b, *rank, view.as_ref())?;
-                    Update::LowRank(LowRank::from_peft(
-                        &a, &b, rank, *scale, *layout, magnitude,
-                    ))
+                    Update::LowRank(LowRank::from_peft(&a, &b, rank, *scale, *layout, magnitude))
                 }
             })
         })

@@ -349,7 +349,9 @@ impl Architecture {
         cache: &mut LayerCache,
         start_pos: usize,
     ) -> Result<Tensor, ModelError> {
-        Ok(self.block_step_routed(i, w, hidden_new, cache, start_pos)?.0)
+        Ok(self
+            .block_step_routed(i, w, hidden_new, cache, start_pos)?
+            .0)
     }
 
     /// [`block`](Self::block) with the router's decisions of a sparse mixture-of-experts layer

@@ -169,7 +169,9 @@ impl MoeConfig {
             }
         };
         let layout = match &per_expert {
-            ExpertLayout::PerExpert { gate, .. } if has(&format!("{experts_at}0.{gate}.weight")) => {
+            ExpertLayout::PerExpert { gate, .. }
+                if has(&format!("{experts_at}0.{gate}.weight")) =>
+            {
                 per_expert
             }
             _ if has(&format!("{experts_at}{FUSED_GATE_UP}")) => ExpertLayout::Fused,
@@ -239,11 +241,7 @@ impl MoeConfig {
         let m = self.at(layer);
         let (t, hidden) = h.dims2()?;
         let logits = linear::linear(w, &format!("{m}gate"), h, self.experts, Layout::Linear)?;
-        let routes = route(
-            &logits.to_vec2::<f32>()?,
-            self.top_k,
-            self.renormalize,
-        );
+        let routes = route(&logits.to_vec2::<f32>()?, self.top_k, self.renormalize);
         let inter = self.expert_intermediate;
         let fused = match self.layout {
             ExpertLayout::Fused => Some((
@@ -290,7 +288,8 @@ impl MoeConfig {
                 }
                 (ExpertLayout::Fused, Some((gate_up, down))) => {
                     let gu = x.matmul(&gate_up.get(e)?.t()?)?;
-                    let a = activation.gated(&gu.narrow(1, 0, inter)?, &gu.narrow(1, inter, inter)?)?;
+                    let a =
+                        activation.gated(&gu.narrow(1, 0, inter)?, &gu.narrow(1, inter, inter)?)?;
                     a.matmul(&down.get(e)?.t()?)?
                 }
                 (ExpertLayout::Fused, None) => unreachable!("fused weights are loaded above"),
@@ -326,7 +325,8 @@ fn stacked(w: &dyn WeightProvider, name: &str, shape: [usize; 3]) -> Result<Tens
         if term.magnitude.is_some() {
             return Err(ModelError::Read {
                 tensor: name.to_string(),
-                source: "DoRA on a stacked expert parameter (PEFT's ParamWrapper refuses it)".into(),
+                source: "DoRA on a stacked expert parameter (PEFT's ParamWrapper refuses it)"
+                    .into(),
             });
         }
         let r = term.rank;

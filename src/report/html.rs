@@ -497,7 +497,10 @@ fn routing_table(out: &mut String, report: &Report) {
     }
     out.push_str("</tr></thead>\n<tbody>\n<tr><td>reference min margin</td>");
     for layer in *first {
-        out.push_str(&format!("<td class=\"n\">{}</td>", num(Some(layer.min_margin))));
+        out.push_str(&format!(
+            "<td class=\"n\">{}</td>",
+            num(Some(layer.min_margin))
+        ));
     }
     out.push_str("</tr>\n");
     for (name, layers) in &rows {
