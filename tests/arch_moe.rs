@@ -348,6 +348,18 @@ fn merged_checkpoints_match_peft_merge_and_unload() {
                 diff <= LOGIT_TOLERANCE,
                 "{family}{layout}: max |Δlogit| {diff:.2e}"
             );
+            // The forensics of `--merged` accept the checkpoint (stacked tensors in their 3-D shape).
+            let merged_s = merged.display().to_string();
+            let (exit, report) = check_json_full(
+                &format!("models/moe-{family}{layout}"),
+                &[&format!("adapters/moe-{family}-fused")],
+                &["--weights-only", "--merged", &merged_s],
+            );
+            assert_eq!(
+                (exit, codes(&report)),
+                (0, BTreeSet::new()),
+                "{family}{layout}: check --merged of our own merge"
+            );
         }
     }
 }
