@@ -34,6 +34,7 @@ mod neox;
 mod ops;
 mod provider;
 mod rope;
+mod topk;
 
 #[cfg(test)]
 mod goldens;

@@ -1,7 +1,8 @@
 //! The sparse mixture-of-experts MLP of Mixtral, Qwen2-MoE and Qwen3-MoE as transformers 5.x runs it
 //! (`MixtralSparseMoeBlock`, `Qwen2MoeSparseMoeBlock`, `Qwen3MoeSparseMoeBlock`): a router
 //! (`gate`, a bias-free linear to one logit per expert), softmax over the router logits in f32, the
-//! top-k experts per token, their weights renormalised to sum to one (Mixtral always; Qwen iff
+//! top-k experts per token (torch.topk's CPU order, ties included: [`super::topk`]), their weights
+//! renormalised to sum to one (Mixtral always; Qwen iff
 //! `norm_topk_prob`), each expert a gated MLP `down(act(gate(x)) ⊙ up(x))` run only on the tokens
 //! routed to it, and for Qwen2-MoE a shared expert scaled by `sigmoid(shared_expert_gate(x))`.
 //!
@@ -18,6 +19,7 @@ use serde_json::Value;
 
 use super::linear::{self, load};
 use super::ops::Activation;
+use super::topk::topk_indices;
 use super::{Layout, ModelError, Unsupported, WeightProvider, bounded, required, text_config};
 use crate::io::config::ModelConfig;
 
@@ -367,8 +369,7 @@ struct Route {
 }
 
 /// Softmax over each row of router logits (f32, max-subtracted as torch does), then the `k` largest
-/// probabilities. Ties go to the lower expert index (a stable descending sort), deterministic but
-/// not torch.topk's CPU order, which follows libstdc++'s `nth_element` and is not documented.
+/// probabilities in torch.topk's CPU order, ties included ([`super::topk`]).
 fn route(logits: &[Vec<f32>], k: usize, renormalize: bool) -> Vec<Route> {
     logits
         .iter()
@@ -377,17 +378,22 @@ fn route(logits: &[Vec<f32>], k: usize, renormalize: bool) -> Vec<Route> {
             let exps: Vec<f32> = row.iter().map(|v| (v - max).exp()).collect();
             let sum: f32 = exps.iter().sum();
             let probs: Vec<f32> = exps.iter().map(|e| e / sum).collect();
-            let mut order: Vec<usize> = (0..probs.len()).collect();
-            order.sort_by(|a, b| probs[*b].total_cmp(&probs[*a]));
-            let experts: Vec<usize> = order[..k].to_vec();
+            let experts = topk_indices(&probs, k);
             let mut weights: Vec<f32> = experts.iter().map(|e| probs[*e]).collect();
             if renormalize {
                 let total: f32 = weights.iter().sum();
                 weights.iter_mut().for_each(|w| *w /= total);
             }
-            let margin = match order.get(k) {
-                Some(next) => probs[order[k - 1]] - probs[*next],
-                None => 1.0,
+            // The (k+1)-th largest probability, among the experts not selected.
+            let next = probs
+                .iter()
+                .enumerate()
+                .filter(|(e, _)| !experts.contains(e))
+                .map(|(_, p)| *p)
+                .fold(f32::NEG_INFINITY, f32::max);
+            let margin = match experts.last() {
+                Some(last) if next.is_finite() => probs[*last] - next,
+                _ => 1.0,
             };
             Route {
                 experts,
@@ -453,12 +459,13 @@ mod tests {
     }
 
     #[test]
-    fn ties_go_to_the_lower_expert_every_time() {
+    fn ties_follow_torch_topk_every_time() {
         let logits = vec![vec![0.5f32, 0.5, 0.5, 0.5], vec![0.1, 0.7, 0.7, 0.7]];
         for _ in 0..3 {
             let r = route(&logits, 2, true);
-            assert_eq!(r[0].experts, vec![0, 1]);
-            assert_eq!(r[1].experts, vec![1, 2]);
+            // torch.topk([.25, .25, .25, .25], 2) on the CPU: indices [2, 3].
+            assert_eq!(r[0].experts, vec![2, 3]);
+            assert_eq!(r[1].experts, vec![2, 3]);
             assert_eq!(r[0].margin, 0.0);
         }
     }
