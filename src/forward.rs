@@ -378,6 +378,9 @@ fn l2_sq(t: &Tensor) -> Result<f64, ModelError> {
 /// are GPT-2 Conv1D weights stored `[in, out]` (quantized along `in`, as the tools do).
 struct BlockLinear {
     names: HashSet<String>,
+    /// MoE router weights: never quantized, by any format (llama.cpp `src/llama-quant.cpp` skips
+    /// `ffn_gate_inp.weight` in its mixes too).
+    routers: HashSet<String>,
     conv1d: bool,
 }
 
@@ -386,7 +389,8 @@ impl BlockLinear {
     /// llama-quantize mix also the embedding and the head, as llama-quantize does (its rules
     /// leave what it does not quantize as stored).
     fn quantizes(&self, q: QuantFormat, name: &str) -> bool {
-        self.names.contains(name) || matches!(q, QuantFormat::Mix(_))
+        !self.routers.contains(name)
+            && (self.names.contains(name) || matches!(q, QuantFormat::Mix(_)))
     }
 
     /// Whether the quantized-base models store `name` in `p`: the block linears, and what a mix
@@ -409,6 +413,10 @@ fn block_linear_names(arch: &Architecture, base: &Checkpoint) -> BlockLinear {
         names: (0..arch.num_layers())
             .flat_map(|i| arch.block_tensors(i))
             .filter(|n| base.info(n).is_some_and(|t| t.shape.len() >= 2) && !arch.is_router(n))
+            .collect(),
+        routers: (0..arch.num_layers())
+            .flat_map(|i| arch.block_tensors(i))
+            .filter(|n| arch.is_router(n))
             .collect(),
         conv1d: arch.conv1d(),
     }
