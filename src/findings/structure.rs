@@ -117,6 +117,43 @@ pub fn check(input: &StructureInput<'_>) -> Result<StructureReport, CheckpointEr
             continue;
         }
         let target = mapping::resolve(&module.name, input.base);
+        // A per-expert LoRA on a base that stores its experts stacked.
+        if target.is_err()
+            && module.has_lora()
+            && let Some(slice) = experts::stacked_slice(&module.name, input.base)
+        {
+            unused_tensors(adapter, module, &mut findings);
+            let scaling = adapter.config.scaling_for(&module.name);
+            let fits = crate::merge::engine::slice_fits(module, &slice, scaling.r);
+            matches.push(ModuleMatch {
+                module: module.name.clone(),
+                base_tensor: Some(slice.tensor.clone()),
+                resolution: Some("experts"),
+                kind: module_kind(module),
+                r: Some(scaling.r),
+                alpha: Some(scaling.alpha),
+                scale: Some(scaling.scale),
+            });
+            if !fits {
+                findings.push(
+                    Finding::new(
+                        Code::ShapeMismatch,
+                        Some(module.name.clone()),
+                        format!(
+                            "`{}`: its lora_A/lora_B do not fit its expert slice of `{}` ({} columns)",
+                            module.name, slice.tensor, slice.cols
+                        ),
+                    )
+                    .advice(Code::ShapeMismatch.doc().fix),
+                );
+            } else if adapter.config.wraps(&module.name).is_ok() {
+                merged += 1;
+                scales.push((module.name.clone(), scaling));
+            } else {
+                unwrapped += 1;
+            }
+            continue;
+        }
         let scaling = module
             .has_lora()
             .then(|| adapter.config.scaling_for(&module.name));

@@ -162,6 +162,54 @@ pub enum FactorView {
         first: usize,
         rows: usize,
     },
+    /// An ordinary (per-expert) LoRA whose base is a slice of a stacked tensor: B's `rows` rows
+    /// land at rows `first..first + rows` of the stacked `[total, in]` matrix, zero elsewhere; A
+    /// as stored.
+    Rows {
+        first: usize,
+        rows: usize,
+        total: usize,
+    },
+}
+
+/// Where a per-expert module (`….experts.E.w1`, `….experts.E.gate_proj`, …) lands in a base that
+/// stores its experts stacked: the stacked tensor and the view placing its update. `None` when the
+/// module is not a per-expert projection or the base has no stacked tensor for it.
+pub fn stacked_slice(module: &str, base: &Checkpoint) -> Option<ExpertTarget> {
+    let (stem, rest) = module.rsplit_once(".experts.")?;
+    let (expert, name) = rest.split_once('.')?;
+    let expert: usize = expert.parse().ok()?;
+    let mut stems = vec![stem.to_string()];
+    if let Some(layer) = stem.strip_suffix(".block_sparse_moe") {
+        stems.push(format!("{layer}.mlp"));
+    }
+    let (param, half) = match name {
+        "w1" | "gate_proj" => (ExpertParam::GateUp, 0),
+        "w3" | "up_proj" => (ExpertParam::GateUp, 1),
+        "w2" | "down_proj" => (ExpertParam::Down, 0),
+        _ => return None,
+    };
+    stems.into_iter().find_map(|stem| {
+        let tensor = format!("{stem}.experts.{}", param.name());
+        let [experts, out, inp] = base.info(&tensor)?.shape[..] else {
+            return None;
+        };
+        let rows = match param {
+            ExpertParam::GateUp => out / 2,
+            ExpertParam::Down => out,
+        };
+        (expert < experts).then(|| ExpertTarget {
+            module: tensor.clone(),
+            tensor,
+            rows: experts * out,
+            cols: inp,
+            view: FactorView::Rows {
+                first: expert * out + half * rows,
+                rows,
+                total: experts * out,
+            },
+        })
+    })
 }
 
 /// Why a wrapper's factors cannot be placed.
@@ -306,7 +354,15 @@ impl FactorView {
     /// The factors in PEFT's `[r', in]` / `[out', r']` orientation for this view, from the stored
     /// A and B of a wrapper with per-expert rank `rank`: `(a, b, r')`.
     pub fn apply(&self, a: &[f32], b: &[f32], rank: usize) -> (Vec<f32>, Vec<f32>, usize) {
+        if let FactorView::Rows { first, total, .. } = self {
+            let mut placed = vec![0.0f32; total * rank];
+            let start = (first * rank).min(placed.len());
+            let end = (start + b.len()).min(placed.len());
+            placed[start..end].copy_from_slice(&b[..end - start]);
+            return (a.to_vec(), placed, rank);
+        }
         let (experts, layout) = match self {
+            FactorView::Rows { .. } => unreachable!("handled above"),
             FactorView::Stack { experts, layout }
             | FactorView::Expert {
                 experts, layout, ..
@@ -346,6 +402,7 @@ impl FactorView {
                     .collect();
                 (a_e, b_e, rank)
             }
+            FactorView::Rows { .. } => unreachable!("handled above"),
             FactorView::Stack { .. } => {
                 let a_all = (0..experts)
                     .flat_map(|e| (0..rank).flat_map(move |j| (0..inp).map(move |i| (e, j, i))))

@@ -167,6 +167,7 @@ impl MergePlan {
                     continue;
                 }
                 let Ok(target) = mapping::resolve(&module.name, base) else {
+                    plan.add_stacked_slice(index, adapter, module, base, &conv1d);
                     continue;
                 };
                 if let Some(source) = weight_source(index, adapter, module, &conv1d) {
@@ -228,6 +229,60 @@ impl MergePlan {
         Ok(plan)
     }
 
+    /// Plans a per-expert LoRA (`….experts.E.w1`) on a base that stores its experts stacked: the
+    /// update lands in its rows of the stacked tensor. Modules that are not per-expert
+    /// projections, or whose factors do not fit the slice, are left to the structural checks.
+    fn add_stacked_slice(
+        &mut self,
+        index: usize,
+        adapter: &Adapter,
+        module: &AdapterModule,
+        base: &Checkpoint,
+        conv1d: &Conv1dRule,
+    ) {
+        let Some(target) = experts::stacked_slice(&module.name, base) else {
+            return;
+        };
+        let Some(Source::LowRank {
+            adapter: a_index,
+            a,
+            b,
+            magnitude: None,
+            rank,
+            scale,
+            layout: Layout::Linear,
+            view: None,
+        }) = weight_source(index, adapter, module, conv1d)
+        else {
+            return;
+        };
+        if !slice_fits(module, &target, rank) {
+            return;
+        }
+        let source = Source::LowRank {
+            adapter: a_index,
+            a,
+            b,
+            magnitude: None,
+            rank,
+            scale,
+            layout: Layout::Linear,
+            view: Some(target.view),
+        };
+        match self.weights.iter_mut().find(|j| j.output == target.tensor) {
+            Some(job) => job.sources.push(source),
+            None => self.weights.push(TensorJob {
+                module: target.module,
+                output: target.tensor.clone(),
+                tensor: target.tensor,
+                rows: target.rows,
+                cols: target.cols,
+                sources: vec![source],
+                growth: None,
+            }),
+        }
+    }
+
     /// Plans a PEFT `ParamWrapper` on a stacked expert parameter: one job per base tensor it
     /// updates (the stacked tensor, or each expert's 2-D tensors). A wrapper whose factors cannot
     /// be placed is left out here; the structural checks report it as a deny finding.
@@ -282,6 +337,19 @@ impl MergePlan {
             }
         }
     }
+}
+
+/// True when a per-expert LoRA's A `[r, in]` and B `[rows, r]` fit its slice of a stacked tensor.
+pub fn slice_fits(module: &AdapterModule, target: &experts::ExpertTarget, rank: usize) -> bool {
+    let (Some(a), Some(b)) = (module.get(TensorRole::LoraA), module.get(TensorRole::LoraB)) else {
+        return false;
+    };
+    let FactorView::Rows { first, rows, total } = target.view else {
+        return false;
+    };
+    a.info.shape[..] == [rank, target.cols]
+        && b.info.shape[..] == [rows, rank]
+        && first + rows <= total
 }
 
 /// A full replacement with more rows than the base (same columns) grows the tensor.
