@@ -192,6 +192,34 @@ pub struct LogitStats {
     pub effect_lost: Option<f64>,
     /// Relative L2 distance of the residual stream to the reference's after each block.
     pub drift_by_layer: Vec<f64>,
+    /// Mixture-of-experts models: per sparse block, how the model's router choices compare with the
+    /// reference's (empty for dense models).
+    pub routing_by_layer: Vec<RoutingLayer>,
+}
+
+/// One sparse block's routing against the reference's.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RoutingLayer {
+    /// Decoder block index.
+    pub layer: usize,
+    /// Tokens routed in the block.
+    pub tokens: usize,
+    /// Share of tokens whose selected expert set differs from the reference's.
+    pub flip_rate: f64,
+    /// The reference's smallest gap between the k-th and (k+1)-th router probability: how close
+    /// its choices are to a tie (rounding alone flips a token whose gap is tiny).
+    pub min_margin: f64,
+    /// The reference's mean gap between the k-th and (k+1)-th router probability.
+    pub mean_margin: f64,
+}
+
+impl RoutingLayer {
+    /// The worst block by flip rate, if any block is sparse.
+    pub fn worst(layers: &[RoutingLayer]) -> Option<&RoutingLayer> {
+        layers
+            .iter()
+            .max_by(|a, b| a.flip_rate.total_cmp(&b.flip_rate))
+    }
 }
 
 impl LogitStats {
@@ -236,6 +264,7 @@ impl LogitStats {
             ppl_ratio: (nll_c - nll_r).exp(),
             effect_lost: adapter_mean_kl.filter(|k| *k > 0.0).map(|k| mean_kl / k),
             drift_by_layer,
+            routing_by_layer: Vec::new(),
         }
     }
 }

@@ -12,7 +12,7 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::divergence::{LogitStats, ReferenceRows, TokenScores};
+use crate::divergence::{LogitStats, ReferenceRows, RoutingLayer, TokenScores};
 use crate::io::adapter::Adapter;
 use crate::io::checkpoint::Checkpoint;
 use crate::io::prompts::TokenizedPrompts;
@@ -20,7 +20,9 @@ use crate::merge::engine::{self, MergePlan, TensorJob};
 use crate::merge::precision::{Precision, Recipe};
 use crate::merge::quant::QuantFormat;
 use crate::merge::repair::{self, RepairMethod, Target};
-use crate::model::{Architecture, CheckpointProvider, ModelError, UnmergedLora, WeightProvider};
+use crate::model::{
+    Architecture, CheckpointProvider, ModelError, Routing, UnmergedLora, WeightProvider,
+};
 
 /// What one model in the comparison is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,13 +94,15 @@ fn ship(
 ) -> Result<Vec<f32>, ModelError> {
     match precision {
         Precision::Float(f) => Ok(data.into_iter().map(|v| f.round(v)).collect()),
-        Precision::Quant(q) if block_linear.quantizes(q, name) && shape.len() == 2 => {
+        // A stacked expert tensor [E, out, in] is quantized row by row like its [E·out, in] matrix.
+        Precision::Quant(q) if block_linear.quantizes(q, name) && shape.len() >= 2 => {
+            let cols = shape[shape.len() - 1];
             engine::fake_quantize(
                 q,
                 name,
                 &data,
-                shape[0],
-                shape[1],
+                data.len() / cols.max(1),
+                cols,
                 block_linear.conv1d(name),
             )
             .map(|(v, _)| v)
@@ -410,6 +414,37 @@ pub struct ForwardInputs<'a> {
     pub calibration: Option<&'a TokenizedPrompts>,
 }
 
+/// Block `layer`'s routing of one model against the reference's, over every sequence; `None` for a
+/// dense block.
+fn routing_against(
+    layer: usize,
+    model: &[Option<Routing>],
+    reference: &[Option<Routing>],
+) -> Option<RoutingLayer> {
+    let mut tokens = 0;
+    let mut flips = 0;
+    let mut margins: Vec<f64> = Vec::new();
+    for (got, want) in model.iter().zip(reference) {
+        let (Some(got), Some(want)) = (got, want) else {
+            return None;
+        };
+        tokens += want.experts.len();
+        // Token counts always agree (same sequences); a mismatch would count every token.
+        flips += got.flips(want).unwrap_or(want.experts.len());
+        margins.extend(want.margins.iter().map(|m| f64::from(*m)));
+    }
+    if tokens == 0 {
+        return None;
+    }
+    Some(RoutingLayer {
+        layer,
+        tokens,
+        flip_rate: flips as f64 / tokens as f64,
+        min_margin: margins.iter().copied().fold(f64::INFINITY, f64::min),
+        mean_margin: margins.iter().sum::<f64>() / margins.len() as f64,
+    })
+}
+
 /// Splits `[ΣT, hidden]` back into one tensor per sequence.
 fn split_rows(t: &Tensor, lengths: &[usize]) -> Result<Vec<Tensor>, ModelError> {
     let mut start = 0;
@@ -429,6 +464,9 @@ fn l2_sq(t: &Tensor) -> Result<f64, ModelError> {
 /// are GPT-2 Conv1D weights stored `[in, out]` (quantized along `in`, as the tools do).
 struct BlockLinear {
     names: HashSet<String>,
+    /// MoE router weights: never quantized, by any format (llama.cpp `src/llama-quant.cpp` skips
+    /// `ffn_gate_inp.weight` in its mixes too).
+    routers: HashSet<String>,
     conv1d: bool,
 }
 
@@ -437,7 +475,8 @@ impl BlockLinear {
     /// llama-quantize mix also the embedding and the head, as llama-quantize does (its rules
     /// leave what it does not quantize as stored).
     fn quantizes(&self, q: QuantFormat, name: &str) -> bool {
-        self.names.contains(name) || matches!(q, QuantFormat::Mix(_))
+        !self.routers.contains(name)
+            && (self.names.contains(name) || matches!(q, QuantFormat::Mix(_)))
     }
 
     /// Whether the quantized-base models store `name` in `p`: the block linears, and what a mix
@@ -459,7 +498,11 @@ fn block_linear_names(arch: &Architecture, base: &Checkpoint) -> BlockLinear {
     BlockLinear {
         names: (0..arch.num_layers())
             .flat_map(|i| arch.block_tensors(i))
-            .filter(|n| base.info(n).is_some_and(|t| t.shape.len() == 2))
+            .filter(|n| base.info(n).is_some_and(|t| t.shape.len() >= 2) && !arch.is_router(n))
+            .collect(),
+        routers: (0..arch.num_layers())
+            .flat_map(|i| arch.block_tensors(i))
+            .filter(|n| arch.is_router(n))
             .collect(),
         conv1d: arch.conv1d(),
     }
@@ -597,8 +640,10 @@ pub fn compare(
     }
     on_step();
 
-    // Blocks: every model through block i; then drift against the reference.
+    // Blocks: every model through block i; then drift (and, on a sparse block, routing) against
+    // the reference.
     let mut drift: Vec<Vec<f64>> = vec![Vec::new(); providers.len()];
+    let mut routing: Vec<Vec<RoutingLayer>> = vec![Vec::new(); providers.len()];
     for i in 0..arch.num_layers() {
         let names = arch.block_tensors(i);
         if let Some(c) = calibration.as_mut() {
@@ -610,17 +655,27 @@ pub fn compare(
         // One model at a time: a block's weights are built in parallel (Prepared::load) and the
         // GEMMs run on candle's own pool, so a rayon loop over models would only nest pools and
         // hold every model's block at once (4 x 810 MB at 7B).
-        hidden = providers
+        let stepped = providers
             .iter()
             .zip(hidden)
             .map(|(provider, states)| {
                 let prepared = Prepared::load(provider.as_ref(), &names)?;
                 states
                     .iter()
-                    .map(|h| arch.block(i, &prepared, h))
+                    .map(|h| arch.block_routed(i, &prepared, h))
                     .collect::<Result<Vec<_>, _>>()
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let (states, routes): (Vec<Vec<Tensor>>, Vec<Vec<Option<Routing>>>) = stepped
+            .into_iter()
+            .map(|per_sequence| per_sequence.into_iter().unzip())
+            .unzip();
+        hidden = states;
+        for (m, model_routes) in routes.iter().enumerate() {
+            if let Some(layer) = routing_against(i, model_routes, &routes[0]) {
+                routing[m].push(layer);
+            }
+        }
         let reference = &hidden[0];
         let ref_norm: f64 = reference.iter().map(l2_sq).sum::<Result<f64, _>>()?;
         for (m, states) in hidden.iter().enumerate() {
@@ -692,13 +747,15 @@ pub fn compare(
         if matches!(kind, ModelKind::Base | ModelKind::StoredBase) {
             continue;
         }
+        let mut stats = LogitStats::summarize(
+            &scores[m],
+            Some(adapter_effect.mean_kl),
+            std::mem::take(&mut drift[m]),
+        );
+        stats.routing_by_layer = std::mem::take(&mut routing[m]);
         models.push(ModelOutcome {
             kind: *kind,
-            stats: LogitStats::summarize(
-                &scores[m],
-                Some(adapter_effect.mean_kl),
-                std::mem::take(&mut drift[m]),
-            ),
+            stats,
             nonfinite: nonfinite[m],
         });
     }

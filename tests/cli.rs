@@ -5,6 +5,7 @@
 
 mod action;
 mod arch_dense;
+mod arch_moe;
 mod bad_inputs;
 mod contract;
 mod docs_and_inspect;

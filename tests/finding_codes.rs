@@ -383,6 +383,7 @@ fn every_code_is_raised_by_some_fixture() {
         .chain(WEIGHT_CASES.iter().flat_map(|c| c.4.iter().copied()))
         .chain(LOGIT_CASES.iter().flat_map(|c| c.4.iter().copied()))
         .chain(bad_inputs::raised_codes())
+        .chain(crate::arch_moe::raised_codes())
         .map(str::to_string)
         .chain(merged_cases().into_iter().flat_map(|c| c.3))
         .collect();

@@ -290,7 +290,7 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
             },
             shape: jobs
                 .get(t.name.as_str())
-                .map_or_else(|| t.shape.clone(), |j| vec![j.rows, j.cols]),
+                .map_or_else(|| t.shape.clone(), |j| j.shape_over(&t.shape)),
         })
         .collect();
     let mut untied = false;
@@ -643,7 +643,7 @@ fn write_gguf(
         .map(|t| {
             let shape = jobs
                 .get(t.name.as_str())
-                .map_or_else(|| t.shape.clone(), |j| vec![j.rows, j.cols]);
+                .map_or_else(|| t.shape.clone(), |j| j.shape_over(&t.shape));
             (t.name.clone(), shape)
         })
         .collect();

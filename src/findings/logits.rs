@@ -1,10 +1,10 @@
-//! Logit rules: high-kl, top1-disagreement, effect-lost, nonfinite-logits — one finding per
+//! Logit rules: high-kl, top1-disagreement, effect-lost, nonfinite-logits, routing-flips — one finding per
 //! (code, model), judged with the uncertainty of the estimate (mean − 2σ, rate + 2σ) so small
 //! samples do not flap in CI.
 
 use super::thresholds::Thresholds;
 use super::{Code, Finding, Level};
-use crate::divergence::LogitStats;
+use crate::divergence::{LogitStats, RoutingLayer};
 use crate::merge::precision::Precision;
 
 /// Findings for one model's statistics. `label` is the precision name, `P+lora` or `merged`;
@@ -70,6 +70,30 @@ pub fn assess(
             stats.same_top1,
             Some(min),
         );
+    }
+    if let (Some(max), Some(worst)) = (
+        t.routing_flips,
+        RoutingLayer::worst(&stats.routing_by_layer),
+    ) {
+        let rate = worst.flip_rate;
+        let stderr = (rate * (1.0 - rate) / worst.tokens.saturating_sub(1).max(1) as f64).sqrt();
+        if rate - 2.0 * stderr > max {
+            push(
+                Code::RoutingFlips,
+                Level::Warn,
+                format!(
+                    "the {label} model routes {:.1}% ± {:.1}% of {} tokens to other experts than the reference in block {} (maximum {:.0}%; the reference's smallest top-k margin there is {:.1e})",
+                    rate * 100.0,
+                    stderr * 100.0,
+                    worst.tokens,
+                    worst.layer,
+                    max * 100.0,
+                    worst.min_margin
+                ),
+                rate,
+                Some(max),
+            );
+        }
     }
     if let Some(lost) = stats.effect_lost {
         let level = match (t.effect_lost, t.effect_lost_warn) {

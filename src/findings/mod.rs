@@ -59,6 +59,7 @@ pub enum Code {
     Top1Disagreement,
     EffectLost,
     NonfiniteLogits,
+    RoutingFlips,
     Gibberish,
     NotMerged,
     ScaleMismatch,
@@ -107,6 +108,7 @@ impl Code {
         Code::Top1Disagreement,
         Code::EffectLost,
         Code::NonfiniteLogits,
+        Code::RoutingFlips,
         Code::Gibberish,
         Code::NotMerged,
         Code::ScaleMismatch,
@@ -405,6 +407,19 @@ impl Code {
                 "A model that produces NaN logits cannot generate at all.",
                 "Look for nonfinite-merge / overflow in the same precision; merge in bf16 or f32.",
             ),
+            RoutingFlips => (
+                Warn,
+                "the candidate's routers send tokens to other experts than the reference's",
+                "Mixture-of-experts models: per sparse block, the share of tokens whose top-k expert set \
+                 differs from the unmerged reference's; the worst block's rate minus two standard errors \
+                 against a per-class maximum. routing_by_layer also gives the reference's gap between \
+                 the k-th and (k+1)-th router probability, how near its choices are to a tie.",
+                "A token routed to another expert runs a different MLP: a small weight error that flips \
+                 routing is a large output error, and it compounds in later blocks.",
+                "Look at routing_by_layer for the first block that flips and at the weight findings of \
+                 its router and experts; merge in a wider format or serve the adapter unmerged. Flips \
+                 at tiny margins are rounding at near-ties; flips at large margins mean wrong weights.",
+            ),
             Gibberish => (
                 Deny,
                 "the merged model's greedy text is gibberish to the adapter model",
@@ -571,6 +586,7 @@ impl CodeDoc {
             Top1Disagreement => "top1-disagreement",
             EffectLost => "effect-lost",
             NonfiniteLogits => "nonfinite-logits",
+            RoutingFlips => "routing-flips",
             Gibberish => "gibberish",
             NotMerged => "not-merged",
             ScaleMismatch => "scale-mismatch",

@@ -16,6 +16,7 @@ use super::{Code, Finding, Level};
 use crate::io::adapter::{Adapter, AdapterModule, TensorRole};
 use crate::io::checkpoint::{Checkpoint, CheckpointError};
 use crate::io::config::ModelConfig;
+use crate::io::experts::{self, Unplaced};
 use crate::io::mapping::{self, BaseTarget, Resolution, Unresolved};
 use crate::io::tokenizer::TokenizerInfo;
 
@@ -79,7 +80,80 @@ pub fn check(input: &StructureInput<'_>) -> Result<StructureReport, CheckpointEr
             .tensors
             .keys()
             .any(|role| !matches!(role, TensorRole::Unknown | TensorRole::OriginalModule));
+        if experts::is_param_module(&adapter.config, module) {
+            unused_tensors(adapter, module, &mut findings);
+            let scaling = adapter.config.scaling_for(&module.name);
+            let placed = place_expert_wrapper(input.base, adapter, module, scaling.r);
+            matches.push(ModuleMatch {
+                module: module.name.clone(),
+                base_tensor: placed
+                    .as_ref()
+                    .ok()
+                    .and_then(|t| t.first())
+                    .map(|t| t.tensor.clone()),
+                resolution: placed.is_ok().then_some("experts"),
+                kind: module_kind(module),
+                r: Some(scaling.r),
+                alpha: Some(scaling.alpha),
+                scale: Some(scaling.scale),
+            });
+            match placed {
+                Ok(_) => {
+                    merged += 1;
+                    scales.push((module.name.clone(), scaling));
+                }
+                Err(Unplaced::NotFound) => {
+                    unresolved.push((module.name.clone(), Unresolved::NotFound))
+                }
+                Err(Unplaced::Shapes(why)) => findings.push(
+                    Finding::new(
+                        Code::ShapeMismatch,
+                        Some(module.name.clone()),
+                        format!("the stacked-expert LoRA `{}`: {why}", module.name),
+                    )
+                    .advice(Code::ShapeMismatch.doc().fix),
+                ),
+            }
+            continue;
+        }
         let target = mapping::resolve(&module.name, input.base);
+        // A per-expert LoRA on a base that stores its experts stacked.
+        if target.is_err()
+            && module.has_lora()
+            && let Some(slice) = experts::stacked_slice(&module.name, input.base)
+        {
+            unused_tensors(adapter, module, &mut findings);
+            let scaling = adapter.config.scaling_for(&module.name);
+            let fits = crate::merge::engine::slice_fits(module, &slice, scaling.r);
+            matches.push(ModuleMatch {
+                module: module.name.clone(),
+                base_tensor: Some(slice.tensor.clone()),
+                resolution: Some("experts"),
+                kind: module_kind(module),
+                r: Some(scaling.r),
+                alpha: Some(scaling.alpha),
+                scale: Some(scaling.scale),
+            });
+            if !fits {
+                findings.push(
+                    Finding::new(
+                        Code::ShapeMismatch,
+                        Some(module.name.clone()),
+                        format!(
+                            "`{}`: its lora_A/lora_B do not fit its expert slice of `{}` ({} columns)",
+                            module.name, slice.tensor, slice.cols
+                        ),
+                    )
+                    .advice(Code::ShapeMismatch.doc().fix),
+                );
+            } else if adapter.config.wraps(&module.name).is_ok() {
+                merged += 1;
+                scales.push((module.name.clone(), scaling));
+            } else {
+                unwrapped += 1;
+            }
+            continue;
+        }
         let scaling = module
             .has_lora()
             .then(|| adapter.config.scaling_for(&module.name));
@@ -175,6 +249,31 @@ fn shape_str(shape: &[usize]) -> String {
             .map(usize::to_string)
             .collect::<Vec<_>>()
             .join(", ")
+    )
+}
+
+/// Where a `target_parameters` wrapper's factors land in the base (see `io::experts`).
+fn place_expert_wrapper(
+    base: &Checkpoint,
+    adapter: &Adapter,
+    module: &AdapterModule,
+    rank: usize,
+) -> Result<Vec<experts::ExpertTarget>, Unplaced> {
+    let (Some((stack, param)), Some(a), Some(b)) = (
+        experts::param_module(&adapter.config, &module.name),
+        module.get(TensorRole::LoraA),
+        module.get(TensorRole::LoraB),
+    ) else {
+        return Err(Unplaced::NotFound);
+    };
+    experts::place(
+        &adapter.config,
+        stack,
+        param,
+        &a.info.shape,
+        &b.info.shape,
+        rank,
+        base,
     )
 }
 

@@ -32,6 +32,10 @@ pub struct ClassThresholds {
     pub top1: Option<f64>,
     pub effect_lost_warn: Option<f64>,
     pub effect_lost: Option<f64>,
+    /// routing-flips: the largest share of tokens whose expert set may differ from the reference's
+    /// in any sparse block. Calibrated on the tiny MoE fixtures (fixtures/gen/arch_moe.py), 512
+    /// tokens: float merges flip at most 1 %, 8-bit at most 5 %, 4-bit 5–25 %.
+    pub routing_flips: Option<f64>,
 }
 
 /// Every threshold the weight rules use.
@@ -69,6 +73,7 @@ impl Default for Thresholds {
                 top1: Some(0.98),
                 effect_lost_warn: Some(0.2),
                 effect_lost: Some(0.5),
+                routing_flips: Some(0.05),
             },
             eight_bit: ClassThresholds {
                 floor_ratio: Some(2.0),
@@ -80,6 +85,7 @@ impl Default for Thresholds {
                 top1: Some(0.95),
                 effect_lost_warn: Some(0.5),
                 effect_lost: Some(1.0),
+                routing_flips: Some(0.1),
             },
             four_bit: ClassThresholds {
                 floor_ratio: Some(2.0),
@@ -91,6 +97,7 @@ impl Default for Thresholds {
                 top1: Some(0.85),
                 effect_lost_warn: Some(1.0),
                 effect_lost: Some(2.0),
+                routing_flips: Some(0.35),
             },
             outlier_z: crate::stats::outliers::DEFAULT_THRESHOLD,
             outlier_ratio: crate::stats::outliers::DEFAULT_RATIO,
@@ -242,6 +249,12 @@ pub const THRESHOLDS: &[ThresholdDef] = &[
         effect_lost,
         false,
         "effect-lost (deny) when KL(ref ‖ merged) / KL(ref ‖ base) exceeds it"
+    ),
+    per_class!(
+        "routing-flips",
+        routing_flips,
+        true,
+        "routing-flips when a sparse block's share of tokens routed to other experts than the reference's − 2σ exceeds it"
     ),
     global!(
         "gibberish-nll",

@@ -117,7 +117,11 @@ fn load(job: &TensorJob, input: &Inputs<'_>) -> Result<Option<Loaded>, MergeErro
     };
     // Another shape (even with the same element count, e.g. stored transposed) is an inventory
     // finding, not something to fit element by element.
-    if info.shape != [job.rows, job.cols] {
+    let planned = input
+        .base
+        .info(&job.tensor)
+        .map_or_else(|| vec![job.rows, job.cols], |t| job.shape_over(&t.shape));
+    if info.shape != planned {
         return Ok(None);
     }
     let w = engine::base_weight(job, input.base, input.adapters)?;

@@ -46,10 +46,11 @@ pub fn expected(
                 .map(|i| i.shape.clone()),
             Source::LowRank { .. } => None,
         });
-        out.insert(
-            job.output.clone(),
-            replaced.unwrap_or_else(|| vec![job.rows, job.cols]),
-        );
+        // A stacked expert tensor keeps its stored 3-D shape (see `TensorJob::shape_over`).
+        let planned = base
+            .info(&job.tensor)
+            .map_or_else(|| vec![job.rows, job.cols], |t| job.shape_over(&t.shape));
+        out.insert(job.output.clone(), replaced.unwrap_or(planned));
     }
     for job in &plan.biases {
         if !out.contains_key(&job.tensor) {

@@ -294,6 +294,10 @@ impl AdapterConfig {
     /// match is further filtered by `layers_to_transform` (a module whose layer index cannot be
     /// read is then not wrapped).
     pub fn wraps(&self, module: &str) -> Result<(), String> {
+        // `target_parameters` wraps stacked expert parameters (see `io::experts`).
+        if super::experts::param_module(self, module).is_some() {
+            return Ok(());
+        }
         if let Some(selector) = &self.exclude_modules
             && excluded(selector, module)
         {
@@ -661,6 +665,7 @@ impl Adapter {
                 module.tensors.insert(tensor.role, tensor);
             }
         }
+        super::experts::rename_param_modules(&config, &mut modules);
         Adapter {
             dir,
             config,
@@ -720,19 +725,28 @@ pub fn parse_key(info: TensorInfo) -> AdapterTensor {
     let key = info.name.clone();
     let path = key.strip_prefix(PEFT_PREFIX).unwrap_or(&key);
     let segments: Vec<&str> = path.split('.').collect();
-    let marker = segments.iter().position(|s| {
-        matches!(
-            *s,
-            "lora_A"
-                | "lora_B"
-                | "lora_embedding_A"
-                | "lora_embedding_B"
-                | "lora_magnitude_vector"
-                | "base_layer"
-                | "token_adapter"
-                | "modules_to_save"
-                | "original_module"
-        )
+    // A `base_layer` followed by another marker is a nested PEFT wrapper (`ParamWrapper`s on one
+    // module): it belongs to the module path (renamed by `experts::rename_param_modules`).
+    let nested = |i: usize| {
+        segments[i] == "base_layer"
+            && segments
+                .get(i + 1)
+                .is_some_and(|n| matches!(*n, "base_layer" | "lora_A" | "lora_B"))
+    };
+    let marker = (0..segments.len()).find(|&i| {
+        !nested(i)
+            && matches!(
+                segments[i],
+                "lora_A"
+                    | "lora_B"
+                    | "lora_embedding_A"
+                    | "lora_embedding_B"
+                    | "lora_magnitude_vector"
+                    | "base_layer"
+                    | "token_adapter"
+                    | "modules_to_save"
+                    | "original_module"
+            )
     });
     let (module, role, adapter_name) = match marker {
         Some(i) if i > 0 => {

@@ -5,6 +5,7 @@
 pub mod adapter;
 pub mod checkpoint;
 pub mod config;
+pub mod experts;
 pub mod gguf;
 pub mod hub;
 pub mod json_file;

@@ -16,6 +16,7 @@ use super::quant::{GGML_QK, QuantFormat, fake_quantize_ggml};
 use crate::io::adapter::{Adapter, AdapterModule, TensorRole};
 use crate::io::checkpoint::{Checkpoint, CheckpointError};
 use crate::io::config::ModelConfig;
+use crate::io::experts::{self, FactorView};
 use crate::io::mapping::{self, Conv1dRule, Resolution};
 use crate::stats::weights::{self, CandidateArrays, DeltaStats, PrecisionStats};
 
@@ -58,11 +59,31 @@ pub enum Source {
         rank: usize,
         scale: f64,
         layout: Layout,
+        /// For a PEFT `ParamWrapper` on stacked expert parameters: which part of the stored
+        /// factors applies to this tensor (`None`: all of A and B, as stored).
+        view: Option<FactorView>,
     },
     Replace {
         adapter: usize,
         key: String,
     },
+}
+
+/// The factors a low-rank source applies, in PEFT's orientation (A `[r', in]`, B `[out, r']`),
+/// and their rank r': the stored tensors, or the part of a stacked-expert wrapper's factors its
+/// `view` selects.
+pub fn read_factors(
+    weights: &Checkpoint,
+    a: &str,
+    b: &str,
+    rank: usize,
+    view: Option<&FactorView>,
+) -> Result<(Vec<f32>, Vec<f32>, usize), CheckpointError> {
+    let (a, b) = (weights.read_f32(a)?, weights.read_f32(b)?);
+    Ok(match view {
+        None => (a, b, rank),
+        Some(view) => view.apply(&a, &b, rank),
+    })
 }
 
 /// One base weight and every update that applies to it, in adapter order.
@@ -141,7 +162,12 @@ impl MergePlan {
         for (index, adapter) in adapters.iter().enumerate() {
             let conv1d = Conv1dRule::new(config, adapter.config.fan_in_fan_out);
             for module in adapter.modules.values() {
+                if experts::is_param_module(&adapter.config, module) {
+                    plan.add_expert_wrapper(index, adapter, module, base);
+                    continue;
+                }
                 let Ok(target) = mapping::resolve(&module.name, base) else {
+                    plan.add_stacked_slice(index, adapter, module, base, &conv1d);
                     continue;
                 };
                 if let Some(source) = weight_source(index, adapter, module, &conv1d) {
@@ -202,6 +228,128 @@ impl MergePlan {
         plan.biases.sort_by(|a, b| a.tensor.cmp(&b.tensor));
         Ok(plan)
     }
+
+    /// Plans a per-expert LoRA (`….experts.E.w1`) on a base that stores its experts stacked: the
+    /// update lands in its rows of the stacked tensor. Modules that are not per-expert
+    /// projections, or whose factors do not fit the slice, are left to the structural checks.
+    fn add_stacked_slice(
+        &mut self,
+        index: usize,
+        adapter: &Adapter,
+        module: &AdapterModule,
+        base: &Checkpoint,
+        conv1d: &Conv1dRule,
+    ) {
+        let Some(target) = experts::stacked_slice(&module.name, base) else {
+            return;
+        };
+        let Some(Source::LowRank {
+            adapter: a_index,
+            a,
+            b,
+            magnitude: None,
+            rank,
+            scale,
+            layout: Layout::Linear,
+            view: None,
+        }) = weight_source(index, adapter, module, conv1d)
+        else {
+            return;
+        };
+        if !slice_fits(module, &target, rank) {
+            return;
+        }
+        let source = Source::LowRank {
+            adapter: a_index,
+            a,
+            b,
+            magnitude: None,
+            rank,
+            scale,
+            layout: Layout::Linear,
+            view: Some(target.view),
+        };
+        match self.weights.iter_mut().find(|j| j.output == target.tensor) {
+            Some(job) => job.sources.push(source),
+            None => self.weights.push(TensorJob {
+                module: target.module,
+                output: target.tensor.clone(),
+                tensor: target.tensor,
+                rows: target.rows,
+                cols: target.cols,
+                sources: vec![source],
+                growth: None,
+            }),
+        }
+    }
+
+    /// Plans a PEFT `ParamWrapper` on a stacked expert parameter: one job per base tensor it
+    /// updates (the stacked tensor, or each expert's 2-D tensors). A wrapper whose factors cannot
+    /// be placed is left out here; the structural checks report it as a deny finding.
+    fn add_expert_wrapper(
+        &mut self,
+        index: usize,
+        adapter: &Adapter,
+        module: &AdapterModule,
+        base: &Checkpoint,
+    ) {
+        let (Some((stack, param)), Some(a), Some(b)) = (
+            experts::param_module(&adapter.config, &module.name),
+            module.get(TensorRole::LoraA),
+            module.get(TensorRole::LoraB),
+        ) else {
+            return;
+        };
+        let scaling = adapter.config.scaling_for(&module.name);
+        let Ok(targets) = experts::place(
+            &adapter.config,
+            stack,
+            param,
+            &a.info.shape,
+            &b.info.shape,
+            scaling.r,
+            base,
+        ) else {
+            return;
+        };
+        for target in targets {
+            let source = Source::LowRank {
+                adapter: index,
+                a: a.key.clone(),
+                b: b.key.clone(),
+                magnitude: None,
+                rank: scaling.r,
+                scale: scaling.scale,
+                layout: Layout::Linear,
+                view: Some(target.view),
+            };
+            match self.weights.iter_mut().find(|j| j.output == target.tensor) {
+                Some(job) => job.sources.push(source),
+                None => self.weights.push(TensorJob {
+                    module: target.module,
+                    output: target.tensor.clone(),
+                    tensor: target.tensor,
+                    rows: target.rows,
+                    cols: target.cols,
+                    sources: vec![source],
+                    growth: None,
+                }),
+            }
+        }
+    }
+}
+
+/// True when a per-expert LoRA's A `[r, in]` and B `[rows, r]` fit its slice of a stacked tensor.
+pub fn slice_fits(module: &AdapterModule, target: &experts::ExpertTarget, rank: usize) -> bool {
+    let (Some(a), Some(b)) = (module.get(TensorRole::LoraA), module.get(TensorRole::LoraB)) else {
+        return false;
+    };
+    let FactorView::Rows { first, rows, total } = target.view else {
+        return false;
+    };
+    a.info.shape[..] == [rank, target.cols]
+        && b.info.shape[..] == [rows, rank]
+        && first + rows <= total
 }
 
 /// A full replacement with more rows than the base (same columns) grows the tensor.
@@ -297,6 +445,7 @@ fn weight_source(
             rank: scaling.r,
             scale: scaling.scale,
             layout,
+            view: None,
         });
     }
     module
@@ -341,17 +490,12 @@ pub fn load_updates(job: &TensorJob, adapters: &[Adapter]) -> Result<Vec<Update>
                     rank,
                     scale,
                     layout,
+                    view,
                 } => {
                     let w = &adapters[*adapter].weights;
                     let magnitude = magnitude.as_ref().map(|m| w.read_f32(m)).transpose()?;
-                    Update::LowRank(LowRank::from_peft(
-                        &w.read_f32(a)?,
-                        &w.read_f32(b)?,
-                        *rank,
-                        *scale,
-                        *layout,
-                        magnitude,
-                    ))
+                    let (a, b, rank) = read_factors(w, a, b, *rank, view.as_ref())?;
+                    Update::LowRank(LowRank::from_peft(&a, &b, rank, *scale, *layout, magnitude))
                 }
             })
         })
@@ -471,6 +615,17 @@ pub fn fake_quantize(
 }
 
 impl TensorJob {
+    /// The shape the merged tensor is written in: the stored shape when the job covers it as is
+    /// (a stacked expert tensor `[E, out, in]` is merged as its `[E·out, in]` matrix), else the
+    /// job's `[rows, cols]` (a resized vocabulary).
+    pub fn shape_over(&self, stored: &[usize]) -> Vec<usize> {
+        if stored.iter().product::<usize>() == self.rows * self.cols {
+            stored.to_vec()
+        } else {
+            vec![self.rows, self.cols]
+        }
+    }
+
     /// True when the base weight is a GPT-2 Conv1D (`[in, out]`), as the plan's LoRA layout says.
     pub fn is_conv1d(&self) -> bool {
         self.sources.iter().any(|s| {

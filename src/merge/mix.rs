@@ -163,6 +163,8 @@ pub enum Role {
 pub fn role_of(hf_name: &str) -> (Role, Option<usize>) {
     let module = hf_name.strip_suffix(".weight").unwrap_or(hf_name);
     let last = |suffix: &str| module == suffix || module.ends_with(&format!(".{suffix}"));
+    // Mixtral's per-expert projections (convert_hf_to_gguf.py stacks them into ffn_*_exps).
+    let expert = |suffix: &str| module.contains(".experts.") && last(suffix);
     let role = if last("lm_head") || last("embed_out") {
         Role::Output
     } else if last("embed_tokens") || last("wte") || last("embed_in") || last("word_embeddings") {
@@ -179,11 +181,11 @@ pub fn role_of(hf_name: &str) -> (Role, Option<usize>) {
         Role::AttnQkv
     } else if last("o_proj") || last("attn.c_proj") || last("attention.dense") {
         Role::AttnOutput
-    } else if last("gate_proj") {
+    } else if last("gate_proj") || expert("w1") {
         Role::FfnGate
-    } else if last("up_proj") || last("mlp.c_fc") || last("mlp.dense_h_to_4h") {
+    } else if last("up_proj") || last("mlp.c_fc") || last("mlp.dense_h_to_4h") || expert("w3") {
         Role::FfnUp
-    } else if last("down_proj") || last("mlp.c_proj") || last("mlp.dense_4h_to_h") {
+    } else if last("down_proj") || last("mlp.c_proj") || last("mlp.dense_4h_to_h") || expert("w2") {
         Role::FfnDown
     } else {
         Role::Other
@@ -321,6 +323,20 @@ mod tests {
             Role::AttnOutput
         );
         assert_eq!(role_of("lm_head.weight"), (Role::Output, None));
+        assert_eq!(
+            role_of("model.layers.1.block_sparse_moe.experts.3.w2.weight"),
+            (Role::FfnDown, Some(1))
+        );
+        assert_eq!(
+            role_of("model.layers.0.block_sparse_moe.experts.0.w1.weight").0,
+            Role::FfnGate
+        );
+        assert_eq!(
+            role_of("model.layers.0.block_sparse_moe.experts.0.w3.weight").0,
+            Role::FfnUp
+        );
+        // `w2` outside an experts module is not an FFN projection.
+        assert_eq!(role_of("model.layers.0.attn.w2.weight").0, Role::Other);
         assert_eq!(role_of("model.embed_tokens.weight").0, Role::TokenEmbd);
     }
 

@@ -1,13 +1,16 @@
 //! The Llama family as transformers runs it: llama (and SmolLM), mistral, qwen2 (q/k/v biases),
-//! qwen3 (per-head RMSNorm on q and k before rope). Pre-norm blocks with RMSNorm, grouped-query
-//! attention with rotary embeddings (rotate-half convention, optional `linear`/`llama3` scaling),
-//! optional sliding windows, and a gated MLP `down(act(gate(x)) ⊙ up(x))`.
+//! qwen3 (per-head RMSNorm on q and k before rope), and the mixture-of-experts models built on the
+//! same attention: mixtral (mistral's), qwen2_moe (qwen2's, `qkv_bias`) and qwen3_moe (qwen3's).
+//! Pre-norm blocks with RMSNorm, grouped-query attention with rotary embeddings (rotate-half
+//! convention, optional `linear`/`llama3` scaling), optional sliding windows, and a gated MLP
+//! `down(act(gate(x)) ⊙ up(x))` — or, on a sparse layer, the experts of [`super::moe`].
 
 use candle_core::Tensor;
 use serde_json::Value;
 
 use super::cache::LayerCache;
 use super::linear::{self, load};
+use super::moe::{MoeConfig, Routing};
 use super::ops::{self, Activation};
 use super::rope::Rope;
 use super::{
@@ -44,6 +47,8 @@ pub struct LlamaConfig {
     pub embed: String,
     pub head: String,
     pub norm: String,
+    /// The sparse MLP of mixture-of-experts models (`None`: every layer is dense).
+    pub moe: Option<MoeConfig>,
 }
 
 impl LlamaConfig {
@@ -62,7 +67,8 @@ impl LlamaConfig {
                 "{num_heads} attention heads cannot share {num_kv_heads} key/value heads"
             )));
         }
-        // Qwen3Config defaults head_dim to 128; the others derive it from the hidden size.
+        // Qwen3Config defaults head_dim to 128; the others (Qwen3MoeConfig too) derive it from the
+        // hidden size.
         let head_dim = match (config.head_dim, model_type.as_str()) {
             (Some(d), _) if d > 0 => bounded(d, "head_dim")?,
             (_, "qwen3") => 128,
@@ -77,11 +83,18 @@ impl LlamaConfig {
         let prefix = find_prefix(&["model.", ""], "embed_tokens.weight", has)?;
         let head = "lm_head.weight".to_string();
         let attention_bias = flag("attention_bias").unwrap_or(false);
+        let moe = MoeConfig::from_config(config, &prefix, has)?;
         Ok(LlamaConfig {
-            qkv_bias: attention_bias || model_type == "qwen2",
-            o_bias: attention_bias && model_type != "qwen2",
+            // Qwen2MoeConfig spells the q/k/v biases `qkv_bias` (default true).
+            qkv_bias: match model_type.as_str() {
+                "qwen2" => true,
+                "qwen2_moe" => flag("qkv_bias").unwrap_or(true),
+                _ => attention_bias,
+            },
+            o_bias: attention_bias && !matches!(model_type.as_str(), "qwen2" | "qwen2_moe"),
             mlp_bias: flag("mlp_bias").unwrap_or(false),
-            qk_norm: model_type == "qwen3",
+            qk_norm: matches!(model_type.as_str(), "qwen3" | "qwen3_moe"),
+            moe,
             windows: windows(text, &model_type, num_layers)?,
             rope: Rope::from_config(config, head_dim, 1.0)?,
             activation,
@@ -126,13 +139,25 @@ impl LlamaConfig {
             names.push(format!("{p}self_attn.q_norm.weight"));
             names.push(format!("{p}self_attn.k_norm.weight"));
         }
-        for proj in ["gate_proj", "up_proj", "down_proj"] {
-            names.push(format!("{p}mlp.{proj}.weight"));
-            if self.mlp_bias {
-                names.push(format!("{p}mlp.{proj}.bias"));
+        match self.sparse_moe(i) {
+            Some(moe) => names.extend(moe.tensors(&p)),
+            None => {
+                for proj in ["gate_proj", "up_proj", "down_proj"] {
+                    names.push(format!("{p}mlp.{proj}.weight"));
+                    if self.mlp_bias {
+                        names.push(format!("{p}mlp.{proj}.bias"));
+                    }
+                }
             }
         }
         names
+    }
+
+    /// The MoE configuration when layer `i` is sparse.
+    fn sparse_moe(&self, i: usize) -> Option<&MoeConfig> {
+        self.moe
+            .as_ref()
+            .filter(|m| m.sparse.get(i).copied().unwrap_or(false))
     }
 
     pub(crate) fn head_tensors(&self) -> Vec<String> {
@@ -149,7 +174,8 @@ impl LlamaConfig {
     }
 
     /// Block `i` on the new positions `start..start + T` of `x` `[T, hidden]`, attending to the
-    /// keys and values in `cache` (positions `0..start`) and appending its own.
+    /// keys and values in `cache` (positions `0..start`) and appending its own. On a sparse MoE
+    /// layer the router's decisions come back beside the output.
     pub(crate) fn block_step(
         &self,
         i: usize,
@@ -157,7 +183,7 @@ impl LlamaConfig {
         x: &Tensor,
         cache: &mut LayerCache,
         start: usize,
-    ) -> Result<Tensor, ModelError> {
+    ) -> Result<(Tensor, Option<Routing>), ModelError> {
         let p = self.layer(i);
         let (t, hidden) = x.dims2()?;
         let (heads, kv_heads, dh) = (self.num_heads, self.num_kv_heads, self.head_dim);
@@ -204,13 +230,17 @@ impl LlamaConfig {
 
         let ln2 = load(w, &format!("{p}post_attention_layernorm.weight"), &[hidden])?;
         let h = ops::rms_norm(&x, &ln2, eps)?;
+        if let Some(moe) = self.sparse_moe(i) {
+            let (y, routing) = moe.forward(w, &p, &h, self.activation)?;
+            return Ok(((x + y)?, Some(routing)));
+        }
         let mlp = format!("{p}mlp.");
         let inter = self.intermediate_size;
         let gate = linear::linear(w, &format!("{mlp}gate_proj"), &h, inter, Layout::Linear)?;
         let up = linear::linear(w, &format!("{mlp}up_proj"), &h, inter, Layout::Linear)?;
         let act = self.activation.gated(&gate, &up)?;
         let down = linear::linear(w, &format!("{mlp}down_proj"), &act, hidden, Layout::Linear)?;
-        Ok((x + down)?)
+        Ok(((x + down)?, None))
     }
 
     pub(crate) fn head(&self, w: &dyn WeightProvider, x: &Tensor) -> Result<Tensor, ModelError> {
@@ -234,8 +264,14 @@ fn windows(
     model_type: &str,
     layers: usize,
 ) -> Result<Vec<Option<usize>>, Unsupported> {
+    let enabled = text
+        .get("use_sliding_window")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let window = match text.get("sliding_window") {
         Some(Value::Null) => None,
+        // Qwen2MoeConfig writes 0 when `use_sliding_window` is off.
+        Some(v) if v.as_u64() == Some(0) && !enabled => None,
         Some(v) => Some(
             v.as_u64()
                 .filter(|w| *w > 0)
@@ -266,12 +302,9 @@ fn windows(
             .collect();
     }
     let per_layer = |i: usize| match model_type {
-        "mistral" => window,
-        "qwen2" | "qwen3" => {
-            let enabled = text
-                .get("use_sliding_window")
-                .and_then(Value::as_bool)
-                .unwrap_or(false);
+        // MixtralConfig defaults `sliding_window` to None (above), mistral to 4096.
+        "mistral" | "mixtral" => window,
+        "qwen2" | "qwen3" | "qwen2_moe" | "qwen3_moe" => {
             let from = text
                 .get("max_window_layers")
                 .and_then(Value::as_u64)

@@ -5,8 +5,9 @@
 //! Weights come from a [`WeightProvider`], which decides what a tensor *is* for its model: the stored
 //! base, the base plus unmerged LoRA terms ([`UnmergedLora`], applied in the forward the way PEFT does),
 //! or a merged weight rounded or quantized on the fly. The decoder itself only knows transformers'
-//! architectures ([`Architecture`]): the Llama family (llama, mistral, qwen2, qwen3), Gemma 1/2/3
-//! (text), Phi-3, GPT-2 and GPT-NeoX. Everything computes in f32 on the CPU, one sequence at a time, and returns logits for
+//! architectures ([`Architecture`]): the Llama family (llama, mistral, qwen2, qwen3, and the
+//! mixture-of-experts mixtral, qwen2_moe, qwen3_moe), Gemma 1/2/3 (text), Phi-3, GPT-2 and
+//! GPT-NeoX. Everything computes in f32 on the CPU, one sequence at a time, and returns logits for
 //! every position.
 //!
 //! ```text
@@ -30,11 +31,13 @@ mod generate;
 mod gpt2;
 mod linear;
 mod llama;
+mod moe;
 mod neox;
 mod ops;
 mod phi3;
 mod provider;
 mod rope;
+mod topk;
 
 #[cfg(test)]
 mod goldens;
@@ -51,6 +54,7 @@ pub use gemma::{GemmaConfig, GemmaGeneration};
 pub use generate::{MaterializedModel, argmax, generate_greedy, log_sum_exp, sequence_nll};
 pub use gpt2::Gpt2Config;
 pub use llama::LlamaConfig;
+pub use moe::{ExpertLayout, MoeConfig, Routing};
 pub use neox::NeoXConfig;
 pub use ops::Activation;
 pub use phi3::Phi3Config;
@@ -195,6 +199,9 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "mistral",
     "qwen2",
     "qwen3",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
     "gemma",
     "gemma2",
     "gemma3_text",
@@ -217,7 +224,7 @@ impl Architecture {
             .as_deref()
             .ok_or_else(|| Unsupported::new("config.json has no `model_type`"))?;
         match model_type {
-            "llama" | "mistral" | "qwen2" | "qwen3" => {
+            "llama" | "mistral" | "qwen2" | "qwen3" | "mixtral" | "qwen2_moe" | "qwen3_moe" => {
                 LlamaConfig::from_config(config, has).map(Architecture::Llama)
             }
             "phi3" => Phi3Config::from_config(config, has).map(Architecture::Phi3),
@@ -235,7 +242,20 @@ impl Architecture {
         }
     }
 
-    /// Number of decoder blocks.
+    /// True for a mixture-of-experts router weight (`….gate.weight`): deployment formats keep it
+    /// unquantized (transformers 5.x routers are plain parameters, not the `nn.Linear`s
+    /// bitsandbytes replaces; llama.cpp `src/llama-quant.cpp` skips `ffn_gate_inp.weight`), so the
+    /// comparison does too. Qwen2-MoE's `shared_expert_gate` is an `nn.Linear` and is quantized.
+    pub fn is_router(&self, name: &str) -> bool {
+        match self {
+            Architecture::Llama(c) => c.moe.as_ref().is_some_and(|m| m.is_router(name)),
+            Architecture::Gemma(_)
+            | Architecture::Phi3(_)
+            | Architecture::Gpt2(_)
+            | Architecture::NeoX(_) => false,
+        }
+    }
+
     /// True when linear weights are stored `[in, out]` (transformers' `Conv1D`: GPT-2), so a
     /// LoRA update is added transposed.
     pub fn conv1d(&self) -> bool {
@@ -408,6 +428,30 @@ impl Architecture {
         cache: &mut LayerCache,
         start_pos: usize,
     ) -> Result<Tensor, ModelError> {
+        Ok(self
+            .block_step_routed(i, w, hidden_new, cache, start_pos)?
+            .0)
+    }
+
+    /// [`block`](Self::block) with the router's decisions of a sparse mixture-of-experts layer
+    /// (`None` for a dense block).
+    pub fn block_routed(
+        &self,
+        i: usize,
+        w: &dyn WeightProvider,
+        hidden: &Tensor,
+    ) -> Result<(Tensor, Option<Routing>), ModelError> {
+        self.block_step_routed(i, w, hidden, &mut LayerCache::new(), 0)
+    }
+
+    fn block_step_routed(
+        &self,
+        i: usize,
+        w: &dyn WeightProvider,
+        hidden_new: &Tensor,
+        cache: &mut LayerCache,
+        start_pos: usize,
+    ) -> Result<(Tensor, Option<Routing>), ModelError> {
         let layers = self.num_layers();
         if i >= layers {
             return Err(ModelError::NoBlock { index: i, layers });
@@ -421,10 +465,10 @@ impl Architecture {
         }
         match self {
             Architecture::Llama(c) => c.block_step(i, w, hidden_new, cache, start_pos),
-            Architecture::Gemma(c) => c.block_step(i, w, hidden_new, cache, start_pos),
-            Architecture::Phi3(c) => c.block_step(i, w, hidden_new, cache, start_pos),
-            Architecture::Gpt2(c) => c.block_step(i, w, hidden_new, cache),
-            Architecture::NeoX(c) => c.block_step(i, w, hidden_new, cache, start_pos),
+            Architecture::Gemma(c) => Ok((c.block_step(i, w, hidden_new, cache, start_pos)?, None)),
+            Architecture::Phi3(c) => Ok((c.block_step(i, w, hidden_new, cache, start_pos)?, None)),
+            Architecture::Gpt2(c) => Ok((c.block_step(i, w, hidden_new, cache)?, None)),
+            Architecture::NeoX(c) => Ok((c.block_step(i, w, hidden_new, cache, start_pos)?, None)),
         }
     }
 

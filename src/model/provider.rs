@@ -161,12 +161,21 @@ impl WeightProvider for CheckpointProvider<'_> {
                 rank,
                 scale,
                 layout,
+                view,
             } = source
             {
+                let (a, b, rank) = engine::read_factors(
+                    &self.adapters[*adapter].weights,
+                    a,
+                    b,
+                    *rank,
+                    view.as_ref(),
+                )
+                .map_err(|e| read_error(a, e))?;
                 terms.push(UnmergedLora {
-                    a: self.read_adapter(*adapter, a)?,
-                    b: self.read_adapter(*adapter, b)?,
-                    rank: *rank,
+                    a,
+                    b,
+                    rank,
                     scale: *scale,
                     layout: *layout,
                     magnitude: magnitude

@@ -1,13 +1,14 @@
 //! `report.html`: one self-contained page (inline CSS and SVG; no scripts, fonts or other assets,
 //! so it works offline and in a CI artifact viewer). Sections: verdict banner, precision matrix,
-//! per-layer heatmap, KL distribution, hidden-state drift, greedy generation, the merged
+//! per-layer heatmap, KL distribution, hidden-state drift (with, for mixture-of-experts models, the
+//! routing table), greedy generation, the merged
 //! checkpoint's forensics (only with `--merged`), findings with advice, inputs and provenance. A
 //! section that did not run says so instead of drawing an empty chart.
 //!
 //! Every string that comes from the inputs — paths, module and tensor names, messages, config
 //! values — passes through [`escape`]; chart text is escaped by the SVG backend (see `charts`).
 //! Stable ids for tests and scripts: `verdict`, `chart-matrix` (holding `precision-matrix`),
-//! `chart-heatmap`, `chart-kl`, `chart-drift`, `generation`, `forensics` (holding
+//! `chart-heatmap`, `chart-kl`, `chart-drift`, `routing` (MoE models only), `generation`, `forensics` (holding
 //! `chart-forensics`, `forensics-causes`, `forensics-untouched`, `forensics-inventory`,
 //! `config-drift`; present only when the report has `forensics`), `findings`, `provenance`.
 //! Every chart container has `data-state="drawn"` or `data-state="not-run"`.
@@ -20,6 +21,7 @@ use super::Report;
 use super::charts::{self, HeatmapData, HeatmapMetric};
 use super::format::{num, num_pm, percent, ratio, sci};
 use super::summary::{self, MatrixRow};
+use crate::divergence::RoutingLayer;
 use crate::findings::{Level, Verdict};
 use crate::forensics::{Forensics, ModuleFit};
 
@@ -462,6 +464,59 @@ fn drift_section(out: &mut String, report: &Report) {
     out.push_str(
         "<p class=\"muted\">Relative distance of each model's residual stream to the reference's \
          after every block: the layer where a curve jumps is where the merge goes wrong.</p>\n",
+    );
+    routing_table(out, report);
+}
+
+/// Mixture-of-experts models: per candidate and sparse block, the share of tokens routed to other
+/// experts than the reference (`routing_by_layer`); absent for dense models.
+fn routing_table(out: &mut String, report: &Report) {
+    let rows: Vec<(String, &[RoutingLayer])> = report
+        .precisions
+        .iter()
+        .flatten()
+        .flat_map(|p| {
+            [
+                (p.name.clone(), p.logits.as_ref()),
+                (format!("{}+lora", p.name), p.unmerged_logits.as_ref()),
+            ]
+        })
+        .filter_map(|(name, l)| {
+            l.filter(|l| !l.routing_by_layer.is_empty())
+                .map(|l| (name, l.routing_by_layer.as_slice()))
+        })
+        .collect();
+    let Some((_, first)) = rows.first() else {
+        return;
+    };
+    out.push_str(
+        "<h3>Expert routing per sparse block</h3>\n<table id=\"routing\">\n<thead><tr><th>model</th>",
+    );
+    for layer in *first {
+        out.push_str(&format!("<th>block {}</th>", layer.layer));
+    }
+    out.push_str("</tr></thead>\n<tbody>\n<tr><td>reference min margin</td>");
+    for layer in *first {
+        out.push_str(&format!(
+            "<td class=\"n\">{}</td>",
+            num(Some(layer.min_margin))
+        ));
+    }
+    out.push_str("</tr>\n");
+    for (name, layers) in &rows {
+        out.push_str(&format!("<tr><td>{}</td>", escape(name)));
+        for layer in *layers {
+            out.push_str(&format!(
+                "<td class=\"n\">{:.1}%</td>",
+                layer.flip_rate * 100.0
+            ));
+        }
+        out.push_str("</tr>\n");
+    }
+    out.push_str(
+        "</tbody></table>\n<p class=\"muted\">Share of tokens whose top-k experts differ from the \
+         reference's (routing-flips), and the reference's smallest gap between the k-th and \
+         (k+1)-th router probability: flips at tiny margins are rounding at near-ties.</p>\n",
     );
 }
 

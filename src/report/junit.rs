@@ -45,7 +45,7 @@ pub fn check_of(code: Code) -> Check {
         | DoraMagnitudeDropped | ModulesToSaveDropped | TensorInventory | ConfigDrift => {
             Check::Weights
         }
-        HighKl | Top1Disagreement | EffectLost | NonfiniteLogits => Check::Logits,
+        HighKl | Top1Disagreement | EffectLost | NonfiniteLogits | RoutingFlips => Check::Logits,
         Gibberish => Check::Generation,
     }
 }
