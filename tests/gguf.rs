@@ -72,8 +72,8 @@ fn q8_0_gguf_tensors_equal_gguf_py_dequantization() {
                 let shape = t.torch_shape();
                 gguf::names::permute_rows(&stored, shape[0], shape[1], heads, true).expect("undo")
             }
-            gguf::names::RowOrder::Transposed => {
-                panic!("{}: no model tensor is transposed", t.name)
+            gguf::names::RowOrder::Transposed | gguf::names::RowOrder::NeoxQkv { .. } => {
+                panic!("{}: no llama tensor is transposed or fused", t.name)
             }
         };
         assert_eq!(ckpt.read_f32(&hf).expect("read"), want, "{}", t.name);
@@ -83,10 +83,8 @@ fn q8_0_gguf_tensors_equal_gguf_py_dequantization() {
 #[test]
 fn gguf_config_matches_config_json_on_the_forward_fields() {
     let ckpt = open(F32);
-    let from_gguf = ModelConfig::from_value(
-        gguf::config_json(ckpt.gguf().expect("gguf"), ckpt.contains("lm_head.weight"))
-            .expect("config"),
-    );
+    let from_gguf =
+        ModelConfig::from_value(gguf::config_json(ckpt.gguf().expect("gguf")).expect("config"));
     let json = ModelConfig::read(&PathBuf::from(fixture("models/tiny-llama/config.json")))
         .expect("config.json");
     assert_eq!(from_gguf.model_type, json.model_type);
@@ -129,10 +127,8 @@ fn gguf_logits_match_transformers_loading_the_same_file() {
         .collect();
     for file in [F32, Q8_0] {
         let ckpt = open(file);
-        let config = ModelConfig::from_value(
-            gguf::config_json(ckpt.gguf().expect("gguf"), ckpt.contains("lm_head.weight"))
-                .expect("config"),
-        );
+        let config =
+            ModelConfig::from_value(gguf::config_json(ckpt.gguf().expect("gguf")).expect("config"));
         let arch = Architecture::from_config(&config, &|n| ckpt.contains(n)).expect("arch");
         let provider = CheckpointProvider::base(&ckpt);
         let logits = arch.forward(&provider, &tokens).expect("forward");
@@ -405,4 +401,150 @@ fn a_k_quant_mix_gguf_holds_llama_quantize_types_and_the_quantized_merge() {
         quantized += usize::from(!ty.is_float());
     }
     assert!(quantized >= 15, "{quantized} quantized tensors");
+}
+
+/// GPT-2 and GPT-NeoX GGUFs: the fixture models converted by the same `convert_hf_to_gguf.py`.
+const GPT_FAMILIES: &[(&str, &str, &str)] = &[
+    ("models/tiny-gpt2", "adapters/gpt2-lora", "tiny-gpt2"),
+    ("models/tiny-neox", "adapters/neox-lora", "tiny-neox"),
+];
+
+#[test]
+fn gpt2_and_neox_f32_ggufs_hold_the_safetensors_tensors_exactly() {
+    for (original, _, stem) in GPT_FAMILIES {
+        let original = open(original);
+        let ckpt = open(&format!("models/{stem}.f32.gguf"));
+        let mut names = hf_names(&ckpt);
+        let mut want = hf_names(&original);
+        names.sort();
+        want.sort();
+        assert_eq!(
+            names, want,
+            "{stem}: every tensor under its transformers name"
+        );
+        for t in original.tensors() {
+            let info = ckpt.info(&t.name).expect("present");
+            assert_eq!(info.shape, t.shape, "{stem} {}", t.name);
+            // GPT-2's Conv1D weights come back transposed, NeoX's fused qkv regrouped per head.
+            assert_eq!(
+                ckpt.read_f32(&t.name).expect("gguf"),
+                original.read_f32(&t.name).expect("safetensors"),
+                "{stem}: {} differs",
+                t.name
+            );
+        }
+    }
+}
+
+#[test]
+fn gpt2_and_neox_q8_0_ggufs_equal_gguf_py_dequantization() {
+    use gguf::names::RowOrder;
+    for (_, _, stem) in GPT_FAMILIES {
+        let golden = open(&format!("goldens/gguf/{stem}.q8_0.dequant.safetensors"));
+        let ckpt = open(&format!("models/{stem}.q8_0.gguf"));
+        let header = ckpt.gguf().expect("a GGUF checkpoint").clone();
+        let arch = header.architecture().expect("arch").to_string();
+        let (n_head, n_head_kv) = gguf::head_counts(&header).expect("heads");
+        let mut quantized = 0;
+        for t in &header.tensors {
+            let hf = gguf::names::to_hf(&arch, &t.name).expect("a transformers name");
+            let stored = golden.read_f32(&t.name).expect("golden");
+            let shape = t.torch_shape();
+            let want = match gguf::names::row_order(&arch, &hf, n_head, n_head_kv) {
+                RowOrder::Same => stored,
+                RowOrder::Transposed => transpose(&stored, shape[0], shape[1]),
+                RowOrder::NeoxQkv { heads } => {
+                    let cols = shape.get(1).copied().unwrap_or(1);
+                    gguf::names::neox_qkv_rows(&stored, shape[0], cols, heads, true).expect("qkv")
+                }
+                RowOrder::LlamaRope { .. } => panic!("{stem}: no rope permutation"),
+            };
+            quantized += usize::from(ckpt.info(&hf).expect("info").dtype.name() == "Q8_0");
+            assert_eq!(ckpt.read_f32(&hf).expect("read"), want, "{stem} {}", t.name);
+        }
+        assert!(quantized >= 8, "{stem}: only {quantized} Q8_0 tensors");
+    }
+}
+
+#[test]
+fn gpt2_gguf_logits_match_transformers_loading_the_same_file() {
+    let golden = open("goldens/gguf/logits.safetensors");
+    let (_, raw) = golden.raw("tokens").expect("tokens");
+    let tokens: Vec<u32> = raw
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as u32)
+        .collect();
+    for name in ["tiny-gpt2.f32.gguf", "tiny-gpt2.q8_0.gguf"] {
+        let got = gguf_forward(&format!("models/{name}"), &tokens);
+        let want = golden.read_f32(&format!("logits.{name}")).expect("golden");
+        let diff = max_abs_diff(&got, &want);
+        assert!(diff < 1e-4, "{name}: max |Δlogit| {diff}");
+    }
+}
+
+/// Logits of our forward on a GGUF, configured from its metadata alone.
+fn gguf_forward(rel: &str, tokens: &[u32]) -> Vec<f32> {
+    let ckpt = open(rel);
+    let config =
+        ModelConfig::from_value(gguf::config_json(ckpt.gguf().expect("gguf")).expect("config"));
+    let arch = Architecture::from_config(&config, &|n| ckpt.contains(n)).expect("arch");
+    let provider = CheckpointProvider::base(&ckpt);
+    let logits = arch.forward(&provider, tokens).expect("forward");
+    logits.flatten_all().expect("flat").to_vec1().expect("vec")
+}
+
+/// transformers has no GPT-NeoX GGUF loader; the f32 GGUF holds the original's exact tensors
+/// (checked above), so its forward must equal the safetensors forward — which has its own
+/// transformers goldens — up to the f32-stored layer-norm epsilon.
+#[test]
+fn neox_gguf_forward_equals_the_safetensors_forward() {
+    let tokens = [0u32, 17, 42, 101, 230, 7, 99, 311, 64, 5, 150, 2];
+    let original = open("models/tiny-neox");
+    let config = ModelConfig::read(&PathBuf::from(fixture("models/tiny-neox/config.json")))
+        .expect("config.json");
+    let arch = Architecture::from_config(&config, &|n| original.contains(n)).expect("arch");
+    let want: Vec<f32> = arch
+        .forward(&CheckpointProvider::base(&original), &tokens)
+        .expect("forward")
+        .flatten_all()
+        .expect("flat")
+        .to_vec1()
+        .expect("vec");
+    let got = gguf_forward("models/tiny-neox.f32.gguf", &tokens);
+    let diff = max_abs_diff(&got, &want);
+    assert!(diff < 1e-5, "max |Δlogit| {diff}");
+}
+
+#[test]
+fn check_on_gpt2_and_neox_gguf_bases_agrees_with_safetensors_and_catches_an_unmerged_gguf() {
+    let args = ["--generate", "0", "--max-tokens", "64"];
+    for (original, adapter, stem) in GPT_FAMILIES {
+        let gguf_file = format!("models/{stem}.f32.gguf");
+        let (gguf_code, gguf_report) = super::check_json_full(&gguf_file, &[adapter], &args);
+        let (st_code, st_report) = super::check_json_full(original, &[adapter], &args);
+        assert_eq!((gguf_code, st_code), (0, 0), "{stem}");
+        let effect = |r: &serde_json::Value| r["adapter_effect"]["mean_kl"].as_f64().expect("kl");
+        let (a, b) = (effect(&gguf_report), effect(&st_report));
+        assert!(
+            (a - b).abs() <= 1e-6 * b,
+            "{stem}: effect {a} (gguf) vs {b}"
+        );
+        // The base converted to GGUF, offered as the merged file: nothing of the adapter is in it.
+        let merged = fixture(&format!("models/{stem}.q8_0.gguf"));
+        let mut flags = args.to_vec();
+        flags.extend(["--merged", merged.as_str()]);
+        let (merged_code, report) = super::check_json_full(original, &[adapter], &flags);
+        assert_eq!(merged_code, 1, "{stem}");
+        assert!(
+            super::codes(&report).contains("not-merged"),
+            "{stem}: {report}"
+        );
+    }
+}
+
+/// `m` (`rows` × `cols`, row-major) transposed.
+fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    (0..cols)
+        .flat_map(|c| (0..rows).map(move |r| m[r * cols + c]))
+        .collect()
 }

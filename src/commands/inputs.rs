@@ -30,7 +30,7 @@ fn gguf_config_and_tokenizer(
     base: &Checkpoint,
     header: &crate::io::gguf::GgufHeader,
 ) -> anyhow::Result<(Option<ModelConfig>, Option<TokenizerInfo>)> {
-    let config = crate::io::gguf::config_json(header, base.contains("lm_head.weight"))
+    let config = crate::io::gguf::config_json(header)
         .map_err(anyhow::Error::msg)
         .with_context(|| format!("reading the model config of `{}`", base.path.display()))?;
     let mut config = ModelConfig::from_value(config);

@@ -164,12 +164,9 @@ pub struct Inputs<'a> {
 pub fn analyze(input: &Inputs<'_>) -> anyhow::Result<(Forensics, Vec<Finding>)> {
     let merged_config = match input.merged.gguf() {
         // A GGUF describes itself: its config is its metadata.
-        Some(header) => {
-            let has_head = input.merged.contains("lm_head.weight");
-            crate::io::gguf::config_json(header, has_head)
-                .ok()
-                .map(ModelConfig::from_value)
-        }
+        Some(header) => crate::io::gguf::config_json(header)
+            .ok()
+            .map(ModelConfig::from_value),
         None => ModelConfig::read_dir(input.merged_dir)?,
     };
     let merged_ties = match &merged_config {

@@ -271,8 +271,8 @@ impl Checkpoint {
             let (n_head, n_head_kv) = gguf::head_counts(header)?;
             Ok(move |t: &gguf::TensorHeader| {
                 // A tensor without a transformers twin keeps its GGUF name, so it is still listed.
-                let name = gguf::names::llama_to_hf(&t.name).unwrap_or_else(|| t.name.clone());
-                let order = gguf::names::llama_row_order(&arch, &name, n_head, n_head_kv);
+                let name = gguf::names::to_hf(&arch, &t.name).unwrap_or_else(|| t.name.clone());
+                let order = gguf::names::row_order(&arch, &name, n_head, n_head_kv);
                 (name, order)
             })
         })
@@ -549,6 +549,17 @@ fn reorder_rows(info: &TensorInfo, values: Vec<f32>) -> Result<Vec<f32>, Checkpo
                 }
             };
             Ok(crate::merge::delta::transpose(&values, cols, rows))
+        }
+        RowOrder::NeoxQkv { heads } => {
+            let rows = info.shape.first().copied().unwrap_or(0);
+            let cols = info.shape.get(1).copied().unwrap_or(1);
+            gguf::names::neox_qkv_rows(&values, rows, cols, heads, true).ok_or_else(|| {
+                CheckpointError::UnsupportedGgml {
+                    tensor: info.name.clone(),
+                    ty: info.dtype.name().to_string(),
+                    reason: format!("its {rows} rows do not split into q, k, v of {heads} heads"),
+                }
+            })
         }
         RowOrder::LlamaRope { heads } => {
             let rows = info.shape.first().copied().unwrap_or(0);

@@ -68,6 +68,12 @@ pub fn describe(header: &GgufHeader) -> Result<(&'static str, f64), String> {
         ));
     }
     let model_type = super::model_type(header)?;
+    if !matches!(model_type, "llama" | "mistral" | "qwen2" | "qwen3") {
+        return Err(format!(
+            "GGUF LoRA adapters of `{model_type}` models are not read yet (llama, mistral, qwen2 \
+             and qwen3 are); give the PEFT adapter folder"
+        ));
+    }
     // llama.cpp reads a missing alpha as 0, which means "scale 1".
     let alpha = header
         .get(ALPHA_KEY)

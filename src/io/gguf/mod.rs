@@ -81,12 +81,17 @@ pub fn head_counts(header: &GgufHeader) -> Result<(usize, usize), String> {
 /// A transformers-style `config.json` object rebuilt from GGUF metadata, with the fields the
 /// forward pass and the structural checks read (`convert_hf_to_gguf.py`'s
 /// `set_gguf_parameters` wrote them from the original config).
-pub fn config_json(header: &GgufHeader, has_output: bool) -> Result<Value, String> {
+pub fn config_json(header: &GgufHeader) -> Result<Value, String> {
+    // An untied head is stored as `output.weight` in every architecture.
+    let has_output = header.tensors.iter().any(|t| t.name == "output.weight");
     let model_type = model_type(header)?;
     let arch = header.architecture().unwrap_or_default();
     let need = |key: &str| {
         arch_u64(header, arch, key).ok_or_else(|| format!("the GGUF has no `{arch}.{key}`"))
     };
+    if matches!(model_type, "gpt2" | "gpt_neox") {
+        return gpt_config_json(header, model_type, arch, has_output);
+    }
     let hidden = need("embedding_length")?;
     let (n_head, n_head_kv) = head_counts(header)?;
     let vocab = arch_u64(header, arch, "vocab_size").or_else(|| {
@@ -149,6 +154,78 @@ pub fn config_json(header: &GgufHeader, has_output: bool) -> Result<Value, Strin
         "eos_token_id": token("eos_token_id"),
         "pad_token_id": token("padding_token_id"),
     });
+    if let Some(name) = header.get("general.name").and_then(MetaValue::as_str) {
+        config["_name_or_path"] = json!(name);
+    }
+    Ok(config)
+}
+
+/// The config of a GPT-2 or GPT-NeoX GGUF, in the keys transformers' config classes use
+/// (`GPT2Model` / `GPTNeoXModel.set_gguf_parameters` in the converter wrote them).
+fn gpt_config_json(
+    header: &GgufHeader,
+    model_type: &str,
+    arch: &str,
+    has_output: bool,
+) -> Result<Value, String> {
+    let need = |key: &str| {
+        arch_u64(header, arch, key).ok_or_else(|| format!("the GGUF has no `{arch}.{key}`"))
+    };
+    let hidden = need("embedding_length")?;
+    let (n_head, _) = head_counts(header)?;
+    let vocab = header
+        .get("tokenizer.ggml.tokens")
+        .and_then(MetaValue::as_array)
+        .map(|t| t.len() as u64);
+    let eps = arch_f64(header, arch, "attention.layer_norm_epsilon").unwrap_or(1e-5);
+    let token = |key: &str| {
+        header
+            .get(&format!("tokenizer.ggml.{key}"))
+            .and_then(MetaValue::as_u64)
+    };
+    let mut config = if model_type == "gpt2" {
+        json!({
+            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel"],
+            "n_embd": hidden,
+            "n_layer": need("block_count")?,
+            "n_head": n_head,
+            "n_inner": need("feed_forward_length")?,
+            "n_positions": need("context_length")?,
+            "layer_norm_epsilon": eps,
+            "activation_function": "gelu_new",
+            "tie_word_embeddings": !has_output,
+            "vocab_size": vocab,
+        })
+    } else {
+        let head_dim = hidden / n_head.max(1) as u64;
+        let rotary = arch_u64(header, arch, "rope.dimension_count").unwrap_or(head_dim);
+        json!({
+            "model_type": "gpt_neox",
+            "architectures": ["GPTNeoXForCausalLM"],
+            "hidden_size": hidden,
+            "num_hidden_layers": need("block_count")?,
+            "num_attention_heads": n_head,
+            "intermediate_size": need("feed_forward_length")?,
+            "max_position_embeddings": need("context_length")?,
+            "layer_norm_eps": eps,
+            "hidden_act": "gelu",
+            "use_parallel_residual": header
+                .get(&format!("{arch}.use_parallel_residual"))
+                .and_then(MetaValue::as_bool)
+                .unwrap_or(true),
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": arch_f64(header, arch, "rope.freq_base").unwrap_or(10_000.0),
+                "partial_rotary_factor": rotary as f64 / head_dim.max(1) as f64,
+            },
+            "tie_word_embeddings": !has_output,
+            "vocab_size": vocab,
+        })
+    };
+    config["bos_token_id"] = json!(token("bos_token_id"));
+    config["eos_token_id"] = json!(token("eos_token_id"));
+    config["pad_token_id"] = json!(token("padding_token_id"));
     if let Some(name) = header.get("general.name").and_then(MetaValue::as_str) {
         config["_name_or_path"] = json!(name);
     }

@@ -15,8 +15,12 @@ pub enum RowOrder {
     /// llama.cpp's interleaved-rope order over `heads` heads (q: n_head, k: n_head_kv).
     LlamaRope { heads: usize },
     /// Stored transposed (a LoRA adapter's `token_embd.weight.lora_a`, which
-    /// `convert_lora_to_gguf.py` writes as Aᵀ for `llm_build_inp_embd`'s row lookup).
+    /// `convert_lora_to_gguf.py` writes as Aᵀ for `llm_build_inp_embd`'s row lookup; GPT-2's
+    /// Conv1D weights, which the converter writes as `[out, in]`).
     Transposed,
+    /// GPT-NeoX's fused `query_key_value` rows regrouped by the converter from per-head
+    /// `[q, k, v]` (transformers) to all q rows, then all k, then all v (`GPTNeoXModel`).
+    NeoxQkv { heads: usize },
 }
 
 /// The architectures whose GGUF names lora-doctor maps (`general.architecture`) and the
@@ -26,7 +30,126 @@ pub const LLAMA_FAMILY: &[(&str, &str)] = &[
     ("mistral", "mistral"),
     ("qwen2", "qwen2"),
     ("qwen3", "qwen3"),
+    ("gpt2", "gpt2"),
+    ("gptneox", "gpt_neox"),
 ];
+
+/// Per-block GGUF suffix → transformers suffix under `transformer.h.N.`, GPT-2
+/// (`tensor_mapping.py`).
+const GPT2_BLOCK: &[(&str, &str)] = &[
+    ("attn_norm", "ln_1"),
+    ("attn_qkv", "attn.c_attn"),
+    ("attn_output", "attn.c_proj"),
+    ("ffn_norm", "ln_2"),
+    ("ffn_up", "mlp.c_fc"),
+    ("ffn_down", "mlp.c_proj"),
+];
+const GPT2_GLOBAL: &[(&str, &str)] = &[
+    ("token_embd", "transformer.wte"),
+    ("position_embd", "transformer.wpe"),
+    ("output_norm", "transformer.ln_f"),
+    ("output", "lm_head"),
+];
+
+/// Per-block GGUF suffix → transformers suffix under `gpt_neox.layers.N.`, GPT-NeoX.
+const NEOX_BLOCK: &[(&str, &str)] = &[
+    ("attn_norm", "input_layernorm"),
+    ("attn_qkv", "attention.query_key_value"),
+    ("attn_output", "attention.dense"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("ffn_up", "mlp.dense_h_to_4h"),
+    ("ffn_down", "mlp.dense_4h_to_h"),
+];
+const NEOX_GLOBAL: &[(&str, &str)] = &[
+    ("token_embd", "gpt_neox.embed_in"),
+    ("output_norm", "gpt_neox.final_layer_norm"),
+    ("output", "embed_out"),
+];
+
+/// GGUF suffix → transformers suffix pairs.
+type NameTable = &'static [(&'static str, &'static str)];
+
+/// The name tables of a GGUF architecture: block prefix, block table, global table.
+fn tables(arch: &str) -> (&'static str, NameTable, NameTable) {
+    match arch {
+        "gpt2" => ("transformer.h.", GPT2_BLOCK, GPT2_GLOBAL),
+        "gptneox" => ("gpt_neox.layers.", NEOX_BLOCK, NEOX_GLOBAL),
+        _ => ("model.layers.", LLAMA_BLOCK, LLAMA_GLOBAL),
+    }
+}
+
+/// The transformers name of GGUF tensor `name` for architecture `arch`, or `None` when the
+/// tensor has no transformers counterpart.
+pub fn to_hf(arch: &str, name: &str) -> Option<String> {
+    let (stem, kind) = name.rsplit_once('.')?;
+    if kind != "weight" && kind != "bias" {
+        return None;
+    }
+    let (prefix, block, global) = tables(arch);
+    if let Some((n, part)) = split_block(stem) {
+        let (_, hf) = block.iter().find(|(g, _)| *g == part)?;
+        return Some(format!("{prefix}{n}.{hf}.{kind}"));
+    }
+    let (_, hf) = global.iter().find(|(g, _)| *g == stem)?;
+    Some(format!("{hf}.{kind}"))
+}
+
+/// The row order of a tensor of architecture `arch`, given its transformers name.
+pub fn row_order(arch: &str, hf_name: &str, n_head: usize, n_head_kv: usize) -> RowOrder {
+    match arch {
+        // The converter transposes GPT-2's Conv1D weights (`GPT2Model.modify_tensors`).
+        "gpt2" => {
+            let conv1d = [
+                ".attn.c_attn.weight",
+                ".attn.c_proj.weight",
+                ".mlp.c_fc.weight",
+                ".mlp.c_proj.weight",
+            ];
+            if conv1d.iter().any(|s| hf_name.ends_with(s)) {
+                RowOrder::Transposed
+            } else {
+                RowOrder::Same
+            }
+        }
+        "gptneox"
+            if hf_name.ends_with(".attention.query_key_value.weight")
+                || hf_name.ends_with(".attention.query_key_value.bias") =>
+        {
+            RowOrder::NeoxQkv { heads: n_head }
+        }
+        "gptneox" => RowOrder::Same,
+        _ => llama_row_order(arch, hf_name, n_head, n_head_kv),
+    }
+}
+
+/// Reorders the rows of a NeoX fused qkv tensor (`rows` = 3 × hidden, `cols` per row) between
+/// transformers' per-head `[q, k, v]` and the converter's `[all q, all k, all v]`; `to_hf`
+/// undoes the converter's order. `None` when the rows do not split into 3 × `heads` parts.
+pub fn neox_qkv_rows(
+    values: &[f32],
+    rows: usize,
+    cols: usize,
+    heads: usize,
+    to_hf: bool,
+) -> Option<Vec<f32>> {
+    if heads == 0 || !rows.is_multiple_of(3 * heads) || values.len() != rows.checked_mul(cols)? {
+        return None;
+    }
+    let head_dim = rows / (3 * heads);
+    let mut out = vec![0.0f32; values.len()];
+    for h in 0..heads {
+        for p in 0..3 {
+            for d in 0..head_dim {
+                let hf = h * 3 * head_dim + p * head_dim + d;
+                let gguf = p * heads * head_dim + h * head_dim + d;
+                let (from, to) = if to_hf { (gguf, hf) } else { (hf, gguf) };
+                out[to * cols..(to + 1) * cols]
+                    .copy_from_slice(&values[from * cols..(from + 1) * cols]);
+            }
+        }
+    }
+    Some(out)
+}
 
 /// True when the converter permuted q/k rows for this GGUF architecture.
 pub fn permutes_qk(arch: &str) -> bool {
@@ -189,5 +312,49 @@ mod tests {
             RowOrder::LlamaRope { heads: 9 }
         );
         assert_eq!(llama_row_order("qwen2", q, 9, 3), RowOrder::Same);
+    }
+
+    #[test]
+    fn neox_qkv_regrouping_matches_the_converter_and_inverts() {
+        // Two heads of dim 1: transformers rows [q0 k0 v0 q1 k1 v1] (per head) become the
+        // converter's [q0 q1 k0 k1 v0 v1].
+        let hf = [0.0, 10.0, 20.0, 1.0, 11.0, 21.0];
+        let gguf = neox_qkv_rows(&hf, 6, 1, 2, false).expect("regroup");
+        assert_eq!(gguf, vec![0.0, 1.0, 10.0, 11.0, 20.0, 21.0]);
+        assert_eq!(neox_qkv_rows(&gguf, 6, 1, 2, true).expect("undo"), hf);
+        assert!(neox_qkv_rows(&hf, 6, 1, 4, true).is_none());
+    }
+
+    #[test]
+    fn gpt2_and_neox_names_map_to_transformers() {
+        assert_eq!(
+            to_hf("gpt2", "blk.1.attn_qkv.weight").as_deref(),
+            Some("transformer.h.1.attn.c_attn.weight")
+        );
+        assert_eq!(
+            to_hf("gpt2", "position_embd.weight").as_deref(),
+            Some("transformer.wpe.weight")
+        );
+        assert_eq!(
+            to_hf("gptneox", "output.weight").as_deref(),
+            Some("embed_out.weight")
+        );
+        assert_eq!(
+            row_order("gpt2", "transformer.h.0.mlp.c_fc.weight", 4, 4),
+            RowOrder::Transposed
+        );
+        assert_eq!(
+            row_order("gpt2", "transformer.h.0.mlp.c_fc.bias", 4, 4),
+            RowOrder::Same
+        );
+        assert_eq!(
+            row_order(
+                "gptneox",
+                "gpt_neox.layers.0.attention.query_key_value.bias",
+                4,
+                4
+            ),
+            RowOrder::NeoxQkv { heads: 4 }
+        );
     }
 }
