@@ -13,6 +13,8 @@ use super::{code, fixture, run, stderr};
 
 const PLAIN: &str = "adapters/gguf/llama-lora.f32.gguf";
 const RSLORA: &str = "adapters/gguf-rslora/llama-rslora-patterns.f16.gguf";
+/// `embed_tokens` + q/v: the converter stores token_embd's A transposed.
+const EMBED: &str = "adapters/gguf-embed/llama-embed.f32.gguf";
 const BASE: &str = "models/tiny-llama";
 const GGUF_BASE: &str = "models/tiny-llama.f32.gguf";
 
@@ -26,8 +28,17 @@ fn heads() -> (usize, usize) {
 
 #[test]
 fn a_gguf_adapter_reads_as_the_peft_adapter_it_was_converted_from() {
-    let gguf = Adapter::open_any(Path::new(&fixture(PLAIN)), Some(heads())).expect("gguf adapter");
-    let peft = Adapter::open(Path::new(&fixture("adapters/llama-lora"))).expect("peft adapter");
+    for (file, folder) in [
+        (PLAIN, "adapters/llama-lora"),
+        (EMBED, "adapters/gguf-embed"),
+    ] {
+        gguf_reads_as_peft(file, folder);
+    }
+}
+
+fn gguf_reads_as_peft(file: &str, folder: &str) {
+    let gguf = Adapter::open_any(Path::new(&fixture(file)), Some(heads())).expect("gguf adapter");
+    let peft = Adapter::open(Path::new(&fixture(folder))).expect("peft adapter");
     assert!(gguf.is_gguf());
     let names = |a: &Adapter| a.modules.keys().cloned().collect::<Vec<_>>();
     assert_eq!(names(&gguf), names(&peft));
@@ -38,10 +49,17 @@ fn a_gguf_adapter_reads_as_the_peft_adapter_it_was_converted_from() {
             peft.config.scaling_for(module).scale,
             "{module}: llama.cpp's alpha/r is PEFT's scale for a plain LoRA"
         );
-        for role in [TensorRole::LoraA, TensorRole::LoraB] {
+        let embedding = pm.get(TensorRole::EmbeddingA).is_some();
+        let roles = if embedding {
+            [TensorRole::EmbeddingA, TensorRole::EmbeddingB]
+        } else {
+            [TensorRole::LoraA, TensorRole::LoraB]
+        };
+        for role in roles {
             let (g, p) = (gm.get(role).expect("gguf"), pm.get(role).expect("peft"));
             assert_eq!(g.info.shape, p.info.shape, "{module} {role:?}");
-            // f32 conversion, q/k rows of B un-permuted: bit-identical.
+            // f32 conversion, q/k rows of B un-permuted, token_embd's Aᵀ transposed back:
+            // bit-identical.
             assert_eq!(
                 gguf.weights.read_f32(&g.key).expect("gguf"),
                 peft.weights.read_f32(&p.key).expect("peft"),
@@ -54,7 +72,7 @@ fn a_gguf_adapter_reads_as_the_peft_adapter_it_was_converted_from() {
 #[test]
 fn merging_a_gguf_adapter_matches_llama_export_lora() {
     let dir = tempfile::tempdir().expect("tempdir");
-    for adapter in [PLAIN, RSLORA] {
+    for adapter in [PLAIN, RSLORA, EMBED] {
         let file_name = Path::new(adapter)
             .file_name()
             .expect("name")
@@ -117,6 +135,14 @@ fn check_with_a_gguf_adapter_measures_the_same_effect_as_its_peft_folder() {
     let (a, b) = (effect(&gguf), effect(&peft));
     assert!((a - b).abs() <= 1e-9 + 1e-9 * b, "{a} vs {b}");
     assert!(super::codes(&gguf).is_empty(), "{:?}", super::codes(&gguf));
+    // With an embedding LoRA on a tied model both find the same trap: a merge changes the head.
+    let (gguf_code, gguf) = super::check_json_full(BASE, &[EMBED], &extra);
+    let (peft_code, peft) = super::check_json_full(BASE, &["adapters/gguf-embed"], &extra);
+    assert_eq!(gguf_code, peft_code);
+    let (a, b) = (effect(&gguf), effect(&peft));
+    assert!((a - b).abs() <= 1e-9 + 1e-9 * b, "{a} vs {b}");
+    assert_eq!(super::codes(&gguf), super::codes(&peft));
+    assert!(super::codes(&gguf).contains("tied-embeddings"));
 }
 
 #[test]
