@@ -4,6 +4,7 @@
 //! inputs → load (`io`) → findings (`findings`) → verdict → reports (`report`), driven by one
 //! module per subcommand (`commands`).
 
+pub mod alloc_policy;
 pub mod cli;
 pub mod commands;
 pub mod divergence;

@@ -7,6 +7,7 @@ use clap::Parser;
 
 #[allow(clippy::disallowed_macros)] // main prints the error chain, once.
 fn main() -> ExitCode {
+    lora_doctor::alloc_policy::apply();
     let cli = lora_doctor::cli::Cli::parse();
     match lora_doctor::run(cli) {
         Ok(status) => status.into(),

@@ -711,21 +711,20 @@ pub fn evaluate(
     let conv1d = job.is_conv1d();
     let stored = base_weight(job, base, adapters)?;
     let updates = load_updates(job, adapters)?;
-    let w_ref = match options.trained_on {
-        Some(p) => store_in(p, &job.tensor, &stored, rows, cols, conv1d)?.0,
-        None => stored.clone(),
+    // Without --trained-on the reference base is the stored base: borrow it, not a copy (a
+    // 7B MLP weight is 180 MB of f32 per worker).
+    let w_ref_owned = match options.trained_on {
+        Some(p) => Some(store_in(p, &job.tensor, &stored, rows, cols, conv1d)?.0),
+        None => None,
     };
-    let wstar = delta::merge_exact(&w_ref, rows, cols, &updates);
+    let w_ref: &[f32] = w_ref_owned.as_deref().unwrap_or(&stored);
+    let wstar = delta::merge_exact(w_ref, rows, cols, &updates);
     // Without --trained-on the user's merge and the reference merge are the same array.
     let wstar_user_owned = options
         .trained_on
         .map(|_| delta::merge_exact(&stored, rows, cols, &updates));
     let wstar_user: &[f64] = wstar_user_owned.as_deref().unwrap_or(&wstar);
-    let delta = weights::delta_stats(
-        &wstar,
-        &w_ref,
-        options.trained_on.map(|_| stored.as_slice()),
-    );
+    let delta = weights::delta_stats(&wstar, w_ref, options.trained_on.map(|_| stored.as_slice()));
     let mut results = Vec::with_capacity(options.precisions.len());
     for &precision in options.precisions {
         let same_merge = wstar_user_owned.is_none();
@@ -761,7 +760,7 @@ pub fn evaluate(
             precision,
             &CandidateArrays {
                 wstar: &wstar,
-                w_ref: &w_ref,
+                w_ref,
                 candidate: candidate.as_deref().unwrap_or(&floor),
                 floor: &floor,
                 base_in_p: base_in_p_owned.as_deref().unwrap_or(&stored),
