@@ -337,6 +337,15 @@ impl Checkpoint {
         self.gguf.as_ref()
     }
 
+    /// The transformers config of a GGUF checkpoint ([`gguf::config_json`]), which may read
+    /// small tensors that carry config (Phi-3's `rope_factors_long/short.weight`); `None` for
+    /// safetensors.
+    pub fn gguf_config(&self) -> Option<Result<serde_json::Value, String>> {
+        let header = self.gguf.as_ref()?;
+        let read = |name: &str| self.read_f32(name).map_err(|e| e.to_string());
+        Some(gguf::config_json(header, &read))
+    }
+
     fn open_sharded(dir: &Path, index: &Path) -> Result<Self, CheckpointError> {
         #[derive(serde::Deserialize)]
         struct Index {
@@ -531,8 +540,9 @@ impl Checkpoint {
     }
 }
 
-/// Undoes llama.cpp's q/k row permutation (and a LoRA adapter's transposed `token_embd.lora_a`)
-/// for GGUF tensors; other tensors pass through.
+/// Undoes what the GGUF converter did to a tensor: llama's q/k row permutation, a LoRA adapter's
+/// transposed `token_embd.lora_a`, GPT-2's transposed Conv1D, NeoX's regrouped qkv, Gemma's
+/// `1 + w` norms; other tensors pass through.
 fn reorder_rows(info: &TensorInfo, values: Vec<f32>) -> Result<Vec<f32>, CheckpointError> {
     match info.order {
         RowOrder::Same => Ok(values),
@@ -550,6 +560,9 @@ fn reorder_rows(info: &TensorInfo, values: Vec<f32>) -> Result<Vec<f32>, Checkpo
             };
             Ok(crate::merge::delta::transpose(&values, cols, rows))
         }
+        // f32(1 + w) − 1 gives w back exactly when 1 + w was exact, i.e. when w's last bit is
+        // at least 2⁻²³ (any bf16/f16 weight with |w| ≥ 2⁻¹⁶, and 0).
+        RowOrder::PlusOne => Ok(values.into_iter().map(|v| v - 1.0).collect()),
         RowOrder::NeoxQkv { heads } => {
             let rows = info.shape.first().copied().unwrap_or(0);
             let cols = info.shape.get(1).copied().unwrap_or(1);
