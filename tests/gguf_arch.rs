@@ -1,8 +1,9 @@
-//! GGUF as a base for Gemma 1/2/3 and Phi-3 (issue 15, GGUF names): the tiny models of
-//! `arch_dense` converted by llama.cpp's own `convert_hf_to_gguf.py` (`fixtures/gen/gguf_arch.py`)
-//! read back under transformers names with Gemma's `1 + w` norms undone; the config rebuilt from
+//! GGUF as a base for Gemma 1/2/3, Phi-3, Mixtral, Qwen2-MoE and Qwen3-MoE (issue 15, GGUF
+//! names): the tiny models of `arch_dense` and `arch_moe` converted by llama.cpp's own
+//! `convert_hf_to_gguf.py` (`fixtures/gen/gguf_arch.py`) read back under transformers names with
+//! Gemma's `1 + w` norms undone and stacked experts served per expert; the config rebuilt from
 //! GGUF metadata as llama.cpp runs it; logits against transformers' GGUF loader; `check` on a GGUF
-//! base and a GGUF offered as `--merged`; mixture-of-experts GGUFs refused with exit 2.
+//! base and a GGUF offered as `--merged`; `merge --format gguf` still refusing these families.
 
 use std::path::{Path, PathBuf};
 
@@ -21,6 +22,16 @@ const FAMILIES: &[(&str, &str)] = &[
     ("tiny-gemma2", "adapters/gemma2-lora"),
     ("tiny-gemma3", "adapters/gemma3-lora"),
     ("tiny-phi3", "adapters/phi3-lora"),
+    ("moe-mixtral", "adapters/moe-mixtral-expert"),
+    ("moe-qwen2_moe", "adapters/moe-qwen2_moe-expert"),
+    ("moe-qwen3_moe", "adapters/moe-qwen3_moe-expert"),
+];
+
+/// The MoE families' adapters in PEFT's `target_parameters` form (on fused experts).
+const FUSED_ADAPTERS: &[(&str, &str)] = &[
+    ("moe-mixtral", "adapters/moe-mixtral-fused"),
+    ("moe-qwen2_moe", "adapters/moe-qwen2_moe-fused"),
+    ("moe-qwen3_moe", "adapters/moe-qwen3_moe-fused"),
 ];
 
 /// The tensors that carry config, not weights, and keep their GGUF names (Phi-3's longrope).
@@ -99,8 +110,8 @@ fn f32_ggufs_hold_the_safetensors_tensors_exactly() {
     }
 }
 
-/// The q8_0 GGUF reads as gguf-py dequantizes it; Gemma's norms (kept F32 by the converter) as
-/// gguf-py's stored value − 1.
+/// The q8_0 GGUF reads as gguf-py dequantizes it: Gemma's norms (kept F32 by the converter) as
+/// gguf-py's stored value − 1, Mixtral's q/k un-permuted, each expert as its slab of the stack.
 #[test]
 fn q8_0_ggufs_equal_gguf_py_dequantization() {
     for (stem, _) in FAMILIES {
@@ -123,11 +134,28 @@ fn q8_0_ggufs_equal_gguf_py_dequantization() {
                 assert_eq!(ckpt.read_f32(&t.name).expect("read"), stored);
                 continue;
             };
+            let shape = t.torch_shape();
+            if hf.contains(gguf::names::EXPERT_SLOT) {
+                // Expert e is the e-th [rows, cols] slab of gguf-py's [E, rows, cols].
+                let each = stored.len() / shape[0];
+                for (e, slab) in stored.chunks(each).enumerate() {
+                    let name = hf.replace(gguf::names::EXPERT_SLOT, &e.to_string());
+                    assert_eq!(ckpt.info(&name).expect("expert").shape, shape[1..]);
+                    assert_eq!(ckpt.read_f32(&name).expect("read"), slab, "{stem} {name}");
+                    quantized +=
+                        usize::from(ckpt.ggml_type(&name).map(|t| t.name()) == Some("Q8_0".into()));
+                }
+                continue;
+            }
             let want: Vec<f32> = match gguf::names::row_order(&arch, &hf, n_head, n_head_kv) {
                 RowOrder::Same => stored,
                 RowOrder::PlusOne => {
                     assert_eq!(ckpt.ggml_type(&hf).map(|t| t.name()), Some("F32".into()));
                     stored.iter().map(|v| v - 1.0).collect()
+                }
+                RowOrder::LlamaRope { heads } => {
+                    gguf::names::permute_rows(&stored, shape[0], shape[1], heads, true)
+                        .expect("undo")
                 }
                 other => panic!("{stem} {hf}: unexpected {other:?}"),
             };
@@ -239,6 +267,36 @@ fn config_from_gguf_metadata_is_the_original_as_llama_cpp_runs_it() {
                     assert_eq!(f32s(&gr[key]), f32s(&jr[key]), "{stem}: rope `{key}`");
                 }
             }
+            "moe-mixtral" => {
+                for key in [
+                    "num_local_experts",
+                    "num_experts_per_tok",
+                    "rope_parameters",
+                ] {
+                    same(key);
+                }
+            }
+            "moe-qwen2_moe" | "moe-qwen3_moe" => {
+                for key in [
+                    "num_experts_per_tok",
+                    "moe_intermediate_size",
+                    "norm_topk_prob",
+                    "decoder_sparse_step",
+                    "mlp_only_layers",
+                    "rope_parameters",
+                ] {
+                    same(key);
+                }
+                // Qwen3MoeConfig spells the expert count `num_local_experts`.
+                let experts =
+                    |c: &Value| c.get("num_experts").or(c.get("num_local_experts")).cloned();
+                assert_eq!(experts(g), experts(j), "{stem}: experts");
+                if *stem == "moe-qwen2_moe" {
+                    same("shared_expert_intermediate_size");
+                } else {
+                    same("head_dim");
+                }
+            }
             other => panic!("{other}"),
         }
     }
@@ -265,7 +323,13 @@ fn golden_tokens(golden: &Checkpoint) -> Vec<u32> {
 fn gguf_logits_match_transformers_loading_the_same_file() {
     let golden = open("goldens/gguf_arch/logits.safetensors");
     let tokens = golden_tokens(&golden);
-    for stem in ["tiny-gemma2", "tiny-gemma3", "tiny-phi3"] {
+    for stem in [
+        "tiny-gemma2",
+        "tiny-gemma3",
+        "tiny-phi3",
+        "moe-qwen2_moe",
+        "moe-qwen3_moe",
+    ] {
         for kind in ["f32", "q8_0"] {
             let name = format!("{stem}.{kind}.gguf");
             let ckpt = open(&format!("models/{name}"));
@@ -277,20 +341,24 @@ fn gguf_logits_match_transformers_loading_the_same_file() {
     }
 }
 
-/// transformers has no Gemma 1 GGUF loader; the f32 GGUF holds the original's exact tensors
-/// (above), so its forward must equal the safetensors forward, which has its own transformers
-/// goldens, up to the f32-stored epsilon.
+/// transformers has no Gemma 1 or Mixtral GGUF loader; the f32 GGUF holds the original's exact
+/// tensors (above), so its forward must equal the safetensors forward, which has its own
+/// transformers goldens, up to the f32-stored epsilon.
 #[test]
-fn gemma_gguf_forward_equals_the_safetensors_forward() {
+fn gemma_and_mixtral_gguf_forwards_equal_the_safetensors_forward() {
     let tokens = [0u32, 17, 42, 101, 230, 7, 99, 311, 64, 5, 150, 2];
-    let original = open("models/tiny-gemma");
-    let config = ModelConfig::read(&PathBuf::from(fixture("models/tiny-gemma/config.json")))
+    for stem in ["tiny-gemma", "moe-mixtral"] {
+        let original = open(&format!("models/{stem}"));
+        let config = ModelConfig::read(&PathBuf::from(fixture(&format!(
+            "models/{stem}/config.json"
+        ))))
         .expect("config.json");
-    let want = forward(&original, &config, &tokens);
-    let ckpt = open("models/tiny-gemma.f32.gguf");
-    let got = forward(&ckpt, &gguf_config(&ckpt), &tokens);
-    let diff = max_abs_diff(&got, &want);
-    assert!(diff < 1e-5, "max |Δlogit| {diff}");
+        let want = forward(&original, &config, &tokens);
+        let ckpt = open(&format!("models/{stem}.f32.gguf"));
+        let got = forward(&ckpt, &gguf_config(&ckpt), &tokens);
+        let diff = max_abs_diff(&got, &want);
+        assert!(diff < 1e-5, "{stem}: max |Δlogit| {diff}");
+    }
 }
 
 /// A copy of the safetensors original whose config.json takes llama.cpp's values for what the
@@ -317,7 +385,7 @@ fn as_llama_cpp_runs_it(stem: &str, dir: &Path) -> String {
 #[test]
 fn check_on_gguf_bases_agrees_with_safetensors_and_catches_an_unmerged_gguf() {
     let args = ["--generate", "0", "--max-tokens", "64"];
-    for (stem, adapter) in FAMILIES {
+    for (stem, adapter) in FAMILIES.iter().chain(FUSED_ADAPTERS) {
         let dir = tempfile::tempdir().expect("tempdir");
         let original = as_llama_cpp_runs_it(stem, dir.path());
         let gguf_file = format!("models/{stem}.f32.gguf");
@@ -342,41 +410,6 @@ fn check_on_gguf_bases_agrees_with_safetensors_and_catches_an_unmerged_gguf() {
             super::codes(&report).contains("not-merged"),
             "{stem}: {report}"
         );
-    }
-}
-
-/// Mixture-of-experts GGUFs (Mixtral is `llama` with `llama.expert_count`) are not mapped: as
-/// base or as merged file they are exit 2 naming the architecture, never read as a dense model.
-#[test]
-fn moe_ggufs_are_refused_with_exit_2() {
-    for (stem, arch) in [
-        ("moe-mixtral", "llama"),
-        ("moe-qwen2_moe", "qwen2moe"),
-        ("moe-qwen3_moe", "qwen3moe"),
-    ] {
-        let file = fixture(&format!("models/{stem}.q8_0.gguf"));
-        let adapter = fixture(&format!("adapters/{stem}-expert"));
-        let original = fixture(&format!("models/{stem}"));
-        for args in [
-            vec!["check", "--base", &file, "--adapter", &adapter],
-            vec![
-                "check",
-                "--base",
-                &original,
-                "--adapter",
-                &adapter,
-                "--merged",
-                &file,
-            ],
-        ] {
-            let out = run(&args);
-            let err = stderr(&out);
-            assert_eq!(code(&out), 2, "{stem} {args:?}: {err}");
-            assert!(
-                err.contains(&format!("GGUF architecture `{arch}`")),
-                "{stem}: {err}"
-            );
-        }
     }
 }
 

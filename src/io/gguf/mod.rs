@@ -36,13 +36,17 @@ pub fn model_type(header: &GgufHeader) -> Result<&'static str, String> {
         .architecture()
         .ok_or("the GGUF has no `general.architecture`")?;
     if arch_u64(header, arch, "expert_count").is_some_and(|n| n > 0) {
-        // Mixtral is written as `llama` with `llama.expert_count`; its stacked `ffn_*_exps`
-        // tensors are not mapped, and reading it as a dense llama would be wrong.
-        return Err(format!(
-            "GGUF architecture `{arch}` with {} experts (mixture of experts) is not mapped to \
-             transformers names yet; give the safetensors original as --base",
-            arch_u64(header, arch, "expert_count").unwrap_or(0)
-        ));
+        match arch {
+            // Mixtral is written as `llama` with `llama.expert_count` (`LlamaModel`).
+            "llama" => return Ok("mixtral"),
+            "qwen2moe" | "qwen3moe" => {}
+            _ => {
+                return Err(format!(
+                    "GGUF architecture `{arch}` with experts is not mapped to transformers names \
+                     yet; give the safetensors original as --base"
+                ));
+            }
+        }
     }
     names::LLAMA_FAMILY
         .iter()
@@ -156,6 +160,7 @@ pub fn config_json(header: &GgufHeader, read: &ReadTensor<'_>) -> Result<Value, 
     match model_type {
         "gemma" | "gemma2" | "gemma3_text" => gemma_config(header, arch, &mut config)?,
         "phi3" => phi3_config(header, arch, read, &mut config)?,
+        "mixtral" | "qwen2_moe" | "qwen3_moe" => moe_config(header, arch, model_type, &mut config)?,
         _ => {}
     }
     if let Some(name) = header.get("general.name").and_then(MetaValue::as_str) {
@@ -279,6 +284,48 @@ fn gemma_config(header: &GgufHeader, arch: &str, config: &mut Value) -> Result<(
             "rope_theta": arch_f64(header, arch, "rope.freq_base_swa").unwrap_or(10_000.0),
         },
     });
+    Ok(())
+}
+
+/// The mixture-of-experts part of the config, as llama.cpp runs the file: every block sparse
+/// (its MoE graphs have no dense layers, so a block without a router is refused), top-k
+/// renormalised for Mixtral and Qwen3-MoE but not Qwen2-MoE (the `norm_w` argument of
+/// `build_moe_ffn` in `src/models/llama.cpp`, `qwen3moe.cpp`, `qwen2moe.cpp`).
+fn moe_config(
+    header: &GgufHeader,
+    arch: &str,
+    model_type: &str,
+    config: &mut Value,
+) -> Result<(), String> {
+    let need = |key: &str| {
+        arch_u64(header, arch, key).ok_or_else(|| format!("the GGUF has no `{arch}.{key}`"))
+    };
+    let layers = config["num_hidden_layers"].as_u64().unwrap_or(0);
+    for il in 0..layers {
+        let router = format!("blk.{il}.ffn_gate_inp.weight");
+        if !header.tensors.iter().any(|t| t.name == router) {
+            return Err(format!(
+                "block {il} of this mixture-of-experts GGUF has no router `{router}` (a dense \
+                 layer), which lora-doctor does not map yet; give the safetensors original"
+            ));
+        }
+    }
+    config["num_experts_per_tok"] = json!(need("expert_used_count")?);
+    config["hidden_act"] = json!("silu");
+    if model_type == "mixtral" {
+        config["num_local_experts"] = json!(need("expert_count")?);
+        config["sliding_window"] = Value::Null;
+        return Ok(());
+    }
+    config["num_experts"] = json!(need("expert_count")?);
+    config["moe_intermediate_size"] = json!(need("expert_feed_forward_length")?);
+    config["norm_topk_prob"] = json!(model_type == "qwen3_moe");
+    config["decoder_sparse_step"] = json!(1);
+    config["mlp_only_layers"] = json!([]);
+    if model_type == "qwen2_moe" {
+        config["shared_expert_intermediate_size"] =
+            json!(need("expert_shared_feed_forward_length")?);
+    }
     Ok(())
 }
 
@@ -421,6 +468,9 @@ fn architecture_class(model_type: &str) -> &'static str {
         "gemma2" => "Gemma2ForCausalLM",
         "gemma3_text" => "Gemma3ForCausalLM",
         "phi3" => "Phi3ForCausalLM",
+        "mixtral" => "MixtralForCausalLM",
+        "qwen2_moe" => "Qwen2MoeForCausalLM",
+        "qwen3_moe" => "Qwen3MoeForCausalLM",
         "mistral" => "MistralForCausalLM",
         "qwen2" => "Qwen2ForCausalLM",
         "qwen3" => "Qwen3ForCausalLM",

@@ -41,7 +41,47 @@ pub const LLAMA_FAMILY: &[(&str, &str)] = &[
     ("gemma2", "gemma2"),
     ("gemma3", "gemma3_text"),
     ("phi3", "phi3"),
+    ("qwen2moe", "qwen2_moe"),
+    ("qwen3moe", "qwen3_moe"),
 ];
+
+/// Stands for the expert index in the transformers name of a stacked GGUF expert tensor
+/// (`ffn_{gate,up,down}_exps`, torch shape `[E, rows, cols]`): the checkpoint serves expert `e`
+/// as the 2-D tensor named with `e` in its place, a contiguous byte range of the stacked one.
+pub const EXPERT_SLOT: &str = "*";
+
+/// Mixture-of-experts rows for Mixtral (GGUF architecture `llama` with `llama.expert_count`),
+/// under the per-expert names of hub Mixtral checkpoints (`block_sparse_moe.experts.E.w1/w3/w2`):
+/// the converter stacks them (`LlamaModel.modify_tensors`, gate = w1, up = w3, down = w2).
+const MIXTRAL_MOE_BLOCK: &[(&str, &str)] = &[
+    ("ffn_gate_inp", "block_sparse_moe.gate"),
+    ("ffn_gate_exps", "block_sparse_moe.experts.*.w1"),
+    ("ffn_up_exps", "block_sparse_moe.experts.*.w3"),
+    ("ffn_down_exps", "block_sparse_moe.experts.*.w2"),
+];
+
+/// Mixture-of-experts rows for Qwen2-MoE and Qwen3-MoE (`Qwen2MoeModel` / `Qwen3MoeModel` stack
+/// `mlp.experts.E.{gate,up,down}_proj`), with Qwen2-MoE's shared expert and its sigmoid gate.
+const QWEN_MOE_BLOCK: &[(&str, &str)] = &[
+    ("ffn_gate_inp", "mlp.gate"),
+    ("ffn_gate_exps", "mlp.experts.*.gate_proj"),
+    ("ffn_up_exps", "mlp.experts.*.up_proj"),
+    ("ffn_down_exps", "mlp.experts.*.down_proj"),
+    ("ffn_gate_shexp", "mlp.shared_expert.gate_proj"),
+    ("ffn_up_shexp", "mlp.shared_expert.up_proj"),
+    ("ffn_down_shexp", "mlp.shared_expert.down_proj"),
+    ("ffn_gate_inp_shexp", "mlp.shared_expert_gate"),
+];
+
+/// The mixture-of-experts rows of an architecture (empty for dense ones; a dense llama GGUF
+/// has no `*_exps` tensor, so Mixtral's rows never match there).
+fn moe_table(arch: &str) -> NameTable {
+    match arch {
+        "llama" => MIXTRAL_MOE_BLOCK,
+        "qwen2moe" | "qwen3moe" => QWEN_MOE_BLOCK,
+        _ => &[],
+    }
+}
 
 /// Per-block GGUF suffix → transformers suffix under `model.layers.N.`, Gemma 2 and 3: the
 /// sandwich norms around attention and MLP (`tensor_mapping.py`: `ATTN_POST_NORM`,
@@ -129,7 +169,10 @@ pub fn to_hf(arch: &str, name: &str) -> Option<String> {
     }
     let (prefix, block, global) = tables(arch);
     if let Some((n, part)) = split_block(stem) {
-        let (_, hf) = block.iter().find(|(g, _)| *g == part)?;
+        let (_, hf) = block
+            .iter()
+            .chain(moe_table(arch))
+            .find(|(g, _)| *g == part)?;
         return Some(format!("{prefix}{n}.{hf}.{kind}"));
     }
     let (_, hf) = global.iter().find(|(g, _)| *g == stem)?;
@@ -332,6 +375,15 @@ mod tests {
             Some("model.layers.0.mlp.gate_up_proj.weight")
         );
         assert_eq!(to_hf("phi3", "rope_factors_long.weight"), None);
+        assert_eq!(
+            to_hf("llama", "blk.1.ffn_up_exps.weight").as_deref(),
+            Some("model.layers.1.block_sparse_moe.experts.*.w3.weight")
+        );
+        assert_eq!(
+            to_hf("qwen2moe", "blk.0.ffn_gate_inp_shexp.weight").as_deref(),
+            Some("model.layers.0.mlp.shared_expert_gate.weight")
+        );
+        assert_eq!(to_hf("qwen2", "blk.0.ffn_gate_exps.weight"), None);
         for norm in [
             "model.norm.weight",
             "model.layers.0.self_attn.k_norm.weight",
