@@ -299,7 +299,7 @@ impl Checkpoint {
         let mut tensors = BTreeMap::new();
         for t in &header.tensors {
             let (name, order) = name_of(t);
-            let mut shape = t.torch_shape();
+            let mut shape = gguf::names::hf_shape(&name, t.torch_shape());
             if order == RowOrder::Transposed {
                 shape.reverse();
             }

@@ -355,6 +355,9 @@ fn phi3_config(
     let head_dim = config["head_dim"].as_u64().unwrap_or(1).max(1);
     let rotary = arch_u64(header, arch, "rope.dimension_count").unwrap_or(head_dim);
     config["hidden_act"] = json!("silu");
+    // The window the file states, as transformers applies it. llama.cpp currently ignores it
+    // (`llama_model_phi3::load_arch_hparams` turns Phi SWA off, llama.cpp PR 13676), which only
+    // differs from this past the window length.
     config["sliding_window"] = match arch_u64(header, arch, "attention.sliding_window") {
         Some(w) if w > 0 => json!(w),
         _ => Value::Null,

@@ -160,6 +160,17 @@ fn tables(arch: &str) -> (&'static str, NameTable, NameTable) {
     }
 }
 
+/// The transformers shape of a tensor given its transformers name and its GGUF (torch-order)
+/// shape: the same, except Qwen2-MoE's shared-expert gate, an `nn.Linear(H, 1)` weight `[1, H]`
+/// that llama.cpp reads as a vector `{n_embd}` (`src/models/qwen2moe.cpp`) and that files written
+/// by older converters hold as `[H]`.
+pub fn hf_shape(hf_name: &str, mut shape: Vec<usize>) -> Vec<usize> {
+    if shape.len() == 1 && hf_name.ends_with(".mlp.shared_expert_gate.weight") {
+        shape.insert(0, 1);
+    }
+    shape
+}
+
 /// The transformers name of GGUF tensor `name` for architecture `arch`, or `None` when the
 /// tensor has no transformers counterpart.
 pub fn to_hf(arch: &str, name: &str) -> Option<String> {
@@ -384,6 +395,13 @@ mod tests {
             Some("model.layers.0.mlp.shared_expert_gate.weight")
         );
         assert_eq!(to_hf("qwen2", "blk.0.ffn_gate_exps.weight"), None);
+        let gate = "model.layers.0.mlp.shared_expert_gate.weight";
+        assert_eq!(hf_shape(gate, vec![64]), vec![1, 64]);
+        assert_eq!(hf_shape(gate, vec![1, 64]), vec![1, 64]);
+        assert_eq!(
+            hf_shape("model.layers.0.input_layernorm.weight", vec![64]),
+            vec![64]
+        );
         for norm in [
             "model.norm.weight",
             "model.layers.0.self_attn.k_norm.weight",
