@@ -13,6 +13,7 @@ mod false_alarms;
 mod finding_codes;
 mod fuzz_regressions;
 mod gguf;
+mod gguf_arch;
 mod gguf_lora;
 mod gguf_merged;
 mod hub;

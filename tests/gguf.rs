@@ -72,8 +72,13 @@ fn q8_0_gguf_tensors_equal_gguf_py_dequantization() {
                 let shape = t.torch_shape();
                 gguf::names::permute_rows(&stored, shape[0], shape[1], heads, true).expect("undo")
             }
-            gguf::names::RowOrder::Transposed | gguf::names::RowOrder::NeoxQkv { .. } => {
-                panic!("{}: no llama tensor is transposed or fused", t.name)
+            gguf::names::RowOrder::Transposed
+            | gguf::names::RowOrder::NeoxQkv { .. }
+            | gguf::names::RowOrder::PlusOne => {
+                panic!(
+                    "{}: no llama tensor is transposed, fused or shifted",
+                    t.name
+                )
             }
         };
         assert_eq!(ckpt.read_f32(&hf).expect("read"), want, "{}", t.name);
@@ -83,8 +88,7 @@ fn q8_0_gguf_tensors_equal_gguf_py_dequantization() {
 #[test]
 fn gguf_config_matches_config_json_on_the_forward_fields() {
     let ckpt = open(F32);
-    let from_gguf =
-        ModelConfig::from_value(gguf::config_json(ckpt.gguf().expect("gguf")).expect("config"));
+    let from_gguf = ModelConfig::from_value(ckpt.gguf_config().expect("gguf").expect("config"));
     let json = ModelConfig::read(&PathBuf::from(fixture("models/tiny-llama/config.json")))
         .expect("config.json");
     assert_eq!(from_gguf.model_type, json.model_type);
@@ -127,8 +131,7 @@ fn gguf_logits_match_transformers_loading_the_same_file() {
         .collect();
     for file in [F32, Q8_0] {
         let ckpt = open(file);
-        let config =
-            ModelConfig::from_value(gguf::config_json(ckpt.gguf().expect("gguf")).expect("config"));
+        let config = ModelConfig::from_value(ckpt.gguf_config().expect("gguf").expect("config"));
         let arch = Architecture::from_config(&config, &|n| ckpt.contains(n)).expect("arch");
         let provider = CheckpointProvider::base(&ckpt);
         let logits = arch.forward(&provider, &tokens).expect("forward");
@@ -457,7 +460,9 @@ fn gpt2_and_neox_q8_0_ggufs_equal_gguf_py_dequantization() {
                     let cols = shape.get(1).copied().unwrap_or(1);
                     gguf::names::neox_qkv_rows(&stored, shape[0], cols, heads, true).expect("qkv")
                 }
-                RowOrder::LlamaRope { .. } => panic!("{stem}: no rope permutation"),
+                RowOrder::LlamaRope { .. } | RowOrder::PlusOne => {
+                    panic!("{stem}: no rope permutation, no norm shift")
+                }
             };
             quantized += usize::from(ckpt.info(&hf).expect("info").dtype.name() == "Q8_0");
             assert_eq!(ckpt.read_f32(&hf).expect("read"), want, "{stem} {}", t.name);
@@ -485,8 +490,7 @@ fn gpt2_gguf_logits_match_transformers_loading_the_same_file() {
 /// Logits of our forward on a GGUF, configured from its metadata alone.
 fn gguf_forward(rel: &str, tokens: &[u32]) -> Vec<f32> {
     let ckpt = open(rel);
-    let config =
-        ModelConfig::from_value(gguf::config_json(ckpt.gguf().expect("gguf")).expect("config"));
+    let config = ModelConfig::from_value(ckpt.gguf_config().expect("gguf").expect("config"));
     let arch = Architecture::from_config(&config, &|n| ckpt.contains(n)).expect("arch");
     let provider = CheckpointProvider::base(&ckpt);
     let logits = arch.forward(&provider, tokens).expect("forward");

@@ -30,7 +30,9 @@ fn gguf_config_and_tokenizer(
     base: &Checkpoint,
     header: &crate::io::gguf::GgufHeader,
 ) -> anyhow::Result<(Option<ModelConfig>, Option<TokenizerInfo>)> {
-    let config = crate::io::gguf::config_json(header)
+    let config = base
+        .gguf_config()
+        .unwrap_or_else(|| Err("the base is not a GGUF file".to_string()))
         .map_err(anyhow::Error::msg)
         .with_context(|| format!("reading the model config of `{}`", base.path.display()))?;
     let mut config = ModelConfig::from_value(config);

@@ -164,8 +164,10 @@ pub struct Inputs<'a> {
 pub fn analyze(input: &Inputs<'_>) -> anyhow::Result<(Forensics, Vec<Finding>)> {
     let merged_config = match input.merged.gguf() {
         // A GGUF describes itself: its config is its metadata.
-        Some(header) => crate::io::gguf::config_json(header)
-            .ok()
+        Some(_) => input
+            .merged
+            .gguf_config()
+            .and_then(Result::ok)
             .map(ModelConfig::from_value),
         None => ModelConfig::read_dir(input.merged_dir)?,
     };

@@ -299,11 +299,11 @@ impl Checkpoint {
         let mut tensors = BTreeMap::new();
         for t in &header.tensors {
             let (name, order) = name_of(t);
-            let mut shape = t.torch_shape();
+            let mut shape = gguf::names::hf_shape(&name, t.torch_shape());
             if order == RowOrder::Transposed {
                 shape.reverse();
             }
-            let info = TensorInfo {
+            let whole = TensorInfo {
                 name: name.clone(),
                 dtype: TensorDtype::from_ggml(t.ty),
                 shape,
@@ -313,12 +313,23 @@ impl Checkpoint {
                 order,
                 ggml: Some(t.ty),
             };
-            if tensors.insert(name.clone(), info).is_some() {
-                return Err(CheckpointError::DuplicateTensor {
-                    tensor: name,
-                    first: path.to_path_buf(),
-                    second: path.to_path_buf(),
-                });
+            let parts = if name.contains(&format!(".{}.", gguf::names::EXPERT_SLOT)) {
+                split_experts(whole).map_err(|reason| CheckpointError::GgufModel {
+                    path: path.to_path_buf(),
+                    reason,
+                })?
+            } else {
+                vec![whole]
+            };
+            for info in parts {
+                let name = info.name.clone();
+                if tensors.insert(name.clone(), info).is_some() {
+                    return Err(CheckpointError::DuplicateTensor {
+                        tensor: name,
+                        first: path.to_path_buf(),
+                        second: path.to_path_buf(),
+                    });
+                }
             }
         }
         Ok(Checkpoint {
@@ -335,6 +346,15 @@ impl Checkpoint {
     /// The GGUF header when this checkpoint is a GGUF file.
     pub fn gguf(&self) -> Option<&GgufHeader> {
         self.gguf.as_ref()
+    }
+
+    /// The transformers config of a GGUF checkpoint ([`gguf::config_json`]), which may read
+    /// small tensors that carry config (Phi-3's `rope_factors_long/short.weight`); `None` for
+    /// safetensors.
+    pub fn gguf_config(&self) -> Option<Result<serde_json::Value, String>> {
+        let header = self.gguf.as_ref()?;
+        let read = |name: &str| self.read_f32(name).map_err(|e| e.to_string());
+        Some(gguf::config_json(header, &read))
     }
 
     fn open_sharded(dir: &Path, index: &Path) -> Result<Self, CheckpointError> {
@@ -531,8 +551,9 @@ impl Checkpoint {
     }
 }
 
-/// Undoes llama.cpp's q/k row permutation (and a LoRA adapter's transposed `token_embd.lora_a`)
-/// for GGUF tensors; other tensors pass through.
+/// Undoes what the GGUF converter did to a tensor: llama's q/k row permutation, a LoRA adapter's
+/// transposed `token_embd.lora_a`, GPT-2's transposed Conv1D, NeoX's regrouped qkv, Gemma's
+/// `1 + w` norms; other tensors pass through.
 fn reorder_rows(info: &TensorInfo, values: Vec<f32>) -> Result<Vec<f32>, CheckpointError> {
     match info.order {
         RowOrder::Same => Ok(values),
@@ -550,6 +571,9 @@ fn reorder_rows(info: &TensorInfo, values: Vec<f32>) -> Result<Vec<f32>, Checkpo
             };
             Ok(crate::merge::delta::transpose(&values, cols, rows))
         }
+        // f32(1 + w) − 1 gives w back exactly when 1 + w was exact, i.e. when w's last bit is
+        // at least 2⁻²³ (any bf16/f16 weight with |w| ≥ 2⁻¹⁶, and 0).
+        RowOrder::PlusOne => Ok(values.into_iter().map(|v| v - 1.0).collect()),
         RowOrder::NeoxQkv { heads } => {
             let rows = info.shape.first().copied().unwrap_or(0);
             let cols = info.shape.get(1).copied().unwrap_or(1);
@@ -575,6 +599,41 @@ fn reorder_rows(info: &TensorInfo, values: Vec<f32>) -> Result<Vec<f32>, Checkpo
             })
         }
     }
+}
+
+/// Serves a stacked GGUF expert tensor (torch shape `[E, rows, cols]`, its transformers name
+/// holding [`gguf::names::EXPERT_SLOT`]) as E per-expert 2-D tensors. ggml stores the expert
+/// index outermost, so expert `e` is the contiguous `1/E` of the bytes at offset `e`; each part is
+/// dequantized on its own, which keeps reading streamed one expert matrix at a time.
+fn split_experts(whole: TensorInfo) -> Result<Vec<TensorInfo>, String> {
+    let (experts, matrix) = match whole.shape.as_slice() {
+        [e, rows, cols] if *e > 0 => (*e, vec![*rows, *cols]),
+        other => {
+            return Err(format!(
+                "`{}` is a stacked expert tensor but has shape {other:?}, not [experts, rows, cols]",
+                whole.name
+            ));
+        }
+    };
+    let bytes = whole.end - whole.start;
+    if whole.order != RowOrder::Same || !bytes.is_multiple_of(experts) {
+        return Err(format!(
+            "`{}`: {bytes} bytes do not split into {experts} expert matrices",
+            whole.name
+        ));
+    }
+    let each = bytes / experts;
+    Ok((0..experts)
+        .map(|e| TensorInfo {
+            name: whole
+                .name
+                .replacen(gguf::names::EXPERT_SLOT, &e.to_string(), 1),
+            shape: matrix.clone(),
+            start: whole.start + e * each,
+            end: whole.start + (e + 1) * each,
+            ..whole.clone()
+        })
+        .collect())
 }
 
 /// True for a `.gguf` file or any file that starts with the GGUF magic.
@@ -657,6 +716,57 @@ fn file_name(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn stacked(shape: Vec<usize>, bytes: usize) -> TensorInfo {
+        TensorInfo {
+            name: "model.layers.0.mlp.experts.*.up_proj.weight".into(),
+            dtype: TensorDtype::from_ggml(GgmlType::Q8_0),
+            shape,
+            file: 0,
+            start: 1024,
+            end: 1024 + bytes,
+            order: RowOrder::Same,
+            ggml: Some(GgmlType::Q8_0),
+        }
+    }
+
+    #[test]
+    fn stacked_experts_split_into_contiguous_per_expert_ranges() {
+        // 3 experts of 2 × 32 Q8_0 values: 2 blocks of 34 bytes each.
+        let parts = split_experts(stacked(vec![3, 2, 32], 3 * 68)).expect("split");
+        let got: Vec<_> = parts
+            .iter()
+            .map(|p| (p.name.as_str(), p.shape.clone(), p.start, p.end))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    "model.layers.0.mlp.experts.0.up_proj.weight",
+                    vec![2, 32],
+                    1024,
+                    1092
+                ),
+                (
+                    "model.layers.0.mlp.experts.1.up_proj.weight",
+                    vec![2, 32],
+                    1092,
+                    1160
+                ),
+                (
+                    "model.layers.0.mlp.experts.2.up_proj.weight",
+                    vec![2, 32],
+                    1160,
+                    1228
+                ),
+            ]
+        );
+        assert!(split_experts(stacked(vec![2, 32], 68)).is_err(), "not 3-D");
+        assert!(
+            split_experts(stacked(vec![3, 2, 32], 205)).is_err(),
+            "uneven bytes"
+        );
+    }
 
     fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
         let path = dir.join(name);

@@ -21,6 +21,11 @@ pub enum RowOrder {
     /// GPT-NeoX's fused `query_key_value` rows regrouped by the converter from per-head
     /// `[q, k, v]` (transformers) to all q rows, then all k, then all v (`GPTNeoXModel`).
     NeoxQkv { heads: usize },
+    /// A Gemma norm weight stored as `1 + w`: transformers' Gemma RMSNorm multiplies by
+    /// `(1 + w)`, ggml's by the stored value, so `GemmaModel` / `Gemma2Model` / `Gemma3Model
+    /// .modify_tensors` (`conversion/gemma.py`) add 1 to every `*norm.weight`. Read back as
+    /// `stored − 1`; the order of the values is unchanged.
+    PlusOne,
 }
 
 /// The architectures whose GGUF names lora-doctor maps (`general.architecture`) and the
@@ -32,6 +37,81 @@ pub const LLAMA_FAMILY: &[(&str, &str)] = &[
     ("qwen3", "qwen3"),
     ("gpt2", "gpt2"),
     ("gptneox", "gpt_neox"),
+    ("gemma", "gemma"),
+    ("gemma2", "gemma2"),
+    ("gemma3", "gemma3_text"),
+    ("phi3", "phi3"),
+    ("qwen2moe", "qwen2_moe"),
+    ("qwen3moe", "qwen3_moe"),
+];
+
+/// Stands for the expert index in the transformers name of a stacked GGUF expert tensor
+/// (`ffn_{gate,up,down}_exps`, torch shape `[E, rows, cols]`): the checkpoint serves expert `e`
+/// as the 2-D tensor named with `e` in its place, a contiguous byte range of the stacked one.
+pub const EXPERT_SLOT: &str = "*";
+
+/// Mixture-of-experts rows for Mixtral (GGUF architecture `llama` with `llama.expert_count`),
+/// under the per-expert names of hub Mixtral checkpoints (`block_sparse_moe.experts.E.w1/w3/w2`):
+/// the converter stacks them (`LlamaModel.modify_tensors`, gate = w1, up = w3, down = w2).
+const MIXTRAL_MOE_BLOCK: &[(&str, &str)] = &[
+    ("ffn_gate_inp", "block_sparse_moe.gate"),
+    ("ffn_gate_exps", "block_sparse_moe.experts.*.w1"),
+    ("ffn_up_exps", "block_sparse_moe.experts.*.w3"),
+    ("ffn_down_exps", "block_sparse_moe.experts.*.w2"),
+];
+
+/// Mixture-of-experts rows for Qwen2-MoE and Qwen3-MoE (`Qwen2MoeModel` / `Qwen3MoeModel` stack
+/// `mlp.experts.E.{gate,up,down}_proj`), with Qwen2-MoE's shared expert and its sigmoid gate.
+const QWEN_MOE_BLOCK: &[(&str, &str)] = &[
+    ("ffn_gate_inp", "mlp.gate"),
+    ("ffn_gate_exps", "mlp.experts.*.gate_proj"),
+    ("ffn_up_exps", "mlp.experts.*.up_proj"),
+    ("ffn_down_exps", "mlp.experts.*.down_proj"),
+    ("ffn_gate_shexp", "mlp.shared_expert.gate_proj"),
+    ("ffn_up_shexp", "mlp.shared_expert.up_proj"),
+    ("ffn_down_shexp", "mlp.shared_expert.down_proj"),
+    ("ffn_gate_inp_shexp", "mlp.shared_expert_gate"),
+];
+
+/// The mixture-of-experts rows of an architecture (empty for dense ones; a dense llama GGUF
+/// has no `*_exps` tensor, so Mixtral's rows never match there).
+fn moe_table(arch: &str) -> NameTable {
+    match arch {
+        "llama" => MIXTRAL_MOE_BLOCK,
+        "qwen2moe" | "qwen3moe" => QWEN_MOE_BLOCK,
+        _ => &[],
+    }
+}
+
+/// Per-block GGUF suffix → transformers suffix under `model.layers.N.`, Gemma 2 and 3: the
+/// sandwich norms around attention and MLP (`tensor_mapping.py`: `ATTN_POST_NORM`,
+/// `FFN_PRE_NORM` is written as `ffn_norm`, `FFN_POST_NORM`). Gemma 1 uses the llama table.
+const GEMMA2_BLOCK: &[(&str, &str)] = &[
+    ("attn_norm", "input_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("attn_q_norm", "self_attn.q_norm"),
+    ("attn_k_norm", "self_attn.k_norm"),
+    ("post_attention_norm", "post_attention_layernorm"),
+    ("ffn_norm", "pre_feedforward_layernorm"),
+    ("post_ffw_norm", "post_feedforward_layernorm"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
+/// Per-block GGUF suffix → transformers suffix under `model.layers.N.`, Phi-3. The converter
+/// keeps both fused projections as they are: `qkv_proj` (q, k, v rows) as `attn_qkv` and
+/// `gate_up_proj` (gate rows first) as `ffn_up` (`Phi3MiniModel`, no `modify_tensors`).
+const PHI3_BLOCK: &[(&str, &str)] = &[
+    ("attn_norm", "input_layernorm"),
+    ("attn_qkv", "self_attn.qkv_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("ffn_up", "mlp.gate_up_proj"),
+    ("ffn_down", "mlp.down_proj"),
 ];
 
 /// Per-block GGUF suffix → transformers suffix under `transformer.h.N.`, GPT-2
@@ -74,8 +154,21 @@ fn tables(arch: &str) -> (&'static str, NameTable, NameTable) {
     match arch {
         "gpt2" => ("transformer.h.", GPT2_BLOCK, GPT2_GLOBAL),
         "gptneox" => ("gpt_neox.layers.", NEOX_BLOCK, NEOX_GLOBAL),
+        "gemma2" | "gemma3" => ("model.layers.", GEMMA2_BLOCK, LLAMA_GLOBAL),
+        "phi3" => ("model.layers.", PHI3_BLOCK, LLAMA_GLOBAL),
         _ => ("model.layers.", LLAMA_BLOCK, LLAMA_GLOBAL),
     }
+}
+
+/// The transformers shape of a tensor given its transformers name and its GGUF (torch-order)
+/// shape: the same, except Qwen2-MoE's shared-expert gate, an `nn.Linear(H, 1)` weight `[1, H]`
+/// that llama.cpp reads as a vector `{n_embd}` (`src/models/qwen2moe.cpp`) and that files written
+/// by older converters hold as `[H]`.
+pub fn hf_shape(hf_name: &str, mut shape: Vec<usize>) -> Vec<usize> {
+    if shape.len() == 1 && hf_name.ends_with(".mlp.shared_expert_gate.weight") {
+        shape.insert(0, 1);
+    }
+    shape
 }
 
 /// The transformers name of GGUF tensor `name` for architecture `arch`, or `None` when the
@@ -87,7 +180,10 @@ pub fn to_hf(arch: &str, name: &str) -> Option<String> {
     }
     let (prefix, block, global) = tables(arch);
     if let Some((n, part)) = split_block(stem) {
-        let (_, hf) = block.iter().find(|(g, _)| *g == part)?;
+        let (_, hf) = block
+            .iter()
+            .chain(moe_table(arch))
+            .find(|(g, _)| *g == part)?;
         return Some(format!("{prefix}{n}.{hf}.{kind}"));
     }
     let (_, hf) = global.iter().find(|(g, _)| *g == stem)?;
@@ -118,6 +214,9 @@ pub fn row_order(arch: &str, hf_name: &str, n_head: usize, n_head_kv: usize) -> 
             RowOrder::NeoxQkv { heads: n_head }
         }
         "gptneox" => RowOrder::Same,
+        // Gemma's converters add 1 to every tensor whose transformers name ends in
+        // `norm.weight` (the same test, so q/k norms and the final norm included).
+        "gemma" | "gemma2" | "gemma3" if hf_name.ends_with("norm.weight") => RowOrder::PlusOne,
         _ => llama_row_order(arch, hf_name, n_head, n_head_kv),
     }
 }
@@ -266,6 +365,59 @@ pub fn permute_rows(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gemma_and_phi3_names_map_to_transformers() {
+        assert_eq!(
+            to_hf("gemma2", "blk.1.ffn_norm.weight").as_deref(),
+            Some("model.layers.1.pre_feedforward_layernorm.weight")
+        );
+        assert_eq!(
+            to_hf("gemma3", "blk.0.post_attention_norm.weight").as_deref(),
+            Some("model.layers.0.post_attention_layernorm.weight")
+        );
+        // Gemma 1 has no sandwich norms: `ffn_norm` is llama's post-attention norm.
+        assert_eq!(
+            to_hf("gemma", "blk.1.ffn_norm.weight").as_deref(),
+            Some("model.layers.1.post_attention_layernorm.weight")
+        );
+        assert_eq!(
+            to_hf("phi3", "blk.0.ffn_up.weight").as_deref(),
+            Some("model.layers.0.mlp.gate_up_proj.weight")
+        );
+        assert_eq!(to_hf("phi3", "rope_factors_long.weight"), None);
+        assert_eq!(
+            to_hf("llama", "blk.1.ffn_up_exps.weight").as_deref(),
+            Some("model.layers.1.block_sparse_moe.experts.*.w3.weight")
+        );
+        assert_eq!(
+            to_hf("qwen2moe", "blk.0.ffn_gate_inp_shexp.weight").as_deref(),
+            Some("model.layers.0.mlp.shared_expert_gate.weight")
+        );
+        assert_eq!(to_hf("qwen2", "blk.0.ffn_gate_exps.weight"), None);
+        let gate = "model.layers.0.mlp.shared_expert_gate.weight";
+        assert_eq!(hf_shape(gate, vec![64]), vec![1, 64]);
+        assert_eq!(hf_shape(gate, vec![1, 64]), vec![1, 64]);
+        assert_eq!(
+            hf_shape("model.layers.0.input_layernorm.weight", vec![64]),
+            vec![64]
+        );
+        for norm in [
+            "model.norm.weight",
+            "model.layers.0.self_attn.k_norm.weight",
+            "model.layers.3.post_feedforward_layernorm.weight",
+        ] {
+            assert_eq!(row_order("gemma3", norm, 4, 1), RowOrder::PlusOne, "{norm}");
+        }
+        assert_eq!(
+            row_order("gemma", "model.layers.0.self_attn.q_proj.weight", 4, 1),
+            RowOrder::Same
+        );
+        assert_eq!(
+            row_order("phi3", "model.layers.0.input_layernorm.weight", 4, 1),
+            RowOrder::Same
+        );
+    }
 
     #[test]
     fn names_round_trip() {

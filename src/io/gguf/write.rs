@@ -218,7 +218,9 @@ pub fn to_gguf_rows(
     let n_head_kv = config.num_key_value_heads.unwrap_or(n_head);
     match names::llama_row_order(arch, hf_name, n_head, n_head_kv) {
         names::RowOrder::Same => Ok(values),
-        names::RowOrder::Transposed | names::RowOrder::NeoxQkv { .. } => {
+        names::RowOrder::Transposed
+        | names::RowOrder::NeoxQkv { .. }
+        | names::RowOrder::PlusOne => {
             anyhow::bail!(
                 "`{hf_name}`: only a LoRA adapter's token_embd.lora_a is stored transposed"
             )
