@@ -18,7 +18,7 @@ use crate::io::checkpoint::{Checkpoint, CheckpointError};
 use crate::io::config::ModelConfig;
 use crate::io::experts::{self, FactorView};
 use crate::io::mapping::{self, Conv1dRule, Resolution};
-use crate::stats::weights::{self, CandidateArrays, DeltaStats, PrecisionStats};
+use crate::stats::weights::{self, CandidateArrays, DeltaStats, PrecisionStats, Values};
 
 /// Why a merge cannot be planned or run.
 #[derive(Debug, Error)]
@@ -728,9 +728,11 @@ pub fn evaluate(
     let mut results = Vec::with_capacity(options.precisions.len());
     for &precision in options.precisions {
         let same_merge = wstar_user_owned.is_none();
-        let (candidate, floor, note) = match precision {
+        // Float floors and the base in a float format are rounded element by element inside
+        // the statistics pass instead of being stored: two tensor-sized buffers fewer per worker.
+        let (mut floor_owned, mut base_owned) = (Vec::new(), Vec::new());
+        let (candidate, note): (Option<Vec<f32>>, _) = match precision {
             Precision::Float(f) => {
-                let floor: Vec<f32> = wstar.iter().map(|v| f.round_from_f64(*v)).collect();
                 let candidate = match (options.recipe, same_merge) {
                     (Recipe::Exact, true) => None,
                     (Recipe::Exact, false) => {
@@ -738,32 +740,40 @@ pub fn evaluate(
                     }
                     (Recipe::Peft, _) => Some(delta::merge_peft(&stored, rows, cols, &updates, f)),
                 };
-                (candidate, floor, None)
+                (candidate, None)
             }
             Precision::Quant(q) => {
                 let star32: Vec<f32> = wstar.iter().map(|v| *v as f32).collect();
                 let (floor, note) = fake_quantize(q, &job.tensor, &star32, rows, cols, conv1d)?;
+                drop(star32);
+                floor_owned = floor;
                 let candidate = if same_merge {
                     None
                 } else {
                     let user32: Vec<f32> = wstar_user.iter().map(|v| *v as f32).collect();
                     Some(fake_quantize(q, &job.tensor, &user32, rows, cols, conv1d)?.0)
                 };
-                (candidate, floor, note)
+                base_owned = store_in(precision, &job.tensor, &stored, rows, cols, conv1d)?.0;
+                (candidate, note)
             }
         };
-        let base_in_p_owned = match precision {
-            Precision::Float(FloatFormat::F32) => None,
-            _ => Some(store_in(precision, &job.tensor, &stored, rows, cols, conv1d)?.0),
+        let (floor_values, base_values) = match precision {
+            // f32 stores an f32 base unchanged.
+            Precision::Float(FloatFormat::F32) => (
+                Values::RoundedF64(FloatFormat::F32, &wstar),
+                Values::Stored(&stored),
+            ),
+            Precision::Float(f) => (Values::RoundedF64(f, &wstar), Values::Rounded(f, &stored)),
+            Precision::Quant(_) => (Values::Stored(&floor_owned), Values::Stored(&base_owned)),
         };
         let stats = weights::precision_stats(
             precision,
             &CandidateArrays {
                 wstar: &wstar,
                 w_ref,
-                candidate: candidate.as_deref().unwrap_or(&floor),
-                floor: &floor,
-                base_in_p: base_in_p_owned.as_deref().unwrap_or(&stored),
+                candidate: candidate.as_deref().map(Values::Stored),
+                floor: floor_values,
+                base_in_p: base_values,
                 wstar_user,
             },
         );

@@ -136,18 +136,49 @@ pub fn range_limit(precision: Precision) -> Option<f64> {
     }
 }
 
+/// One tensor-length array of f32 values: stored, or produced element by element by rounding
+/// another array to a float format. Rounding on the fly spares a tensor-sized buffer per
+/// precision (a 7B MLP weight is 180 MB of f32 per worker).
+#[derive(Clone, Copy)]
+pub enum Values<'a> {
+    Stored(&'a [f32]),
+    /// `format`'s rounding of each f64 (the exact merge rounded once).
+    RoundedF64(FloatFormat, &'a [f64]),
+    /// `format`'s rounding of each f32 (the base stored in the format).
+    Rounded(FloatFormat, &'a [f32]),
+}
+
+impl Values<'_> {
+    #[inline(always)]
+    fn at(&self, i: usize) -> f32 {
+        match self {
+            Values::Stored(v) => v[i],
+            Values::RoundedF64(f, v) => f.round_from_f64(v[i]),
+            Values::Rounded(f, v) => f.round(v[i]),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Values::Stored(v) | Values::Rounded(_, v) => v.len(),
+            Values::RoundedF64(_, v) => v.len(),
+        }
+    }
+}
+
 /// The arrays one precision's statistics are computed from, all of the tensor's length.
 pub struct CandidateArrays<'a> {
     /// The exact merge W* (onto the reference base).
     pub wstar: &'a [f64],
     /// The reference base W_ref (the stored base, or dequant(P(W)) with `--trained-on`).
     pub w_ref: &'a [f32],
-    /// The candidate W_p as deployed (dequantized to f32).
-    pub candidate: &'a [f32],
+    /// The candidate W_p as deployed (dequantized to f32); `None` when it is the floor itself
+    /// (the exact recipe onto the reference base).
+    pub candidate: Option<Values<'a>>,
     /// p(W*): W* rounded / quantized once.
-    pub floor: &'a [f32],
+    pub floor: Values<'a>,
     /// p(W): the base stored in the precision.
-    pub base_in_p: &'a [f32],
+    pub base_in_p: Values<'a>,
     /// The exact merge onto the stored base, whose range matters for overflow.
     pub wstar_user: &'a [f64],
 }
@@ -164,13 +195,22 @@ pub fn precision_stats(precision: Precision, a: &CandidateArrays<'_>) -> Precisi
     let (mut nan, mut inf, mut out_of_range) = (0, 0, 0);
     let (mut nonzero, mut vanished) = (0usize, 0usize);
     let n = a.wstar.len();
-    let (wstar, w_ref, cand) = (&a.wstar[..n], &a.w_ref[..n], &a.candidate[..n]);
-    let (floor, base_p, user) = (&a.floor[..n], &a.base_in_p[..n], &a.wstar_user[..n]);
+    assert!(
+        a.floor.len() == n && a.base_in_p.len() == n && a.candidate.is_none_or(|c| c.len() == n),
+        "candidate arrays of one tensor differ in length"
+    );
+    let (wstar, w_ref, user) = (&a.wstar[..n], &a.w_ref[..n], &a.wstar_user[..n]);
+    let (floor, base_p, cand) = (a.floor, a.base_in_p, a.candidate);
     let limit = limit.unwrap_or(f64::INFINITY);
     // Branch-light so the loop stays fast on 100M-element models: selects instead of ifs.
     for i in 0..n {
         let ws = wstar[i];
-        let c32 = cand[i];
+        let floor_i = floor.at(i);
+        let base_p_i = base_p.at(i);
+        let c32 = match cand {
+            Some(c) => c.at(i),
+            None => floor_i,
+        };
         let c = c32 as f64;
         let d = ws - w_ref[i] as f64;
         let finite = c32.is_finite();
@@ -180,12 +220,12 @@ pub fn precision_stats(precision: Precision, a: &CandidateArrays<'_>) -> Precisi
         sum_err2 += e * e;
         max_abs_error = max_abs_error.max(e.abs());
         out_of_range += (user[i].abs() > limit) as usize;
-        let f = floor[i] as f64 - ws;
+        let f = floor_i as f64 - ws;
         sum_floor2 += if f.is_finite() { f * f } else { 0.0 };
         sum_d2 += d * d;
         sum_w2 += ws * ws;
         dot += if finite {
-            (c - base_p[i] as f64) * d
+            (c - base_p_i as f64) * d
         } else {
             0.0
         };
@@ -193,7 +233,7 @@ pub fn precision_stats(precision: Precision, a: &CandidateArrays<'_>) -> Precisi
         nonzero += moved as usize;
         let lost = match precision {
             Precision::Float(fmt) => d.abs() < half_ulp(fmt, w_ref[i]),
-            Precision::Quant(_) => c32 == base_p[i],
+            Precision::Quant(_) => c32 == base_p_i,
         };
         vanished += (moved && lost) as usize;
     }
@@ -253,9 +293,9 @@ mod tests {
             &CandidateArrays {
                 wstar: &wstar,
                 w_ref: &w_ref,
-                candidate: &cand,
-                floor: &cand,
-                base_in_p: &w_ref,
+                candidate: Some(Values::Stored(&cand)),
+                floor: Values::Stored(&cand),
+                base_in_p: Values::Stored(&w_ref),
                 wstar_user: &wstar,
             },
         );
@@ -279,9 +319,9 @@ mod tests {
             &CandidateArrays {
                 wstar: &wstar,
                 w_ref: &w_ref,
-                candidate: &cand,
-                floor: &cand,
-                base_in_p: &w_ref,
+                candidate: Some(Values::Stored(&cand)),
+                floor: Values::Stored(&cand),
+                base_in_p: Values::Stored(&w_ref),
                 wstar_user: &wstar,
             },
         );
@@ -293,9 +333,9 @@ mod tests {
             &CandidateArrays {
                 wstar: &wstar,
                 w_ref: &w_ref,
-                candidate: &cand,
-                floor: &cand,
-                base_in_p: &w_ref,
+                candidate: Some(Values::Stored(&cand)),
+                floor: Values::Stored(&cand),
+                base_in_p: Values::Stored(&w_ref),
                 wstar_user: &wstar,
             },
         );
@@ -324,9 +364,9 @@ mod tests {
             &CandidateArrays {
                 wstar: &ws,
                 w_ref: &w,
-                candidate: &w,
-                floor: &w,
-                base_in_p: &w,
+                candidate: Some(Values::Stored(&w)),
+                floor: Values::Stored(&w),
+                base_in_p: Values::Stored(&w),
                 wstar_user: &ws,
             },
         );
