@@ -19,6 +19,7 @@ mod hub;
 mod kquant;
 mod merge_command;
 mod merged;
+mod mixed;
 mod repair;
 mod reports;
 mod shell;

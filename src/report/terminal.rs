@@ -244,7 +244,8 @@ pub fn explain_index() -> String {
 
 /// The `--merged` forensics in three lines: how many tensors are faithful, the spread of the scale
 /// fit and of the residual against the rounding floor, and the untouched tensors.
-/// `check --repair`: the best option per deployment format, and the texts behind the repairs.
+/// `check --repair` / `--keep-adapter`: the best option per deployment format, the texts behind
+/// the candidates, and what each mixed candidate keeps unmerged.
 fn repair_advice(out: &mut String, repair: &crate::report::RepairSection) {
     let _ = writeln!(
         out,
@@ -259,6 +260,17 @@ fn repair_advice(out: &mut String, repair: &crate::report::RepairSection) {
             ))
             .unwrap_or_default()
     );
+    for r in &repair.residual {
+        let _ = writeln!(
+            out,
+            "  {}: {} of {} modules kept unmerged ({}), residual adapter {}",
+            r.candidate,
+            r.kept_modules,
+            r.modules,
+            repair.keep_adapter.as_deref().unwrap_or(""),
+            crate::report::format::human_bytes(r.adapter_bytes)
+        );
+    }
     for best in &repair.best {
         let plain = best
             .plain_mean_kl
