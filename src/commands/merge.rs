@@ -582,6 +582,8 @@ fn keep_pass(
 /// A residual adapter written into a temporary folder beside its destination.
 struct StagedResidual {
     dir: tempfile::TempDir,
+    /// Removes the staged folder on Ctrl-C (a TempDir's drop does not run then).
+    _interrupt: crate::interrupt::Tracked,
     modules: usize,
     bytes: usize,
 }
@@ -604,11 +606,13 @@ fn stage_residual(
         .prefix(".lora-doctor-residual-")
         .tempdir_in(parent)
         .with_context(|| format!("cannot create a folder in `{}`", parent.display()))?;
+    let interrupt = crate::interrupt::track(dir.path());
     let refs: Vec<&TensorJob> = kept.iter().collect();
     let bytes = residual::write_adapter(dir.path(), adapter, &refs)
         .with_context(|| format!("writing the residual adapter for `{}`", dest.display()))?;
     Ok(Some(StagedResidual {
         dir,
+        _interrupt: interrupt,
         modules: kept.len(),
         bytes,
     }))
