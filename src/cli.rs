@@ -111,10 +111,12 @@ fn keep_adapter_help(command: &str) -> String {
         "The merged output holds their base weights; their lora_A/lora_B (same r, alpha, rsLoRA \
          and patterns) go into a PEFT adapter written beside --out, `<out>-residual/` \
          (`model.gguf` → `model-residual/`), which PEFT loads on the merged model and \
-         llama.cpp's convert_lora_to_gguf.py converts. Not with --repair"
+         llama.cpp's convert_lora_to_gguf.py converts. With --repair (bf16, f16) the merged part \
+         is repaired and ρ is measured on the repaired weights"
     } else {
         "Adds a mixed candidate per precision (row `bf16+residual`): what `merge --keep-adapter` \
-         writes, served as PEFT serves the residual adapter"
+         writes, served as PEFT serves the residual adapter; with --repair also on each repaired \
+         bf16/f16 merge (`bf16:repaired+residual`)"
     };
     format!(
         "Keep modules unmerged that the output precision cannot hold: `auto` keeps those whose \

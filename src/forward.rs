@@ -45,8 +45,9 @@ pub enum ModelKind {
     /// The merge repaired onto a precision's grid (`bf16:repaired`, `q4_0:stochastic`).
     Repaired(Precision, RepairMethod),
     /// The mixed merge (`bf16+residual`): kept modules at the base weight with their LoRA served
-    /// unmerged beside it, every other module merged as in the plain candidate.
-    Residual(Precision),
+    /// unmerged beside it, every other module merged as in the plain candidate (or, with a method,
+    /// the repaired one: `bf16:repaired+residual`).
+    Residual(Precision, Option<RepairMethod>),
 }
 
 impl ModelKind {
@@ -59,7 +60,7 @@ impl ModelKind {
             ModelKind::AdapterBeside(q) => format!("{}+lora", q.name()),
             ModelKind::MergedDir => MERGED_LABEL.into(),
             ModelKind::Repaired(p, m) => repair::candidate_label(p, m),
-            ModelKind::Residual(p) => residual::candidate_label(p),
+            ModelKind::Residual(p, m) => residual::candidate_label(p, m),
         }
     }
 }
@@ -256,23 +257,24 @@ impl WeightProvider for RepairedProvider<'_> {
 #[derive(Debug)]
 pub struct Residuals {
     pub keep: KeepAdapter,
-    pub precisions: Vec<Precision>,
+    /// Each mixed candidate: a precision, on the plain or a repaired merge.
+    pub candidates: Vec<(Precision, Option<RepairMethod>)>,
     /// (candidate label, weight name) → kept.
     decided: Mutex<BTreeMap<(String, String), bool>>,
 }
 
 impl Residuals {
-    pub fn new(keep: KeepAdapter, precisions: Vec<Precision>) -> Self {
+    pub fn new(keep: KeepAdapter, candidates: Vec<(Precision, Option<RepairMethod>)>) -> Self {
         Residuals {
             keep,
-            precisions,
+            candidates,
             decided: Mutex::new(BTreeMap::new()),
         }
     }
 
-    /// The weights kept unmerged in `precision`'s mixed candidate, and how many were judged.
-    pub fn kept(&self, precision: Precision) -> (Vec<String>, usize) {
-        let label = residual::candidate_label(precision);
+    /// The weights kept unmerged by a mixed candidate, and how many were judged.
+    pub fn kept(&self, precision: Precision, repair: Option<RepairMethod>) -> (Vec<String>, usize) {
+        let label = residual::candidate_label(precision, repair);
         let Ok(decided) = self.decided.lock() else {
             return (Vec::new(), 0);
         };
@@ -296,6 +298,8 @@ impl Residuals {
 /// it, as PEFT serves the residual adapter), every other tensor as the plain candidate.
 struct ResidualProvider<'a> {
     plain: MergedProvider<'a>,
+    /// The merged part when it is repaired.
+    repaired: Option<RepairedProvider<'a>>,
     reference: CheckpointProvider<'a>,
     residuals: &'a Residuals,
     moments: Option<&'a MomentSlot>,
@@ -311,7 +315,11 @@ impl ResidualProvider<'_> {
         if !plain.block_linear.names.contains(name) || residual::not_keepable(job).is_some() {
             return Ok(false);
         }
-        let key = (residual::candidate_label(plain.precision), name.to_string());
+        let method = self.repaired.as_ref().map(|r| r.method);
+        let key = (
+            residual::candidate_label(plain.precision, method),
+            name.to_string(),
+        );
         if let Some(k) = self
             .residuals
             .decided
@@ -332,6 +340,7 @@ impl ResidualProvider<'_> {
                 plain.adapters,
                 plain.precision,
                 plain.recipe,
+                method,
                 current.as_deref(),
             )
         })?;
@@ -345,7 +354,10 @@ impl ResidualProvider<'_> {
 impl WeightProvider for ResidualProvider<'_> {
     fn weight(&self, name: &str) -> Result<Vec<f32>, ModelError> {
         if !self.kept(name)? {
-            return self.plain.weight(name);
+            return match &self.repaired {
+                Some(r) => r.weight(name),
+                None => self.plain.weight(name),
+            };
         }
         let plain = &self.plain;
         let info = plain.base.info(name).ok_or_else(|| ModelError::Missing {
@@ -549,16 +561,16 @@ impl ForwardInputs<'_> {
         self.repairs.iter().any(|(_, m)| m.needs_calibration())
             || self
                 .residuals
-                .is_some_and(|r| r.keep.needs_calibration() && !r.precisions.is_empty())
+                .is_some_and(|r| r.keep.needs_calibration() && !r.candidates.is_empty())
     }
 
     /// The mixed candidates compared.
     pub fn residual_kinds(&self) -> Vec<ModelKind> {
         self.residuals
             .map(|r| {
-                r.precisions
+                r.candidates
                     .iter()
-                    .map(|p| ModelKind::Residual(*p))
+                    .map(|(p, m)| ModelKind::Residual(*p, *m))
                     .collect()
             })
             .unwrap_or_default()
@@ -723,8 +735,8 @@ fn provider_for<'a>(
             moments,
         }),
         // Without residuals the kind is never listed; serve the plain merge rather than panic.
-        ModelKind::Residual(p) => {
-            let plain = MergedProvider {
+        ModelKind::Residual(p, method) => {
+            let plain = || MergedProvider {
                 base,
                 adapters: inputs.adapters,
                 jobs,
@@ -734,7 +746,13 @@ fn provider_for<'a>(
             };
             match inputs.residuals {
                 Some(residuals) => Box::new(ResidualProvider {
-                    plain,
+                    plain: plain(),
+                    repaired: method.map(|method| RepairedProvider {
+                        plain: plain(),
+                        target: Target::of(p),
+                        method,
+                        moments,
+                    }),
                     reference: CheckpointProvider::with_adapters(
                         base,
                         inputs.adapters,
@@ -743,7 +761,7 @@ fn provider_for<'a>(
                     residuals,
                     moments,
                 }),
-                None => Box::new(plain),
+                None => Box::new(plain()),
             }
         }
     }

@@ -56,10 +56,16 @@ fn check_mixed(keep: &str, precision: &str, extra: &[&str]) -> Value {
     report
 }
 
-fn merge_mixed(keep: &str, precision: &str, format: &str, out: &Path) -> std::process::Output {
+fn merge_mixed(
+    keep: &str,
+    precision: &str,
+    format: &str,
+    out: &Path,
+    extra: &[&str],
+) -> std::process::Output {
     let (base, adapter) = (fixture(BASE), fixture(ADAPTER));
     let out = out.display().to_string();
-    run(&[
+    let mut args = vec![
         "merge",
         "--base",
         &base,
@@ -74,7 +80,9 @@ fn merge_mixed(keep: &str, precision: &str, format: &str, out: &Path) -> std::pr
         "--quiet",
         "--keep-adapter",
         keep,
-    ])
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
 }
 
 fn sha256(path: &Path) -> String {
@@ -88,18 +96,25 @@ fn sha256(path: &Path) -> String {
 #[test]
 fn check_reports_the_kl_peft_measures_on_the_written_files() {
     let golden = goldens();
-    let case = &golden["candidates"]["list"];
-    assert_eq!(case["keep_adapter"], LIST);
-    let report = check_mixed(LIST, "bf16", &["--generate", "4"]);
+    let report = check_mixed(LIST, "bf16", &["--generate", "4", "--repair", "gptq"]);
     assert_eq!(report["inputs"]["tokens"], golden["tokens"]);
-    let got = mean_kl(&report, "bf16+residual");
-    let want = case["mean_kl"].as_f64().expect("golden");
-    let rel = (got - want).abs() / want;
-    assert!(
-        rel <= KL_TOLERANCE,
-        "bf16+residual: lora-doctor {got:e} vs PEFT {want:e} ({:.3} %)",
-        rel * 100.0
-    );
+    for (name, label) in [
+        ("list", "bf16+residual"),
+        ("repaired-list", "bf16:repaired+residual"),
+    ] {
+        let case = &golden["candidates"][name];
+        assert_eq!(case["keep_adapter"], LIST);
+        assert_eq!(case["label"], label);
+        let got = mean_kl(&report, label);
+        let want = case["mean_kl"].as_f64().expect("golden");
+        let rel = (got - want).abs() / want;
+        assert!(
+            rel <= KL_TOLERANCE,
+            "{label}: lora-doctor {got:e} vs PEFT {want:e} ({:.3} %)",
+            rel * 100.0
+        );
+    }
+    let case = &golden["candidates"]["list"];
     // Keeping q_proj and down_proj unmerged keeps part of the effect the plain merge deletes.
     let lost = |label: &str| {
         row(&report, label)["logits"]["effect_lost"]
@@ -107,6 +122,7 @@ fn check_reports_the_kl_peft_measures_on_the_written_files() {
             .expect("lost")
     };
     assert!(lost("bf16+residual") < lost("bf16"));
+    assert!(lost("bf16:repaired+residual") < lost("bf16:repaired"));
     // The report says how much stays unmerged: the modules PEFT built from our residual adapter.
     let section = &report["repair"];
     assert_eq!(section["keep_adapter"], LIST);
@@ -116,16 +132,19 @@ fn check_reports_the_kl_peft_measures_on_the_written_files() {
     assert_eq!(summary["modules"], 14);
     assert!(summary["adapter_bytes"].as_u64().unwrap_or(0) > 0);
     assert_eq!(
-        section["calibration_text"],
-        Value::Null,
-        "a module list runs no calibration"
+        section["residual"][1]["candidate"],
+        "bf16:repaired+residual"
     );
-    assert_eq!(section["best"][0]["candidate"], "bf16+residual");
+    assert_eq!(section["residual"][1]["kept_modules"], 4);
+    assert_eq!(section["best"][0]["candidate"], "bf16:repaired+residual");
     // Generation like every candidate.
     assert!(row(&report, "bf16+residual")["generation"].is_object());
     // Mixed rows inform the choice; they never deny the plain merge.
     for f in report["findings"].as_array().expect("findings") {
-        if f["precision"] == "bf16+residual" {
+        if f["precision"]
+            .as_str()
+            .is_some_and(|p| p.ends_with("+residual"))
+        {
             assert_eq!(f["level"], "allow", "{f}");
         }
     }
@@ -142,6 +161,10 @@ fn auto_keeps_every_module_whose_update_rounding_deletes() {
     let golden = goldens();
     let case = &golden["candidates"]["auto"];
     let report = check_mixed("auto", "bf16", &["--generate", "0"]);
+    assert_eq!(
+        report["repair"]["residual"].as_array().map(Vec::len),
+        Some(1)
+    );
     let summary = &report["repair"]["residual"][0];
     assert_eq!(summary["kept_modules"], case["peft_lora_modules"]);
     assert_eq!(summary["kept_modules"], 14);
@@ -160,11 +183,16 @@ fn auto_keeps_every_module_whose_update_rounding_deletes() {
 #[test]
 fn merge_writes_the_files_peft_was_measured_on() {
     let golden = goldens();
-    for (name, keep) in [("list", LIST), ("auto", "auto")] {
+    let cases: [(&str, &str, &[&str]); 3] = [
+        ("list", LIST, &[]),
+        ("auto", "auto", &[]),
+        ("repaired-list", LIST, &["--repair", "gptq"]),
+    ];
+    for (name, keep, extra) in cases {
         let case = &golden["candidates"][name];
         let dir = tempfile::tempdir().expect("tempdir");
         let out = dir.path().join("merged");
-        let merged = merge_mixed(keep, "bf16", "safetensors", &out);
+        let merged = merge_mixed(keep, "bf16", "safetensors", &out, extra);
         assert_eq!(code(&merged), 0, "{}", stderr(&merged));
         let residual = dir.path().join("merged-residual");
         assert_eq!(
@@ -200,7 +228,7 @@ fn merge_writes_the_files_peft_was_measured_on() {
 fn gguf_merge_keeps_what_check_kept() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("model.gguf");
-    let merged = merge_mixed("auto", "q8_0", "gguf", &out);
+    let merged = merge_mixed("auto", "q8_0", "gguf", &out, &[]);
     assert_eq!(code(&merged), 0, "{}", stderr(&merged));
     assert!(out.is_file());
     let report = check_mixed("auto", "q8_0", &["--generate", "0"]);
@@ -242,7 +270,9 @@ fn mixed_mode_refuses_what_it_cannot_do() {
         (
             vec![
                 "--precision",
-                "bf16",
+                "q8_0",
+                "--format",
+                "gguf",
                 "--keep-adapter",
                 "auto",
                 "--repair",
@@ -284,7 +314,7 @@ fn mixed_mode_refuses_what_it_cannot_do() {
     // The residual folder must not exist yet either: lora-doctor never overwrites.
     std::fs::create_dir(dir.path().join("y-residual")).expect("mkdir");
     let out_y = dir.path().join("y");
-    let output = merge_mixed(LIST, "bf16", "safetensors", &out_y);
+    let output = merge_mixed(LIST, "bf16", "safetensors", &out_y, &[]);
     assert_eq!(code(&output), 2, "{}", stderr(&output));
     assert!(
         stderr(&output).contains("y-residual"),

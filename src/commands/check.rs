@@ -547,7 +547,7 @@ fn logit_stage(
     }
     // Mixed candidates likewise, with how much of the adapter each keeps unmerged.
     for kind in forward_inputs.residual_kinds() {
-        let ModelKind::Residual(precision) = kind else {
+        let ModelKind::Residual(precision, method) = kind else {
             continue;
         };
         weights.precisions.push(PrecisionReport {
@@ -560,9 +560,12 @@ fn logit_stage(
             generation: None,
         });
         if let (Some(section), Some(r)) = (parts.repair.as_mut(), residuals.as_ref()) {
-            section
-                .residual
-                .push(residual_summary(kind, r.kept(precision), job, inputs)?);
+            section.residual.push(residual_summary(
+                kind,
+                r.kept(precision, method),
+                job,
+                inputs,
+            )?);
         }
     }
     if let Some(section) = parts.repair.as_mut() {
@@ -576,7 +579,7 @@ fn logit_stage(
                 Some((_, p)) => *p,
                 None => continue,
             },
-            ModelKind::Repaired(p, _) | ModelKind::Residual(p) => p,
+            ModelKind::Repaired(p, _) | ModelKind::Residual(p, _) => p,
             ModelKind::Reference | ModelKind::Base | ModelKind::StoredBase => continue,
         };
         let mut found = crate::findings::logits::assess(
@@ -779,9 +782,21 @@ fn residual_candidates(
             "--keep-adapter has nothing to keep in f32: add bf16, f16 or a quantized format to --precision"
         );
     }
+    // On the plain merge in every precision; with --repair also on each repaired float merge.
+    let mut methods = args.repair.clone();
+    methods.sort();
+    methods.dedup();
+    let mut candidates: Vec<(Precision, Option<RepairMethod>)> =
+        precisions.iter().map(|p| (*p, None)).collect();
+    for p in precisions
+        .iter()
+        .filter(|p| residual::combines_with_repair(**p))
+    {
+        candidates.extend(methods.iter().map(|m| (*p, Some(*m))));
+    }
     Ok(Some(crate::forward::Residuals::new(
         keep.clone(),
-        precisions,
+        candidates,
     )))
 }
 

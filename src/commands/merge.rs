@@ -143,10 +143,14 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
     if args.calibration.tokens < 2 {
         bail!("--calibration-tokens must be at least 2");
     }
-    if args.keep_adapter.is_some() && args.repair.is_some() {
+    if args.keep_adapter.is_some()
+        && args.repair.is_some()
+        && !residual::combines_with_repair(precision)
+    {
         bail!(
-            "--keep-adapter with --repair is not supported yet: choose one (`lora-doctor check \
-             --repair gptq --keep-adapter auto` compares both)"
+            "--keep-adapter on a --repair merge is built for bf16 and f16 only, not {}: choose one \
+             (`lora-doctor check --repair gptq --keep-adapter auto` compares both)",
+            precision.name()
         );
     }
     if args.keep_adapter.is_some() && args.gate {
@@ -572,6 +576,7 @@ fn keep_pass(
         keep,
         precision,
         recipe: args.recipe,
+        repair: args.repair,
         calibration: calibration.as_ref().map(|c| c.sequences.as_slice()),
     };
     let kept = repaired::kept_weights(&job, &|| bar.inc(1))?;

@@ -189,7 +189,9 @@ pub struct KeepJob<'a> {
     pub keep: &'a KeepAdapter,
     pub precision: Precision,
     pub recipe: Recipe,
-    /// Calibration sequences (`auto` only).
+    /// The repair the merged part gets (ρ is then measured on the repaired tensor).
+    pub repair: Option<RepairMethod>,
+    /// Calibration sequences (`auto`, and a GPTQ repair).
     pub calibration: Option<&'a [Vec<u32>]>,
 }
 
@@ -236,6 +238,7 @@ pub fn kept_weights(job: &KeepJob<'_>, on_layer: &dyn Fn()) -> anyhow::Result<BT
                     job.adapters,
                     job.precision,
                     job.recipe,
+                    job.repair,
                     moments.as_ref(),
                 )
             })?;

@@ -41,7 +41,7 @@ pub fn settle_tied_head_by_untied_write(findings: &mut Vec<Finding>) {
 pub fn logit_levels(kind: ModelKind, findings: &mut [Finding]) {
     if matches!(
         kind,
-        ModelKind::AdapterBeside(_) | ModelKind::Repaired(..) | ModelKind::Residual(_)
+        ModelKind::AdapterBeside(_) | ModelKind::Repaired(..) | ModelKind::Residual(..)
     ) {
         for f in findings {
             f.level = Level::Allow;

@@ -264,8 +264,9 @@ pub fn repaired_tensor(
 
 /// ρ = ‖X(Ŵ − W*)ᵀ‖ / ‖X ΔWᵀ‖ of one adapted weight merged into `precision`
 /// ([`crate::merge::residual`]), Ŵ computed exactly as the merged candidate and the written file
-/// compute it (a float format by the recipe; a quantized one from the exact merge), X the current
-/// block's calibration inputs.
+/// compute it (a float format by the recipe; a quantized one from the exact merge; with `repair`,
+/// the repaired tensor), X the current block's calibration inputs.
+#[allow(clippy::too_many_arguments)]
 pub fn output_error_ratio(
     name: &str,
     job: &TensorJob,
@@ -273,6 +274,7 @@ pub fn output_error_ratio(
     adapters: &[Adapter],
     precision: Precision,
     recipe: Recipe,
+    repair: Option<RepairMethod>,
     moments: Option<&LayerMoments>,
 ) -> Result<f64, ModelError> {
     let fail = |e: String| ModelError::Read {
@@ -291,11 +293,17 @@ pub fn output_error_ratio(
     let stored = engine::base_weight(job, base, adapters).map_err(|e| fail(e.to_string()))?;
     let updates = engine::load_updates(job, adapters).map_err(|e| fail(e.to_string()))?;
     let exact = crate::merge::delta::merge_exact(&stored, job.rows, job.cols, &updates);
-    let merged = match precision {
-        Precision::Float(f) => {
+    let target = Target::of(precision);
+    let merged = match (repair, precision) {
+        (Some(method), _) => {
+            let target =
+                target.ok_or_else(|| fail(format!("{} cannot be repaired", precision.name())))?;
+            repaired_tensor(name, &exact, job.rows, job.cols, target, method, moments)?.values
+        }
+        (None, Precision::Float(f)) => {
             engine::merged_float(&stored, job.rows, job.cols, &updates, f, recipe)
         }
-        Precision::Quant(q) => {
+        (None, Precision::Quant(q)) => {
             let exact32: Vec<f32> = exact.iter().map(|v| *v as f32).collect();
             engine::fake_quantize(q, name, &exact32, job.rows, job.cols, false)
                 .map_err(|e| fail(e.to_string()))?

@@ -19,15 +19,29 @@ use serde_json::Value;
 
 use super::engine::{Source, TensorJob};
 use super::precision::Precision;
+use super::repair::RepairMethod;
 use crate::io::adapter::Adapter;
 
 /// `--keep-adapter auto` keeps a module unmerged when ρ exceeds this: the output precision loses
 /// more than this fraction of the module's effect on its outputs (`auto:RHO` sets another).
 pub const KEEP_ADAPTER_RHO: f64 = 0.5;
 
-/// The label of a mixed candidate (`bf16+residual`), defined once for every report.
-pub fn candidate_label(precision: Precision) -> String {
-    format!("{}{RESIDUAL_SUFFIX}", precision.name())
+/// The label of a mixed candidate (`bf16+residual`; on a repaired merge `bf16:repaired+residual`),
+/// defined once for every report.
+pub fn candidate_label(precision: Precision, repair: Option<RepairMethod>) -> String {
+    match repair {
+        Some(method) => format!(
+            "{}{RESIDUAL_SUFFIX}",
+            super::repair::candidate_label(precision, method)
+        ),
+        None => format!("{}{RESIDUAL_SUFFIX}", precision.name()),
+    }
+}
+
+/// Whether mixed mode can sit on a repaired merge in `precision`: float formats only (in a block
+/// format a kept module's base would need its own repair, which is not built).
+pub fn combines_with_repair(precision: Precision) -> bool {
+    matches!(precision, Precision::Float(f) if f != super::float::FloatFormat::F32)
 }
 
 /// What a mixed candidate's label adds to its format's name.
