@@ -8,6 +8,7 @@ use clap::{Args, ColorChoice, Parser, Subcommand};
 use crate::io::hub::{DEFAULT_REVISION, HubSnapshot};
 use crate::merge::precision::Recipe;
 use crate::merge::repair::RepairMethod;
+use crate::merge::residual::KeepAdapter;
 
 /// Proves a LoRA merge is faithful before it ships.
 #[derive(Debug, Parser)]
@@ -105,6 +106,27 @@ fn threshold_help() -> String {
     )
 }
 
+fn keep_adapter_help(command: &str) -> String {
+    let what = if command == "merge" {
+        "The merged output holds their base weights; their lora_A/lora_B (same r, alpha, rsLoRA \
+         and patterns) go into a PEFT adapter written beside --out, `<out>-residual/` \
+         (`model.gguf` → `model-residual/`), which PEFT loads on the merged model and \
+         llama.cpp's convert_lora_to_gguf.py converts. With --repair (bf16, f16) the merged part \
+         is repaired and ρ is measured on the repaired weights"
+    } else {
+        "Adds a mixed candidate per precision (row `bf16+residual`): what `merge --keep-adapter` \
+         writes, served as PEFT serves the residual adapter; with --repair also on each repaired \
+         bf16/f16 merge (`bf16:repaired+residual`)"
+    };
+    format!(
+        "Keep modules unmerged that the output precision cannot hold: `auto` keeps those whose \
+         output error on the calibration text exceeds {} of their update's (ρ = ‖X(Ŵ−W*)ᵀ‖ / \
+         ‖XΔWᵀ‖; `auto:RHO` sets another threshold), or a comma-separated list of modules (`down_proj`, \
+         `model.layers.3.mlp.down_proj`). {what}",
+        crate::merge::residual::KEEP_ADAPTER_RHO
+    )
+}
+
 #[derive(Debug, Args)]
 pub struct CheckArgs {
     /// Base model: an HF folder (config.json + safetensors, sharded or not) or one .safetensors file.
@@ -155,6 +177,8 @@ pub struct CheckArgs {
     /// `bf16:repaired`) and/or `stochastic` (`bf16:stochastic`). Comma-separated.
     #[arg(long, value_enum, value_name = "METHOD", value_delimiter = ',')]
     pub repair: Vec<RepairMethod>,
+    #[arg(long, value_name = "auto|MODULES", value_parser = KeepAdapter::parse, help = keep_adapter_help("check"))]
+    pub keep_adapter: Option<KeepAdapter>,
     #[command(flatten)]
     pub calibration: CalibrationArgs,
     /// Greedy tokens generated per prompt by the reference and each candidate (0 = no generation
@@ -233,7 +257,7 @@ pub struct ExplainArgs {
 /// The calibration text of a GPTQ repair (`--repair gptq`).
 #[derive(Debug, Clone, Args)]
 pub struct CalibrationArgs {
-    /// Calibration text for `--repair gptq` (plain text with paragraphs separated by blank
+    /// Calibration text for `--repair gptq` and `--keep-adapter auto` (plain text with paragraphs separated by blank
     /// lines, or .jsonl with a `text` field). Default: a built-in text that shares nothing with
     /// the built-in evaluation text.
     #[arg(long = "calibration", value_name = "FILE")]
@@ -282,6 +306,8 @@ pub struct MergeArgs {
     /// GGUF q8_0/q4_0/q4_1; the files are ordinary checkpoints. `check --repair` measures it.
     #[arg(long, value_enum, value_name = "METHOD")]
     pub repair: Option<RepairMethod>,
+    #[arg(long, value_name = "auto|MODULES", value_parser = KeepAdapter::parse, help = keep_adapter_help("merge"))]
+    pub keep_adapter: Option<KeepAdapter>,
     #[command(flatten)]
     pub calibration: CalibrationArgs,
     /// Check the merge's weights first and write nothing (exit 1) if the gate fails.

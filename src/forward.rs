@@ -6,7 +6,7 @@
 //! dropped. Only the reference's logits are kept while candidates are scored one by one.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use candle_core::Tensor;
 use rayon::prelude::*;
@@ -20,6 +20,7 @@ use crate::merge::engine::{self, MergePlan, TensorJob};
 use crate::merge::precision::{Precision, Recipe};
 use crate::merge::quant::QuantFormat;
 use crate::merge::repair::{self, RepairMethod, Target};
+use crate::merge::residual::{self, KeepAdapter};
 use crate::model::{
     Architecture, CheckpointProvider, ModelError, Routing, UnmergedLora, WeightProvider,
 };
@@ -43,6 +44,10 @@ pub enum ModelKind {
     MergedDir,
     /// The merge repaired onto a precision's grid (`bf16:repaired`, `q4_0:stochastic`).
     Repaired(Precision, RepairMethod),
+    /// The mixed merge (`bf16+residual`): kept modules at the base weight with their LoRA served
+    /// unmerged beside it, every other module merged as in the plain candidate (or, with a method,
+    /// the repaired one: `bf16:repaired+residual`).
+    Residual(Precision, Option<RepairMethod>),
 }
 
 impl ModelKind {
@@ -55,6 +60,7 @@ impl ModelKind {
             ModelKind::AdapterBeside(q) => format!("{}+lora", q.name()),
             ModelKind::MergedDir => MERGED_LABEL.into(),
             ModelKind::Repaired(p, m) => repair::candidate_label(p, m),
+            ModelKind::Residual(p, m) => residual::candidate_label(p, m),
         }
     }
 }
@@ -245,6 +251,139 @@ impl WeightProvider for RepairedProvider<'_> {
     }
 }
 
+/// The mixed candidates of `check --keep-adapter`: which modules stay unmerged, decided once per
+/// (precision, weight) while the comparison runs (from the block's calibration inputs) and read
+/// back by the generation check and the report.
+#[derive(Debug)]
+pub struct Residuals {
+    pub keep: KeepAdapter,
+    /// Each mixed candidate: a precision, on the plain or a repaired merge.
+    pub candidates: Vec<(Precision, Option<RepairMethod>)>,
+    /// (candidate label, weight name) → kept.
+    decided: Mutex<BTreeMap<(String, String), bool>>,
+}
+
+impl Residuals {
+    pub fn new(keep: KeepAdapter, candidates: Vec<(Precision, Option<RepairMethod>)>) -> Self {
+        Residuals {
+            keep,
+            candidates,
+            decided: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The weights kept unmerged by a mixed candidate, and how many were judged.
+    pub fn kept(&self, precision: Precision, repair: Option<RepairMethod>) -> (Vec<String>, usize) {
+        let label = residual::candidate_label(precision, repair);
+        let Ok(decided) = self.decided.lock() else {
+            return (Vec::new(), 0);
+        };
+        let mine: Vec<(&String, bool)> = decided
+            .iter()
+            .filter(|((l, _), _)| *l == label)
+            .map(|((_, n), k)| (n, *k))
+            .collect();
+        let judged = mine.len();
+        (
+            mine.into_iter()
+                .filter(|(_, k)| *k)
+                .map(|(n, _)| n.clone())
+                .collect(),
+            judged,
+        )
+    }
+}
+
+/// Serves a mixed candidate: a kept weight as the format ships the base (its LoRA unmerged beside
+/// it, as PEFT serves the residual adapter), every other tensor as the plain candidate.
+struct ResidualProvider<'a> {
+    plain: MergedProvider<'a>,
+    /// The merged part when it is repaired.
+    repaired: Option<RepairedProvider<'a>>,
+    reference: CheckpointProvider<'a>,
+    residuals: &'a Residuals,
+    moments: Option<&'a MomentSlot>,
+}
+
+impl ResidualProvider<'_> {
+    /// Whether `name` stays unmerged (cached: the comparison decides, the generation check reads).
+    fn kept(&self, name: &str) -> Result<bool, ModelError> {
+        let plain = &self.plain;
+        let Some(job) = plain.jobs.get(name) else {
+            return Ok(false);
+        };
+        if !plain.block_linear.names.contains(name) || residual::not_keepable(job).is_some() {
+            return Ok(false);
+        }
+        let method = self.repaired.as_ref().map(|r| r.method);
+        let key = (
+            residual::candidate_label(plain.precision, method),
+            name.to_string(),
+        );
+        if let Some(k) = self
+            .residuals
+            .decided
+            .lock()
+            .ok()
+            .and_then(|d| d.get(&key).copied())
+        {
+            return Ok(k);
+        }
+        let keep = self.residuals.keep.keeps(&job.module, || {
+            let current = self
+                .moments
+                .and_then(|slot| slot.read().ok().and_then(|m| m.clone()));
+            calibration::output_error_ratio(
+                name,
+                job,
+                plain.base,
+                plain.adapters,
+                plain.precision,
+                plain.recipe,
+                method,
+                current.as_deref(),
+            )
+        })?;
+        if let Ok(mut d) = self.residuals.decided.lock() {
+            d.insert(key, keep);
+        }
+        Ok(keep)
+    }
+}
+
+impl WeightProvider for ResidualProvider<'_> {
+    fn weight(&self, name: &str) -> Result<Vec<f32>, ModelError> {
+        if !self.kept(name)? {
+            return match &self.repaired {
+                Some(r) => r.weight(name),
+                None => self.plain.weight(name),
+            };
+        }
+        let plain = &self.plain;
+        let info = plain.base.info(name).ok_or_else(|| ModelError::Missing {
+            tensor: name.to_string(),
+        })?;
+        let shape = info.shape.clone();
+        let data = plain
+            .base
+            .read_f32(name)
+            .map_err(|e| model_error(name, e))?;
+        ship(plain.precision, name, data, &shape, plain.block_linear)
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.plain.has(name)
+    }
+
+    fn lora(&self, name: &str) -> Result<Vec<UnmergedLora>, ModelError> {
+        if self.kept(name)? {
+            self.reference.lora(name)
+        } else {
+            Ok(Vec::new())
+        }
+    }
+}
+
 /// The reference or base provider with its block linear weights quantized: the QLoRA reference
 /// (`--trained-on`) and `P+lora`.
 struct QuantizedBase<'a> {
@@ -410,8 +549,32 @@ pub struct ForwardInputs<'a> {
     pub merged: Option<&'a Checkpoint>,
     /// Repaired candidates: each (precision, method) pair is one more model.
     pub repairs: &'a [(Precision, RepairMethod)],
-    /// Calibration sequences for GPTQ repairs (disjoint from `prompts`).
+    /// Calibration sequences for GPTQ repairs and `--keep-adapter auto` (disjoint from `prompts`).
     pub calibration: Option<&'a TokenizedPrompts>,
+    /// Mixed candidates (`bf16+residual`), one per precision listed.
+    pub residuals: Option<&'a Residuals>,
+}
+
+impl ForwardInputs<'_> {
+    /// Whether a candidate reads the calibration inputs of the block it runs.
+    fn needs_calibration(&self) -> bool {
+        self.repairs.iter().any(|(_, m)| m.needs_calibration())
+            || self
+                .residuals
+                .is_some_and(|r| r.keep.needs_calibration() && !r.candidates.is_empty())
+    }
+
+    /// The mixed candidates compared.
+    pub fn residual_kinds(&self) -> Vec<ModelKind> {
+        self.residuals
+            .map(|r| {
+                r.candidates
+                    .iter()
+                    .map(|(p, m)| ModelKind::Residual(*p, *m))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
 }
 
 /// Block `layer`'s routing of one model against the reference's, over every sequence; `None` for a
@@ -571,6 +734,36 @@ fn provider_for<'a>(
             method,
             moments,
         }),
+        // Without residuals the kind is never listed; serve the plain merge rather than panic.
+        ModelKind::Residual(p, method) => {
+            let plain = || MergedProvider {
+                base,
+                adapters: inputs.adapters,
+                jobs,
+                precision: p,
+                recipe: inputs.recipe,
+                block_linear,
+            };
+            match inputs.residuals {
+                Some(residuals) => Box::new(ResidualProvider {
+                    plain: plain(),
+                    repaired: method.map(|method| RepairedProvider {
+                        plain: plain(),
+                        target: Target::of(p),
+                        method,
+                        moments,
+                    }),
+                    reference: CheckpointProvider::with_adapters(
+                        base,
+                        inputs.adapters,
+                        inputs.plan,
+                    ),
+                    residuals,
+                    moments,
+                }),
+                None => Box::new(plain()),
+            }
+        }
     }
 }
 
@@ -604,15 +797,18 @@ pub fn compare(
             .iter()
             .map(|(p, m)| ModelKind::Repaired(*p, *m)),
     );
+    kinds.extend(inputs.residual_kinds());
     // GPTQ candidates read the current block's input moments, computed from the calibration
     // text one block ahead of them (the reference's own provider, a separate walk).
     let moments: MomentSlot = RwLock::new(None);
     let calibration_reference =
         provider_for(ModelKind::Reference, inputs, &jobs, &block_linear, None);
     let mut calibration = match inputs.calibration {
-        Some(c) if inputs.repairs.iter().any(|(_, m)| m.needs_calibration()) => Some(
-            calibration::Calibration::start(arch, calibration_reference.as_ref(), &c.sequences)?,
-        ),
+        Some(c) if inputs.needs_calibration() => Some(calibration::Calibration::start(
+            arch,
+            calibration_reference.as_ref(),
+            &c.sequences,
+        )?),
         _ => None,
     };
     let providers: Vec<Box<dyn WeightProvider + '_>> = kinds

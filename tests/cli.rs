@@ -20,6 +20,7 @@ mod hub;
 mod kquant;
 mod merge_command;
 mod merged;
+mod mixed;
 mod repair;
 mod reports;
 mod shell;

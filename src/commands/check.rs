@@ -27,6 +27,7 @@ use crate::merge::mix::MixModel;
 use crate::merge::precision::{self, Precision};
 use crate::merge::quant::QuantFormat;
 use crate::merge::repair::{RepairMethod, Target};
+use crate::merge::residual::{self, KeepAdapter};
 use crate::model::Architecture;
 use crate::report::{self, Format, Inputs, MergeSettings, OutputTarget, REPORT_DIR_FILES, Report};
 
@@ -109,9 +110,10 @@ fn plan_without_outputs(args: &CheckArgs) -> anyhow::Result<Settings> {
     if args.max_tokens < 2 {
         problems.push("--max-tokens must be at least 2".to_string());
     }
-    if !args.repair.is_empty() && args.weights_only {
+    if (!args.repair.is_empty() || args.keep_adapter.is_some()) && args.weights_only {
         problems.push(
-            "--repair candidates are measured by the logit comparison; drop --weights-only"
+            "--repair and --keep-adapter candidates are measured by the logit comparison; drop \
+             --weights-only"
                 .to_string(),
         );
     }
@@ -122,8 +124,10 @@ fn plan_without_outputs(args: &CheckArgs) -> anyhow::Result<Settings> {
                 c.display()
             ));
         }
-        if !args.repair.contains(&RepairMethod::Gptq) {
-            problems.push("--calibration is read only by --repair gptq".to_string());
+        if !needs_calibration(args) {
+            problems.push(
+                "--calibration is read only by --repair gptq and --keep-adapter auto".to_string(),
+            );
         }
     }
     if args.calibration.tokens < 2 {
@@ -454,7 +458,8 @@ fn logit_stage(
              models only); run without --repair"
         );
     }
-    let calibration = if args.repair.iter().any(|m| m.needs_calibration()) {
+    let residuals = residual_candidates(args, job, &arch)?;
+    let calibration = if needs_calibration(args) {
         Some(
             super::inputs::tokenized_text(
                 args.calibration.file.as_deref(),
@@ -470,7 +475,7 @@ fn logit_stage(
     } else {
         None
     };
-    if !repairs.is_empty() {
+    if !repairs.is_empty() || residuals.is_some() {
         parts.repair = Some(report::RepairSection {
             methods: args.repair.iter().map(|m| m.label_suffix()).collect(),
             evaluation_text: super::inputs::text_source(
@@ -484,6 +489,8 @@ fn logit_stage(
                 )
             }),
             calibration_tokens: calibration.as_ref().map(TokenizedPrompts::tokens),
+            keep_adapter: args.keep_adapter.as_ref().map(KeepAdapter::describe),
+            residual: Vec::new(),
             best: Vec::new(),
         });
     }
@@ -500,6 +507,7 @@ fn logit_stage(
         merged: merged.map(|(c, _)| c),
         repairs: &repairs,
         calibration: calibration.as_ref(),
+        residuals: residuals.as_ref(),
     };
     let forward = crate::forward::compare(&forward_inputs, &|| bar.inc(1))
         .context("running the logit comparison")?;
@@ -537,6 +545,29 @@ fn logit_stage(
             generation: None,
         });
     }
+    // Mixed candidates likewise, with how much of the adapter each keeps unmerged.
+    for kind in forward_inputs.residual_kinds() {
+        let ModelKind::Residual(precision, method) = kind else {
+            continue;
+        };
+        weights.precisions.push(PrecisionReport {
+            name: kind.label(),
+            class: precision.class().name(),
+            verdict: Verdict::Pass,
+            weights: weights::WeightSummary::not_measured(),
+            logits: forward.stats(kind).cloned(),
+            unmerged_logits: None,
+            generation: None,
+        });
+        if let (Some(section), Some(r)) = (parts.repair.as_mut(), residuals.as_ref()) {
+            section.residual.push(residual_summary(
+                kind,
+                r.kept(precision, method),
+                job,
+                inputs,
+            )?);
+        }
+    }
     if let Some(section) = parts.repair.as_mut() {
         section.best = report::RepairSection::best_of(&weights.precisions);
     }
@@ -548,7 +579,7 @@ fn logit_stage(
                 Some((_, p)) => *p,
                 None => continue,
             },
-            ModelKind::Repaired(p, _) => p,
+            ModelKind::Repaired(p, _) | ModelKind::Residual(p, _) => p,
             ModelKind::Reference | ModelKind::Base | ModelKind::StoredBase => continue,
         };
         let mut found = crate::findings::logits::assess(
@@ -695,6 +726,107 @@ fn repair_candidates(
         );
     }
     Ok(out)
+}
+
+/// Whether a requested candidate runs the calibration text.
+fn needs_calibration(args: &CheckArgs) -> bool {
+    args.repair.iter().any(|m| m.needs_calibration())
+        || args
+            .keep_adapter
+            .as_ref()
+            .is_some_and(KeepAdapter::needs_calibration)
+}
+
+/// The mixed candidates of `--keep-adapter`: one per requested precision but f32 (which keeps
+/// every update). What mixed mode cannot serve is an error (exit 2), never a missing row.
+fn residual_candidates(
+    args: &CheckArgs,
+    job: &Job<'_>,
+    arch: &Architecture,
+) -> anyhow::Result<Option<crate::forward::Residuals>> {
+    let Some(keep) = &args.keep_adapter else {
+        return Ok(None);
+    };
+    if arch.conv1d() {
+        bail!(
+            "--keep-adapter does not handle GPT-2's Conv1D weights yet (llama-family and GPT-NeoX \
+             models only); run without --keep-adapter"
+        );
+    }
+    if let Some(why) = residual::unsupported_adapters(&job.inputs.adapters) {
+        bail!("{why}");
+    }
+    let keepable: Vec<&str> = job
+        .merge_plan
+        .weights
+        .iter()
+        .filter(|j| residual::not_keepable(j).is_none())
+        .map(|j| j.module.as_str())
+        .collect();
+    let unmatched = keep.unmatched(&keepable);
+    if !unmatched.is_empty() {
+        bail!(
+            "--keep-adapter names no module a residual adapter can hold: {} (modules with a plain \
+             LoRA update only)",
+            unmatched.join(", ")
+        );
+    }
+    let precisions: Vec<Precision> = job
+        .precisions
+        .iter()
+        .copied()
+        .filter(|p| *p != Precision::Float(FloatFormat::F32))
+        .collect();
+    if precisions.is_empty() {
+        bail!(
+            "--keep-adapter has nothing to keep in f32: add bf16, f16 or a quantized format to --precision"
+        );
+    }
+    // On the plain merge in every precision; with --repair also on each repaired float merge.
+    let mut methods = args.repair.clone();
+    methods.sort();
+    methods.dedup();
+    let mut candidates: Vec<(Precision, Option<RepairMethod>)> =
+        precisions.iter().map(|p| (*p, None)).collect();
+    for p in precisions
+        .iter()
+        .filter(|p| residual::combines_with_repair(**p))
+    {
+        candidates.extend(methods.iter().map(|m| (*p, Some(*m))));
+    }
+    Ok(Some(crate::forward::Residuals::new(
+        keep.clone(),
+        candidates,
+    )))
+}
+
+/// How much of the adapter a mixed candidate keeps unmerged: modules, and the residual adapter's
+/// bytes (its lora_A/lora_B as stored).
+fn residual_summary(
+    kind: ModelKind,
+    (kept, judged): (Vec<String>, usize),
+    job: &Job<'_>,
+    inputs: &Loaded,
+) -> anyhow::Result<report::ResidualSummary> {
+    let mut bytes = 0;
+    for name in &kept {
+        let Some(j) = job.merge_plan.weights.iter().find(|j| &j.output == name) else {
+            continue;
+        };
+        let m = residual::residual_module(j, &inputs.adapters[0])?;
+        for key in &m.keys {
+            if let Some(info) = inputs.adapters[0].weights.info(key) {
+                bytes += info.shape.iter().product::<usize>()
+                    * info.dtype.bytes_per_element().unwrap_or(1);
+            }
+        }
+    }
+    Ok(report::ResidualSummary {
+        candidate: kind.label(),
+        kept_modules: kept.len(),
+        modules: judged,
+        adapter_bytes: bytes,
+    })
 }
 
 /// Prompts the generation check continues, and how many of their tokens it keeps.

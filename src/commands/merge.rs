@@ -26,6 +26,7 @@ use crate::merge::float::FloatFormat;
 use crate::merge::ggml::GgmlType;
 use crate::merge::precision::Precision;
 use crate::merge::repair::{RepairMethod, Rounded, Target};
+use crate::merge::residual::{self, KeepAdapter};
 use crate::model::Architecture;
 use crate::report;
 
@@ -142,9 +143,30 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
     if args.calibration.tokens < 2 {
         bail!("--calibration-tokens must be at least 2");
     }
+    if args.keep_adapter.is_some()
+        && args.repair.is_some()
+        && !residual::combines_with_repair(precision)
+    {
+        bail!(
+            "--keep-adapter on a --repair merge is built for bf16 and f16 only, not {}: choose one \
+             (`lora-doctor check --repair gptq --keep-adapter auto` compares both)",
+            precision.name()
+        );
+    }
+    if args.keep_adapter.is_some() && args.gate {
+        bail!(
+            "--gate checks the plain merge's weights, not a mixed one; gate with `lora-doctor \
+             check --keep-adapter …` and merge with --keep-adapter alone"
+        );
+    }
     if let Some(c) = &args.calibration.file {
-        if args.repair != Some(RepairMethod::Gptq) {
-            bail!("--calibration is read only by --repair gptq");
+        if args.repair != Some(RepairMethod::Gptq)
+            && !args
+                .keep_adapter
+                .as_ref()
+                .is_some_and(KeepAdapter::needs_calibration)
+        {
+            bail!("--calibration is read only by --repair gptq and --keep-adapter auto");
         }
         if !c.is_file() {
             bail!("--calibration `{}` is not a readable file", c.display());
@@ -153,6 +175,14 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
     let mut inputs: Vec<&Path> = vec![args.base.as_path()];
     inputs.extend(args.adapters.iter().map(PathBuf::as_path));
     let parent = check_out(&args.out, &inputs)?;
+    let residual_out = match &args.keep_adapter {
+        Some(_) => {
+            let dir = residual::residual_dir(&args.out);
+            check_out(&dir, &inputs)?;
+            Some(dir)
+        }
+        None => None,
+    };
 
     let Loaded {
         base,
@@ -190,6 +220,31 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
         return Ok(ExitStatus::Failure);
     }
     let plan = MergePlan::build(&base, base_config.as_ref(), &adapters)?;
+    // Mixed mode: the kept modules leave the plan (written as the base stores them) and go into
+    // the residual adapter, staged now and moved beside --out once the merge is in place.
+    let (plan, residual) = match (&args.keep_adapter, &residual_out) {
+        (Some(keep), Some(dir)) => {
+            let inputs = MergeInputs {
+                base: &base,
+                config: base_config.as_ref(),
+                adapters: &adapters,
+                plan: &plan,
+                format,
+            };
+            let kept = keep_pass(args, keep, precision, &inputs)?;
+            let (kept_jobs, merged): (Vec<TensorJob>, Vec<TensorJob>) = plan
+                .weights
+                .into_iter()
+                .partition(|j| kept.contains(&j.output));
+            let staged = stage_residual(&parent, &adapters, &kept_jobs, dir)?;
+            let plan = MergePlan {
+                weights: merged,
+                biases: plan.biases,
+            };
+            (plan, staged)
+        }
+        _ => (plan, None),
+    };
 
     if args.gate {
         let options = EvalOptions {
@@ -239,7 +294,8 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
             plan: &plan,
             format,
         };
-        return write_gguf(args, &parent, &inputs, ty, precision);
+        let status = write_gguf(args, &parent, &inputs, ty, precision)?;
+        return place_residual(args, status, residual, residual_out.as_deref());
     }
     let repaired = match args.repair {
         Some(method) => {
@@ -424,6 +480,7 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
         )
     })?;
     drop(interrupt_guard);
+    let status = place_residual(args, ExitStatus::Success, residual, residual_out.as_deref())?;
     if !args.quiet {
         let bytes: usize = tensors
             .iter()
@@ -450,7 +507,167 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
             false,
         )?;
     }
-    Ok(ExitStatus::Success)
+    Ok(status)
+}
+
+/// `--keep-adapter`: the weights that stay unmerged (exit 2 for what mixed mode cannot serve,
+/// and for a list entry that names no module, rather than a residual missing what was asked).
+fn keep_pass(
+    args: &MergeArgs,
+    keep: &KeepAdapter,
+    precision: Precision,
+    inputs: &MergeInputs<'_>,
+) -> anyhow::Result<std::collections::BTreeSet<String>> {
+    if let Some(why) = residual::unsupported_adapters(inputs.adapters) {
+        bail!("{why}");
+    }
+    if precision == Precision::Float(FloatFormat::F32) {
+        bail!(
+            "--keep-adapter has nothing to keep in f32 (it holds every update): merge without it"
+        );
+    }
+    let keepable: Vec<&str> = inputs
+        .plan
+        .weights
+        .iter()
+        .filter(|j| residual::not_keepable(j).is_none())
+        .map(|j| j.module.as_str())
+        .collect();
+    let unmatched = keep.unmatched(&keepable);
+    if !unmatched.is_empty() {
+        bail!(
+            "--keep-adapter names no module a residual adapter can hold: {} (modules with a plain \
+             LoRA update only)",
+            unmatched.join(", ")
+        );
+    }
+    let config = inputs
+        .config
+        .context("--keep-adapter runs the model: the base has no config.json (or GGUF metadata)")?;
+    let arch = Architecture::from_config(config, &|n| inputs.base.contains(n))
+        .map_err(|e| anyhow::anyhow!("--keep-adapter cannot run the model: {}", e.reason))?;
+    if arch.conv1d() {
+        bail!(
+            "--keep-adapter does not handle GPT-2's Conv1D weights yet (llama-family and GPT-NeoX \
+             models only); merge without it"
+        );
+    }
+    let calibration = match keep {
+        KeepAdapter::Auto { .. } => Some(
+            super::inputs::tokenized_text(
+                args.calibration.file.as_deref(),
+                crate::io::prompts::CALIBRATION_TEXT,
+                &args.base,
+                inputs.base,
+                inputs.adapters,
+                args.calibration.tokens,
+                arch.max_positions().map_or(512, |p| p.min(512)),
+            )
+            .context("reading the calibration text")?,
+        ),
+        KeepAdapter::Modules(_) => None,
+    };
+    let bar = super::progress::bar(arch.num_layers(), args.quiet, "judging", "blocks");
+    let job = repaired::KeepJob {
+        arch: &arch,
+        base: inputs.base,
+        adapters: inputs.adapters,
+        plan: inputs.plan,
+        keep,
+        precision,
+        recipe: args.recipe,
+        repair: args.repair,
+        calibration: calibration.as_ref().map(|c| c.sequences.as_slice()),
+    };
+    let kept = repaired::kept_weights(&job, &|| bar.inc(1))?;
+    bar.finish_and_clear();
+    Ok(kept)
+}
+
+/// A residual adapter written into a temporary folder beside its destination.
+struct StagedResidual {
+    dir: tempfile::TempDir,
+    /// Removes the staged folder on Ctrl-C (a TempDir's drop does not run then).
+    _interrupt: crate::interrupt::Tracked,
+    modules: usize,
+    bytes: usize,
+}
+
+/// Writes the residual adapter of `kept` into a temporary folder in `parent`; `None` when
+/// nothing is kept (no adapter is written).
+fn stage_residual(
+    parent: &Path,
+    adapters: &[crate::io::adapter::Adapter],
+    kept: &[TensorJob],
+    dest: &Path,
+) -> anyhow::Result<Option<StagedResidual>> {
+    let [adapter] = adapters else {
+        bail!("--keep-adapter needs exactly one --adapter");
+    };
+    if kept.is_empty() {
+        return Ok(None);
+    }
+    let dir = tempfile::Builder::new()
+        .prefix(".lora-doctor-residual-")
+        .tempdir_in(parent)
+        .with_context(|| format!("cannot create a folder in `{}`", parent.display()))?;
+    let interrupt = crate::interrupt::track(dir.path());
+    let refs: Vec<&TensorJob> = kept.iter().collect();
+    let bytes = residual::write_adapter(dir.path(), adapter, &refs)
+        .with_context(|| format!("writing the residual adapter for `{}`", dest.display()))?;
+    Ok(Some(StagedResidual {
+        dir,
+        _interrupt: interrupt,
+        modules: kept.len(),
+        bytes,
+    }))
+}
+
+/// Moves the staged residual adapter into place once the merged output is (`status` success),
+/// and says what it holds; on a refused merge the staged folder is dropped with it.
+fn place_residual(
+    args: &MergeArgs,
+    status: ExitStatus,
+    staged: Option<StagedResidual>,
+    dest: Option<&Path>,
+) -> anyhow::Result<ExitStatus> {
+    let Some(dest) = dest else {
+        return Ok(status);
+    };
+    if status != ExitStatus::Success {
+        return Ok(status);
+    }
+    let Some(staged) = staged else {
+        if !args.quiet {
+            report::print_human(
+                "no module kept unmerged: every module's merge holds its update; no residual \
+                 adapter written\n",
+                false,
+            )?;
+        }
+        return Ok(status);
+    };
+    let kept = staged.dir.keep();
+    std::fs::rename(&kept, dest).with_context(|| {
+        format!(
+            "moving the residual adapter from `{}` to `{}`",
+            kept.display(),
+            dest.display()
+        )
+    })?;
+    if !args.quiet {
+        report::print_human(
+            &format!(
+                "kept {} module(s) unmerged in the residual adapter `{}` ({}); serve it on the \
+                 merged model (PEFT: PeftModel.from_pretrained(merged, residual))\n",
+                staged.modules,
+                dest.display(),
+                report::format::human_bytes(staged.bytes)
+            ),
+            false,
+        )?;
+    }
+    Ok(status)
 }
 
 /// The ggml types of a GGUF output: one type for every 2-D tensor (with llama-quantize's

@@ -6,8 +6,11 @@
 //! block's input moments, which come from running the unmerged reference forward block by block.
 //! So the reference walks the calibration text once, every block's tensors are repaired as soon
 //! as its moments exist, and their final bytes are spilled; the writer then reads them back.
+//!
+//! `merge --keep-adapter` walks the calibration text the same way to decide which modules stay
+//! unmerged ([`kept_weights`]), with the function `check`'s mixed candidate uses.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
@@ -19,8 +22,10 @@ use crate::forward::calibration::{self, Calibration, LayerMoments};
 use crate::io::adapter::Adapter;
 use crate::io::checkpoint::Checkpoint;
 use crate::merge::engine::{MergePlan, TensorJob};
+use crate::merge::precision::{Precision, Recipe};
 use crate::merge::quant::GGML_QK;
 use crate::merge::repair::{RepairMethod, Rounded, Target};
+use crate::merge::residual::{self, KeepAdapter};
 use crate::model::{Architecture, CheckpointProvider};
 
 /// Repaired tensors' final bytes, by tensor name.
@@ -173,4 +178,75 @@ fn repaired_shape(
         return None;
     }
     Some((rows, cols))
+}
+
+/// What `merge --keep-adapter` needs to decide which weights stay unmerged.
+pub struct KeepJob<'a> {
+    pub arch: &'a Architecture,
+    pub base: &'a Checkpoint,
+    pub adapters: &'a [Adapter],
+    pub plan: &'a MergePlan,
+    pub keep: &'a KeepAdapter,
+    pub precision: Precision,
+    pub recipe: Recipe,
+    /// The repair the merged part gets (ρ is then measured on the repaired tensor).
+    pub repair: Option<RepairMethod>,
+    /// Calibration sequences (`auto`, and a GPTQ repair).
+    pub calibration: Option<&'a [Vec<u32>]>,
+}
+
+/// The weights (`….q_proj.weight`) a mixed merge keeps unmerged, block by block as `check`'s
+/// mixed candidate decides them: the block linears with a plain LoRA update that the list names,
+/// or (`auto`) whose ρ on the calibration text exceeds the threshold.
+pub fn kept_weights(job: &KeepJob<'_>, on_layer: &dyn Fn()) -> anyhow::Result<BTreeSet<String>> {
+    let jobs: HashMap<&str, &TensorJob> = job
+        .plan
+        .weights
+        .iter()
+        .map(|j| (j.output.as_str(), j))
+        .collect();
+    let reference = CheckpointProvider::with_adapters(job.base, job.adapters, job.plan);
+    let mut calibration = match (job.keep, job.calibration) {
+        (KeepAdapter::Auto { .. }, Some(sequences)) => Some(
+            Calibration::start(job.arch, &reference, sequences)
+                .context("embedding the calibration text")?,
+        ),
+        (KeepAdapter::Auto { .. }, None) => bail!("--keep-adapter auto needs calibration text"),
+        (KeepAdapter::Modules(_), _) => None,
+    };
+    let mut kept = BTreeSet::new();
+    for i in 0..job.arch.num_layers() {
+        let moments = match calibration.as_mut() {
+            Some(c) => Some(
+                c.next_layer()
+                    .with_context(|| format!("calibration activations of block {i}"))?,
+            ),
+            None => None,
+        };
+        for name in job.arch.block_tensors(i) {
+            let Some(tensor_job) = jobs.get(name.as_str()).copied() else {
+                continue;
+            };
+            if job.arch.is_router(&name) || residual::not_keepable(tensor_job).is_some() {
+                continue;
+            }
+            let keep = job.keep.keeps(&tensor_job.module, || {
+                calibration::output_error_ratio(
+                    &name,
+                    tensor_job,
+                    job.base,
+                    job.adapters,
+                    job.precision,
+                    job.recipe,
+                    job.repair,
+                    moments.as_ref(),
+                )
+            })?;
+            if keep {
+                kept.insert(name);
+            }
+        }
+        on_layer();
+    }
+    Ok(kept)
 }

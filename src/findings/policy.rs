@@ -34,11 +34,15 @@ pub fn settle_tied_head_by_untied_write(findings: &mut Vec<Finding>) {
     findings.retain(|f| f.code != Code::TiedEmbeddings);
 }
 
-/// Logit findings of a `P+lora` row (the adapter served unmerged beside a quantized base) and of
-/// a repaired candidate (`bf16:repaired`) inform the choice of deployment; they do not gate the
-/// plain merge.
+/// Logit findings of a `P+lora` row (the adapter served unmerged beside a quantized base), of a
+/// repaired candidate (`bf16:repaired`) and of a mixed one (`bf16+residual`, a partly unmerged
+/// deployment like `P+lora`) inform the choice of deployment; they do not gate the plain merge,
+/// which is what `check` was asked to prove.
 pub fn logit_levels(kind: ModelKind, findings: &mut [Finding]) {
-    if matches!(kind, ModelKind::AdapterBeside(_) | ModelKind::Repaired(..)) {
+    if matches!(
+        kind,
+        ModelKind::AdapterBeside(_) | ModelKind::Repaired(..) | ModelKind::Residual(..)
+    ) {
         for f in findings {
             f.level = Level::Allow;
         }

@@ -5,7 +5,8 @@
 //!
 //! `repaired_tensor` turns one weight into its repaired values with the current block's H; both
 //! `check` (a repaired candidate) and `merge --repair` (the written file) go through it, so the
-//! candidate `check` scores is the file `merge` writes.
+//! candidate `check` scores is the file `merge` writes. `output_error_ratio` likewise decides, for
+//! `check` and `merge --keep-adapter` alike, which modules a mixed merge keeps unmerged.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -16,7 +17,9 @@ use super::Prepared;
 use crate::io::adapter::Adapter;
 use crate::io::checkpoint::Checkpoint;
 use crate::merge::engine::{self, TensorJob};
+use crate::merge::precision::{Precision, Recipe};
 use crate::merge::repair::{self, InverseFactor, RepairError, RepairMethod, Rounded, Target};
+use crate::merge::residual;
 use crate::model::{Architecture, ModelError, UnmergedLora, WeightProvider};
 
 /// H = Σ XᵀX of one linear input over the calibration tokens, and its GPTQ factor (built once,
@@ -257,4 +260,56 @@ pub fn repaired_tensor(
             repair::gptq(name, w, rows, cols, factor, target).map_err(|e| fail(e.to_string()))
         }
     }
+}
+
+/// ρ = ‖X(Ŵ − W*)ᵀ‖ / ‖X ΔWᵀ‖ of one adapted weight merged into `precision`
+/// ([`crate::merge::residual`]), Ŵ computed exactly as the merged candidate and the written file
+/// compute it (a float format by the recipe; a quantized one from the exact merge; with `repair`,
+/// the repaired tensor), X the current block's calibration inputs.
+#[allow(clippy::too_many_arguments)]
+pub fn output_error_ratio(
+    name: &str,
+    job: &TensorJob,
+    base: &Checkpoint,
+    adapters: &[Adapter],
+    precision: Precision,
+    recipe: Recipe,
+    repair: Option<RepairMethod>,
+    moments: Option<&LayerMoments>,
+) -> Result<f64, ModelError> {
+    let fail = |e: String| ModelError::Read {
+        tensor: name.to_string(),
+        source: e.into(),
+    };
+    let moment = moments
+        .and_then(|m| m.inputs.get(name))
+        .ok_or_else(|| fail("no calibration activations reached this weight".to_string()))?;
+    if moment.n != job.cols {
+        return Err(fail(format!(
+            "calibration inputs have {} features, the weight {} columns",
+            moment.n, job.cols
+        )));
+    }
+    let stored = engine::base_weight(job, base, adapters).map_err(|e| fail(e.to_string()))?;
+    let updates = engine::load_updates(job, adapters).map_err(|e| fail(e.to_string()))?;
+    let exact = crate::merge::delta::merge_exact(&stored, job.rows, job.cols, &updates);
+    let target = Target::of(precision);
+    let merged = match (repair, precision) {
+        (Some(method), _) => {
+            let target =
+                target.ok_or_else(|| fail(format!("{} cannot be repaired", precision.name())))?;
+            repaired_tensor(name, &exact, job.rows, job.cols, target, method, moments)?.values
+        }
+        (None, Precision::Float(f)) => {
+            engine::merged_float(&stored, job.rows, job.cols, &updates, f, recipe)
+        }
+        (None, Precision::Quant(q)) => {
+            let exact32: Vec<f32> = exact.iter().map(|v| *v as f32).collect();
+            engine::fake_quantize(q, name, &exact32, job.rows, job.cols, false)
+                .map_err(|e| fail(e.to_string()))?
+                .0
+        }
+    };
+    residual::output_error_ratio(&merged, &exact, &stored, job.rows, job.cols, &moment.h)
+        .map_err(ModelError::from)
 }

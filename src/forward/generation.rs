@@ -290,7 +290,8 @@ fn score(
     Ok(out)
 }
 
-/// The candidates of the generation check, in order: every merged precision, then `--merged`.
+/// The candidates of the generation check, in order: every merged precision, `--merged`, then the
+/// mixed candidates.
 fn candidates(inputs: &ForwardInputs<'_>) -> Vec<ModelKind> {
     let mut kinds: Vec<ModelKind> = inputs
         .precisions
@@ -300,6 +301,15 @@ fn candidates(inputs: &ForwardInputs<'_>) -> Vec<ModelKind> {
     if inputs.merged.is_some() {
         kinds.push(ModelKind::MergedDir);
     }
+    // Mixed candidates read the modules the comparison kept (it runs first and decides them);
+    // those on a repaired merge need calibration moments, which generation does not run (like the
+    // repaired rows themselves).
+    kinds.extend(
+        inputs
+            .residual_kinds()
+            .into_iter()
+            .filter(|k| matches!(k, ModelKind::Residual(_, None))),
+    );
     kinds
 }
 

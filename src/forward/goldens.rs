@@ -108,6 +108,7 @@ fn run_case(case: &Value) -> Vec<(String, f64, f64)> {
             merged: None,
             repairs: &[],
             calibration: None,
+            residuals: None,
         },
         &|| {},
     )

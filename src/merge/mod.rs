@@ -5,7 +5,8 @@
 //! `float` owns IEEE half/bfloat16 rounding and ULP arithmetic; `quant` owns the bitsandbytes and
 //! ggml block quantizers, bit-exact with their reference implementations; `ggml` names every ggml
 //! tensor type and decodes stored GGUF tensor bytes; `kquant` owns ggml's Q5_0/Q5_1 and K-quant
-//! quantizers; `mix` owns llama-quantize's per-tensor type rules (`q4_k_m`, …).
+//! quantizers; `mix` owns llama-quantize's per-tensor type rules (`q4_k_m`, …); `repair` rounds a
+//! merge for its outputs; `residual` decides and writes the modules a mixed merge keeps unmerged.
 
 pub mod delta;
 pub mod engine;
@@ -16,3 +17,4 @@ pub mod mix;
 pub mod precision;
 pub mod quant;
 pub mod repair;
+pub mod residual;

@@ -91,9 +91,15 @@ pub fn candidate_label(precision: Precision, method: RepairMethod) -> String {
     format!("{}:{}", precision.name(), method.label_suffix())
 }
 
-/// The precision a candidate label names: `q4_0:repaired` → q4_0 (for class-based defaults).
+/// The precision a candidate label names: `q4_0:repaired`, `bf16+residual`, `q4_0+lora` → its
+/// format (for class-based defaults and the best option per format).
 pub fn label_precision(label: &str) -> Option<Precision> {
-    Precision::parse(label.split(':').next().unwrap_or(label))
+    Precision::parse(label_format(label))
+}
+
+/// The deployment format a candidate label belongs to: the part before `:` or `+`.
+pub fn label_format(label: &str) -> &str {
+    label.split([':', '+']).next().unwrap_or(label)
 }
 
 /// A grid a repair can round onto.
@@ -1036,5 +1042,6 @@ mod tests {
         assert_eq!(candidate_label(p, RepairMethod::Gptq), "q4_0:repaired");
         assert_eq!(label_precision("q4_0:repaired"), Some(p));
         assert_eq!(label_precision("bf16"), Precision::parse("bf16"));
+        assert_eq!(label_precision("q4_0+residual"), Some(p));
     }
 }

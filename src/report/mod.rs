@@ -48,17 +48,33 @@ pub struct Inputs {
     pub hub: Vec<crate::io::hub::HubSnapshot>,
 }
 
-/// `check --repair`: the texts behind the repaired candidates (scored on the evaluation text,
-/// fitted on the calibration text, never the same built-in text) and the best option per
-/// deployment format.
+/// `check --repair` / `--keep-adapter`: the texts behind the repaired and mixed candidates
+/// (scored on the evaluation text, fitted on the calibration text, never the same built-in text),
+/// how much each mixed candidate keeps unmerged, and the best option per deployment format.
 #[derive(Debug, Clone, Serialize)]
 pub struct RepairSection {
     pub methods: Vec<&'static str>,
     pub evaluation_text: String,
-    /// Null when no method needs calibration (stochastic rounding only).
+    /// Null when no candidate needs calibration (stochastic rounding, an explicit module list).
     pub calibration_text: Option<String>,
     pub calibration_tokens: Option<usize>,
+    /// The `--keep-adapter` rule (`auto: rho > 0.5` or the module list); null without it.
+    pub keep_adapter: Option<String>,
+    /// One entry per mixed candidate.
+    pub residual: Vec<ResidualSummary>,
     pub best: Vec<BestOption>,
+}
+
+/// What a mixed candidate (`bf16+residual`) keeps unmerged.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResidualSummary {
+    pub candidate: String,
+    /// Modules kept unmerged (in the residual adapter).
+    pub kept_modules: usize,
+    /// Modules judged (every module with a plain LoRA update inside the decoder blocks).
+    pub modules: usize,
+    /// Bytes of the residual adapter's lora_A/lora_B.
+    pub adapter_bytes: usize,
 }
 
 /// The candidate with the lowest mean KL to the reference among those that ship in one format:
@@ -74,12 +90,12 @@ pub struct BestOption {
 }
 
 impl RepairSection {
-    /// The best option per format among `precisions` (rows named `fmt`, `fmt:method`, and their
-    /// `+lora` logits).
+    /// The best option per format among `precisions` (rows named `fmt`, `fmt:method`,
+    /// `fmt+residual`, and their `+lora` logits).
     pub fn best_of(precisions: &[PrecisionReport]) -> Vec<BestOption> {
         let mut out: Vec<BestOption> = Vec::new();
         for p in precisions {
-            let format = p.name.split(':').next().unwrap_or(&p.name).to_string();
+            let format = crate::merge::repair::label_format(&p.name).to_string();
             if format == crate::forward::MERGED_LABEL {
                 continue;
             }

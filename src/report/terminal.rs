@@ -58,9 +58,11 @@ pub fn check_summary(report: &Report, palette: Palette) -> String {
     }
     if let Some(precisions) = &report.precisions {
         let recipe = report.merge.as_ref().map_or("exact", |m| m.recipe.name());
+        // Candidate labels (`bf16:stochastic`, `q4_0+residual`) widen the first column.
+        let w9 = precisions.iter().map(|p| p.name.len()).fold(9, usize::max);
         let _ = writeln!(
             out,
-            "\n{:<9} {:<7} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9}  worst layer   (recipe {recipe})",
+            "\n{:<w9$} {:<7} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9}  worst layer   (recipe {recipe})",
             "precision",
             "verdict",
             "worst err",
@@ -74,7 +76,7 @@ pub fn check_summary(report: &Report, palette: Palette) -> String {
             let w = &p.weights;
             let _ = writeln!(
                 out,
-                "{:<9} {} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9}  {}",
+                "{:<w9$} {} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9}  {}",
                 p.name,
                 palette.verdict(p.verdict, &format!("{:<7}", p.verdict.as_str())),
                 sci(w.worst_rel_error, 3),
@@ -109,20 +111,27 @@ pub fn check_summary(report: &Report, palette: Palette) -> String {
                      reference is {shift:.4} nats away: the adapter's effect plus the quantization shift)"
                 );
             }
+            let rows: Vec<_> = report
+                .precisions
+                .iter()
+                .flatten()
+                .flat_map(|p| {
+                    [
+                        p.logits.as_ref().map(|l| (p.name.clone(), l)),
+                        p.unmerged_logits
+                            .as_ref()
+                            .map(|l| (format!("{}+lora", p.name), l)),
+                    ]
+                })
+                .flatten()
+                .collect();
+            let w10 = rows.iter().map(|(n, _)| n.len()).fold(10, usize::max);
             let _ = writeln!(
                 out,
-                "{:<10} {:>11} {:>10} {:>10} {:>9} {:>9} {:>9} {:>12}",
+                "{:<w10$} {:>11} {:>10} {:>10} {:>9} {:>9} {:>9} {:>12}",
                 "model", "mean KL", "± σ", "p99 KL", "top-1", "PPL ×", "lost", "worst drift"
             );
-            let rows = report.precisions.iter().flatten().flat_map(|p| {
-                [
-                    p.logits.as_ref().map(|l| (p.name.clone(), l)),
-                    p.unmerged_logits
-                        .as_ref()
-                        .map(|l| (format!("{}+lora", p.name), l)),
-                ]
-            });
-            for (name, l) in rows.flatten() {
+            for (name, l) in rows {
                 let (worst_layer, worst) =
                     l.drift_by_layer
                         .iter()
@@ -133,7 +142,7 @@ pub fn check_summary(report: &Report, palette: Palette) -> String {
                         );
                 let _ = writeln!(
                     out,
-                    "{:<10} {:>11} {:>10} {:>10} {:>9} {:>9} {:>9} {:>12}",
+                    "{:<w10$} {:>11} {:>10} {:>10} {:>9} {:>9} {:>9} {:>12}",
                     name,
                     sci(Some(l.mean_kl), 3),
                     sci(Some(l.mean_kl_stderr), 2),
@@ -244,7 +253,8 @@ pub fn explain_index() -> String {
 
 /// The `--merged` forensics in three lines: how many tensors are faithful, the spread of the scale
 /// fit and of the residual against the rounding floor, and the untouched tensors.
-/// `check --repair`: the best option per deployment format, and the texts behind the repairs.
+/// `check --repair` / `--keep-adapter`: the best option per deployment format, the texts behind
+/// the candidates, and what each mixed candidate keeps unmerged.
 fn repair_advice(out: &mut String, repair: &crate::report::RepairSection) {
     let _ = writeln!(
         out,
@@ -259,6 +269,17 @@ fn repair_advice(out: &mut String, repair: &crate::report::RepairSection) {
             ))
             .unwrap_or_default()
     );
+    for r in &repair.residual {
+        let _ = writeln!(
+            out,
+            "  {}: {} of {} modules kept unmerged ({}), residual adapter {}",
+            r.candidate,
+            r.kept_modules,
+            r.modules,
+            repair.keep_adapter.as_deref().unwrap_or(""),
+            crate::report::format::human_bytes(r.adapter_bytes)
+        );
+    }
     for best in &repair.best {
         let plain = best
             .plain_mean_kl
