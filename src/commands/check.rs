@@ -756,21 +756,7 @@ fn residual_candidates(
     if let Some(why) = residual::unsupported_adapters(&job.inputs.adapters) {
         bail!("{why}");
     }
-    let keepable: Vec<&str> = job
-        .merge_plan
-        .weights
-        .iter()
-        .filter(|j| residual::not_keepable(j).is_none())
-        .map(|j| j.module.as_str())
-        .collect();
-    let unmatched = keep.unmatched(&keepable);
-    if !unmatched.is_empty() {
-        bail!(
-            "--keep-adapter names no module a residual adapter can hold: {} (modules with a plain \
-             LoRA update only)",
-            unmatched.join(", ")
-        );
-    }
+    keep.refuse_unmatched(&job.merge_plan.weights)?;
     let precisions: Vec<Precision> = job
         .precisions
         .iter()

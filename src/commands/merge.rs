@@ -510,6 +510,25 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
     Ok(status)
 }
 
+/// The calibration text's tokens for `--repair` and `--keep-adapter auto` (`--calibration FILE`
+/// or the built-in text), at most 512 positions per sequence.
+fn calibration_tokens(
+    args: &MergeArgs,
+    inputs: &MergeInputs<'_>,
+    arch: &Architecture,
+) -> anyhow::Result<crate::io::prompts::TokenizedPrompts> {
+    super::inputs::tokenized_text(
+        args.calibration.file.as_deref(),
+        crate::io::prompts::CALIBRATION_TEXT,
+        &args.base,
+        inputs.base,
+        inputs.adapters,
+        args.calibration.tokens,
+        arch.max_positions().map_or(512, |p| p.min(512)),
+    )
+    .context("reading the calibration text")
+}
+
 /// `--keep-adapter`: the weights that stay unmerged (exit 2 for what mixed mode cannot serve,
 /// and for a list entry that names no module, rather than a residual missing what was asked).
 fn keep_pass(
@@ -526,21 +545,7 @@ fn keep_pass(
             "--keep-adapter has nothing to keep in f32 (it holds every update): merge without it"
         );
     }
-    let keepable: Vec<&str> = inputs
-        .plan
-        .weights
-        .iter()
-        .filter(|j| residual::not_keepable(j).is_none())
-        .map(|j| j.module.as_str())
-        .collect();
-    let unmatched = keep.unmatched(&keepable);
-    if !unmatched.is_empty() {
-        bail!(
-            "--keep-adapter names no module a residual adapter can hold: {} (modules with a plain \
-             LoRA update only)",
-            unmatched.join(", ")
-        );
-    }
+    keep.refuse_unmatched(&inputs.plan.weights)?;
     let config = inputs
         .config
         .context("--keep-adapter runs the model: the base has no config.json (or GGUF metadata)")?;
@@ -553,18 +558,7 @@ fn keep_pass(
         );
     }
     let calibration = match keep {
-        KeepAdapter::Auto { .. } => Some(
-            super::inputs::tokenized_text(
-                args.calibration.file.as_deref(),
-                crate::io::prompts::CALIBRATION_TEXT,
-                &args.base,
-                inputs.base,
-                inputs.adapters,
-                args.calibration.tokens,
-                arch.max_positions().map_or(512, |p| p.min(512)),
-            )
-            .context("reading the calibration text")?,
-        ),
+        KeepAdapter::Auto { .. } => Some(calibration_tokens(args, inputs, &arch)?),
         KeepAdapter::Modules(_) => None,
     };
     let bar = super::progress::bar(arch.num_layers(), args.quiet, "judging", "blocks");
@@ -1067,18 +1061,7 @@ fn repair_pass(
     let arch = Architecture::from_config(config, &|n| inputs.base.contains(n))
         .map_err(|e| anyhow::anyhow!("--repair cannot run the model: {}", e.reason))?;
     let calibration = if method.needs_calibration() {
-        Some(
-            super::inputs::tokenized_text(
-                args.calibration.file.as_deref(),
-                crate::io::prompts::CALIBRATION_TEXT,
-                &args.base,
-                inputs.base,
-                inputs.adapters,
-                args.calibration.tokens,
-                arch.max_positions().map_or(512, |p| p.min(512)),
-            )
-            .context("reading the calibration text")?,
-        )
+        Some(calibration_tokens(args, inputs, &arch)?)
     } else {
         None
     };

@@ -73,26 +73,44 @@ impl LowRank {
     /// ΔW = s·L·R, every element an exact-as-f64 dot product (the reference the precisions are
     /// judged against).
     pub fn delta_f64(&self, rows: usize, cols: usize) -> Vec<f64> {
-        let r = self.rank;
         let mut out = vec![0.0f64; rows * cols];
         out.par_chunks_mut(cols.max(1))
             .enumerate()
-            .for_each(|(row, out_row)| {
-                for k in 0..r {
-                    let l = self.left[row * r + k] as f64;
-                    if l == 0.0 {
-                        continue;
-                    }
-                    let right = &self.right[k * cols..(k + 1) * cols];
-                    for (o, x) in out_row.iter_mut().zip(right) {
-                        *o += l * *x as f64;
-                    }
-                }
-                for o in out_row.iter_mut() {
-                    *o *= self.scale;
-                }
-            });
+            .for_each(|(row, out_row)| self.delta_row_f64(row, out_row));
         out
+    }
+
+    /// Adds ΔW to `w` (`rows × cols`) row by row, each row's ΔW exactly as `delta_f64` computes
+    /// it, without a tensor-sized ΔW buffer (a 7B MLP weight's ΔW is 360 MB of f64 per worker).
+    pub fn add_delta_f64(&self, w: &mut [f64], cols: usize) {
+        w.par_chunks_mut(cols.max(1)).enumerate().for_each_init(
+            || vec![0.0f64; cols],
+            |delta, (row, w_row)| {
+                delta.fill(0.0);
+                self.delta_row_f64(row, delta);
+                for (w, d) in w_row.iter_mut().zip(delta.iter()) {
+                    *w += d;
+                }
+            },
+        );
+    }
+
+    /// Row `row` of ΔW into `out` (zeroed, `cols` long).
+    fn delta_row_f64(&self, row: usize, out: &mut [f64]) {
+        let (r, cols) = (self.rank, out.len());
+        for k in 0..r {
+            let l = self.left[row * r + k] as f64;
+            if l == 0.0 {
+                continue;
+            }
+            let right = &self.right[k * cols..(k + 1) * cols];
+            for (o, x) in out.iter_mut().zip(right) {
+                *o += l * *x as f64;
+            }
+        }
+        for o in out.iter_mut() {
+            *o *= self.scale;
+        }
     }
 
     /// PEFT's f32 delta on CPU (`Linear.get_delta_weight`): `fl32(fl32(B·A) · fl32(s))`, the GEMM
@@ -147,8 +165,8 @@ pub fn merge_exact(base: &[f32], rows: usize, cols: usize, updates: &[Update]) -
                 w = values.iter().map(|v| *v as f64).collect();
             }
             Update::LowRank(lr) => {
-                let delta = lr.delta_f64(rows, cols);
-                w.par_iter_mut().zip(&delta).for_each(|(w, d)| *w += d);
+                debug_assert_eq!(w.len(), rows * cols);
+                lr.add_delta_f64(&mut w, cols);
                 if let Some(m) = &lr.magnitude {
                     let m: Vec<f64> = m.iter().map(|v| *v as f64).collect();
                     dora_rescale_f64(&mut w, rows, cols, &m, lr.layout.dora_per_column());
@@ -301,6 +319,9 @@ mod tests {
         let b = [1.0f32, 2.0, 3.0];
         let linear = LowRank::from_peft(&a, &b, 1, 0.5, Layout::Linear, None);
         assert_eq!(linear.delta_f64(3, 2), vec![0.5, 1.0, 1.0, 2.0, 1.5, 3.0]);
+        let mut w = vec![1.0f64; 6];
+        linear.add_delta_f64(&mut w, 2);
+        assert_eq!(w, vec![1.5, 2.0, 2.0, 3.0, 2.5, 4.0]);
         let conv = LowRank::from_peft(&a, &b, 1, 1.0, Layout::Conv1d, None);
         assert_eq!(conv.delta_f64(2, 3), vec![1.0, 2.0, 3.0, 2.0, 4.0, 6.0]);
         // Embedding: A [r, vocab=2], B [dim=3, r]: ΔW [vocab, dim] = (B·A)ᵀ.

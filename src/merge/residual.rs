@@ -122,6 +122,27 @@ impl KeepAdapter {
     }
 }
 
+impl KeepAdapter {
+    /// Refuses an explicit list with an entry that names no module of `jobs` a residual adapter
+    /// can hold (`merge` and `check` both ask before any work).
+    pub fn refuse_unmatched(&self, jobs: &[TensorJob]) -> anyhow::Result<()> {
+        let keepable: Vec<&str> = jobs
+            .iter()
+            .filter(|j| not_keepable(j).is_none())
+            .map(|j| j.module.as_str())
+            .collect();
+        let unmatched = self.unmatched(&keepable);
+        if !unmatched.is_empty() {
+            bail!(
+                "--keep-adapter names no module a residual adapter can hold: {} (modules with a \
+                 plain LoRA update only)",
+                unmatched.join(", ")
+            );
+        }
+        Ok(())
+    }
+}
+
 /// PEFT's list matching (`check_target_module_exists`): equal, or a `.`-separated suffix.
 fn names_module(name: &str, module: &str) -> bool {
     module == name
