@@ -230,7 +230,7 @@ fn default_precisions(
         .weights
         .first()
         .and_then(|job| base.info(&job.tensor))
-        .and_then(|info| FloatFormat::of_dtype(&info.dtype))
+        .and_then(|info| info.dtype.float_format())
         .map(Precision::Float)
         .or_else(|| {
             config

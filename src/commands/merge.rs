@@ -19,7 +19,7 @@ use crate::cli::{MergeArgs, MergeFormat};
 use crate::findings::thresholds::Thresholds;
 use crate::findings::{self, Level, Verdict, weights};
 use crate::io::base_folder;
-use crate::io::checkpoint::Checkpoint;
+use crate::io::checkpoint::{Checkpoint, TensorDtype};
 use crate::io::writer::{self, OutTensor};
 use crate::merge::engine::{self, EvalOptions, MergePlan, TensorJob};
 use crate::merge::float::FloatFormat;
@@ -299,7 +299,7 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
     }
     let repaired = match args.repair {
         Some(method) => {
-            let out_dtype = format.dtype();
+            let out_dtype = TensorDtype::of_float(format);
             let encode = |name: &str, _: &[usize], r: Rounded| -> anyhow::Result<Option<Vec<u8>>> {
                 refuse_nonfinite(name, &r.values, format)?;
                 Ok(Some(writer::encode(&r.values, &out_dtype)?))
@@ -324,7 +324,7 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<ExitStatus> {
         .tempdir_in(&parent)
         .with_context(|| format!("cannot create a folder in `{}`", parent.display()))?;
     let interrupt_guard = crate::interrupt::track(staging.path());
-    let (out_dtype, torch_name) = (format.dtype(), format.torch_name());
+    let (out_dtype, torch_name) = (TensorDtype::of_float(format), format.torch_name());
     let jobs: HashMap<&str, &TensorJob> = plan
         .weights
         .iter()

@@ -24,7 +24,7 @@ impl StoredFormat {
     /// The format of a tensor of M, when it can be compared element-wise: a float dtype, or a
     /// quantized ggml type whose rows are whole blocks and which lora-doctor can quantize.
     pub fn of(info: &TensorInfo, ggml_type: Option<GgmlType>) -> Option<StoredFormat> {
-        if let Some(f) = FloatFormat::of_dtype(&info.dtype) {
+        if let Some(f) = info.dtype.float_format() {
             return Some(StoredFormat::Float(f));
         }
         let ty = ggml_type?;

@@ -345,7 +345,7 @@ impl Forensics {
 pub fn merged_dtype(checkpoint: &Checkpoint) -> FloatFormat {
     let mut count: BTreeMap<&'static str, usize> = BTreeMap::new();
     for t in checkpoint.tensors() {
-        if let Some(f) = FloatFormat::of_dtype(&t.dtype) {
+        if let Some(f) = t.dtype.float_format() {
             *count.entry(f.name()).or_default() += t.numel();
         }
     }

@@ -11,6 +11,8 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
+
+use crate::merge::float::FloatFormat;
 use safetensors::{Dtype, SafeTensors};
 use thiserror::Error;
 
@@ -32,6 +34,27 @@ pub enum TensorDtype {
 }
 
 impl TensorDtype {
+    /// The format this dtype stores floats in. F64 is judged as f32 (the finest grid modelled: a
+    /// double-precision merge rounds less, so f32's floor is the conservative yardstick);
+    /// non-float dtypes have none.
+    pub fn float_format(&self) -> Option<FloatFormat> {
+        match self {
+            TensorDtype::F64 | TensorDtype::F32 => Some(FloatFormat::F32),
+            TensorDtype::F16 => Some(FloatFormat::F16),
+            TensorDtype::Bf16 => Some(FloatFormat::Bf16),
+            TensorDtype::Other(_) => None,
+        }
+    }
+
+    /// The safetensors dtype a tensor in `format` is written as.
+    pub fn of_float(format: FloatFormat) -> TensorDtype {
+        match format {
+            FloatFormat::F32 => TensorDtype::F32,
+            FloatFormat::F16 => TensorDtype::F16,
+            FloatFormat::Bf16 => TensorDtype::Bf16,
+        }
+    }
+
     fn from_safetensors(dtype: Dtype) -> Self {
         match dtype {
             Dtype::F64 => TensorDtype::F64,

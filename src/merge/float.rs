@@ -15,8 +15,6 @@
 
 use half::{bf16, f16};
 
-use crate::io::checkpoint::TensorDtype;
-
 /// Largest finite f16, `0x7BFF`.
 pub const F16_MAX: f32 = 65504.0;
 /// Largest finite bf16, `0x7F7F` (= (2 − 2⁻⁷)·2¹²⁷ ≈ 3.3895314e38).
@@ -115,27 +113,6 @@ pub enum FloatFormat {
 }
 
 impl FloatFormat {
-    /// The format a safetensors dtype stores floats in. F64 is judged as f32 (the finest grid
-    /// modelled: a double-precision merge rounds less, so f32's floor is the conservative
-    /// yardstick); non-float dtypes have none.
-    pub fn of_dtype(dtype: &TensorDtype) -> Option<FloatFormat> {
-        match dtype {
-            TensorDtype::F64 | TensorDtype::F32 => Some(FloatFormat::F32),
-            TensorDtype::F16 => Some(FloatFormat::F16),
-            TensorDtype::Bf16 => Some(FloatFormat::Bf16),
-            TensorDtype::Other(_) => None,
-        }
-    }
-
-    /// The safetensors dtype a tensor in this format is written as.
-    pub fn dtype(self) -> TensorDtype {
-        match self {
-            FloatFormat::F32 => TensorDtype::F32,
-            FloatFormat::F16 => TensorDtype::F16,
-            FloatFormat::Bf16 => TensorDtype::Bf16,
-        }
-    }
-
     /// The torch dtype name config.json uses (`dtype` / `torch_dtype`).
     pub fn torch_name(self) -> &'static str {
         match self {
