@@ -419,6 +419,24 @@ fn forensics_stage(
     Ok(Some((checkpoint, precision)))
 }
 
+/// A candidate row measured by the logits only (repaired and mixed candidates: their weights
+/// depend on the calibration activations, which the weight stage never sees).
+fn logits_only_row(
+    kind: ModelKind,
+    precision: Precision,
+    forward: &crate::forward::ForwardOutcome,
+) -> PrecisionReport {
+    PrecisionReport {
+        name: kind.label(),
+        class: precision.class().name(),
+        verdict: Verdict::Pass,
+        weights: weights::WeightSummary::not_measured(),
+        logits: forward.stats(kind).cloned(),
+        unmerged_logits: None,
+        generation: None,
+    }
+}
+
 /// The logit comparison and the generation check, unless `--weights-only`. A comparison that
 /// was asked for and cannot run is an error (exit 2), never a pass on the weights alone.
 fn logit_stage(
@@ -531,34 +549,21 @@ fn logit_stage(
             p.unmerged_logits = forward.stats(ModelKind::AdapterBeside(q)).cloned();
         }
     }
-    // Repaired candidates: rows of their own beside the plain ones, measured by the logits only
-    // (their weights depend on the calibration activations, which the weight stage never sees).
+    // Repaired candidates: rows of their own beside the plain ones.
     for (precision, method) in &repairs {
         let kind = ModelKind::Repaired(*precision, *method);
-        weights.precisions.push(PrecisionReport {
-            name: kind.label(),
-            class: precision.class().name(),
-            verdict: Verdict::Pass,
-            weights: weights::WeightSummary::not_measured(),
-            logits: forward.stats(kind).cloned(),
-            unmerged_logits: None,
-            generation: None,
-        });
+        weights
+            .precisions
+            .push(logits_only_row(kind, *precision, &forward));
     }
     // Mixed candidates likewise, with how much of the adapter each keeps unmerged.
     for kind in forward_inputs.residual_kinds() {
         let ModelKind::Residual(precision, method) = kind else {
             continue;
         };
-        weights.precisions.push(PrecisionReport {
-            name: kind.label(),
-            class: precision.class().name(),
-            verdict: Verdict::Pass,
-            weights: weights::WeightSummary::not_measured(),
-            logits: forward.stats(kind).cloned(),
-            unmerged_logits: None,
-            generation: None,
-        });
+        weights
+            .precisions
+            .push(logits_only_row(kind, precision, &forward));
         if let (Some(section), Some(r)) = (parts.repair.as_mut(), residuals.as_ref()) {
             section.residual.push(residual_summary(
                 kind,
