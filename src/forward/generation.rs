@@ -1,15 +1,22 @@
 //! The generation check, streamed: the reference and each candidate continue the same prompts
 //! greedily and every continuation is scored under the reference, without ever holding a whole
-//! model. One model decodes at a time, all prompts together: at each step the embedding, every
-//! block and the head are built from the model's provider ([`Prepared`]) just before use, each
-//! prompt advances one token through its key/value cache, and the weights are dropped — except
-//! the first groups (embedding, then blocks in order) that fit in [`GENERATION_KEEP_BYTES`], which
-//! stay for the model's next steps. A small model is thus built once (as a materialized model
-//! would be), while a 7B model holds one block at a time (issue 12 §1).
+//! model. A model's weights are built in groups (embedding, then each block, then the head) from
+//! its provider ([`Prepared`]) just before use and dropped after, except the first groups that
+//! fit in [`GENERATION_KEEP_BYTES`], which stay for the model's next pass. A small model is thus
+//! built once (as a materialized model would be), while a 7B model holds one block at a time
+//! (issue 12 §1).
 //!
-//! The arithmetic per prompt is exactly [`generate_greedy`](crate::model::generate_greedy)'s and
+//! Only the reference decodes token by token (one pass over its weights per token, all prompts
+//! together). A candidate is first *checked* against the reference's continuation: one
+//! teacher-forced pass over prompt + reference text gives the candidate's greedy choice at every
+//! position at once, so a candidate that agrees costs one build of its weights instead of one per
+//! token (building a merged or quantized candidate is what dominates at 7B). Where it chooses
+//! another token, its text takes that token and only those prompts decode on from there.
+//!
+//! The arithmetic per prompt is [`generate_greedy`](crate::model::generate_greedy)'s and
 //! [`sequence_nll`](crate::model::sequence_nll)'s (same ops, same weights), so the tokens and
-//! NLLs are the same bit for bit (tests below).
+//! NLLs are the same (tests below); a teacher-forced argmax equals the cached decoder's up to the
+//! summation order of one forward, which can only matter at an exact tie.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -222,14 +229,15 @@ fn decode(
     Ok(out)
 }
 
-/// Negative log-likelihood of each `(prompt, continuation)` pair's continuation under one model,
-/// every pair through each group in one pass; per pair the same as `sequence_nll`. Empty
-/// continuations score as empty.
-fn score(
+/// The logits of every continuation position of each `(prompt, continuation)` pair under one
+/// model: row j predicts `continuation[j]` from the prompt and `continuation[..j]`. Every pair
+/// goes through each group in one pass; per pair the same forward as `sequence_nll`. Empty
+/// continuations give no rows.
+fn continuation_logits(
     arch: &Architecture,
     model: &mut StreamedModel<'_>,
     pairs: &[(&[u32], &[u32])],
-) -> Result<Vec<Vec<f64>>, ModelError> {
+) -> Result<Vec<Vec<Vec<f32>>>, ModelError> {
     if pairs.iter().any(|(p, _)| p.is_empty()) {
         return Err(ModelError::Empty);
     }
@@ -271,23 +279,119 @@ fn score(
             })
             .collect::<Result<Vec<_>, ModelError>>()
     })?;
-    for (&k, logits) in scored.iter().zip(rows) {
-        let (prompt, continuation) = pairs[k];
-        out[k] = continuation
-            .iter()
-            .zip(&logits)
-            .enumerate()
-            .map(|(j, (&token, row))| {
-                let z = row.get(token as usize).ok_or(ModelError::Token {
-                    token,
-                    position: prompt.len() + j,
-                    vocab: row.len(),
-                })?;
-                Ok(log_sum_exp(row) - *z as f64)
-            })
-            .collect::<Result<_, ModelError>>()?;
+    for (k, logits) in scored.into_iter().zip(rows) {
+        out[k] = logits;
     }
     Ok(out)
+}
+
+/// Negative log-likelihood of each `(prompt, continuation)` pair's continuation under one model,
+/// every pair through each group in one pass; per pair the same as `sequence_nll`. Empty
+/// continuations score as empty.
+fn score(
+    arch: &Architecture,
+    model: &mut StreamedModel<'_>,
+    pairs: &[(&[u32], &[u32])],
+) -> Result<Vec<Vec<f64>>, ModelError> {
+    let logits = continuation_logits(arch, model, pairs)?;
+    pairs
+        .iter()
+        .zip(&logits)
+        .map(|((prompt, continuation), rows)| {
+            continuation
+                .iter()
+                .zip(rows)
+                .enumerate()
+                .map(|(j, (&token, row))| {
+                    let z = row.get(token as usize).ok_or(ModelError::Token {
+                        token,
+                        position: prompt.len() + j,
+                        vocab: row.len(),
+                    })?;
+                    Ok(log_sum_exp(row) - *z as f64)
+                })
+                .collect::<Result<Vec<f64>, ModelError>>()
+        })
+        .collect()
+}
+
+/// A candidate's greedy continuations, found by checking the reference's (module comment): one
+/// teacher-forced pass over each prompt + `reference[p]`; the candidate's text follows the
+/// reference while its argmax agrees, takes its own token at the first disagreement, and only
+/// prompts that are then neither at `max_new` tokens nor stopped decode on from there (all
+/// together, `decode`). The same texts as `decode` from the prompts (tests below).
+///
+/// A prompt whose decoding would cross a rotary switch (Phi-3's LongRoPE: a forward's factors
+/// depend on its whole length, `Architecture::cache_is_stale`) is decoded from its start, as a
+/// teacher-forced pass of the final length would use the other factors for the early positions.
+///
+/// `on_step` is called `max_new + 1` times: once for the checking pass, once per decoding step,
+/// and the rest when done.
+fn follow(
+    arch: &Architecture,
+    model: &mut StreamedModel<'_>,
+    prompts: &[Vec<u32>],
+    reference: &[Vec<u32>],
+    max_new: usize,
+    stop: &[u32],
+    on_step: &(dyn Fn() + Sync),
+) -> Result<Vec<Vec<u32>>, ModelError> {
+    let forced: Vec<usize> = (0..prompts.len())
+        .filter(|&p| {
+            !reference[p].is_empty()
+                && !arch.cache_is_stale(prompts[p].len(), prompts[p].len() + max_new)
+        })
+        .collect();
+    let pairs: Vec<(&[u32], &[u32])> = forced
+        .iter()
+        .map(|&p| (prompts[p].as_slice(), reference[p].as_slice()))
+        .collect();
+    let logits = continuation_logits(arch, model, &pairs)?;
+    on_step();
+    let mut texts: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+    for (&p, rows) in forced.iter().zip(&logits) {
+        for (row, &expected) in rows.iter().zip(&reference[p]) {
+            let token = argmax(row) as u32;
+            texts[p].push(token);
+            if token != expected {
+                break;
+            }
+        }
+    }
+    // Prompts still to decode: those not checked (empty texts) and those that diverged before
+    // their end. Greedy text is prefix-consistent, so decoding all of them to the longest budget
+    // and cutting each to its own gives each prompt's own continuation.
+    let open: Vec<usize> = (0..prompts.len())
+        .filter(|&p| {
+            let text = &texts[p];
+            text.len() < max_new && !text.last().is_some_and(|t| stop.contains(t))
+        })
+        .collect();
+    let mut steps = 0;
+    if !open.is_empty() {
+        let continued: Vec<Vec<u32>> = open
+            .iter()
+            .map(|&p| [prompts[p].as_slice(), texts[p].as_slice()].concat())
+            .collect();
+        let longest = open
+            .iter()
+            .map(|&p| max_new - texts[p].len())
+            .max()
+            .unwrap_or(0);
+        let counted = std::sync::atomic::AtomicUsize::new(0);
+        let tick = || {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            on_step();
+        };
+        let more = decode(arch, model, &continued, longest, stop, &tick)?;
+        steps = counted.into_inner();
+        for (&p, tokens) in open.iter().zip(more) {
+            let budget = max_new - texts[p].len();
+            texts[p].extend(tokens.into_iter().take(budget));
+        }
+    }
+    (steps..max_new).for_each(|_| on_step());
+    Ok(texts)
 }
 
 /// The candidates of the generation check, in order: every merged precision, `--merged`, then the
@@ -313,17 +417,18 @@ fn candidates(inputs: &ForwardInputs<'_>) -> Vec<ModelKind> {
     kinds
 }
 
-/// How many times [`generation_check`] calls `on_step`: `max_new` decoding steps per model
-/// (candidates and reference), and one for scoring every continuation under the reference.
+/// How many times [`generation_check`] calls `on_step`: the reference's `max_new` decoding
+/// steps, per candidate its checking pass and at most `max_new` decoding steps (`follow`), and one
+/// for scoring every continuation under the reference.
 pub fn generation_steps(inputs: &ForwardInputs<'_>, max_new: usize) -> usize {
-    (candidates(inputs).len() + 1) * max_new + 1
+    candidates(inputs).len() * (max_new + 1) + max_new + 1
 }
 
 /// Greedy continuations of `max_new` tokens from each prompt by the reference and every merged
-/// candidate; candidate texts are scored under the reference. Candidates decode first, one at a
-/// time, then the reference decodes and scores them all; each model's weights are streamed
-/// (module comment), so memory stays a block or [`GENERATION_KEEP_BYTES`] wide whatever the
-/// model's size. `on_step` counts [`generation_steps`].
+/// candidate; candidate texts are scored under the reference. The reference decodes first, then
+/// each candidate checks and extends its text (`follow`), then the reference scores them all; each
+/// model's weights are streamed (module comment), so memory stays a block or
+/// [`GENERATION_KEEP_BYTES`] wide whatever the model's size. `on_step` counts [`generation_steps`].
 pub fn generation_check(
     inputs: &ForwardInputs<'_>,
     prompts: &[Vec<u32>],
@@ -352,16 +457,23 @@ fn generation_check_within(
     let arch = inputs.arch;
     let block_linear = block_linear_names(arch, inputs.base);
     let jobs = plan_jobs(inputs.plan);
+    let provider = provider_for(ModelKind::Reference, inputs, &jobs, &block_linear, None);
+    // The reference's kept groups are dropped before the candidates run, so at most one model's
+    // budget is held at a time; scoring builds them again.
+    let ref_texts = {
+        let mut reference = StreamedModel::new(arch, provider.as_ref(), keep_bytes);
+        decode(arch, &mut reference, prompts, max_new, stop, on_step)?
+    };
     let mut outputs: Vec<(String, Vec<Vec<u32>>)> = Vec::new();
     for kind in candidates(inputs) {
-        let provider = provider_for(kind, inputs, &jobs, &block_linear, None);
-        let mut model = StreamedModel::new(arch, provider.as_ref(), keep_bytes);
-        let texts = decode(arch, &mut model, prompts, max_new, stop, on_step)?;
+        let candidate = provider_for(kind, inputs, &jobs, &block_linear, None);
+        let mut model = StreamedModel::new(arch, candidate.as_ref(), keep_bytes);
+        let texts = follow(
+            arch, &mut model, prompts, &ref_texts, max_new, stop, on_step,
+        )?;
         outputs.push((kind.label(), texts));
     }
-    let provider = provider_for(ModelKind::Reference, inputs, &jobs, &block_linear, None);
     let mut reference = StreamedModel::new(arch, provider.as_ref(), keep_bytes);
-    let ref_texts = decode(arch, &mut reference, prompts, max_new, stop, on_step)?;
     // Every continuation under the reference in one pass: the reference's own, then each
     // candidate's, prompt by prompt.
     let mut pairs: Vec<(&[u32], &[u32])> = prompts
@@ -510,6 +622,80 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A candidate checked against the reference's continuation (`follow`) gets exactly the texts
+    /// it would decode by itself, prompt by prompt: where it agrees throughout, where it diverges
+    /// mid-way (and decodes on), at the first token, and on Phi-3 whose prompts cross the LongRoPE
+    /// switch (decoded from the start). Reference: each family's tiny model + LoRA; candidate: the
+    /// base without it, which must diverge somewhere and agree somewhere for the test to count.
+    #[test]
+    fn a_checked_candidate_gets_the_texts_it_decodes_itself() {
+        use crate::io::adapter::Adapter;
+        use crate::merge::engine::MergePlan;
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let (mut agreed, mut diverged, mut at_first) = (0, 0, 0);
+        for (model, adapter) in [
+            ("tiny-llama", "llama-lora"),
+            ("tiny-gpt2", "gpt2-lora"),
+            ("tiny-gemma", "gemma-lora"),
+            ("tiny-gemma2", "gemma2-lora"),
+            ("tiny-phi3", "phi3-lora"),
+        ] {
+            let (base, arch) = tiny(model);
+            let config = ModelConfig::read_dir(&root.join("fixtures/models").join(model))
+                .expect("config")
+                .expect("config.json");
+            let adapters =
+                [Adapter::open(&root.join("fixtures/adapters").join(adapter)).expect("adapter")];
+            let plan = MergePlan::build(&base, Some(&config), &adapters).expect("plan");
+            let reference = CheckpointProvider::with_adapters(&base, &adapters, &plan);
+            let candidate = CheckpointProvider::base(&base);
+            let prompts: Vec<Vec<u32>> = (0..6u32)
+                .map(|k| (0..3 + k).map(|i| (37 * k + 11 * i + 5) % 200).collect())
+                .collect();
+            let max_new = 14;
+            let greedy = |w: &dyn WeightProvider, stop: &[u32]| -> Vec<Vec<u32>> {
+                prompts
+                    .iter()
+                    .map(|p| generate_greedy(&arch, w, p, max_new, stop).expect("generate"))
+                    .collect()
+            };
+            // Without a stop token, then with one the candidate emits mid-way.
+            let free = greedy(&candidate, &[]);
+            for stop in [vec![], vec![free[0][2]]] {
+                let ref_texts = greedy(&reference, &stop);
+                let want = greedy(&candidate, &stop);
+                let ticks = std::sync::atomic::AtomicUsize::new(0);
+                let tick = || {
+                    ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                };
+                let mut streamed = StreamedModel::new(&arch, &candidate, 0);
+                let got = follow(
+                    &arch,
+                    &mut streamed,
+                    &prompts,
+                    &ref_texts,
+                    max_new,
+                    &stop,
+                    &tick,
+                )
+                .expect("follow");
+                assert_eq!(got, want, "{model} stop {stop:?}");
+                assert_eq!(ticks.into_inner(), max_new + 1, "{model}: ticks");
+                for (r, w) in ref_texts.iter().zip(&want) {
+                    match r.iter().zip(w).position(|(a, b)| a != b) {
+                        None => agreed += 1,
+                        Some(0) => at_first += 1,
+                        Some(_) => diverged += 1,
+                    }
+                }
+            }
+        }
+        assert!(
+            agreed > 0 && diverged > 0 && at_first > 0,
+            "agreed {agreed}, diverged mid-way {diverged}, at the first token {at_first}"
+        );
     }
 
     /// The streamed decoder on Phi-3 + LoRA reproduces transformers' `generate` past the LongRoPE
