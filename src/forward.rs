@@ -18,7 +18,7 @@ use crate::io::checkpoint::Checkpoint;
 use crate::io::prompts::TokenizedPrompts;
 use crate::merge::engine::{self, MergePlan, TensorJob};
 use crate::merge::precision::{Precision, Recipe};
-use crate::merge::quant::QuantFormat;
+use crate::merge::quant_format::QuantFormat;
 use crate::merge::repair::{self, RepairMethod, Target};
 use crate::merge::residual::{self, KeepAdapter};
 use crate::model::{

@@ -25,7 +25,7 @@ use crate::merge::engine::{self, EvalOptions, MergePlan};
 use crate::merge::float::FloatFormat;
 use crate::merge::mix::MixModel;
 use crate::merge::precision::{self, Precision};
-use crate::merge::quant::QuantFormat;
+use crate::merge::quant_format::QuantFormat;
 use crate::merge::repair::{RepairMethod, Target};
 use crate::merge::residual::{self, KeepAdapter};
 use crate::model::Architecture;

@@ -714,7 +714,7 @@ impl GgufTypes {
 /// ggml types of a GGUF output. A quantized GGUF is merged in f32 and then quantized, as
 /// llama.cpp's `convert_hf_to_gguf.py --outtype q8_0` (or llama-quantize on an f32 GGUF) does.
 fn output_types(args: &MergeArgs) -> anyhow::Result<(Precision, FloatFormat, Option<GgufTypes>)> {
-    use crate::merge::quant::QuantFormat;
+    use crate::merge::quant_format::QuantFormat;
     let precision = Precision::parse(&args.precision);
     let writable = "a GGUF is written in f32, bf16, f16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, \
                     q4_k, q5_k, q6_k or a mix q3_k_m, q4_k_s, q4_k_m, q5_k_m";

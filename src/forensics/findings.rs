@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use crate::findings::{Code, Finding, Level, quoted_examples};
 use crate::merge::precision::Precision;
-use crate::merge::quant::QuantFormat;
+use crate::merge::quant_format::QuantFormat;
 
 use super::classify::{Cause, JobResult};
 use super::quantized_base::quantized_base_level;

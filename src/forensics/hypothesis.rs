@@ -5,8 +5,9 @@
 use crate::merge::engine::{self, MergeError, TensorJob};
 use crate::merge::float::FloatFormat;
 use crate::merge::quant::{
-    BNB_4BIT_BLOCKSIZE, Bnb4bitType, BnbBackend, QuantFormat, dequantize_4bit, quantize_4bit,
+    BNB_4BIT_BLOCKSIZE, Bnb4bitType, BnbBackend, dequantize_4bit, quantize_4bit,
 };
+use crate::merge::quant_format::QuantFormat;
 
 /// A way a merged tensor can have come about from a quantized copy of W.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -295,7 +295,7 @@ impl AdapterConfig {
     /// read is then not wrapped).
     pub fn wraps(&self, module: &str) -> Result<(), String> {
         // `target_parameters` wraps stacked expert parameters (see `io::experts`).
-        if super::experts::param_module(self, module).is_some() {
+        if super::expert_params::param_module(&self.raw, module).is_some() {
             return Ok(());
         }
         if let Some(selector) = &self.exclude_modules
@@ -665,7 +665,16 @@ impl Adapter {
                 module.tensors.insert(tensor.role, tensor);
             }
         }
-        super::experts::rename_param_modules(&config, &mut modules);
+        // PEFT's nested expert wrappers are named by the parameter each wraps.
+        for (old, renamed) in super::expert_params::param_renames(&config.raw, modules.keys()) {
+            if let Some(mut module) = modules.remove(&old) {
+                module.name = renamed.clone();
+                let rename = |t: &mut AdapterTensor| t.module = renamed.clone();
+                module.tensors.values_mut().for_each(rename);
+                module.extra.iter_mut().for_each(rename);
+                modules.insert(renamed, module);
+            }
+        }
         Adapter {
             dir,
             config,
@@ -726,7 +735,7 @@ pub fn parse_key(info: TensorInfo) -> AdapterTensor {
     let path = key.strip_prefix(PEFT_PREFIX).unwrap_or(&key);
     let segments: Vec<&str> = path.split('.').collect();
     // A `base_layer` followed by another marker is a nested PEFT wrapper (`ParamWrapper`s on one
-    // module): it belongs to the module path (renamed by `experts::rename_param_modules`).
+    // module): it belongs to the module path (renamed by `expert_params::param_renames`).
     let nested = |i: usize| {
         segments[i] == "base_layer"
             && segments

@@ -15,33 +15,12 @@
 //! so gate_up's keys sit under `experts.base_layer.lora_*` and down's under `experts.lora_*`. On
 //! load their modules are renamed to `….experts.gate_up_proj` / `….experts.down_proj`.
 
-use std::collections::BTreeMap;
-
 use serde_json::Value;
 
-use super::adapter::{AdapterConfig, AdapterModule, AdapterTensor, TensorRole};
+use super::adapter::{AdapterConfig, AdapterModule, TensorRole};
 use super::checkpoint::Checkpoint;
-
-/// One of the two stacked expert parameters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExpertParam {
-    /// `[E, 2I, H]`: gate rows `0..I`, up rows `I..2I`.
-    GateUp,
-    /// `[E, H, I]`.
-    Down,
-}
-
-impl ExpertParam {
-    /// Definition order in transformers' experts modules (PEFT's nesting order).
-    const ALL: [ExpertParam; 2] = [ExpertParam::GateUp, ExpertParam::Down];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            ExpertParam::GateUp => "gate_up_proj",
-            ExpertParam::Down => "down_proj",
-        }
-    }
-}
+use super::expert_params;
+pub use super::expert_params::ExpertParam;
 
 /// How a stored A/B pair of a wrapper is laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,35 +34,13 @@ pub enum FactorLayout {
 /// The parameters `target_parameters` selects on an experts module, in nesting order (innermost
 /// first).
 pub fn targeted(config: &AdapterConfig) -> Vec<ExpertParam> {
-    let Some(list) = config
-        .raw
-        .get("target_parameters")
-        .and_then(Value::as_array)
-    else {
-        return Vec::new();
-    };
-    let names: Vec<&str> = list.iter().filter_map(Value::as_str).collect();
-    ExpertParam::ALL
-        .into_iter()
-        .filter(|p| {
-            names
-                .iter()
-                .any(|n| n.rsplit('.').next() == Some(p.name()) && n.contains("experts"))
-        })
-        .collect()
+    expert_params::targeted(&config.raw)
 }
 
 /// The stacked parameter a (renamed) module stands for: `….experts.gate_up_proj` → (`….experts`,
 /// GateUp), when the adapter's config targets it.
 pub fn param_module<'a>(config: &AdapterConfig, module: &'a str) -> Option<(&'a str, ExpertParam)> {
-    let (experts, last) = module.rsplit_once('.')?;
-    if !experts.ends_with("experts") {
-        return None;
-    }
-    targeted(config)
-        .into_iter()
-        .find(|p| p.name() == last)
-        .map(|p| (experts, p))
+    expert_params::param_module(&config.raw, module)
 }
 
 /// The layout `peft_version` implies, when the config records one.
@@ -98,37 +55,6 @@ pub fn layout_by_version(config: &AdapterConfig) -> Option<FactorLayout> {
     } else {
         FactorLayout::Legacy
     })
-}
-
-/// Renames the modules PEFT nested as `….experts{.base_layer}*` to the parameter each wraps.
-/// Modules of adapters without `target_parameters` are left alone.
-pub fn rename_param_modules(config: &AdapterConfig, modules: &mut BTreeMap<String, AdapterModule>) {
-    let params = targeted(config);
-    if params.is_empty() {
-        return;
-    }
-    let old: Vec<String> = modules.keys().cloned().collect();
-    for name in old {
-        let mut stem = name.as_str();
-        let mut depth = 0;
-        while let Some(inner) = stem.strip_suffix(".base_layer") {
-            stem = inner;
-            depth += 1;
-        }
-        if !stem.ends_with(".experts") || depth >= params.len() {
-            continue;
-        }
-        // The last targeted parameter is the outermost wrapper (depth 0).
-        let param = params[params.len() - 1 - depth];
-        let renamed = format!("{stem}.{}", param.name());
-        if let Some(mut module) = modules.remove(&name) {
-            module.name = renamed.clone();
-            let rename = |t: &mut AdapterTensor| t.module = renamed.clone();
-            module.tensors.values_mut().for_each(rename);
-            module.extra.iter_mut().for_each(rename);
-            modules.insert(renamed, module);
-        }
-    }
 }
 
 /// Where one expert's update (or the whole stack's) lands in the base.

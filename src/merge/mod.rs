@@ -16,5 +16,6 @@ pub mod kquant;
 pub mod mix;
 pub mod precision;
 pub mod quant;
+pub mod quant_format;
 pub mod repair;
 pub mod residual;

@@ -5,7 +5,7 @@ use std::fmt;
 
 use super::float::FloatFormat;
 use super::mix::MixModel;
-use super::quant::QuantFormat;
+use super::quant_format::QuantFormat;
 
 /// One storage format a merged model can ship in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

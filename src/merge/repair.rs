@@ -22,7 +22,8 @@ use thiserror::Error;
 
 use super::float::FloatFormat;
 use super::precision::Precision;
-use super::quant::{GGML_QK, Q4_0_BLOCK_BYTES, Q4_1_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QuantFormat};
+use super::quant::{GGML_QK, Q4_0_BLOCK_BYTES, Q4_1_BLOCK_BYTES, Q8_0_BLOCK_BYTES};
+use super::quant_format::QuantFormat;
 
 /// GPTQ's damping: this fraction of H's mean diagonal is added to the diagonal.
 pub const DAMPING: f64 = 0.01;

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::merge::float::{F16_MAX, FloatFormat};
 use crate::merge::precision::Precision;
-use crate::merge::quant::QuantFormat;
+use crate::merge::quant_format::QuantFormat;
 
 /// The distribution of ΔW = W* − W_ref over one tensor (precision-independent).
 #[derive(Debug, Clone, Serialize)]
