@@ -528,7 +528,7 @@ fn logit_stage(
                     args.calibration.tokens,
                     arch.max_positions().map_or(512, |p| p.min(512)),
                 )
-            .context("reading the calibration text")?,
+                .context("reading the calibration text")?,
         )
     } else {
         None
@@ -567,11 +567,10 @@ fn logit_stage(
         calibration: calibration.as_ref(),
         residuals: residuals.as_ref(),
     };
-    let forward = crate::forward::compare_sharing(
-        &forward_inputs,
-        job.opened.base_logits.as_ref(),
-        &|| bar.inc(1),
-    )
+    let forward =
+        crate::forward::compare_sharing(&forward_inputs, job.opened.base_logits.as_ref(), &|| {
+            bar.inc(1)
+        })
         .context("running the logit comparison")?;
     bar.finish_and_clear();
     // Each row's kind: a precision's merge, or the --merged checkpoint.

@@ -93,12 +93,10 @@ fn build(args: &CheckArgs, dirs: &[PathBuf]) -> anyhow::Result<each::EachReport>
     for (i, dir) in dirs.iter().enumerate() {
         let name = dir.display().to_string();
         let label = format!("[{}/{}] {}", i + 1, dirs.len(), short_name(dir));
-        checks.push(
-            match check::build_on(&single(args, dir), &opened, &label) {
-                Ok(report) => each::AdapterCheck::checked(name, report),
-                Err(e) => each::AdapterCheck::not_checked(name, format!("{e:#}")),
-            },
-        );
+        checks.push(match check::build_on(&single(args, dir), &opened, &label) {
+            Ok(report) => each::AdapterCheck::checked(name, report),
+            Err(e) => each::AdapterCheck::not_checked(name, format!("{e:#}")),
+        });
     }
     let base_forwards = opened.base_logits.as_ref().map_or(0, |b| b.runs());
     Ok(each::EachReport::new(
@@ -110,8 +108,10 @@ fn build(args: &CheckArgs, dirs: &[PathBuf]) -> anyhow::Result<each::EachReport>
 
 /// The folder's own name, for progress bars.
 fn short_name(dir: &Path) -> String {
-    dir.file_name()
-        .map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned())
+    dir.file_name().map_or_else(
+        || dir.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
 }
 
 /// `check --each`: plan, check every adapter, write every report, exit 0/1/2 on the overall

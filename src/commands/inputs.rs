@@ -246,7 +246,9 @@ pub fn tokenized_text(
     max_len: usize,
 ) -> anyhow::Result<crate::io::prompts::TokenizedPrompts> {
     let tokenizer = tokenizer_file(base_path, adapters);
-    tokenize(file, builtin, base_path, base, tokenizer, max_tokens, max_len)
+    tokenize(
+        file, builtin, base_path, base, tokenizer, max_tokens, max_len,
+    )
 }
 
 impl OpenedBase {

@@ -216,7 +216,11 @@ mod tests {
         assert_eq!(report.verdict.exit_status(true), ExitStatus::Error);
         assert_eq!(report.counts(), (0, 0, 0, 1));
         let empty = EachReport::new("base".into(), shared(), Vec::new());
-        assert_eq!(empty.verdict, EachVerdict::Error, "nothing checked never passes");
+        assert_eq!(
+            empty.verdict,
+            EachVerdict::Error,
+            "nothing checked never passes"
+        );
     }
 
     #[test]
