@@ -987,12 +987,13 @@ pub fn compare_sharing(
             (1, Some(cached)) => Arc::clone(cached),
             _ => Arc::new(head_logits(m)?),
         };
-        if m == 1 && cached_base.is_none() {
-            if let Some(s) = shared {
-                s.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if let (Some(key), Ok(mut stored)) = (shared_key.clone(), s.stored.lock()) {
-                    *stored = Some((key, Arc::clone(&logits)));
-                }
+        if m == 1
+            && cached_base.is_none()
+            && let Some(s) = shared
+        {
+            s.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if let (Some(key), Ok(mut stored)) = (shared_key.clone(), s.stored.lock()) {
+                *stored = Some((key, Arc::clone(&logits)));
             }
         }
         nonfinite[m] = logits.iter().filter(|v| !v.is_finite()).count();

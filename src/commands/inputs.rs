@@ -202,7 +202,7 @@ pub fn load_on(opened: &OpenedBase, adapter_dirs: &[PathBuf]) -> anyhow::Result<
     for adapter in &adapters {
         let adapter_tokenizer = TokenizerInfo::read_dir(&adapter.dir)?;
         let mut result = structure::check(&StructureInput {
-            base: &base,
+            base,
             base_config: base_config.as_ref(),
             base_tokenizer,
             adapter,

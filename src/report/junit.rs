@@ -266,7 +266,9 @@ pub fn render(report: &Report) -> String {
 /// testcase of its single-adapter document, named `<suite>: <check>`; an adapter that could not
 /// be checked is a suite with one testcase in `<error>` (JUnit's "could not run").
 pub fn render_each(report: &super::each::EachReport) -> String {
-    let per_adapter: Vec<(&str, Option<Vec<Suite<'_>>>, Option<&str>)> = report
+    // (adapter, its suites when it was checked, why not otherwise)
+    type Section<'a> = (&'a str, Option<Vec<Suite<'a>>>, Option<&'a str>);
+    let per_adapter: Vec<Section<'_>> = report
         .adapters
         .iter()
         .map(|a| {
