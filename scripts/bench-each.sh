@@ -24,19 +24,20 @@ tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
     --rank "$RANK" --modules "$MODULES"
 cat "$BASE"/*.safetensors > /dev/null   # the base read from memory in both runs
 
-timed() { # $1 = label, rest = check arguments; prints "label wall_s peak_rss_mib"
+timed() { # $1 = label, rest = check arguments; prints "label wall_s peak_rss_mib cpu_s"
   local label=$1; shift
   # shellcheck disable=SC2086
-  /usr/bin/time -f '%e %M' -o "$tmp/$label.time" \
+  /usr/bin/time -f '%e %M %U %S' -o "$tmp/$label.time" \
       "$BIN" check --quiet --exit-zero --base "$BASE" $FLAGS "$@" > /dev/null
-  read -r wall rss < "$tmp/$label.time"
-  echo "$label $wall $((rss / 1024))"
+  read -r wall rss user sys < "$tmp/$label.time"
+  echo "$label $wall $((rss / 1024)) $(echo "$user + $sys" | bc)"
 }
 
 uptime
 echo "base $BASE; $COUNT adapters r=$RANK on $MODULES (every layer); flags: $FLAGS"
 one=$(timed one --each "$tmp/adapters/a00")
 all=$(timed all --each-dir "$tmp/adapters")
-echo "$one" | awk '{printf "1 adapter:   %7.2f s  %6d MiB\n", $2, $3}'
-echo "$all" | awk -v n="$COUNT" '{printf "%d adapters: %7.2f s  %6d MiB\n", n, $2, $3}'
-echo "$one $all" | awk -v n="$COUNT" '{printf "ratio %d/1: %.2fx wall (target <= 3x)\n", n, $5 / $2}'
+echo "$one" | awk '{printf "1 adapter:   %7.2f s wall %7.2f s CPU %6d MiB\n", $2, $4, $3}'
+echo "$all" | awk -v n="$COUNT" '{printf "%d adapters: %7.2f s wall %7.2f s CPU %6d MiB\n", n, $2, $4, $3}'
+echo "$one $all" | awk -v n="$COUNT" '{printf "ratio %d/1: %.2fx wall, %.2fx CPU (target <= 3x)\n", n, $6 / $2, $8 / $4}'
+echo "$one $all" | awk -v n="$COUNT" '{printf "vs %d separate runs (%d x the one-adapter run): %.2f of their wall, %.2f of their CPU\n", n, n, $6 / ($2 * n), $8 / ($4 * n)}'

@@ -179,6 +179,7 @@ fn each_dir_checks_every_sub_folder_by_name_and_junit_has_a_suite_per_adapter() 
         ("b-layers", "llama-layers"),
         ("a-lora", "llama-lora"),
         ("c-bad", "garbage"),
+        ("d-deny", "nonfinite"),
     ] {
         let to = dir.join(name);
         std::fs::create_dir(&to).expect("mkdir");
@@ -231,12 +232,24 @@ fn each_dir_checks_every_sub_folder_by_name_and_junit_has_a_suite_per_adapter() 
         .collect();
     assert_eq!(
         names,
-        ["a-lora", "b-layers", "c-bad"],
+        ["a-lora", "b-layers", "c-bad", "d-deny"],
         "sorted, hidden folder skipped"
     );
 
     let junit = std::fs::read_to_string(reports.join("junit.xml")).expect("junit.xml");
-    assert_eq!(junit.matches("<testsuite ").count(), 3, "{junit}");
+    let doc = crate::reports::junit_and_github::parse_junit(&junit);
+    crate::reports::junit_and_github::assert_junit_consistent(&doc);
+    assert_eq!(doc.suites.len(), 4, "one testsuite per adapter: {junit}");
+    let denied = doc
+        .cases
+        .iter()
+        .filter(|c| c.failure.is_some())
+        .map(|c| c.suite.as_str())
+        .collect::<Vec<_>>();
+    assert!(
+        !denied.is_empty() && denied.iter().all(|s| s.ends_with("/d-deny")),
+        "{denied:?}"
+    );
     for name in &names {
         assert!(junit.contains(&format!(
             "name=\"lora-doctor.each.{}",
@@ -262,7 +275,11 @@ fn each_dir_checks_every_sub_folder_by_name_and_junit_has_a_suite_per_adapter() 
     let tokens = std::fs::read_to_string(reports.join("tokens.csv")).expect("tokens.csv");
     assert!(tokens.starts_with("adapter,position,kl_base,"), "{tokens}");
     let html = std::fs::read_to_string(reports.join("report.html")).expect("report.html");
-    assert_eq!(html.matches("<section id=\"adapter-").count(), 3);
+    let sections: Vec<&str> = html
+        .match_indices("<section id=\"adapter-")
+        .map(|(i, _)| &html[i..i + 60])
+        .collect();
+    assert_eq!(sections.len(), 4, "a section per adapter: {sections:#?}");
     assert!(html.contains("data-status=\"error\""));
     let summary = std::fs::read_to_string(reports.join("summary.md")).expect("summary.md");
     assert!(
