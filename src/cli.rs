@@ -130,6 +130,12 @@ fn keep_adapter_help(command: &str) -> String {
 }
 
 #[derive(Debug, Clone, Args)]
+#[command(group(
+    clap::ArgGroup::new("adapter_inputs")
+        .required(true)
+        .multiple(true)
+        .args(["adapters", "each", "each_dir"])
+))]
 pub struct CheckArgs {
     /// Base model: an HF folder (config.json + safetensors, sharded or not) or one .safetensors file.
     /// A hub name (`org/name`) that is not a local path is read from the Hugging Face cache.
@@ -137,7 +143,7 @@ pub struct CheckArgs {
     pub base: PathBuf,
     /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors); repeat to stack
     /// adapters in the order they were trained.
-    #[arg(long = "adapter", value_name = "DIR", required_unless_present_any = ["each", "each_dir"])]
+    #[arg(long = "adapter", value_name = "DIR")]
     pub adapters: Vec<PathBuf>,
     /// Check this adapter on its own against the base; repeat to check N independent adapters in
     /// one run that reads the base once (one verdict and report section per adapter; exit 0 only

@@ -340,3 +340,45 @@ fn each_refuses_what_it_cannot_mean() {
     assert_eq!(code(&out), 2);
     assert!(stderr(&out).contains("--precision"), "{}", stderr(&out));
 }
+
+#[test]
+fn terminal_summary_of_a_weight_check_of_three_adapters() {
+    // Weights only: deterministic numbers (f64 in a fixed order), so the summary is a snapshot.
+    // stderr carries one line per adapter with its time, so only stdout is kept.
+    let args = [
+        "check",
+        "--weights-only",
+        "--base",
+        "fixtures/models/tiny-llama",
+        "--each",
+        "fixtures/adapters/llama-lora",
+        "--each",
+        "fixtures/adapters/garbage",
+        "--each",
+        "fixtures/adapters/nonfinite",
+    ];
+    let out = Command::new(env!("CARGO_BIN_EXE_lora-doctor"))
+        .args(args)
+        .current_dir(root())
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("the binary runs");
+    let progress = stderr(&out);
+    for line in [
+        "[1/3] llama-lora: pass (",
+        "[2/3] garbage: error (",
+        "[3/3] nonfinite: fail (",
+    ] {
+        assert!(progress.contains(line), "{progress}");
+    }
+    let transcript = format!(
+        "$ lora-doctor {}\nexit: {}\n--- stdout\n{}",
+        args.join(" "),
+        code(&out),
+        String::from_utf8_lossy(&out.stdout)
+    )
+    .replace(env!("CARGO_PKG_VERSION"), "[version]");
+    insta::with_settings!({ prepend_module_to_snapshot => false, omit_expression => true }, {
+        insta::assert_snapshot!("check-each-weights", transcript);
+    });
+}

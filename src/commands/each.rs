@@ -93,10 +93,24 @@ fn build(args: &CheckArgs, dirs: &[PathBuf]) -> anyhow::Result<each::EachReport>
     for (i, dir) in dirs.iter().enumerate() {
         let name = dir.display().to_string();
         let label = format!("[{}/{}] {}", i + 1, dirs.len(), short_name(dir));
-        checks.push(match check::build_on(&single(args, dir), &opened, &label) {
+        let started = std::time::Instant::now();
+        let checked = match check::build_on(&single(args, dir), &opened, &label) {
             Ok(report) => each::AdapterCheck::checked(name, report),
             Err(e) => each::AdapterCheck::not_checked(name, format!("{e:#}")),
-        });
+        };
+        // One line per adapter on stderr: the bars are cleared when done (and hidden off a
+        // terminal), and a CI log of a long run should still say how far it got.
+        if !args.quiet {
+            report::print_human(
+                &format!(
+                    "{label}: {} ({:.1} s)\n",
+                    checked.each_verdict().as_str(),
+                    started.elapsed().as_secs_f64()
+                ),
+                true,
+            )?;
+        }
+        checks.push(checked);
     }
     let base_forwards = opened.base_logits.as_ref().map_or(0, |b| b.runs());
     Ok(each::EachReport::new(
