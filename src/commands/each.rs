@@ -113,9 +113,14 @@ fn build(args: &CheckArgs, dirs: &[PathBuf]) -> anyhow::Result<each::EachReport>
         checks.push(checked);
     }
     let base_forwards = opened.base_logits.as_ref().map_or(0, |b| b.runs());
+    let work = SharedWork::now().since(before);
     Ok(each::EachReport::new(
         args.base.display().to_string(),
-        each::SharedRun::new(SharedWork::now().since(before), base_forwards),
+        each::SharedRun {
+            base_opens: work.base_opens,
+            tokenizations: work.tokenizations,
+            base_forwards,
+        },
         checks,
     ))
 }

@@ -22,7 +22,7 @@ use crate::io::tokenizer::TokenizerInfo;
 
 /// How often this process did the work `check --each` shares between adapters: the report states
 /// it, and the tests hold it to once per run whatever the number of adapters.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SharedWork {
     /// Base checkpoints opened (headers parsed, files mapped, config and tokenizer read).
     pub base_opens: usize,

@@ -7,7 +7,6 @@ use serde::Serialize;
 
 use super::{Format, Report};
 use crate::ExitStatus;
-use crate::commands::inputs::SharedWork;
 use crate::findings::Verdict;
 
 /// The overall verdict of a `check --each` run: the worst adapter's, and `error` as soon as one
@@ -121,16 +120,6 @@ pub struct SharedRun {
     pub tokenizations: usize,
     /// Forward passes of the base model (adapters that resize the vocabulary add theirs).
     pub base_forwards: usize,
-}
-
-impl SharedRun {
-    pub fn new(work: SharedWork, base_forwards: usize) -> Self {
-        SharedRun {
-            base_opens: work.base_opens,
-            tokenizations: work.tokenizations,
-            base_forwards,
-        }
-    }
 }
 
 impl EachReport {
