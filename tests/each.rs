@@ -64,6 +64,23 @@ fn every_adapter_passing_exits_0_with_a_section_and_verdict_each_and_the_base_re
         assert_eq!(section["report"]["inputs"]["adapters"][0], dir.as_str());
         assert!(section["report"]["adapter_effect"]["mean_kl"].as_f64() > Some(0.0));
     }
+    // The schema is not vacuous for this shape either: each change is caught.
+    let mutations: [fn(&mut Value); 4] = [
+        |r| r["adapters"][0]["status"] = "maybe".into(),
+        |r| {
+            r.as_object_mut().expect("object").remove("shared");
+        },
+        |r| r["adapters"][1]["report"]["verdict"] = "maybe".into(),
+        |r| r["adapters"] = Value::Array(Vec::new()),
+    ];
+    for (i, mutate) in mutations.iter().enumerate() {
+        let mut bad = report.clone();
+        mutate(&mut bad);
+        assert!(
+            !crate::reports::schema::each_schema_errors(&bad).is_empty(),
+            "mutation {i} passed the schema"
+        );
+    }
     // Counted where the work is done: three adapters, the base's work once.
     assert_eq!(report["shared"]["base_opens"], 1, "{:#}", report["shared"]);
     assert_eq!(
