@@ -67,6 +67,8 @@ Examples:
   lora-doctor check --base base/ --adapter qlora/ --trained-on nf4 --precision bf16,q4_0 --csv layers.csv
   lora-doctor check --base base/ --adapter a/ --precision all --threshold min-retention.float=0.8
   lora-doctor check --base base/ --adapter a/ --report-dir report/ --github --deny warnings
+  lora-doctor check --base base/ --each loras/support/ --each loras/legal/ --junit junit.xml
+  lora-doctor check --base base/ --each-dir loras/ --report-dir report/   # every adapter in loras/
 
 Exit status: 0 gate passed, 1 gate failed (a deny-level finding), 2 could not run.";
 
@@ -127,7 +129,13 @@ fn keep_adapter_help(command: &str) -> String {
     )
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
+#[command(group(
+    clap::ArgGroup::new("adapter_inputs")
+        .required(true)
+        .multiple(true)
+        .args(["adapters", "each", "each_dir"])
+))]
 pub struct CheckArgs {
     /// Base model: an HF folder (config.json + safetensors, sharded or not) or one .safetensors file.
     /// A hub name (`org/name`) that is not a local path is read from the Hugging Face cache.
@@ -135,8 +143,19 @@ pub struct CheckArgs {
     pub base: PathBuf,
     /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors); repeat to stack
     /// adapters in the order they were trained.
-    #[arg(long = "adapter", value_name = "DIR", required = true)]
+    #[arg(long = "adapter", value_name = "DIR")]
     pub adapters: Vec<PathBuf>,
+    /// Check this adapter on its own against the base; repeat to check N independent adapters in
+    /// one run that reads the base once (one verdict and report section per adapter; exit 0 only
+    /// if every adapter was checked and passed, 1 if any failed the gate, 2 if any could not be
+    /// checked). Not with --adapter, which stacks adapters into one model.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["adapters", "merged"])]
+    pub each: Vec<PathBuf>,
+    /// Like --each for every sub-folder of DIR (sorted by name; hidden ones skipped): a folder of
+    /// adapter folders. A sub-folder that is not a readable adapter is reported as not checked
+    /// (exit 2), never skipped.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["adapters", "merged"])]
+    pub each_dir: Option<PathBuf>,
     /// An already-merged checkpoint to compare against the unmerged adapter, as one more candidate
     /// (its own dtype).
     #[arg(long, value_name = "DIR")]

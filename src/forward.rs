@@ -767,12 +767,69 @@ fn provider_for<'a>(
     }
 }
 
+/// The base model's logits over the evaluation tokens, kept by the first comparison that runs it
+/// and reused by later comparisons on the same base, tokens and `--trained-on` (`check --each`:
+/// the `base` row and the adapter's effect of every adapter come from one base forward).
+#[derive(Default)]
+pub struct SharedBaseLogits {
+    stored: Mutex<Option<(BaseLogitsKey, Arc<Vec<f32>>)>>,
+    runs: std::sync::atomic::AtomicUsize,
+}
+
+/// What the base model's logits depend on besides the base checkpoint itself.
+type BaseLogitsKey = (Option<&'static str>, Vec<Vec<u32>>);
+
+impl SharedBaseLogits {
+    /// How many times the base model was run forward for these comparisons.
+    pub fn runs(&self) -> usize {
+        self.runs.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The key of `inputs`' base model, unless its adapters resize the vocabulary (then the base
+    /// model carries their added rows and is theirs alone).
+    fn key(inputs: &ForwardInputs<'_>) -> Option<BaseLogitsKey> {
+        if inputs.plan.weights.iter().any(|j| j.growth.is_some()) {
+            return None;
+        }
+        Some((
+            inputs.trained_on.map(|p| p.name()),
+            inputs.prompts.sequences.clone(),
+        ))
+    }
+
+    fn get(&self, key: &BaseLogitsKey) -> Option<Arc<Vec<f32>>> {
+        let stored = self.stored.lock().ok()?;
+        stored
+            .as_ref()
+            .filter(|(k, _)| k == key)
+            .map(|(_, logits)| Arc::clone(logits))
+    }
+}
+
 /// Runs every model over every sequence, block by block. `on_step` is called after the embedding,
 /// each block and the head (progress).
 pub fn compare(
     inputs: &ForwardInputs<'_>,
     on_step: &(dyn Fn() + Sync),
 ) -> Result<ForwardOutcome, ModelError> {
+    compare_sharing(inputs, None, on_step)
+}
+
+/// [`compare`], with the base model's logits taken from `shared` when an earlier comparison on
+/// the same base and tokens left them there (the base model is then not run: the same values,
+/// computed once), and left there otherwise.
+pub fn compare_sharing(
+    inputs: &ForwardInputs<'_>,
+    shared: Option<&SharedBaseLogits>,
+    on_step: &(dyn Fn() + Sync),
+) -> Result<ForwardOutcome, ModelError> {
+    let shared_key = shared.and_then(|_| SharedBaseLogits::key(inputs));
+    let cached_base = match (shared, &shared_key) {
+        (Some(s), Some(key)) => s.get(key),
+        _ => None,
+    };
+    // Index 1 (the base model) is skipped by the walk when its logits are cached.
+    let walks = |m: usize| m != 1 || cached_base.is_none();
     let arch = inputs.arch;
     let base = inputs.base;
     let block_linear = block_linear_names(arch, base);
@@ -823,7 +880,11 @@ pub fn compare(
     let positional = arch.learned_positions();
     let all_tokens: Vec<u32> = sequences.iter().flatten().copied().collect();
     let mut hidden: Vec<Vec<Tensor>> = Vec::with_capacity(providers.len());
-    for provider in &providers {
+    for (m, provider) in providers.iter().enumerate() {
+        if !walks(m) {
+            hidden.push(Vec::new());
+            continue;
+        }
         let states = if positional {
             sequences
                 .iter()
@@ -854,7 +915,11 @@ pub fn compare(
         let stepped = providers
             .iter()
             .zip(hidden)
-            .map(|(provider, states)| {
+            .enumerate()
+            .map(|(m, (provider, states))| {
+                if !walks(m) {
+                    return Ok(Vec::new());
+                }
                 let prepared = Prepared::load(provider.as_ref(), &names)?;
                 states
                     .iter()
@@ -918,7 +983,19 @@ pub fn compare(
     let mut scores: Vec<TokenScores> = vec![TokenScores::default(); providers.len()];
     let mut nonfinite = vec![0; providers.len()];
     for m in 1..providers.len() {
-        let logits = head_logits(m)?;
+        let logits = match (m, &cached_base) {
+            (1, Some(cached)) => Arc::clone(cached),
+            _ => Arc::new(head_logits(m)?),
+        };
+        if m == 1
+            && cached_base.is_none()
+            && let Some(s) = shared
+        {
+            s.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if let (Some(key), Ok(mut stored)) = (shared_key.clone(), s.stored.lock()) {
+                *stored = Some((key, Arc::clone(&logits)));
+            }
+        }
         nonfinite[m] = logits.iter().filter(|v| !v.is_finite()).count();
         scores[m].push_rows(&reference_rows, &logits, &next_tokens);
     }

@@ -9,6 +9,7 @@ mod arch_moe;
 mod bad_inputs;
 mod contract;
 mod docs_and_inspect;
+mod each;
 mod false_alarms;
 mod finding_codes;
 mod fuzz_regressions;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use rayon::prelude::*;
 
-use super::inputs::{Loaded, load};
+use super::inputs::{Loaded, OpenedBase, load_on, open_base};
 use crate::ExitStatus;
 use crate::cli::CheckArgs;
 use crate::findings::thresholds::Thresholds;
@@ -50,6 +50,9 @@ fn plan(args: &CheckArgs) -> anyhow::Result<Plan> {
     let settings = plan_without_outputs(args)?;
     let mut inputs: Vec<&Path> = vec![args.base.as_path()];
     inputs.extend(args.adapters.iter().map(PathBuf::as_path));
+    // `--each`: every adapter is an input too.
+    inputs.extend(args.each.iter().map(PathBuf::as_path));
+    inputs.extend(args.each_dir.iter().map(PathBuf::as_path));
     if let Some(m) = &args.merged {
         inputs.push(m.as_path());
     }
@@ -248,14 +251,44 @@ fn default_precisions(
 /// by tests and tools that want the `Report` itself.
 pub fn build_report(args: &CheckArgs) -> anyhow::Result<Report> {
     let plan = plan_without_outputs(args)?;
-    build(args, &plan)
+    build(args, &plan, &open_base(&args.base)?, "")
+}
+
+/// The report of `args` (one adapter, or a stack) against a base opened already: what
+/// `check --each` runs per adapter. Flags are validated here as in a run of their own, so a
+/// per-adapter problem (its lora-doctor.toml) is that adapter's error. `label` prefixes the
+/// progress bars.
+pub(crate) fn build_on(
+    args: &CheckArgs,
+    opened: &OpenedBase,
+    label: &str,
+) -> anyhow::Result<Report> {
+    let plan = plan_without_outputs(args)?;
+    build(args, &plan, opened, label)
+}
+
+/// Checks the flags of a `check --each` run before anything is read (exit 2 at once on a bad
+/// `--precision`, `--threshold`, …): `args` with no adapter, so no adapter's lora-doctor.toml is
+/// read yet — each adapter's own settings are decided in [`build_on`].
+pub(crate) fn validate_flags(args: &CheckArgs) -> anyhow::Result<()> {
+    plan_without_outputs(args).map(|_| ())
+}
+
+/// The outputs a `check --each` run writes, reserved before the base is read.
+pub(crate) fn reserve_outputs(args: &CheckArgs) -> anyhow::Result<Vec<(Format, OutputTarget)>> {
+    Ok(plan(args)?.outputs)
 }
 
 /// `check` as its pipeline: load and structure, then (when the adapters fit) weights,
 /// forensics of `--merged`, logits and generation, then the gate. Each stage adds findings and
 /// fills its part of the report.
-fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
-    let inputs = load(&args.base, &args.adapters)?;
+fn build(
+    args: &CheckArgs,
+    plan: &Settings,
+    opened: &OpenedBase,
+    label: &str,
+) -> anyhow::Result<Report> {
+    let inputs = load_on(opened, &args.adapters)?;
     let mut findings = inputs.findings.clone();
     let mut parts = Parts::default();
     if let Some(why) = structural_block(args, &findings) {
@@ -284,6 +317,8 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
         let job = Job {
             args,
             plan,
+            opened,
+            label,
             inputs: &inputs,
             merge_plan: &merge_plan,
             precisions: &precisions,
@@ -306,9 +341,25 @@ fn build(args: &CheckArgs, plan: &Settings) -> anyhow::Result<Report> {
 struct Job<'a> {
     args: &'a CheckArgs,
     plan: &'a Settings,
+    /// The base as opened (once per run, for every adapter of `--each`).
+    opened: &'a OpenedBase,
+    /// What the progress bars are prefixed with (`check --each`: which adapter).
+    label: &'a str,
     inputs: &'a Loaded,
     merge_plan: &'a MergePlan,
     precisions: &'a [Precision],
+}
+
+impl Job<'_> {
+    /// A progress bar for a phase of this job.
+    fn bar(&self, len: usize, phase: &'static str, unit: &'static str) -> indicatif::ProgressBar {
+        let message = if self.label.is_empty() {
+            phase.to_string()
+        } else {
+            format!("{} {phase}", self.label)
+        };
+        super::progress::bar(len, self.args.quiet, message, unit)
+    }
 }
 
 /// The report sections the stages fill.
@@ -346,12 +397,7 @@ fn weight_stage(job: &Job<'_>, findings: &mut Vec<Finding>) -> anyhow::Result<We
         recipe: job.args.recipe,
         trained_on: job.plan.trained_on,
     };
-    let bar = super::progress::bar(
-        job.merge_plan.weights.len(),
-        job.args.quiet,
-        "merging",
-        "tensors",
-    );
+    let bar = job.bar(job.merge_plan.weights.len(), "merging", "tensors");
     let mut evaluations = job
         .merge_plan
         .weights
@@ -383,12 +429,7 @@ fn forensics_stage(
     let checkpoint = Checkpoint::open(dir)
         .with_context(|| format!("cannot open the merged checkpoint `{}`", dir.display()))?;
     let precision = crate::forensics::merged_precision(&checkpoint);
-    let bar = super::progress::bar(
-        job.merge_plan.weights.len(),
-        job.args.quiet,
-        "forensics",
-        "tensors",
-    );
+    let bar = job.bar(job.merge_plan.weights.len(), "forensics", "tensors");
     let (found_forensics, mut found) = crate::forensics::analyze(&crate::forensics::Inputs {
         base: &job.inputs.base,
         base_dir: &base_folder(&job.args.base),
@@ -467,7 +508,7 @@ fn logit_stage(
              alone"
         ),
     };
-    let prompts = prompts_for(args, &inputs.base, &inputs.adapters, arch.max_positions())?;
+    let prompts = prompts_for(args, job.opened, &inputs.adapters, arch.max_positions())?;
     parts.tokens = Some(prompts.tokens());
     let repairs = repair_candidates(&args.repair, job.precisions)?;
     if !repairs.is_empty() && arch.conv1d() {
@@ -479,16 +520,15 @@ fn logit_stage(
     let residuals = residual_candidates(args, job, &arch)?;
     let calibration = if needs_calibration(args) {
         Some(
-            super::inputs::tokenized_text(
-                args.calibration.file.as_deref(),
-                prompts::CALIBRATION_TEXT,
-                &args.base,
-                &inputs.base,
-                &inputs.adapters,
-                args.calibration.tokens,
-                arch.max_positions().map_or(512, |p| p.min(512)),
-            )
-            .context("reading the calibration text")?,
+            job.opened
+                .tokenized(
+                    args.calibration.file.as_deref(),
+                    prompts::CALIBRATION_TEXT,
+                    &inputs.adapters,
+                    args.calibration.tokens,
+                    arch.max_positions().map_or(512, |p| p.min(512)),
+                )
+                .context("reading the calibration text")?,
         )
     } else {
         None
@@ -512,7 +552,7 @@ fn logit_stage(
             best: Vec::new(),
         });
     }
-    let bar = super::progress::bar(arch.num_layers() + 2, args.quiet, "forward", "steps");
+    let bar = job.bar(arch.num_layers() + 2, "forward", "steps");
     let forward_inputs = ForwardInputs {
         arch: &arch,
         base: &inputs.base,
@@ -527,7 +567,10 @@ fn logit_stage(
         calibration: calibration.as_ref(),
         residuals: residuals.as_ref(),
     };
-    let forward = crate::forward::compare(&forward_inputs, &|| bar.inc(1))
+    let forward =
+        crate::forward::compare_sharing(&forward_inputs, job.opened.base_logits.as_ref(), &|| {
+            bar.inc(1)
+        })
         .context("running the logit comparison")?;
     bar.finish_and_clear();
     // Each row's kind: a precision's merge, or the --merged checkpoint.
@@ -609,9 +652,8 @@ fn logit_stage(
         .map(|s| s[..s.len().min(GENERATION_PROMPT_TOKENS)].to_vec())
         .collect();
     let stop = eos_ids(inputs.base_config.as_ref());
-    let bar = super::progress::bar(
+    let bar = job.bar(
         crate::forward::generation_steps(&forward_inputs, args.generate),
-        args.quiet,
         "generating",
         "steps",
     );
@@ -840,18 +882,16 @@ fn eos_ids(config: Option<&ModelConfig>) -> Vec<u32> {
 /// ship one (added tokens), else the base's.
 fn prompts_for(
     args: &CheckArgs,
-    base: &Checkpoint,
+    opened: &OpenedBase,
     adapters: &[Adapter],
     max_positions: Option<usize>,
 ) -> anyhow::Result<TokenizedPrompts> {
     // Sequences stay within the model's learned positions (GPT-2: n_positions), and leave room
     // for the generation check's continuation.
     let max_len = max_positions.map_or(512, |p| p.min(512));
-    super::inputs::tokenized_text(
+    opened.tokenized(
         args.prompts.as_deref(),
         prompts::BUILTIN_TEXT,
-        &args.base,
-        base,
         adapters,
         args.max_tokens,
         max_len,
@@ -859,8 +899,19 @@ fn prompts_for(
 }
 
 pub fn run(args: &CheckArgs) -> anyhow::Result<ExitStatus> {
-    // Threads first (no other thread may exist while the pools' environment is set; 0 is
-    // refused by the plan), then the interrupt handler, before any output is reserved.
+    if super::each::requested(args) {
+        return super::each::run(args);
+    }
+    prepare_process(args)?;
+    let plan = plan(args)?;
+    let report = build(args, &plan.settings, &open_base(&args.base)?, "")?;
+    run_single(args, report, plan)
+}
+
+/// What every `check` run does before anything else: threads first (no other thread may exist
+/// while the pools' environment is set; 0 is refused by the plan), then the interrupt handler,
+/// before any output is reserved.
+pub(crate) fn prepare_process(args: &CheckArgs) -> anyhow::Result<()> {
     if let Some(requested) = args.threads.filter(|n| *n > 0) {
         let used = crate::threads::configure(requested);
         if used < requested && !args.quiet {
@@ -874,8 +925,10 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<ExitStatus> {
         }
     }
     crate::interrupt::install();
-    let plan = plan(args)?;
-    let report = build(args, &plan.settings)?;
+    Ok(())
+}
+
+fn run_single(args: &CheckArgs, report: Report, plan: Plan) -> anyhow::Result<ExitStatus> {
     let verdict = report.verdict;
 
     let machine_on_stdout = plan.outputs.iter().any(|(_, o)| o.is_stdout());
@@ -892,23 +945,30 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<ExitStatus> {
     }
     if args.github {
         report::print_human(&report::github::render(&report), machine_on_stdout)?;
-        if let Some(path) = std::env::var_os("GITHUB_STEP_SUMMARY") {
-            use std::io::Write;
-            let mut file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .with_context(|| {
-                    format!(
-                        "appending to GITHUB_STEP_SUMMARY `{}`",
-                        path.to_string_lossy()
-                    )
-                })?;
-            file.write_all(report::summary::render(&report).as_bytes())?;
-        }
+        append_step_summary(&report::summary::render(&report))?;
     }
     Ok(match verdict {
         Verdict::Fail if !args.exit_zero => ExitStatus::Failure,
         _ => ExitStatus::Success,
     })
+}
+
+/// `--github`: appends the Markdown summary to $GITHUB_STEP_SUMMARY when it is set.
+pub(crate) fn append_step_summary(markdown: &str) -> anyhow::Result<()> {
+    let Some(path) = std::env::var_os("GITHUB_STEP_SUMMARY") else {
+        return Ok(());
+    };
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| {
+            format!(
+                "appending to GITHUB_STEP_SUMMARY `{}`",
+                path.to_string_lossy()
+            )
+        })?;
+    file.write_all(markdown.as_bytes())?;
+    Ok(())
 }

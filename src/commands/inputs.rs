@@ -1,8 +1,14 @@
 //! The inputs every merge-evaluating command opens the same way: the base checkpoint (with its
 //! config.json and tokenizer), every adapter, and the structural rules run on them. Unreadable
 //! input is an error (exit 2); a misfit is findings.
+//!
+//! The base is opened on its own ([`open_base`]) so that `check --each` opens it once and checks
+//! every adapter against the same [`OpenedBase`]; [`SharedWork`] counts the work done on it.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 
@@ -14,9 +20,95 @@ use crate::io::checkpoint::Checkpoint;
 use crate::io::config::ModelConfig;
 use crate::io::tokenizer::TokenizerInfo;
 
+/// How often this process did the work `check --each` shares between adapters: the report states
+/// it, and the tests hold it to once per run whatever the number of adapters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SharedWork {
+    /// Base checkpoints opened (headers parsed, files mapped, config and tokenizer read).
+    pub base_opens: usize,
+    /// Texts run through a tokenizer (evaluation and calibration texts).
+    pub tokenizations: usize,
+}
+
+static BASE_OPENS: AtomicUsize = AtomicUsize::new(0);
+static TOKENIZATIONS: AtomicUsize = AtomicUsize::new(0);
+
+impl SharedWork {
+    /// The counts so far in this process.
+    pub fn now() -> Self {
+        SharedWork {
+            base_opens: BASE_OPENS.load(Ordering::Relaxed),
+            tokenizations: TOKENIZATIONS.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The work done since `earlier`.
+    pub fn since(self, earlier: SharedWork) -> Self {
+        SharedWork {
+            base_opens: self.base_opens - earlier.base_opens,
+            tokenizations: self.tokenizations - earlier.tokenizations,
+        }
+    }
+}
+
+/// What identifies a tokenized text: the tokenizer file (or the GGUF base it is rebuilt from),
+/// the text (a file, or the address of a built-in text) and the limits.
+type TextKey = (Option<PathBuf>, PathBuf, usize, usize);
+
+/// The base checkpoint opened once, with what it describes about itself, and the texts already
+/// tokenized for it (every adapter that ships no tokenizer of its own scores the same tokens).
+pub struct OpenedBase {
+    pub path: PathBuf,
+    pub checkpoint: Arc<Checkpoint>,
+    pub config: Option<ModelConfig>,
+    tokenizer: Option<TokenizerInfo>,
+    heads: Option<(usize, usize)>,
+    texts: Mutex<HashMap<TextKey, crate::io::prompts::TokenizedPrompts>>,
+    /// The base model's logits, kept for the next adapter (`check --each` only: a single check
+    /// has no later comparison to share them with).
+    pub base_logits: Option<crate::forward::SharedBaseLogits>,
+}
+
+impl OpenedBase {
+    /// Keeps the base model's logits from one adapter's comparison for the next.
+    pub fn shared_across_adapters(mut self) -> Self {
+        self.base_logits = Some(crate::forward::SharedBaseLogits::default());
+        self
+    }
+}
+
+/// Opens the base: its tensors' headers, config.json (or GGUF metadata) and tokenizer (exit 2 on
+/// unreadable input).
+pub fn open_base(base_path: &Path) -> anyhow::Result<OpenedBase> {
+    BASE_OPENS.fetch_add(1, Ordering::Relaxed);
+    let base = Checkpoint::open(base_path)
+        .with_context(|| format!("cannot open the base `{}`", base_path.display()))?;
+    let folder = base_folder(base_path);
+    let (config, tokenizer) = match base.gguf() {
+        Some(header) => gguf_config_and_tokenizer(&base, header)?,
+        None => (
+            ModelConfig::read_dir(&folder)?,
+            TokenizerInfo::read_dir(&folder)?,
+        ),
+    };
+    let heads = config.as_ref().and_then(|c| {
+        let n_head = c.num_attention_heads?;
+        Some((n_head, c.num_key_value_heads.unwrap_or(n_head)))
+    });
+    Ok(OpenedBase {
+        path: base_path.to_path_buf(),
+        checkpoint: Arc::new(base),
+        config,
+        tokenizer,
+        heads,
+        texts: Mutex::new(HashMap::new()),
+        base_logits: None,
+    })
+}
+
 /// Inputs opened and structurally checked, shared by `check` and `merge`.
 pub struct Loaded {
-    pub base: Checkpoint,
+    pub base: Arc<Checkpoint>,
     pub base_config: Option<ModelConfig>,
     pub adapters: Vec<Adapter>,
     pub findings: Vec<crate::findings::Finding>,
@@ -88,20 +180,16 @@ fn conversion_findings(
 
 /// Opens the base and every adapter (exit 2 on unreadable input) and runs the structural rules.
 pub fn load(base_path: &Path, adapter_dirs: &[PathBuf]) -> anyhow::Result<Loaded> {
-    let base = Checkpoint::open(base_path)
-        .with_context(|| format!("cannot open the base `{}`", base_path.display()))?;
-    let folder = base_folder(base_path);
-    let (base_config, base_tokenizer) = match base.gguf() {
-        Some(header) => gguf_config_and_tokenizer(&base, header)?,
-        None => (
-            ModelConfig::read_dir(&folder)?,
-            TokenizerInfo::read_dir(&folder)?,
-        ),
-    };
-    let base_heads = base_config.as_ref().and_then(|c| {
-        let n_head = c.num_attention_heads?;
-        Some((n_head, c.num_key_value_heads.unwrap_or(n_head)))
-    });
+    load_on(&open_base(base_path)?, adapter_dirs)
+}
+
+/// Opens every adapter (exit 2 on unreadable input) and runs the structural rules against a base
+/// opened already.
+pub fn load_on(opened: &OpenedBase, adapter_dirs: &[PathBuf]) -> anyhow::Result<Loaded> {
+    let base = &opened.checkpoint;
+    let base_config = opened.config.clone();
+    let base_tokenizer = opened.tokenizer.as_ref();
+    let base_heads = opened.heads;
     let mut adapters = Vec::with_capacity(adapter_dirs.len());
     for dir in adapter_dirs {
         let adapter = Adapter::open_any(dir, base_heads)
@@ -114,9 +202,9 @@ pub fn load(base_path: &Path, adapter_dirs: &[PathBuf]) -> anyhow::Result<Loaded
     for adapter in &adapters {
         let adapter_tokenizer = TokenizerInfo::read_dir(&adapter.dir)?;
         let mut result = structure::check(&StructureInput {
-            base: &base,
+            base,
             base_config: base_config.as_ref(),
-            base_tokenizer: base_tokenizer.as_ref(),
+            base_tokenizer,
             adapter,
             adapter_tokenizer: adapter_tokenizer.as_ref(),
         })
@@ -132,7 +220,7 @@ pub fn load(base_path: &Path, adapter_dirs: &[PathBuf]) -> anyhow::Result<Loaded
         structures.push(result);
     }
     Ok(Loaded {
-        base,
+        base: Arc::clone(base),
         base_config,
         adapters,
         findings,
@@ -157,17 +245,73 @@ pub fn tokenized_text(
     max_tokens: usize,
     max_len: usize,
 ) -> anyhow::Result<crate::io::prompts::TokenizedPrompts> {
+    let tokenizer = tokenizer_file(base_path, adapters);
+    tokenize(
+        file, builtin, base_path, base, tokenizer, max_tokens, max_len,
+    )
+}
+
+impl OpenedBase {
+    /// [`tokenized_text`] on this base, tokenized once per (tokenizer, text, limits): adapters
+    /// that ship no tokenizer of their own share the base's tokens.
+    pub fn tokenized(
+        &self,
+        file: Option<&Path>,
+        builtin: &'static str,
+        adapters: &[Adapter],
+        max_tokens: usize,
+        max_len: usize,
+    ) -> anyhow::Result<crate::io::prompts::TokenizedPrompts> {
+        let tokenizer = tokenizer_file(&self.path, adapters);
+        // A built-in text is named by its address: the texts are distinct constants.
+        let text = file.map_or_else(
+            || PathBuf::from(format!("builtin:{:p}", builtin.as_ptr())),
+            Path::to_path_buf,
+        );
+        let key = (tokenizer.clone(), text, max_tokens, max_len);
+        if let Some(found) = self.texts.lock().ok().and_then(|t| t.get(&key).cloned()) {
+            return Ok(found);
+        }
+        let tokens = tokenize(
+            file,
+            builtin,
+            &self.path,
+            &self.checkpoint,
+            tokenizer,
+            max_tokens,
+            max_len,
+        )?;
+        if let Ok(mut texts) = self.texts.lock() {
+            texts.insert(key, tokens.clone());
+        }
+        Ok(tokens)
+    }
+}
+
+/// The tokenizer.json the prompts are tokenized with: the adapters' (added tokens) or the
+/// base's; `None` when only a GGUF base's own vocabulary is left.
+fn tokenizer_file(base_path: &Path, adapters: &[Adapter]) -> Option<PathBuf> {
+    let dirs: Vec<&Path> = adapters.iter().map(|a| a.dir.as_path()).collect();
+    crate::io::prompts::find_tokenizer(&dirs, &base_folder(base_path))
+}
+
+fn tokenize(
+    file: Option<&Path>,
+    builtin: &str,
+    base_path: &Path,
+    base: &Checkpoint,
+    tokenizer: Option<PathBuf>,
+    max_tokens: usize,
+    max_len: usize,
+) -> anyhow::Result<crate::io::prompts::TokenizedPrompts> {
     use crate::io::prompts;
+    TOKENIZATIONS.fetch_add(1, Ordering::Relaxed);
     let texts = match file {
         Some(path) => prompts::read_prompts(path)?,
         None => prompts::split_paragraphs(builtin),
     };
-    let dirs: Vec<&Path> = adapters.iter().map(|a| a.dir.as_path()).collect();
     // The rebuilt tokenizer file lives until the prompts are tokenized.
-    let (tokenizer, _rebuilt) = match (
-        prompts::find_tokenizer(&dirs, &base_folder(base_path)),
-        base.gguf(),
-    ) {
+    let (tokenizer, _rebuilt) = match (tokenizer, base.gguf()) {
         (Some(path), _) => (path, None),
         (None, Some(header)) => {
             let file = crate::io::tokenizer::gguf_tokenizer_file(header).with_context(|| {

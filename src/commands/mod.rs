@@ -2,6 +2,7 @@
 //! to the reporters; none of them prints directly.
 
 pub mod check;
+pub mod each;
 pub mod explain;
 pub mod init;
 pub mod inputs;
@@ -25,6 +26,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitStatus> {
         Command::Check(mut args) => {
             let mut inputs = vec![("--base", &mut args.base)];
             inputs.extend(args.adapters.iter_mut().map(|a| ("--adapter", a)));
+            inputs.extend(args.each.iter_mut().map(|a| ("--each", a)));
             inputs.extend(args.merged.iter_mut().map(|m| ("--merged", m)));
             args.hub = hub::resolve_all(inputs, &args.revision)?;
             check::run(&args)

@@ -17,6 +17,24 @@ pub fn render(report: &Report) -> anyhow::Result<Vec<u8>> {
     Ok(writer.into_inner()?)
 }
 
+/// `check --each`: every adapter's rows, an `adapter` column first (the adapter folder as the
+/// report names it); adapters that were not checked have no rows.
+pub fn render_each(report: &super::each::EachReport) -> anyhow::Result<Vec<u8>> {
+    let mut writer = csv::Writer::from_writer(Vec::new());
+    let mut header = vec!["adapter"];
+    header.extend_from_slice(HEADER);
+    writer.write_record(&header)?;
+    for (adapter, single) in report.reports() {
+        let rendered = render(single)?;
+        let mut reader = csv::Reader::from_reader(rendered.as_slice());
+        for record in reader.records() {
+            let record = record?;
+            writer.write_record(std::iter::once(adapter).chain(record.iter()))?;
+        }
+    }
+    Ok(writer.into_inner()?)
+}
+
 /// Column names, in `LayerRow` field order (used when there are no rows to derive them from).
 const HEADER: &[&str] = &[
     "module",

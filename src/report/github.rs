@@ -79,6 +79,46 @@ pub fn render(report: &Report) -> String {
     out
 }
 
+/// `check --each`: every checked adapter's annotations (its findings name it in their title),
+/// an error annotation per adapter that could not be checked, then the overall verdict.
+pub fn render_each(report: &super::each::EachReport) -> String {
+    let mut out = String::new();
+    for a in &report.adapters {
+        match (&a.report, &a.error) {
+            (Some(r), _) => {
+                for line in r.findings.iter().filter_map(annotation) {
+                    // `::warning title=lora-doctor CODE…` → name the adapter in the title.
+                    out.push_str(&line.replacen(
+                        "title=lora-doctor ",
+                        &format!("title=lora-doctor [{}] ", escape_property(&a.adapter)),
+                        1,
+                    ));
+                    out.push('\n');
+                }
+            }
+            (None, error) => {
+                let _ = writeln!(
+                    out,
+                    "::error title={}::{}",
+                    escape_property(&format!("lora-doctor [{}] not checked", a.adapter)),
+                    escape_data(error.as_deref().unwrap_or("unknown error"))
+                );
+            }
+        }
+    }
+    let (pass, warn, fail, error) = report.counts();
+    let _ = writeln!(
+        out,
+        "::notice title={}::{}",
+        escape_property("lora-doctor verdict"),
+        escape_data(&format!(
+            "{} ({pass} pass, {warn} warn, {fail} fail, {error} not checked)",
+            report.verdict.as_str()
+        ))
+    );
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

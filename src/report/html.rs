@@ -112,31 +112,128 @@ footer { margin-top: 40px; color: var(--info); font-size: 12.5px; }
 /// Renders the complete page. Never fails: a chart that cannot be drawn becomes a note.
 pub fn render(report: &Report, options: &HtmlOptions) -> String {
     let mut out = String::with_capacity(64 * 1024);
+    page_start(
+        &mut out,
+        report.tool_version,
+        summary::verdict_word(report.verdict),
+    );
+    body(&mut out, report, options);
+    page_end(&mut out, report.tool_version, report.schema_version);
+    out
+}
+
+fn page_start(out: &mut String, tool_version: &str, title: &str) {
     let _ = write!(
         out,
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
          <meta name=\"generator\" content=\"lora-doctor {}\">\n\
          <title>lora-doctor: {}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n",
-        escape(report.tool_version),
-        summary::verdict_word(report.verdict)
+        escape(tool_version),
+        escape(title)
     );
-    banner(&mut out, report);
-    matrix_section(&mut out, report);
-    heatmap_section(&mut out, report, options);
-    kl_section(&mut out, report);
-    drift_section(&mut out, report);
-    generation_section(&mut out, report);
-    forensics_section(&mut out, report);
-    findings_section(&mut out, report);
-    provenance_section(&mut out, report);
+}
+
+/// Every section of one check's report.
+fn body(out: &mut String, report: &Report, options: &HtmlOptions) {
+    banner(out, report);
+    matrix_section(out, report);
+    heatmap_section(out, report, options);
+    kl_section(out, report);
+    drift_section(out, report);
+    generation_section(out, report);
+    forensics_section(out, report);
+    findings_section(out, report);
+    provenance_section(out, report);
+}
+
+fn page_end(out: &mut String, tool_version: &str, schema_version: u32) {
     let _ = write!(
         out,
         "<footer>lora-doctor {} · report schema {} · one self-contained file, no scripts</footer>\n\
          </body>\n</html>\n",
-        escape(report.tool_version),
-        report.schema_version
+        escape(tool_version),
+        schema_version
     );
+}
+
+/// `check --each`: the overall verdict and a table of adapters, then one section per adapter
+/// holding its complete report (or why it could not be checked). Element ids inside a section
+/// are the single report's, so a link to `#verdict` lands on the first adapter's.
+pub fn render_each(report: &super::each::EachReport) -> String {
+    use super::each::EachVerdict;
+    let mut out = String::with_capacity(64 * 1024 * report.adapters.len().max(1));
+    let word = summary::each_verdict_word(report.verdict);
+    page_start(&mut out, report.tool_version, word);
+    let class = match report.verdict {
+        EachVerdict::Pass => "pass",
+        EachVerdict::Warn => "warn",
+        EachVerdict::Fail | EachVerdict::Error => "fail",
+    };
+    let (pass, warn, fail, error) = report.counts();
+    let _ = writeln!(
+        out,
+        "<header id=\"each-verdict\" class=\"banner {class}\" data-verdict=\"{}\">\n<h1>{}</h1>\n\
+         <div>{} adapter(s) on base <code>{}</code>: {pass} pass · {warn} warn · {fail} fail · \
+         {error} not checked</div>\n</header>",
+        report.verdict.as_str(),
+        escape(word),
+        report.adapters.len(),
+        escape(&report.base)
+    );
+    out.push_str(
+        "<section id=\"adapters\"><h2>Adapters</h2>\n<table>\n<tr><th>adapter</th><th>verdict</th>\
+         <th>deny</th><th>warn</th><th>worst mean KL</th></tr>\n",
+    );
+    for (i, a) in report.adapters.iter().enumerate() {
+        match &a.report {
+            Some(r) => {
+                let count = |level| r.findings.iter().filter(|f| f.level == level).count();
+                let _ = writeln!(
+                    out,
+                    "<tr><td><a href=\"#adapter-{i}\">{}</a></td><td class=\"{}\">{}</td>\
+                     <td>{}</td><td>{}</td><td>{}</td></tr>",
+                    breakable_path(&a.adapter),
+                    verdict_class(Some(r.verdict)),
+                    r.verdict.as_str(),
+                    count(Level::Deny),
+                    count(Level::Warn),
+                    super::format::sci(summary::worst_mean_kl(r), 3)
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "<tr><td><a href=\"#adapter-{i}\">{}</a></td><td class=\"fail\">not checked</td>\
+                     <td colspan=\"3\">{}</td></tr>",
+                    breakable_path(&a.adapter),
+                    escape(a.error.as_deref().unwrap_or("unknown error"))
+                );
+            }
+        }
+    }
+    out.push_str("</table>\n</section>\n");
+    for (i, a) in report.adapters.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "<section id=\"adapter-{i}\" class=\"adapter\" data-status=\"{}\">\n\
+             <h2>Adapter <code>{}</code></h2>",
+            a.status,
+            escape(&a.adapter)
+        );
+        match &a.report {
+            Some(r) => body(&mut out, r, &HtmlOptions::default()),
+            None => {
+                let _ = writeln!(
+                    out,
+                    "<div class=\"finding deny\"><span class=\"lvl\">not checked</span>{}</div>",
+                    escape(a.error.as_deref().unwrap_or("unknown error"))
+                );
+            }
+        }
+        out.push_str("</section>\n");
+    }
+    page_end(&mut out, report.tool_version, report.schema_version);
     out
 }
 

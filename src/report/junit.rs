@@ -262,6 +262,95 @@ pub fn render(report: &Report) -> String {
     out
 }
 
+/// `check --each`: one `<testsuite>` per adapter (`lora-doctor.each.<adapter>`) holding every
+/// testcase of its single-adapter document, named `<suite>: <check>`; an adapter that could not
+/// be checked is a suite with one testcase in `<error>` (JUnit's "could not run").
+pub fn render_each(report: &super::each::EachReport) -> String {
+    // (adapter, its suites when it was checked, why not otherwise)
+    type Section<'a> = (&'a str, Option<Vec<Suite<'a>>>, Option<&'a str>);
+    let per_adapter: Vec<Section<'_>> = report
+        .adapters
+        .iter()
+        .map(|a| {
+            (
+                a.adapter.as_str(),
+                a.report.as_ref().map(suites),
+                a.error.as_deref(),
+            )
+        })
+        .collect();
+    let cases = |suites: &[Suite<'_>], f: &dyn Fn(&Case) -> bool| -> usize {
+        suites
+            .iter()
+            .flat_map(|s| s.cases.iter())
+            .filter(|c| f(c))
+            .count()
+    };
+    let (mut tests, mut failures, mut errors, mut skipped) = (0, 0, 0, 0);
+    for (_, suites, _) in &per_adapter {
+        match suites {
+            Some(s) => {
+                tests += cases(s, &|_| true);
+                failures += cases(s, &|c| c.failed());
+                skipped += cases(s, &|c| c.skipped.is_some());
+            }
+            None => {
+                tests += 1;
+                errors += 1;
+            }
+        }
+    }
+    let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+    let _ = writeln!(
+        out,
+        "<testsuites name=\"lora-doctor\" tests=\"{tests}\" failures=\"{failures}\" errors=\"{errors}\" skipped=\"{skipped}\">",
+    );
+    for (adapter, suites, error) in &per_adapter {
+        let name = format!("each.{adapter}");
+        match suites {
+            Some(s) => {
+                let _ = writeln!(
+                    out,
+                    "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{}\" errors=\"0\" skipped=\"{}\" time=\"0\">",
+                    escape(&format!("lora-doctor.{name}")),
+                    cases(s, &|_| true),
+                    cases(s, &|c| c.failed()),
+                    cases(s, &|c| c.skipped.is_some()),
+                );
+                for suite in s {
+                    for case in &suite.cases {
+                        let named = Case {
+                            name: format!("{}: {}", suite.name, case.name),
+                            findings: case.findings.clone(),
+                            skipped: case.skipped.clone(),
+                        };
+                        write_case(&mut out, &name, &named);
+                    }
+                }
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "  <testsuite name=\"{}\" tests=\"1\" failures=\"0\" errors=\"1\" skipped=\"0\" time=\"0\">",
+                    escape(&format!("lora-doctor.{name}")),
+                );
+                let why = error.unwrap_or("unknown error");
+                let _ = writeln!(
+                    out,
+                    "    <testcase classname=\"{}\" name=\"check\" time=\"0\">\n      \
+                     <error message=\"{}\" type=\"not-checked\">{}</error>\n    </testcase>",
+                    escape(&format!("lora-doctor.{name}")),
+                    escape(&format!("the adapter could not be checked: {why}")),
+                    escape(why)
+                );
+            }
+        }
+        out.push_str("  </testsuite>\n");
+    }
+    out.push_str("</testsuites>\n");
+    out
+}
+
 fn write_case(out: &mut String, suite: &str, case: &Case<'_>) {
     let _ = write!(
         out,

@@ -7,6 +7,7 @@
 pub mod charts;
 pub mod color;
 pub mod csv;
+pub mod each;
 pub mod format;
 pub mod github;
 pub mod html;

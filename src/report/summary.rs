@@ -102,6 +102,92 @@ pub fn verdict_word(verdict: Verdict) -> &'static str {
     }
 }
 
+/// The headline word of a `check --each` run's overall verdict.
+pub fn each_verdict_word(verdict: super::each::EachVerdict) -> &'static str {
+    use super::each::EachVerdict;
+    match verdict {
+        EachVerdict::Pass => verdict_word(Verdict::Pass),
+        EachVerdict::Warn => verdict_word(Verdict::Warn),
+        EachVerdict::Fail => verdict_word(Verdict::Fail),
+        EachVerdict::Error => "NOT CHECKED",
+    }
+}
+
+/// One adapter's headline number: its worst candidate's mean KL to the reference (the largest),
+/// if the logit comparison ran.
+pub fn worst_mean_kl(report: &Report) -> Option<f64> {
+    matrix(report, false)
+        .iter()
+        .filter_map(|r| r.mean_kl)
+        .fold(None, |worst, kl| Some(worst.map_or(kl, |w: f64| w.max(kl))))
+}
+
+/// `check --each`: the overall verdict, one table row per adapter, then each adapter's own
+/// summary (or why it was not checked).
+pub fn render_each(report: &super::each::EachReport) -> String {
+    let mut out = String::new();
+    let (pass, warn, fail, error) = report.counts();
+    let _ = writeln!(
+        out,
+        "### {} lora-doctor --each: {} — {} adapter(s): {pass} pass, {warn} warn, {fail} fail, \
+         {error} not checked\n",
+        match report.verdict {
+            super::each::EachVerdict::Error => "⛔",
+            super::each::EachVerdict::Fail => verdict_icon(Some(Verdict::Fail)),
+            super::each::EachVerdict::Warn => verdict_icon(Some(Verdict::Warn)),
+            super::each::EachVerdict::Pass => verdict_icon(Some(Verdict::Pass)),
+        },
+        each_verdict_word(report.verdict),
+        report.adapters.len()
+    );
+    let _ = writeln!(out, "base {}\n", escape_markdown(&report.base));
+    out.push_str("| adapter | verdict | deny | warn | worst mean KL |\n|---|---|---:|---:|---:|\n");
+    for a in &report.adapters {
+        match &a.report {
+            Some(r) => {
+                let count = |level| r.findings.iter().filter(|f| f.level == level).count();
+                let _ = writeln!(
+                    out,
+                    "| {} | {} {} | {} | {} | {} |",
+                    escape_markdown(&a.adapter),
+                    verdict_icon(Some(r.verdict)),
+                    r.verdict.as_str(),
+                    count(Level::Deny),
+                    count(Level::Warn),
+                    sci(worst_mean_kl(r), 3)
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "| {} | ⛔ not checked | — | — | — |",
+                    escape_markdown(&a.adapter)
+                );
+            }
+        }
+    }
+    out.push('\n');
+    for a in &report.adapters {
+        let _ = writeln!(
+            out,
+            "<details><summary>{}</summary>\n",
+            escape_markdown(&a.adapter)
+        );
+        match (&a.report, &a.error) {
+            (Some(r), _) => out.push_str(&render(r)),
+            (None, error) => {
+                let _ = writeln!(
+                    out,
+                    "Not checked: {}",
+                    escape_markdown(error.as_deref().unwrap_or("unknown error"))
+                );
+            }
+        }
+        out.push_str("\n</details>\n\n");
+    }
+    out
+}
+
 fn verdict_icon(verdict: Option<Verdict>) -> &'static str {
     match verdict {
         Some(Verdict::Pass) => "✅",

@@ -208,6 +208,111 @@ pub fn check_summary(report: &Report, palette: Palette) -> String {
     out
 }
 
+/// The summary printed after `check --each`: one line per adapter, then the deny and warn
+/// findings of those that have any and why the others could not be checked, then the overall
+/// verdict. Each adapter's complete summary is in its report section (`--json`, `--html`, …).
+pub fn each_summary(report: &super::each::EachReport, palette: Palette) -> String {
+    use super::each::EachVerdict;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "lora-doctor {} — check --each, {} adapter(s)",
+        report.tool_version,
+        report.adapters.len()
+    );
+    let _ = writeln!(out, "base     {}", report.base);
+    let _ = writeln!(
+        out,
+        "shared   base opened {}×, texts tokenized {}×, base forward {}×",
+        report.shared.base_opens, report.shared.tokenizations, report.shared.base_forwards
+    );
+    let w = report
+        .adapters
+        .iter()
+        .map(|a| a.adapter.len())
+        .fold(7, usize::max);
+    let _ = writeln!(
+        out,
+        "\n{:<w$} {:<11} {:>5} {:>5} {:>13} {:>13}",
+        "adapter", "verdict", "deny", "warn", "effect KL", "worst mean KL"
+    );
+    for a in &report.adapters {
+        match &a.report {
+            Some(r) => {
+                let count = |level| r.findings.iter().filter(|f| f.level == level).count();
+                let _ = writeln!(
+                    out,
+                    "{:<w$} {} {:>5} {:>5} {:>13} {:>13}",
+                    a.adapter,
+                    palette.verdict(r.verdict, &format!("{:<11}", r.verdict.as_str())),
+                    count(Level::Deny),
+                    count(Level::Warn),
+                    sci(r.adapter_effect.as_ref().map(|e| e.mean_kl), 3),
+                    sci(super::summary::worst_mean_kl(r), 3),
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "{:<w$} {} {:>5} {:>5} {:>13} {:>13}",
+                    a.adapter,
+                    palette.level(Level::Deny, &format!("{:<11}", "not checked")),
+                    "-",
+                    "-",
+                    "-",
+                    "-"
+                );
+            }
+        }
+    }
+    for a in &report.adapters {
+        if let Some(error) = &a.error {
+            let _ = writeln!(out, "\n{}: not checked\n  {error}", a.adapter);
+        }
+        let Some(r) = &a.report else {
+            continue;
+        };
+        let gating: Vec<_> = r
+            .findings
+            .iter()
+            .filter(|f| f.level != Level::Allow)
+            .collect();
+        if gating.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "\n{}: findings", a.adapter);
+        for f in gating {
+            let scope = [f.precision.as_deref(), f.module.as_deref()]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(" ");
+            let _ = writeln!(
+                out,
+                "  {} {:<18} {}\n        {}",
+                palette.level(f.level, &format!("{:<5}", f.level.as_str())),
+                f.code.as_str(),
+                scope,
+                f.message
+            );
+        }
+    }
+    let (pass, warn, fail, error) = report.counts();
+    let word = super::summary::each_verdict_word(report.verdict);
+    let word = match report.verdict {
+        EachVerdict::Pass => palette.verdict(Verdict::Pass, word),
+        EachVerdict::Warn => palette.verdict(Verdict::Warn, word),
+        EachVerdict::Fail => palette.verdict(Verdict::Fail, word),
+        EachVerdict::Error => palette.level(Level::Deny, word),
+    };
+    let _ = writeln!(
+        out,
+        "\nverdict: {word} ({pass} pass, {warn} warn, {fail} fail, {error} not checked); each \
+         adapter's full report is in --json / --html / --report-dir"
+    );
+    out
+}
+
 /// The page `lora-doctor explain CODE` prints.
 pub fn explain_page(code: Code) -> String {
     let doc = code.doc();

@@ -88,7 +88,8 @@ pub(crate) fn parse_junit(xml: &str) -> JunitDoc {
                     }),
                     "failure" => failure_message = a.get("message").cloned().unwrap_or_default(),
                     "skipped" => doc.cases.last_mut().expect("inside a testcase").skipped = true,
-                    "system-out" | "properties" | "property" => {}
+                    // `<error>`: `check --each`, an adapter that could not be checked.
+                    "system-out" | "properties" | "property" | "error" => {}
                     other => panic!("unexpected JUnit element <{other}>"),
                 }
                 if matches!(event, Event::Start(_)) {

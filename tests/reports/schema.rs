@@ -23,6 +23,7 @@ const SCHEMA_KEYWORDS: &[&str] = &[
     "maxItems",
     "enum",
     "const",
+    "anyOf",
 ];
 
 fn schema() -> Value {
@@ -52,12 +53,29 @@ fn validate(root: &Value, schema: &Value, value: &Value, path: &str, errors: &mu
         return;
     };
     if let Some(reference) = schema.get("$ref").and_then(Value::as_str) {
-        let target = reference
-            .strip_prefix("#/")
-            .map(|p| p.split('/').fold(root, |v, key| &v[key]))
-            .filter(|v| !v.is_null())
-            .unwrap_or_else(|| panic!("unresolvable $ref {reference}"));
+        let target = if reference == "#" {
+            root
+        } else {
+            reference
+                .strip_prefix("#/")
+                .map(|p| p.split('/').fold(root, |v, key| &v[key]))
+                .filter(|v| !v.is_null())
+                .unwrap_or_else(|| panic!("unresolvable $ref {reference}"))
+        };
         validate(root, target, value, path, errors);
+    }
+    if let Some(options) = schema.get("anyOf").and_then(Value::as_array) {
+        let failures: Vec<Vec<String>> = options
+            .iter()
+            .map(|option| {
+                let mut found = Vec::new();
+                validate(root, option, value, path, &mut found);
+                found
+            })
+            .collect();
+        if failures.iter().all(|f| !f.is_empty()) {
+            errors.push(format!("{path}: matches no anyOf option: {failures:?}"));
+        }
     }
     if let Some(t) = schema.get("type") {
         let names: Vec<&str> = match t {
@@ -127,6 +145,20 @@ fn validate(root: &Value, schema: &Value, value: &Value, path: &str, errors: &mu
     }
 }
 
+/// Every way a `check --each` report breaks `$defs.each_report` of reports/schema.json.
+pub(crate) fn each_schema_errors(value: &Value) -> Vec<String> {
+    let root = schema();
+    let mut errors = Vec::new();
+    validate(
+        &root,
+        &root["$defs"]["each_report"],
+        value,
+        "$",
+        &mut errors,
+    );
+    errors
+}
+
 /// Every way `value` breaks reports/schema.json (also used by the hub tests).
 pub(crate) fn schema_errors(value: &Value) -> Vec<String> {
     let root = schema();
@@ -149,6 +181,11 @@ fn keywords(schema: &Value, out: &mut BTreeSet<String>) {
                 }
             }
             "items" | "additionalProperties" => keywords(value, out),
+            "anyOf" => {
+                for sub in value.as_array().into_iter().flatten() {
+                    keywords(sub, out);
+                }
+            }
             _ => {}
         }
     }
