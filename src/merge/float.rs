@@ -131,6 +131,13 @@ impl FloatFormat {
         }
     }
 
+    /// Whether every value of `other` is a value of this format, so rounding it here is the
+    /// identity: f32 holds f16 and bf16 (wider exponent and mantissa), each format holds itself;
+    /// f16 and bf16 hold neither of each other.
+    pub fn holds(self, other: FloatFormat) -> bool {
+        self == other || self == FloatFormat::F32
+    }
+
     /// Round an f64 to this format in a single rounding, widened to f32.
     pub fn round_from_f64(self, x: f64) -> f32 {
         match self {
@@ -272,6 +279,32 @@ fn ulp_on_grid(x: f32, grid: &Grid) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `holds` is exact: every non-NaN bf16 and f16 value rounds to itself in each format said to
+    /// hold it, and f16/bf16 each have values the other moves.
+    #[test]
+    fn a_format_that_holds_another_rounds_its_values_to_themselves() {
+        let formats = [FloatFormat::F32, FloatFormat::F16, FloatFormat::Bf16];
+        let values = |f: FloatFormat| -> Vec<f32> {
+            (0..=u16::MAX)
+                .map(|bits| match f {
+                    FloatFormat::F16 => half::f16::from_bits(bits).to_f32(),
+                    _ => half::bf16::from_bits(bits).to_f32(),
+                })
+                .filter(|v| !v.is_nan())
+                .collect()
+        };
+        for stored in [FloatFormat::F16, FloatFormat::Bf16] {
+            for target in formats {
+                let moved = values(stored)
+                    .iter()
+                    .filter(|v| target.round(**v).to_bits() != v.to_bits())
+                    .count();
+                assert_eq!(moved == 0, target.holds(stored), "{stored:?} in {target:?}");
+            }
+        }
+        assert!(FloatFormat::F32.holds(FloatFormat::F32));
+    }
 
     #[test]
     fn max_finite_constants_are_the_bit_patterns() {
