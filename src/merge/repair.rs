@@ -218,10 +218,9 @@ impl Block {
     /// by `weights` (GPTQ's cost of an error in that column, R_kk²); ties keep the earlier
     /// candidate. Other targets take ggml's rule. The block stays an ordinary ggml block.
     fn searched(target: Target, x: &[f32], weights: &[f64]) -> Block {
-        let ggml = Block::from_values(target, x);
-        let Block::Q4_0 { .. } = ggml else {
-            return ggml;
-        };
+        if target != Target::Q4_0 {
+            return Block::from_values(target, x);
+        }
         let (mut amax, mut max) = (0.0f32, 0.0f32);
         for &v in x {
             if amax < v.abs() {
@@ -229,26 +228,38 @@ impl Block {
                 max = v;
             }
         }
-        let cost = |block: Block| -> f64 {
-            x.iter()
-                .zip(weights)
-                .map(|(v, w)| {
-                    let e = f64::from(*v) - f64::from(block.nearest(f64::from(*v)).0);
-                    w * e * e
-                })
-                .sum()
+        // Block::nearest for Q4_0 with the scale's conversions hoisted; a candidate stops as
+        // soon as its running cost reaches the best (the terms are never negative, so it
+        // could not win).
+        let cost = |d: f16, bound: f64| -> f64 {
+            let (d32, d64) = (d.to_f32(), f64::from(d.to_f32()));
+            let mut sum = 0.0f64;
+            for (v, w) in x.iter().zip(weights) {
+                let v64 = f64::from(*v);
+                let y = v64 / d64 + 8.0;
+                let code = if y.is_finite() {
+                    (y.round() as i32).clamp(0, 15)
+                } else {
+                    8
+                };
+                let e = v64 - f64::from((code - 8) as f32 * d32);
+                sum += w * e * e;
+                if sum >= bound {
+                    break;
+                }
+            }
+            sum
         };
-        let mut best = (cost(ggml), ggml);
+        let first = f16::from_f32(max / Q4_0_SCALE_DIVISORS[0]);
+        let mut best = (cost(first, f64::INFINITY), first);
         for divisor in Q4_0_SCALE_DIVISORS.iter().skip(1) {
-            let block = Block::Q4_0 {
-                d: f16::from_f32(max / divisor),
-            };
-            let c = cost(block);
+            let d = f16::from_f32(max / divisor);
+            let c = cost(d, best.0);
             if c < best.0 {
-                best = (c, block);
+                best = (c, d);
             }
         }
-        best.1
+        Block::Q4_0 { d: best.1 }
     }
 
     /// The code range and the value of a code, computed as ggml's dequantizers do (f32 product;
