@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use super::{check_json_full, code, fixture, run, stderr};
 use lora_doctor::merge::float::FloatFormat;
-use lora_doctor::merge::repair::{self, InverseFactor, Target};
+use lora_doctor::merge::repair::{self, HessianFactor, Target};
 
 /// `check` and transformers compute the same KL on the same files within this relative tolerance
 /// (f32 forward passes in different operation orders; the bar is 2 %).
@@ -49,7 +49,7 @@ fn gptq_core_reproduces_the_torch_reference() {
     let w = f64_tensor(&st, "w");
     let n = (h.len() as f64).sqrt() as usize;
     let rows = w.len() / n;
-    let factor = InverseFactor::from_hessian(&h, n, "golden").expect("positive definite");
+    let factor = HessianFactor::from_hessian(&h, n, "golden").expect("positive definite");
     for (name, target) in [
         ("bf16", Target::Float(FloatFormat::Bf16)),
         ("f16", Target::Float(FloatFormat::F16)),

@@ -18,7 +18,7 @@ use crate::io::adapter::Adapter;
 use crate::io::checkpoint::Checkpoint;
 use crate::merge::engine::{self, TensorJob};
 use crate::merge::precision::{Precision, Recipe};
-use crate::merge::repair::{self, InverseFactor, RepairError, RepairMethod, Rounded, Target};
+use crate::merge::repair::{self, HessianFactor, RepairError, RepairMethod, Rounded, Target};
 use crate::merge::residual;
 use crate::model::{Architecture, ModelError, UnmergedLora, WeightProvider};
 
@@ -28,13 +28,13 @@ use crate::model::{Architecture, ModelError, UnmergedLora, WeightProvider};
 pub struct InputMoment {
     pub n: usize,
     pub h: Vec<f64>,
-    factor: OnceLock<Result<InverseFactor, RepairError>>,
+    factor: OnceLock<Result<HessianFactor, RepairError>>,
 }
 
 impl InputMoment {
-    pub fn factor(&self, tensor: &str) -> Result<&InverseFactor, &RepairError> {
+    pub fn factor(&self, tensor: &str) -> Result<&HessianFactor, &RepairError> {
         self.factor
-            .get_or_init(|| InverseFactor::from_hessian(&self.h, self.n, tensor))
+            .get_or_init(|| HessianFactor::from_hessian(&self.h, self.n, tensor))
             .as_ref()
     }
 }

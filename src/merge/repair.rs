@@ -8,7 +8,9 @@
 //!   error is pushed onto the columns not yet rounded, weighted by the inverse of the input
 //!   second moment H = XᵀX (Frantar et al. 2022, "GPTQ", Algorithm 1: 1 % damping, Cholesky of
 //!   H⁻¹ in upper form, 128-column lazy batches). Block formats take each 32-value block's scale
-//!   from the error-updated values when the block starts, like GPTQ with group size 32.
+//!   from the error-updated values when the block starts, like GPTQ with group size 32; for Q4_0
+//!   the scale is searched (a few candidates around ggml's max/−8, least GPTQ-weighted squared
+//!   error), since 16 levels leave ggml's rule far from the best scale on heavy-tailed blocks.
 //! * **Stochastic rounding** ([`stochastic`]): up or down with probability given by the distance,
 //!   unbiased in expectation and in need of no calibration.
 //!
@@ -30,6 +32,17 @@ pub const DAMPING: f64 = 0.01;
 
 /// GPTQ's lazy-batch width: errors of a batch of columns reach the later columns at its end.
 pub const BATCH_COLUMNS: usize = 128;
+
+/// Columns whose errors reach each other one at a time; a batch's later columns take each
+/// group's errors as one matrix product (the same sums, grouped for the GEMM kernel).
+const FEEDBACK_GROUP: usize = 32;
+
+/// The Q4_0 scales a GPTQ repair tries per block: d = max / divisor, max the block's value of
+/// largest magnitude. −8 is ggml's rule (max lands on code 0); smaller magnitudes clip max,
+/// positive divisors put max on the top code (+7 side) instead.
+pub const Q4_0_SCALE_DIVISORS: [f32; 13] = [
+    -8.0, -8.5, -9.0, -9.5, -10.0, -7.5, -7.0, 7.0, 7.5, 8.0, 8.5, 9.0, 6.5,
+];
 
 /// Rows rounded together by one worker (they share every read of the factor U).
 const ROW_TILE: usize = 8;
@@ -199,6 +212,55 @@ impl Block {
                 }
             }
         }
+    }
+
+    /// GPTQ's block parameters: for Q4_0 the scale among [`Q4_0_SCALE_DIVISORS`] (ggml's rule
+    /// first) with the least error over the block's values, each value's squared error weighted
+    /// by `weights` (GPTQ's cost of an error in that column, R_kk²); ties keep the earlier
+    /// candidate. Other targets take ggml's rule. The block stays an ordinary ggml block.
+    fn searched(target: Target, x: &[f32], weights: &[f64]) -> Block {
+        if target != Target::Q4_0 {
+            return Block::from_values(target, x);
+        }
+        let (mut amax, mut max) = (0.0f32, 0.0f32);
+        for &v in x {
+            if amax < v.abs() {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        // Block::nearest for Q4_0 with the scale's conversions hoisted; a candidate stops as
+        // soon as its running cost reaches the best (the terms are never negative, so it
+        // could not win).
+        let cost = |d: f16, bound: f64| -> f64 {
+            let (d32, d64) = (d.to_f32(), f64::from(d.to_f32()));
+            let mut sum = 0.0f64;
+            for (v, w) in x.iter().zip(weights) {
+                let v64 = f64::from(*v);
+                let y = v64 / d64 + 8.0;
+                let code = if y.is_finite() {
+                    (y.round() as i32).clamp(0, 15)
+                } else {
+                    8
+                };
+                let e = v64 - f64::from((code - 8) as f32 * d32);
+                sum += w * e * e;
+                if sum >= bound {
+                    break;
+                }
+            }
+            sum
+        };
+        let first = f16::from_f32(max / Q4_0_SCALE_DIVISORS[0]);
+        let mut best = (cost(first, f64::INFINITY), first);
+        for divisor in Q4_0_SCALE_DIVISORS.iter().skip(1) {
+            let d = f16::from_f32(max / divisor);
+            let c = cost(d, best.0);
+            if c < best.0 {
+                best = (c, d);
+            }
+        }
+        Block::Q4_0 { d: best.1 }
     }
 
     /// The code range and the value of a code, computed as ggml's dequantizers do (f32 product;
@@ -372,21 +434,41 @@ fn neighbour(v: f32, up: bool, f: FloatFormat) -> f32 {
     }
 }
 
-/// The upper Cholesky factor U of (H + λI)⁻¹, U row-major `[n, n]`: what GPTQ's column loop
-/// reads (`U[j][j]` scales column j's error, `U[j][k>j]` spreads it).
+/// GPTQ's factor of the damped input second moment, in the form the column loop reads.
+///
+/// GPTQ (Frantar et al. 2022, Algorithm 1) takes U, the upper Cholesky factor of H⁻¹, and after
+/// rounding column j pushes e_j·U[j, k] onto every later column k, e_j = (w̃_j − q_j)/U_jj. With
+/// P the reversal permutation and P·H·P = L·Lᵀ, R = P·L·P is upper triangular with H = R·Rᵀ, so
+/// H⁻¹ = (R⁻¹)ᵀ·R⁻¹ and U = R⁻¹. Writing δ = w − q (original weights minus their grid values),
+/// the error vector is e = δ·R, and the value column j is rounded from is
+///
+///   w̃_j = w_j + Σ_{k<j} δ_k · R_kj / R_jj
+///
+/// (Chen et al. 2025 read this as Babai's nearest-plane algorithm). So GPTQ needs only H's own
+/// reversed Cholesky factor, column-scaled to a unit diagonal (`s`): no inverse, half the
+/// factorization work, the same rounding decisions up to f64 summation order.
+///
+/// Block formats also need GPTQ's *partially* updated values when a 32-column block starts at j
+/// (its scale is chosen from them): w⁽ʲ⁾_k = w_k − Σ_{i<j} e_i·U_ik for k in the block. Split
+/// F = [0, j) and the rest r: those are the rest's best values given q_F,
+/// w_r + c·R_rr⁻¹ with c = δ_F·R_Fr, and R_rr⁻¹ being upper triangular, its leading 32×32 block
+/// is the inverse of R's 32×32 diagonal block. The running sums hold c/R_kk already, so one small
+/// triangular product per block gives GPTQ's values exactly (`block_inverse`).
 #[derive(Debug, Clone)]
-pub struct InverseFactor {
+pub struct HessianFactor {
     pub n: usize,
-    pub u: Vec<f64>,
+    /// S = R·diag(1/R_jj), upper triangular, row-major `[n, n]`.
+    pub s: Vec<f64>,
+    /// R's diagonal (so R = S·diag(d)).
+    pub d: Vec<f64>,
+    /// For each whole 32-column block b: the inverse of R's diagonal block, upper triangular,
+    /// row-major `[32, 32]` at `b·32·32`.
+    pub block_inverse: Vec<f64>,
 }
 
-impl InverseFactor {
+impl HessianFactor {
     /// From H `[n, n]` (symmetric): inputs that never fire get a unit diagonal (GPTQ's dead
     /// columns), then [`DAMPING`] · mean diagonal is added.
-    ///
-    /// GPTQ computes chol(H)⁻¹, forms H⁻¹ and takes its upper Cholesky factor. The same U comes
-    /// cheaper: with P the reversal permutation and P·H·P = L·Lᵀ, R = P·L·P is upper triangular
-    /// with H = R·Rᵀ, so H⁻¹ = R⁻ᵀ·R⁻¹ = (R⁻¹)ᵀ·R⁻¹ and, Cholesky factors being unique, U = R⁻¹.
     pub fn from_hessian(h: &[f64], n: usize, tensor: &str) -> Result<Self, RepairError> {
         let mut a = h.to_vec();
         let mut diag_sum = 0.0;
@@ -404,19 +486,53 @@ impl InverseFactor {
         let reversed: Vec<f64> = (0..n * n)
             .map(|k| a[(n - 1 - k / n) * n + (n - 1 - k % n)])
             .collect();
+        drop(a);
         let l = cholesky_lower(&reversed, n).map_err(|pivot| RepairError::NotPositiveDefinite {
             tensor: tensor.to_string(),
             pivot,
             n,
         })?;
-        // R⁻¹ = (P·L·P)⁻¹ = P·L⁻¹·P.
-        let l_inv = invert_lower(&l, n);
-        Ok(InverseFactor {
+        let r = |i: usize, j: usize| l[(n - 1 - i) * n + (n - 1 - j)];
+        let mut s = vec![0.0f64; n * n];
+        s.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+            for (j, v) in row.iter_mut().enumerate().skip(i) {
+                *v = r(i, j) / r(j, j);
+            }
+        });
+        let block_inverse: Vec<f64> = (0..n / GGML_QK)
+            .into_par_iter()
+            .flat_map_iter(|b| {
+                // inv(R_bb) = inv(R_bbᵀ)ᵀ, R_bbᵀ lower triangular.
+                let j = b * GGML_QK;
+                let lower: Vec<f64> = (0..GGML_QK * GGML_QK)
+                    .map(|k| r(j + k % GGML_QK, j + k / GGML_QK))
+                    .collect();
+                transpose(&invert_lower_unblocked(&lower, GGML_QK), GGML_QK, GGML_QK)
+            })
+            .collect();
+        Ok(HessianFactor {
             n,
-            u: (0..n * n)
-                .map(|k| l_inv[(n - 1 - k / n) * n + (n - 1 - k % n)])
-                .collect(),
+            s,
+            d: (0..n).map(|j| r(j, j)).collect(),
+            block_inverse,
         })
+    }
+}
+
+impl HessianFactor {
+    /// GPTQ's values of the 32-column block starting at `j` when it comes up, from the running
+    /// values `partial` (w_k + c_k/R_kk) and the original weights `w` (see the type's notes).
+    fn block_start_values(&self, j: usize, partial: &[f64], w: &[f64]) -> Vec<f32> {
+        let inv = &self.block_inverse[j * GGML_QK..(j + GGML_QK) * GGML_QK];
+        let c: Vec<f64> = (0..GGML_QK)
+            .map(|k| (partial[k] - w[k]) * self.d[j + k])
+            .collect();
+        (0..GGML_QK)
+            .map(|k| {
+                let pushed: f64 = (0..=k).map(|m| c[m] * inv[m * GGML_QK + k]).sum();
+                (w[k] + pushed) as f32
+            })
+            .collect()
     }
 }
 
@@ -463,53 +579,34 @@ fn cholesky_lower(a: &[f64], n: usize) -> Result<Vec<f64>, usize> {
         if k1 < n {
             let rest = n - k1;
             // L21 = A21 · L11⁻ᵀ
-            let inv_t = transpose(&invert_lower(&l_kk, b), b, b);
-            let a21 = submatrix(&a, n, k1..n, k0..k1);
-            let l21 = gemm(&a21, rest, b, &inv_t, b);
-            put(&mut l, n, k1, k0, &l21, rest, b);
-            // A22 -= L21 · L21ᵀ
-            let update = gemm(&l21, rest, b, &transpose(&l21, rest, b), rest);
-            a[k1 * n..]
-                .par_chunks_mut(n)
-                .zip(update.par_chunks(rest))
-                .for_each(|(row, d)| {
-                    for (v, x) in row[k1..].iter_mut().zip(d) {
-                        *v -= x;
-                    }
-                });
+            let inv = invert_lower_unblocked(&l_kk, b);
+            gemm_acc(
+                (&mut l, View::of(k1 * n + k0, rest, b, n)),
+                (&a, View::of(k1 * n + k0, rest, b, n)),
+                (&inv, View::of(0, b, b, b)),
+                true,
+                1.0,
+                gemm::Parallelism::Rayon(0),
+            );
+            // A22 -= L21 · L21ᵀ, lower triangle only: one column panel at a time, from its
+            // diagonal down (the upper triangle is never read).
+            let mut p0 = k1;
+            while p0 < n {
+                let p1 = (p0 + FACTOR_BLOCK).min(n);
+                gemm_acc(
+                    (&mut a, View::of(p0 * n + p0, n - p0, p1 - p0, n)),
+                    (&l, View::of(p0 * n + k0, n - p0, b, n)),
+                    (&l, View::of(p0 * n + k0, p1 - p0, b, n)),
+                    true,
+                    -1.0,
+                    gemm::Parallelism::Rayon(0),
+                );
+                p0 = p1;
+            }
         }
         k0 = k1;
     }
     Ok(l)
-}
-
-/// L⁻¹ of a lower-triangular `[n, n]` L, blocked by rows: X[i, :i] = −L_ii⁻¹ · (L[i, :i] · X[:i, :i]).
-fn invert_lower(l: &[f64], n: usize) -> Vec<f64> {
-    if n <= FACTOR_BLOCK {
-        return invert_lower_unblocked(l, n);
-    }
-    let mut x = vec![0.0f64; n * n];
-    let mut i0 = 0;
-    while i0 < n {
-        let i1 = (i0 + FACTOR_BLOCK).min(n);
-        let b = i1 - i0;
-        let inv_ii = invert_lower_unblocked(&submatrix(l, n, i0..i1, i0..i1), b);
-        put(&mut x, n, i0, i0, &inv_ii, b, b);
-        if i0 > 0 {
-            let t = gemm(
-                &submatrix(l, n, i0..i1, 0..i0),
-                b,
-                i0,
-                &submatrix(&x, n, 0..i0, 0..i0),
-                i0,
-            );
-            let mut block = gemm(&inv_ii, b, b, &t, i0);
-            block.iter_mut().for_each(|v| *v = -*v);
-            put(&mut x, n, i0, 0, &block, b, i0);
-        }
-        i0 = i1;
-    }
-    x
 }
 
 /// L⁻¹ by forward substitution, one column per worker.
@@ -611,17 +708,18 @@ fn check_shape(
 /// GPTQ: rounds `w` (`[rows, cols]`, the exact merge, row-major `[out, in]`) onto `target` with
 /// error feedback through `factor` (from the H of this layer's input, `n == cols`).
 ///
-/// Per row, columns go in order; column j's value q_j is the nearest grid value to the current
-/// w_j, its error e_j = (w_j − q_j)/U_jj is subtracted as e_j·U_jk from every later column k of
-/// the same [`BATCH_COLUMNS`]-wide batch at once and from the columns after the batch when it
-/// ends (GPTQ's lazy batch update; the same sums, grouped for cache). A block format takes each
-/// 32-column block's scale from the values as they are when its first column comes up.
+/// Per row, columns go in order; column j is rounded from w̃_j = w_j + Σ_{k<j} δ_k·S_kj, δ_k the
+/// rounding error of column k against the *original* weight ([`HessianFactor`]). Within a
+/// [`BATCH_COLUMNS`]-wide batch each δ_j reaches the later columns at once; the columns after the
+/// batch receive the whole batch's δ in one matrix product when it ends (GPTQ's lazy batch
+/// update; the same sums, grouped for cache). A block format takes each 32-column block's scale
+/// from the values as they are when its first column comes up.
 pub fn gptq(
     tensor: &str,
     w: &[f64],
     rows: usize,
     cols: usize,
-    factor: &InverseFactor,
+    factor: &HessianFactor,
     target: Target,
 ) -> Result<Rounded, RepairError> {
     check_shape(tensor, w.len(), rows, cols, target)?;
@@ -633,7 +731,8 @@ pub fn gptq(
             cols,
         });
     }
-    let u = &factor.u;
+    let s = &factor.s;
+    let weights: Vec<f64> = factor.d.iter().map(|d| d * d).collect();
     let block_bytes = target.block_bytes();
     let row_bytes = block_bytes.map_or(0, |b| cols / GGML_QK * b);
     let mut work = w.to_vec();
@@ -643,7 +742,7 @@ pub fn gptq(
     while start < cols {
         let end = (start + BATCH_COLUMNS).min(cols);
         let width = end - start;
-        let mut errors = vec![0.0f64; rows * width];
+        let mut deltas = vec![0.0f64; rows * width];
         // The batch's columns, rows in parallel tiles (each row's feedback is its own).
         let byte_tiles: Vec<Option<&mut [u8]>> = if row_bytes > 0 {
             bytes.chunks_mut(row_bytes * ROW_TILE).map(Some).collect()
@@ -651,36 +750,68 @@ pub fn gptq(
             (0..rows.div_ceil(ROW_TILE)).map(|_| None).collect()
         };
         work.par_chunks_mut(cols * ROW_TILE)
+            .zip(w.par_chunks(cols * ROW_TILE))
             .zip(values.par_chunks_mut(cols * ROW_TILE))
-            .zip(errors.par_chunks_mut(width * ROW_TILE))
+            .zip(deltas.par_chunks_mut(width * ROW_TILE))
             .zip(byte_tiles)
-            .for_each(|(((work, out), errors), mut out_bytes)| {
+            .for_each(|((((work, original), out), deltas), mut out_bytes)| {
                 let count = out.len() / cols;
                 let mut blocks = vec![Block::from_values(target, &[]); count];
                 let mut codes = vec![0i32; count * GGML_QK];
                 for j in start..end {
                     if block_bytes.is_some() && j % GGML_QK == 0 {
                         for (r, block) in blocks.iter_mut().enumerate() {
-                            let current: Vec<f32> = work[r * cols + j..r * cols + j + GGML_QK]
-                                .iter()
-                                .map(|v| *v as f32)
-                                .collect();
-                            *block = Block::from_values(target, &current);
+                            let at = r * cols + j;
+                            let current = factor.block_start_values(
+                                j,
+                                &work[at..at + GGML_QK],
+                                &original[at..at + GGML_QK],
+                            );
+                            *block = Block::searched(target, &current, &weights[j..j + GGML_QK]);
                         }
                     }
-                    let ujj = u[j * cols + j];
-                    let spread = &u[j * cols + j + 1..j * cols + end];
+                    // Within a 32-column group the errors go on one column at a time; the rest
+                    // of the batch takes the group's errors as one product when it ends.
+                    let group_start = start + (j - start) / FEEDBACK_GROUP * FEEDBACK_GROUP;
+                    let group_end = (group_start + FEEDBACK_GROUP).min(end);
+                    let spread = &s[j * cols + j + 1..j * cols + group_end];
                     for r in 0..count {
                         let x = work[r * cols + j];
                         let (q, code) = blocks[r].nearest(x);
                         out[r * cols + j] = q;
                         codes[r * GGML_QK + j % GGML_QK] = code;
-                        let e = (x - f64::from(q)) / ujj;
-                        errors[r * width + (j - start)] = e;
-                        let later = &mut work[r * cols + j + 1..r * cols + end];
+                        let delta = original[r * cols + j] - f64::from(q);
+                        deltas[r * width + (j - start)] = delta;
+                        let later = &mut work[r * cols + j + 1..r * cols + group_end];
                         for (v, s) in later.iter_mut().zip(spread) {
-                            *v -= e * s;
+                            *v += delta * s;
                         }
+                    }
+                    if j + 1 == group_end && group_end < end {
+                        gemm_acc(
+                            (work, View::of(group_end, count, end - group_end, cols)),
+                            (
+                                deltas,
+                                View::of(
+                                    group_start - start,
+                                    count,
+                                    group_end - group_start,
+                                    width,
+                                ),
+                            ),
+                            (
+                                s,
+                                View::of(
+                                    group_start * cols + group_end,
+                                    group_end - group_start,
+                                    end - group_end,
+                                    cols,
+                                ),
+                            ),
+                            false,
+                            1.0,
+                            gemm::Parallelism::None,
+                        );
                     }
                     if let (Some(bb), Some(dst)) = (block_bytes, out_bytes.as_deref_mut())
                         && j % GGML_QK == GGML_QK - 1
@@ -696,22 +827,18 @@ pub fn gptq(
                     }
                 }
             });
-        // The batch's errors reach every later column at once: W[:, end:] -= E · U[batch, end:],
+        // The batch's errors reach every later column at once: W̃[:, end:] += Δ · S[batch, end:],
         // one matrix product (GPTQ's lazy batch update).
         if end < cols {
             let rest = cols - end;
-            let mut spread = Vec::with_capacity(width * rest);
-            for j in start..end {
-                spread.extend_from_slice(&u[j * cols + end..j * cols + cols]);
-            }
-            let update = gemm(&errors, rows, width, &spread, rest);
-            work.par_chunks_mut(cols)
-                .zip(update.par_chunks(rest))
-                .for_each(|(row, delta)| {
-                    for (v, d) in row[end..].iter_mut().zip(delta) {
-                        *v -= d;
-                    }
-                });
+            gemm_acc(
+                (&mut work, View::of(end, rows, rest, cols)),
+                (&deltas, View::of(0, rows, width, width)),
+                (s, View::of(start * cols + end, width, rest, cols)),
+                false,
+                1.0,
+                gemm::Parallelism::Rayon(0),
+            );
         }
         start = end;
     }
@@ -721,30 +848,95 @@ pub fn gptq(
     })
 }
 
-/// E `[rows, width]` · S `[width, rest]` in f64: candle's GEMM, or the plain sum if candle fails
-/// (it cannot for these shapes; the fallback keeps the function total without an unwrap).
-fn gemm(e: &[f64], rows: usize, width: usize, s: &[f64], rest: usize) -> Vec<f64> {
-    use candle_core::{Device, Tensor};
-    let product = (|| -> candle_core::Result<Vec<f64>> {
-        let e = Tensor::from_slice(e, (rows, width), &Device::Cpu)?;
-        let s = Tensor::from_slice(s, (width, rest), &Device::Cpu)?;
-        e.matmul(&s)?.flatten_all()?.to_vec1::<f64>()
-    })();
-    product.unwrap_or_else(|_| {
-        let mut out = vec![0.0f64; rows * rest];
-        for r in 0..rows {
-            for k in 0..width {
-                let ek = e[r * width + k];
-                for (o, sv) in out[r * rest..(r + 1) * rest]
-                    .iter_mut()
-                    .zip(&s[k * rest..(k + 1) * rest])
-                {
-                    *o += ek * sv;
-                }
-            }
+/// A row-major f64 matrix view: `rows × cols` starting at `at`, `stride` values between rows.
+#[derive(Clone, Copy)]
+struct View {
+    at: usize,
+    rows: usize,
+    cols: usize,
+    stride: usize,
+}
+
+impl View {
+    fn of(at: usize, rows: usize, cols: usize, stride: usize) -> View {
+        View {
+            at,
+            rows,
+            cols,
+            stride,
         }
-        out
-    })
+    }
+
+    /// True when every element lies inside a slice of `len` values.
+    fn fits(self, len: usize) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.cols <= self.stride || self.rows == 1)
+                && self.at + (self.rows - 1) * self.stride + self.cols <= len
+    }
+}
+
+/// dst += sign · lhs · op(rhs) in f64, in place, on the `gemm` crate candle itself runs on
+/// (rayon-parallel), with `op` the transpose when `rhs_transposed`. Strided views, so no panel is
+/// copied and no product materialized. Panics (a bug, not an input error) if a view leaves its
+/// slice: the bounds are checked here, before the one unsafe call.
+fn gemm_acc(
+    (dst, d): (&mut [f64], View),
+    (lhs, l): (&[f64], View),
+    (rhs, r): (&[f64], View),
+    rhs_transposed: bool,
+    sign: f64,
+    parallelism: gemm::Parallelism,
+) {
+    let (k, n) = if rhs_transposed {
+        (r.cols, r.rows)
+    } else {
+        (r.rows, r.cols)
+    };
+    assert!(
+        d.rows == l.rows && d.cols == n && l.cols == k,
+        "gemm shapes: dst {}x{}, lhs {}x{}, rhs {}x{} (transposed {rhs_transposed})",
+        d.rows,
+        d.cols,
+        l.rows,
+        l.cols,
+        r.rows,
+        r.cols
+    );
+    assert!(d.fits(dst.len()) && l.fits(lhs.len()) && r.fits(rhs.len()));
+    if d.rows == 0 || n == 0 || k == 0 {
+        return;
+    }
+    let (rhs_rs, rhs_cs) = if rhs_transposed {
+        (1, r.stride as isize)
+    } else {
+        (r.stride as isize, 1)
+    };
+    // SAFETY: the asserts above keep every element of the three views inside its slice; dst is
+    // borrowed mutably, so it aliases neither input.
+    unsafe {
+        gemm::gemm(
+            d.rows,
+            n,
+            k,
+            dst.as_mut_ptr().add(d.at),
+            1,
+            d.stride as isize,
+            true,
+            lhs.as_ptr().add(l.at),
+            1,
+            l.stride as isize,
+            rhs.as_ptr().add(r.at),
+            rhs_cs,
+            rhs_rs,
+            1.0,
+            sign,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
 }
 
 /// Round-to-nearest with the same block parameters a repair uses (ggml's), for comparisons and
@@ -886,35 +1078,32 @@ mod tests {
     }
 
     #[test]
-    fn factor_is_the_upper_cholesky_of_the_damped_inverse() {
+    fn factor_is_the_reversed_cholesky_of_the_damped_moment() {
         let n = 6;
         let x = pseudo(1, 20 * n, 1.0);
         let h = hessian(&x, 20, n);
-        let f = InverseFactor::from_hessian(&h, n, "t").expect("positive definite");
-        // (UᵀU)·(H + λI) = I
+        let f = HessianFactor::from_hessian(&h, n, "t").expect("positive definite");
+        // R·Rᵀ = H + λI with R = S·diag(d) upper triangular and S unit-diagonal.
         let damp = DAMPING * (0..n).map(|i| h[i * n + i]).sum::<f64>() / n as f64;
+        let r = |i: usize, j: usize| f.s[i * n + j] * f.d[j];
         for i in 0..n {
+            assert_eq!(f.s[i * n + i], 1.0);
             for j in 0..n {
-                let mut s = 0.0;
-                for k in 0..n {
-                    let mut hinv_ik = 0.0;
-                    for m in 0..n {
-                        hinv_ik += f.u[m * n + i] * f.u[m * n + k];
-                    }
-                    let hkj = h[k * n + j] + if k == j { damp } else { 0.0 };
-                    s += hinv_ik * hkj;
-                }
-                let want = if i == j { 1.0 } else { 0.0 };
-                assert!((s - want).abs() < 1e-9, "({i},{j}) = {s}");
+                let got: f64 = (0..n).map(|k| r(i, k) * r(j, k)).sum();
+                let want = h[i * n + j] + if i == j { damp } else { 0.0 };
+                assert!(
+                    (got - want).abs() < 1e-9 * want.abs().max(1.0),
+                    "({i},{j}) = {got}"
+                );
                 if j < i {
-                    assert_eq!(f.u[i * n + j], 0.0, "upper triangular");
+                    assert_eq!(f.s[i * n + j], 0.0, "upper triangular");
                 }
             }
         }
     }
 
     #[test]
-    fn blocked_factorizations_agree_with_the_direct_ones() {
+    fn blocked_cholesky_agrees_with_the_direct_one() {
         let n = 300;
         let x = pseudo(9, 400 * n, 1.0);
         let mut h = vec![0.0; n * n];
@@ -933,14 +1122,16 @@ mod tests {
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f64::max);
         assert!(worst < 1e-9, "cholesky {worst}");
-        let inv = invert_lower(&direct, n);
-        let inv_direct = invert_lower_unblocked(&direct, n);
-        let worst = inv
-            .iter()
-            .zip(&inv_direct)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f64::max);
-        assert!(worst < 1e-9, "inverse {worst}");
+        // L·L⁻¹ = I for the diagonal blocks' inverse.
+        let m = 40;
+        let inv = invert_lower_unblocked(&submatrix(&direct, n, 0..m, 0..m), m);
+        for i in 0..m {
+            for j in 0..m {
+                let got: f64 = (0..m).map(|k| direct[i * n + k] * inv[k * m + j]).sum();
+                let want = if i == j { 1.0 } else { 0.0 };
+                assert!((got - want).abs() < 1e-9, "inverse ({i},{j}) {got}");
+            }
+        }
     }
 
     #[test]
@@ -955,7 +1146,7 @@ mod tests {
             .map(|(k, v)| v + shared[k / cols])
             .collect();
         let w = pseudo(4, rows * cols, 0.05);
-        let f = InverseFactor::from_hessian(&hessian(&x, tokens, cols), cols, "t").expect("pd");
+        let f = HessianFactor::from_hessian(&hessian(&x, tokens, cols), cols, "t").expect("pd");
         for target in [
             Target::Float(FloatFormat::Bf16),
             Target::Float(FloatFormat::F16),
@@ -978,7 +1169,7 @@ mod tests {
         let (rows, cols) = (5, 64);
         let w = pseudo(5, rows * cols, 0.3);
         let x = pseudo(6, 40 * cols, 1.0);
-        let f = InverseFactor::from_hessian(&hessian(&x, 40, cols), cols, "t").expect("pd");
+        let f = HessianFactor::from_hessian(&hessian(&x, 40, cols), cols, "t").expect("pd");
         type Decode = fn(&[u8]) -> Result<Vec<f32>, crate::merge::quant::QuantError>;
         let decode: [(Target, Decode); 3] = [
             (Target::Q8_0, dequantize_q8_0),
@@ -1028,6 +1219,38 @@ mod tests {
         assert!((mean / ulp - 0.3).abs() < 0.02, "mean {}", mean / ulp);
         let again = stochastic("t", &w, 1, w.len(), target).expect("stochastic");
         assert_eq!(s.values, again.values, "seeded by the tensor name");
+    }
+
+    #[test]
+    fn searched_q4_0_scale_never_costs_more_than_ggml_rule() {
+        let mut better = 0;
+        for seed in 0..200 {
+            let x: Vec<f32> = pseudo(100 + seed, GGML_QK, 1.0)
+                .iter()
+                .map(|v| (v * v * v) as f32)
+                .collect();
+            let weights: Vec<f64> = pseudo(400 + seed, GGML_QK, 1.0)
+                .iter()
+                .map(|v| 1.0 + v.abs())
+                .collect();
+            let cost = |b: Block| -> f64 {
+                x.iter()
+                    .zip(&weights)
+                    .map(|(v, w)| {
+                        let e = f64::from(*v) - f64::from(b.nearest(f64::from(*v)).0);
+                        w * e * e
+                    })
+                    .sum()
+            };
+            let (ggml, searched) = (
+                Block::from_values(Target::Q4_0, &x),
+                Block::searched(Target::Q4_0, &x, &weights),
+            );
+            assert!(cost(searched) <= cost(ggml), "seed {seed}");
+            better += usize::from(cost(searched) < cost(ggml));
+        }
+        // Heavy-tailed blocks: clipping the largest value usually pays.
+        assert!(better > 100, "{better} of 200 blocks improved");
     }
 
     #[test]
