@@ -27,7 +27,8 @@ cat "$BASE"/*.safetensors "$ADAPTER"/*.safetensors > /dev/null   # both sides re
 
 timed() { # $1 = output file for "wall user sys maxrss_kib", rest = command
   local out=$1; shift
-  /usr/bin/time -f '%e %U %S %M' -o "$out" "$@" > /dev/null 2>&1
+  /usr/bin/time -f '%e %U %S %M' -o "$out" "$@" > /dev/null 2> "$out.err" || {
+    echo "failed: $*" >&2; cat "$out.err" >&2; exit 2; }
 }
 PYJOB=("$PY" scripts/bench-job-baseline.py --base "$BASE" --adapter "$ADAPTER" --max-tokens 512)
 ours() { "$BIN" check --quiet --exit-zero --base "$BASE" --adapter "$ADAPTER" "$@"; }
