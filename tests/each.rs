@@ -298,6 +298,18 @@ fn each_dir_checks_every_sub_folder_by_name_and_junit_has_a_suite_per_adapter() 
         .collect();
     assert_eq!(sections.len(), 4, "a section per adapter: {sections:#?}");
     assert!(html.contains("data-status=\"error\""));
+    let mut ids: Vec<&str> = html
+        .match_indices(" id=\"")
+        .map(|(i, m)| {
+            let rest = &html[i + m.len()..];
+            &rest[..rest.find('"').expect("closing quote")]
+        })
+        .collect();
+    let all = ids.len();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), all, "every element id on the page is unique");
+    assert!(ids.contains(&"adapter-0-verdict") && ids.contains(&"adapter-1-verdict"));
     let summary = std::fs::read_to_string(reports.join("summary.md")).expect("summary.md");
     assert!(
         summary.contains("NOT CHECKED") && summary.contains("b-layers"),

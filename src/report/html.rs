@@ -158,8 +158,9 @@ fn page_end(out: &mut String, tool_version: &str, schema_version: u32) {
 }
 
 /// `check --each`: the overall verdict and a table of adapters, then one section per adapter
-/// holding its complete report (or why it could not be checked). Element ids inside a section
-/// are the single report's, so a link to `#verdict` lands on the first adapter's.
+/// holding its complete report (or why it could not be checked). Element ids inside section `i`
+/// are the single report's prefixed with `adapter-{i}-`, so every id on the page is unique
+/// (`#adapter-1-verdict` is the second adapter's verdict).
 pub fn render_each(report: &super::each::EachReport) -> String {
     use super::each::EachVerdict;
     let mut out = String::with_capacity(64 * 1024 * report.adapters.len().max(1));
@@ -222,7 +223,11 @@ pub fn render_each(report: &super::each::EachReport) -> String {
             escape(&a.adapter)
         );
         match &a.report {
-            Some(r) => body(&mut out, r, &HtmlOptions::default()),
+            Some(r) => {
+                let mut section = String::with_capacity(64 * 1024);
+                body(&mut section, r, &HtmlOptions::default());
+                out.push_str(&section.replace(" id=\"", &format!(" id=\"adapter-{i}-")));
+            }
             None => {
                 let _ = writeln!(
                     out,
