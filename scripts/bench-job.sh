@@ -31,12 +31,12 @@ timed() { # $1 = output file for "wall user sys maxrss_kib", rest = command
     echo "failed: $*" >&2; cat "$out.err" >&2; exit 2; }
 }
 PYJOB=("$PY" scripts/bench-job-baseline.py --base "$BASE" --adapter "$ADAPTER" --max-tokens 512)
-ours() { "$BIN" check --quiet --exit-zero --base "$BASE" --adapter "$ADAPTER" "$@"; }
+OURS=("$BIN" check --quiet --exit-zero --base "$BASE" --adapter "$ADAPTER")
 
 pairs() { # $1 = label, $2 = pair count, rest = lora-doctor check arguments
   local label=$1 n=$2; shift 2
   for i in $(seq "$n"); do
-    timed "$tmp/$label.a.$i" ours "$@"
+    timed "$tmp/$label.a.$i" "${OURS[@]}" "$@"
     timed "$tmp/$label.b.$i" "${PYJOB[@]}"
   done
   python3 - "$tmp" "$label" "$n" <<'PY'
