@@ -6,6 +6,7 @@ use serde_json::Value;
 
 use super::{check_json_full, code, fixture, run, stderr};
 use lora_doctor::merge::float::FloatFormat;
+use lora_doctor::merge::kquant::Kind;
 use lora_doctor::merge::repair::{self, HessianFactor, Target};
 
 /// `check` and transformers compute the same KL on the same files within this relative tolerance
@@ -83,6 +84,56 @@ fn gptq_core_reproduces_the_torch_reference() {
             (same_as_nearest as f64 / want.len() as f64) < GPTQ_MIN_SAME,
             "{name}: round-to-nearest matches the GPTQ reference too often ({same_as_nearest})"
         );
+    }
+}
+
+#[test]
+fn gptq_core_reproduces_the_torch_reference_on_kquant_grids() {
+    // fixtures/gen/repair_kquant.py: the same GPTQ, with each block's parameters from ggml's own
+    // C quantizer of the block-start values; 512 columns, so each K-quant super-block spans two
+    // lazy batches (and its block-start values come from two).
+    let bytes = std::fs::read(fixture("goldens/repair_kquant/gptq.safetensors")).expect("golden");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    let h = f64_tensor(&st, "h");
+    let w = f64_tensor(&st, "w");
+    let n = (h.len() as f64).sqrt() as usize;
+    let rows = w.len() / n;
+    assert!(n >= 512 && n % 256 == 0, "super-blocks cross lazy batches");
+    let factor = HessianFactor::from_hessian(&h, n, "golden").expect("positive definite");
+    for kind in Kind::ALL {
+        let name = kind.name();
+        let want = f32_tensor(&st, &format!("out.{name}"));
+        let target = Target::Kquant(kind);
+        let got = repair::gptq("golden", &w, rows, n, &factor, target).expect("gptq");
+        let same = got
+            .values
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| a.to_bits() == b.to_bits())
+            .count();
+        let share = same as f64 / want.len() as f64;
+        assert!(
+            share >= GPTQ_MIN_SAME,
+            "{name}: {same} of {} values equal the torch reference",
+            want.len()
+        );
+        // The bytes written are ggml blocks that decode to exactly these values.
+        let back = kind
+            .dequantize(got.ggml.as_deref().expect("bytes"))
+            .expect("whole blocks");
+        assert_eq!(back, got.values, "{name}: bytes decode to the values");
+        let nearest = repair::nearest("golden", &w, rows, n, target).expect("nearest");
+        let same_as_nearest = nearest
+            .values
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| a.to_bits() == b.to_bits())
+            .count();
+        assert!(
+            (same_as_nearest as f64 / want.len() as f64) < GPTQ_MIN_SAME,
+            "{name}: round-to-nearest matches the GPTQ reference too often ({same_as_nearest})"
+        );
+        eprintln!("{name}: {same} of {} values bit-identical", want.len());
     }
 }
 
