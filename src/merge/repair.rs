@@ -269,6 +269,8 @@ enum Block {
 /// A block's parameters: one grid for all its values, or for a [`Target::Kquant`] the ggml block
 /// quantized from the block-start values (its parameters stay, its codes are replaced) and the
 /// grid of each of its sub-blocks.
+// One per row, replaced at every block start: held inline, a K-quant block costs no allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Copy)]
 enum Params {
     Uniform(Block),
