@@ -78,8 +78,8 @@ pub struct RepairJob<'a> {
 
 /// Repairs every tensor the format stores on a repair grid ([`calibration::repaired_shape`]:
 /// quantized formats each block linear the format stores in a ggml block type; float formats
-/// the block linears an adapter changes) and
-/// turns each into its final bytes with `encode` (`None`: the writer's plain path handles it).
+/// the block linears an adapter changes) and turns each into its final bytes with `encode`
+/// (`None`: the writer's plain path handles it).
 pub fn repair_all(
     job: &RepairJob<'_>,
     encode: &Encode<'_>,
