@@ -62,8 +62,8 @@ PY
 
 measure smollm2-tiny-lr bf16
 measure smollm2-r16 bf16,q8_0,q4_0
-# K-quants are not repair targets yet: plain and mixed rows only.
-measure smollm2-r16 q4_k_m ""
+# llama-quantize's Q4_K_M mix: each block linear repaired onto the type the mix stores it in.
+measure smollm2-r16 q4_k_m
 [[ "$only" == check ]] && exit 0
 
 # What a mixed merge writes: the merged file and the residual adapter beside it.
@@ -88,9 +88,9 @@ done
 
 # merge timing: plain vs --repair gptq, paired and alternating so load drifts hit both alike.
 adapter="$cache/adapters/smollm2-r16"
-for precision in bf16 q4_0; do
+for precision in bf16 q4_0 q4_k_m; do
     format=safetensors
-    [[ "$precision" == q4_0 ]] && format=gguf
+    [[ "$precision" != bf16 ]] && format=gguf
     best_plain=999999 best_repair=999999 best_mixed=999999
     for _ in $(seq "$runs"); do
         for mode in plain repair mixed; do

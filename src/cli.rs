@@ -191,9 +191,10 @@ pub struct CheckArgs {
     /// Tokens scored by the logit comparison.
     #[arg(long, value_name = "N", default_value_t = 512)]
     pub max_tokens: usize,
-    /// Add repaired candidates beside each plain precision that can be repaired (bf16, f16,
-    /// q8_0, q4_0, q4_1): `gptq` (error-feedback rounding fitted on the calibration text: row
-    /// `bf16:repaired`) and/or `stochastic` (`bf16:stochastic`). Comma-separated.
+    /// Add repaired candidates beside each plain precision that can be repaired (bf16, f16 and
+    /// the ggml formats, K-quants and mixes included): `gptq` (error-feedback rounding fitted on
+    /// the calibration text: row `bf16:repaired`) and/or `stochastic` (`bf16:stochastic`).
+    /// Comma-separated.
     #[arg(long, value_enum, value_name = "METHOD", value_delimiter = ',')]
     pub repair: Vec<RepairMethod>,
     #[arg(long, value_name = "auto|MODULES", value_parser = KeepAdapter::parse, help = keep_adapter_help("check"))]
@@ -322,7 +323,8 @@ pub struct MergeArgs {
     pub max_shard_size: String,
     /// Round the merge so that each layer's outputs, not each weight, stay close (`gptq`: error
     /// feedback fitted on the calibration text; `stochastic`: no calibration). For bf16, f16 and
-    /// GGUF q8_0/q4_0/q4_1; the files are ordinary checkpoints. `check --repair` measures it.
+    /// every GGUF ggml type, K-quants and mixes included; the files are ordinary checkpoints.
+    /// `check --repair` measures it.
     #[arg(long, value_enum, value_name = "METHOD")]
     pub repair: Option<RepairMethod>,
     #[arg(long, value_name = "auto|MODULES", value_parser = KeepAdapter::parse, help = keep_adapter_help("merge"))]

@@ -191,44 +191,26 @@ type MomentSlot = RwLock<Option<Arc<calibration::LayerMoments>>>;
 /// block linear; float formats: the block linears an adapter changes) rounded by the repair, every
 /// other tensor as the plain candidate serves it.
 struct RepairedProvider<'a> {
+    /// The plain merge in the precision repaired (a tensor no repair rounds is served as is).
     plain: MergedProvider<'a>,
-    /// `None` only for a precision the plan refused (the command checks first).
-    target: Option<Target>,
     method: RepairMethod,
     moments: Option<&'a MomentSlot>,
 }
 
 impl RepairedProvider<'_> {
-    /// The weight's shape when the repair rounds it.
-    fn repaired_shape(&self, name: &str) -> Option<(usize, usize)> {
+    /// The weight's shape and grid when the repair rounds it.
+    fn repaired_shape(&self, name: &str) -> Option<(usize, usize, Target)> {
         let plain = &self.plain;
-        let target = self.target?;
         if !plain.block_linear.names.contains(name) || plain.block_linear.conv1d {
             return None;
         }
-        let changed = plain.jobs.get(name);
-        if matches!(target, Target::Float(_)) && changed.is_none() {
-            return None;
-        }
-        let (rows, cols) = match changed {
-            Some(j) => (j.rows, j.cols),
-            None => match plain.base.info(name)?.shape[..] {
-                [r, c] => (r, c),
-                _ => return None,
-            },
-        };
-        // Rows that are not whole blocks ship as the plain format stores them (f16).
-        if !matches!(target, Target::Float(_)) && !cols.is_multiple_of(crate::merge::quant::GGML_QK)
-        {
-            return None;
-        }
-        Some((rows, cols))
+        calibration::repaired_shape(plain.precision, name, plain.jobs.get(name), plain.base)
     }
 }
 
 impl WeightProvider for RepairedProvider<'_> {
     fn weight(&self, name: &str) -> Result<Vec<f32>, ModelError> {
-        let (Some((rows, cols)), Some(target)) = (self.repaired_shape(name), self.target) else {
+        let Some((rows, cols, target)) = self.repaired_shape(name) else {
             return self.plain.weight(name);
         };
         let w = calibration::exact_weight(
@@ -740,7 +722,6 @@ fn provider_for<'a>(
                 recipe: inputs.recipe,
                 block_linear,
             },
-            target: Target::of(p),
             method,
             moments,
         }),
@@ -759,7 +740,6 @@ fn provider_for<'a>(
                     plain: plain(),
                     repaired: method.map(|method| RepairedProvider {
                         plain: plain(),
-                        target: Target::of(p),
                         method,
                         moments,
                     }),

@@ -6,6 +6,7 @@ use serde_json::Value;
 
 use super::{check_json_full, code, fixture, run, stderr};
 use lora_doctor::merge::float::FloatFormat;
+use lora_doctor::merge::kquant::Kind;
 use lora_doctor::merge::repair::{self, HessianFactor, Target};
 
 /// `check` and transformers compute the same KL on the same files within this relative tolerance
@@ -17,7 +18,8 @@ const KL_TOLERANCE: f64 = 0.02;
 /// the reversed H and a triangular inverse), equal up to f64 rounding, and the lazy batch updates
 /// sum in another order; a value within ~1e-12 of a rounding boundary may land on the other
 /// neighbour, after which that row's later values follow a different, equally valid path.
-/// Measured: 2304 of 2304 values bit-identical in all five targets (x86-64, AVX2 GEMM).
+/// Measured: 2304 of 2304 values bit-identical in all five targets (x86-64, AVX2 GEMM), and 4096
+/// of 4096 in each of the seven K-quant grids (goldens/repair_kquant).
 const GPTQ_MIN_SAME: f64 = 0.98;
 
 fn goldens() -> Value {
@@ -72,6 +74,58 @@ fn gptq_core_reproduces_the_torch_reference() {
             want.len()
         );
         // A plain round-to-nearest would not pass: the test can tell the two apart.
+        let nearest = repair::nearest("golden", &w, rows, n, target).expect("nearest");
+        let same_as_nearest = nearest
+            .values
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| a.to_bits() == b.to_bits())
+            .count();
+        assert!(
+            (same_as_nearest as f64 / want.len() as f64) < GPTQ_MIN_SAME,
+            "{name}: round-to-nearest matches the GPTQ reference too often ({same_as_nearest})"
+        );
+    }
+}
+
+#[test]
+fn gptq_core_reproduces_the_torch_reference_on_kquant_grids() {
+    // fixtures/gen/repair_kquant.py: the same GPTQ, with each block's parameters from ggml's own
+    // C quantizer of the block-start values; 512 columns, so each K-quant super-block spans two
+    // lazy batches (and its block-start values come from two).
+    let bytes = std::fs::read(fixture("goldens/repair_kquant/gptq.safetensors")).expect("golden");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    let h = f64_tensor(&st, "h");
+    let w = f64_tensor(&st, "w");
+    let n = (h.len() as f64).sqrt() as usize;
+    let rows = w.len() / n;
+    assert!(
+        n >= 512 && n.is_multiple_of(256),
+        "super-blocks cross lazy batches"
+    );
+    let factor = HessianFactor::from_hessian(&h, n, "golden").expect("positive definite");
+    for kind in Kind::ALL {
+        let name = kind.name();
+        let want = f32_tensor(&st, &format!("out.{name}"));
+        let target = Target::Kquant(kind);
+        let got = repair::gptq("golden", &w, rows, n, &factor, target).expect("gptq");
+        let same = got
+            .values
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| a.to_bits() == b.to_bits())
+            .count();
+        let share = same as f64 / want.len() as f64;
+        assert!(
+            share >= GPTQ_MIN_SAME,
+            "{name}: {same} of {} values equal the torch reference",
+            want.len()
+        );
+        // The bytes written are ggml blocks that decode to exactly these values.
+        let back = kind
+            .dequantize(got.ggml.as_deref().expect("bytes"))
+            .expect("whole blocks");
+        assert_eq!(back, got.values, "{name}: bytes decode to the values");
         let nearest = repair::nearest("golden", &w, rows, n, target).expect("nearest");
         let same_as_nearest = nearest
             .values
@@ -278,6 +332,57 @@ fn repaired_gguf_blocks_sit_where_llama_cpp_reads_them() {
         changed += usize::from(a != b);
     }
     assert_eq!(changed, names.len(), "every block linear is repaired");
+}
+
+/// A llama-quantize mix is repaired tensor by tensor onto the type the mix stores it in (on this
+/// 64-wide model every K type falls back: Q4_K → Q5_0, Q6_K → Q8_0): the written GGUF has the
+/// plain mix's types and size, and, checked as `--merged`, the KL `check` scored for
+/// `q4_k_m:repaired`.
+#[test]
+fn repaired_mix_gguf_is_the_candidate_check_scored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (plain, repaired) = (
+        dir.path().join("plain.gguf"),
+        dir.path().join("repaired.gguf"),
+    );
+    merge("q4_k_m", "gguf", &plain, None);
+    merge("q4_k_m", "gguf", &repaired, Some("gptq"));
+    let size = |p: &std::path::Path| std::fs::metadata(p).expect("written").len();
+    assert_eq!(
+        size(&plain),
+        size(&repaired),
+        "the same types, the same bytes"
+    );
+    let out_s = repaired.display().to_string();
+    let prompts = fixture(EVAL);
+    let (status, report) = check_json_full(
+        "models/repair-llama",
+        &["adapters/repair-lora"],
+        &[
+            "--precision",
+            "q4_k_m",
+            "--repair",
+            "gptq",
+            "--merged",
+            &out_s,
+            "--prompts",
+            &prompts,
+            "--generate",
+            "0",
+        ],
+    );
+    assert_ne!(status, 2, "{report}");
+    let kl = |name: &str| {
+        row(&report, name)["logits"]["mean_kl"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{name} row"))
+    };
+    let (scored, written, plain) = (kl("q4_k_m:repaired"), kl("merged"), kl("q4_k_m"));
+    assert!(
+        (scored - written).abs() <= KL_TOLERANCE * scored,
+        "check scored {scored:e}, the written file gives {written:e}"
+    );
+    assert!(scored < plain, "repaired {scored:e} vs plain {plain:e}");
 }
 
 #[test]

@@ -748,7 +748,7 @@ fn repair_candidates(
     }
     let unsupported: Vec<&str> = precisions
         .iter()
-        .filter(|p| **p != Precision::Float(FloatFormat::F32) && Target::of(**p).is_none())
+        .filter(|p| **p != Precision::Float(FloatFormat::F32) && !Target::repairs(**p))
         .map(|p| p.name())
         .collect();
     if !unsupported.is_empty() {
@@ -760,7 +760,7 @@ fn repair_candidates(
         );
     }
     let mut out = Vec::new();
-    for p in precisions.iter().filter(|p| Target::of(**p).is_some()) {
+    for p in precisions.iter().filter(|p| Target::repairs(**p)) {
         let mut sorted = methods.to_vec();
         sorted.sort();
         sorted.dedup();

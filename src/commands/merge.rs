@@ -897,7 +897,7 @@ fn write_gguf(
             return Ok(None);
         };
         match r.ggml {
-            Some(bytes) if Some(ty) == Target::of(precision).and_then(target_ggml_type) => {
+            Some(bytes) if Some(ty) == r.target.ggml_type() => {
                 let order: Vec<f32> = (0..rows).map(|r| r as f32).collect();
                 let order = gguf_write::to_gguf_rows(&model_type, hf, &config, order, &[rows, 1])?;
                 let row_bytes = bytes.len() / rows.max(1);
@@ -914,6 +914,11 @@ fn write_gguf(
             }
             _ => Ok(None),
         }
+    };
+    // A mix repairs each tensor onto the type it stores it in, which needs the bound mix.
+    let precision = match types {
+        GgufTypes::Mix(mix) => Precision::Quant(crate::merge::quant_format::QuantFormat::Mix(mix)),
+        GgufTypes::Single(_) => precision,
     };
     let repaired = match args.repair {
         Some(method) => match repair_pass(args, method, precision, inputs, parent, &encode) {
@@ -1014,16 +1019,6 @@ fn refuse_nonfinite(name: &str, values: &[f32], format: FloatFormat) -> anyhow::
     Ok(())
 }
 
-/// The ggml type a repair target writes.
-fn target_ggml_type(target: Target) -> Option<GgmlType> {
-    match target {
-        Target::Float(_) => None,
-        Target::Q8_0 => Some(GgmlType::Q8_0),
-        Target::Q4_0 => Some(GgmlType::Q4_0),
-        Target::Q4_1 => Some(GgmlType::Q4_1),
-    }
-}
-
 /// `, repaired by gptq (37 tensors, 512 calibration tokens)` for the summary line.
 fn repair_summary(repaired: Option<&Repaired>) -> String {
     match repaired {
@@ -1048,13 +1043,13 @@ fn repair_pass(
     spill_dir: &Path,
     encode: &repaired::Encode<'_>,
 ) -> anyhow::Result<Repaired> {
-    let Some(target) = Target::of(precision) else {
+    if !Target::repairs(precision) {
         bail!(
             "--repair rounds onto {}; `{}` is not one of them",
             Target::NAMES,
             precision.name()
         );
-    };
+    }
     let config = inputs
         .config
         .context("--repair runs the model: the base has no config.json (or GGUF metadata)")?;
@@ -1071,7 +1066,7 @@ fn repair_pass(
         base: inputs.base,
         adapters: inputs.adapters,
         plan: inputs.plan,
-        target,
+        precision,
         method,
         calibration: calibration.as_ref().map(|c| c.sequences.as_slice()),
         spill_dir,

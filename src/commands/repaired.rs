@@ -23,8 +23,7 @@ use crate::io::adapter::Adapter;
 use crate::io::checkpoint::Checkpoint;
 use crate::merge::engine::{MergePlan, TensorJob};
 use crate::merge::precision::{Precision, Recipe};
-use crate::merge::quant::GGML_QK;
-use crate::merge::repair::{RepairMethod, Rounded, Target};
+use crate::merge::repair::{RepairMethod, Rounded};
 use crate::merge::residual::{self, KeepAdapter};
 use crate::model::{Architecture, CheckpointProvider};
 
@@ -68,7 +67,8 @@ pub struct RepairJob<'a> {
     pub base: &'a Checkpoint,
     pub adapters: &'a [Adapter],
     pub plan: &'a MergePlan,
-    pub target: Target,
+    /// The precision repaired (a mix bound to the model): each tensor's grid comes from it.
+    pub precision: Precision,
     pub method: RepairMethod,
     /// Calibration sequences (GPTQ only).
     pub calibration: Option<&'a [Vec<u32>]>,
@@ -76,9 +76,10 @@ pub struct RepairJob<'a> {
     pub spill_dir: &'a Path,
 }
 
-/// Repairs every tensor the format stores on the target grid (quantized targets: each block
-/// linear with whole 32-value blocks; float targets: the block linears an adapter changes) and
-/// turns each into its final bytes with `encode` (`None`: the writer's plain path handles it).
+/// Repairs every tensor the format stores on a repair grid ([`calibration::repaired_shape`]:
+/// quantized formats each block linear the format stores in a ggml block type; float formats
+/// the block linears an adapter changes) and turns each into its final bytes with `encode`
+/// (`None`: the writer's plain path handles it).
 pub fn repair_all(
     job: &RepairJob<'_>,
     encode: &Encode<'_>,
@@ -122,7 +123,12 @@ pub fn repair_all(
             None => None,
         };
         for name in job.arch.block_tensors(i) {
-            let Some((rows, cols)) = repaired_shape(job, &jobs, &name) else {
+            let Some((rows, cols, target)) = calibration::repaired_shape(
+                job.precision,
+                &name,
+                jobs.get(name.as_str()).copied(),
+                job.base,
+            ) else {
                 continue;
             };
             let w = calibration::exact_weight(
@@ -136,7 +142,7 @@ pub fn repair_all(
                 &w,
                 rows,
                 cols,
-                job.target,
+                target,
                 job.method,
                 moments.as_ref(),
             )?;
@@ -155,29 +161,6 @@ pub fn repair_all(
         index,
         calibration_tokens: calibration.map(|c| c.tokens),
     })
-}
-
-/// The shape of `name` when the repair rounds it.
-fn repaired_shape(
-    job: &RepairJob<'_>,
-    jobs: &HashMap<&str, &TensorJob>,
-    name: &str,
-) -> Option<(usize, usize)> {
-    let changed = jobs.get(name);
-    if matches!(job.target, Target::Float(_)) && changed.is_none() {
-        return None;
-    }
-    let (rows, cols) = match changed {
-        Some(j) => (j.rows, j.cols),
-        None => match job.base.info(name)?.shape[..] {
-            [r, c] => (r, c),
-            _ => return None,
-        },
-    };
-    if !matches!(job.target, Target::Float(_)) && !cols.is_multiple_of(GGML_QK) {
-        return None;
-    }
-    Some((rows, cols))
 }
 
 /// What `merge --keep-adapter` needs to decide which weights stay unmerged.

@@ -233,6 +233,34 @@ pub fn exact_weight(
     }
 }
 
+/// The shape of the weight `name` and the grid a repair of `precision` rounds it onto, when it
+/// does: a float format repairs the weights an adapter changes (an unchanged one is stored
+/// exactly as the base stores it), a ggml format every 2-D weight it stores on a block grid
+/// (its base is quantized too), on the type the format gives that tensor ([`Target::for_tensor`]).
+/// `check`'s repaired candidate and `merge --repair` ask this one function.
+pub fn repaired_shape(
+    precision: Precision,
+    name: &str,
+    changed: Option<&TensorJob>,
+    base: &Checkpoint,
+) -> Option<(usize, usize, Target)> {
+    let (rows, cols) = match changed {
+        Some(j) => (j.rows, j.cols),
+        None => match base.info(name)?.shape[..] {
+            [r, c] => (r, c),
+            _ => return None,
+        },
+    };
+    // An unbound mix cannot say; the plain path reports that error.
+    let target = Target::for_tensor(precision, name, rows, cols)
+        .ok()
+        .flatten()?;
+    if matches!(target, Target::Float(_)) && changed.is_none() {
+        return None;
+    }
+    Some((rows, cols, target))
+}
+
 /// One weight repaired onto `target` (`[rows, cols]`, `[out, in]` as Linear layers store it).
 /// GPTQ reads the weight's input moment from `moments`; stochastic rounding needs none.
 pub fn repaired_tensor(
@@ -293,11 +321,11 @@ pub fn output_error_ratio(
     let stored = engine::base_weight(job, base, adapters).map_err(|e| fail(e.to_string()))?;
     let updates = engine::load_updates(job, adapters).map_err(|e| fail(e.to_string()))?;
     let exact = crate::merge::delta::merge_exact(&stored, job.rows, job.cols, &updates);
-    let target = Target::of(precision);
     let merged = match (repair, precision) {
         (Some(method), _) => {
-            let target =
-                target.ok_or_else(|| fail(format!("{} cannot be repaired", precision.name())))?;
+            let target = Target::for_tensor(precision, name, job.rows, job.cols)
+                .map_err(|e| fail(e.to_string()))?
+                .ok_or_else(|| fail(format!("{} cannot be repaired", precision.name())))?;
             repaired_tensor(name, &exact, job.rows, job.cols, target, method, moments)?.values
         }
         (None, Precision::Float(f)) => {

@@ -10,7 +10,6 @@ use thiserror::Error;
 use super::delta::{self, Layout, LowRank, Update, transpose};
 use super::float::FloatFormat;
 use super::ggml::GgmlType;
-use super::mix;
 use super::precision::{Precision, Recipe};
 use super::quant::GGML_QK;
 use super::quant_format::{QuantFormat, fake_quantize_ggml};
@@ -541,8 +540,8 @@ pub fn merged_bias(
 ///
 /// Rows that do not fit a ggml format's block: convert_hf_to_gguf stores Q8_0/Q4_0/Q4_1 tensors
 /// with rows that are not a multiple of 32 in f16; llama-quantize demotes the other ggml types
-/// (Q4_K → Q5_0, Q6_K → Q8_0, …, then f16: [`mix::fallback`]). A mix picks the type from the
-/// tensor's name ([`mix::Mix::type_for`], which needs the model it was bound to) and leaves what
+/// (Q4_K → Q5_0, Q6_K → Q8_0, …, then f16: [`super::mix::fallback`]). A mix picks the type from the
+/// tensor's name ([`super::mix::Mix::type_for`], which needs the model it was bound to) and leaves what
 /// llama-quantize leaves (position embeddings) as stored; the note names the type it chose.
 ///
 /// `conv1d`: the tensor is a GPT-2 Conv1D weight stored `[in, out]`. Every quantizing tool works
@@ -573,40 +572,38 @@ pub fn fake_quantize(
         format: format.name(),
         source,
     };
-    let (ty, note) = match format {
-        QuantFormat::Mix(mix) => match mix.type_for(tensor, &[rows, cols]).map_err(quant_error)? {
-            Some(ty) => (ty, Some(format!("{}: stored as {ty}", format.name()))),
-            None => {
-                let note = format!("{}: kept as stored, as llama-quantize does", format.name());
-                return Ok((data.to_vec(), Some(note)));
-            }
-        },
-        QuantFormat::Q8_0 | QuantFormat::Q4_0 | QuantFormat::Q4_1
-            if !cols.is_multiple_of(GGML_QK) =>
-        {
+    let stored = format
+        .stored_type(tensor, rows, cols)
+        .map_err(quant_error)?;
+    let (ty, note) = match (format, stored) {
+        (QuantFormat::Mix(_), Some(ty)) => (ty, Some(format!("{}: stored as {ty}", format.name()))),
+        (QuantFormat::Mix(_), None) => {
+            let note = format!("{}: kept as stored, as llama-quantize does", format.name());
+            return Ok((data.to_vec(), Some(note)));
+        }
+        (QuantFormat::Q8_0 | QuantFormat::Q4_0 | QuantFormat::Q4_1, Some(GgmlType::F16)) => {
             let note = format!(
                 "rows of {cols} are not a multiple of {GGML_QK}: stored as f16, as convert_hf_to_gguf does"
             );
             (GgmlType::F16, Some(note))
         }
-        other => match other.ggml_type() {
-            Some(target) => {
-                let ty = mix::fallback(target, cols);
-                let note = (ty != target).then(|| {
-                    format!(
-                        "rows of {cols} do not fit {target} blocks: stored as {ty}, as llama-quantize does"
-                    )
-                });
-                (ty, note)
-            }
-            None => {
-                let mut out = vec![0.0f32; data.len()];
-                other
-                    .fake_quantize(data, rows, cols, &mut out)
-                    .map_err(quant_error)?;
-                return Ok((out, None));
-            }
-        },
+        (other, Some(ty)) => {
+            let target = other.ggml_type();
+            let note = (Some(ty) != target).then(|| {
+                let target = target.map(|t| t.to_string()).unwrap_or_default();
+                format!(
+                    "rows of {cols} do not fit {target} blocks: stored as {ty}, as llama-quantize does"
+                )
+            });
+            (ty, note)
+        }
+        (other, None) => {
+            let mut out = vec![0.0f32; data.len()];
+            other
+                .fake_quantize(data, rows, cols, &mut out)
+                .map_err(quant_error)?;
+            return Ok((out, None));
+        }
     };
     let out = match ty {
         GgmlType::F16 => data.iter().map(|v| FloatFormat::F16.round(*v)).collect(),

@@ -700,17 +700,24 @@ fn q3_k_block(x: &[f32], y: &mut [u8]) {
             codes_i[16 * j + ii] = (l + 4) as i8;
         }
     }
+    let codes: [u8; QK_K] = std::array::from_fn(|j| codes_i[j] as u8);
+    pack_q3_k(&codes, hmask, qs);
+}
+
+/// Q3_K's codes `0..=7`: the third bit into `hmask` (bit `j / 32` of byte `j % 32`), the low two
+/// bits as Q2_K packs them.
+fn pack_q3_k(codes: &[u8; QK_K], hmask: &mut [u8], qs: &mut [u8]) {
     hmask.fill(0);
-    let mut codes = [0u8; QK_K];
-    for (j, (&c, out)) in codes_i.iter().zip(codes.iter_mut()).enumerate() {
-        let mut c = c as u8;
+    let mut low = [0u8; QK_K];
+    for (j, (&c, out)) in codes.iter().zip(low.iter_mut()).enumerate() {
+        let mut c = c;
         if c > 3 {
             hmask[j % 32] |= 1 << (j / 32);
             c -= 4;
         }
         *out = c;
     }
-    pack_2bit(&codes, qs);
+    pack_2bit(&low, qs);
 }
 
 fn dq3_k_block(b: &[u8], y: &mut [f32]) {
@@ -814,6 +821,11 @@ fn q4_k_block(x: &[f32], y: &mut [u8]) {
     packed.fill(0);
     let mut codes = [0u8; QK_K];
     q45_k_codes(x, &search, dd, packed, &mut codes);
+    pack_q4_k(&codes, qs);
+}
+
+/// Q4_K's codes: per 64 values, value `l` in the low and value `l + 32` in the high nibble.
+fn pack_q4_k(codes: &[u8; QK_K], qs: &mut [u8]) {
     for (chunk, q) in codes.chunks_exact(64).zip(qs.chunks_exact_mut(32)) {
         for l in 0..32 {
             q[l] = chunk[l] | (chunk[l + 32] << 4);
@@ -855,9 +867,15 @@ fn q5_k_block(x: &[f32], y: &mut [u8]) {
     let (packed, rest) = rest.split_at_mut(12);
     let (qh, ql) = rest.split_at_mut(32);
     packed.fill(0);
-    qh.fill(0);
     let mut codes = [0u8; QK_K];
     q45_k_codes(x, &search, dd, packed, &mut codes);
+    pack_q5_k(&codes, qh, ql);
+}
+
+/// Q5_K's codes: the low four bits as Q4_K packs them, the fifth bit of values `l` and `l + 32`
+/// of each 64 into bits `2i` and `2i + 1` of `qh[l]`.
+fn pack_q5_k(codes: &[u8; QK_K], qh: &mut [u8], ql: &mut [u8]) {
+    qh.fill(0);
     let (mut m1, mut m2) = (1u8, 2u8);
     for (chunk, q) in codes.chunks_exact(64).zip(ql.chunks_exact_mut(32)) {
         for j in 0..32 {
@@ -940,11 +958,18 @@ fn q6_k_block(x: &[f32], y: &mut [u8]) {
             codes[16 * j + ii] = (l + 32) as i8;
         }
     }
+    let codes: [u8; QK_K] = std::array::from_fn(|j| codes[j] as u8);
+    pack_q6_k(&codes, ql, qh);
+}
+
+/// Q6_K's codes `0..=63`: per 128 values, low nibbles of `l`/`l + 64` and `l + 32`/`l + 96` in
+/// `ql`, the top two bits of all four in `qh[l]`.
+fn pack_q6_k(codes: &[u8; QK_K], ql: &mut [u8], qh: &mut [u8]) {
     for (l_half, (ql, qh)) in codes
         .chunks_exact(128)
         .zip(ql.chunks_exact_mut(64).zip(qh.chunks_exact_mut(32)))
     {
-        let c = |i: usize| l_half[i] as u8;
+        let c = |i: usize| l_half[i];
         for l in 0..32 {
             ql[l] = (c(l) & 0xF) | ((c(l + 64) & 0xF) << 4);
             ql[l + 32] = (c(l + 32) & 0xF) | ((c(l + 96) & 0xF) << 4);
@@ -976,6 +1001,210 @@ fn dq6_k_block(b: &[u8], y: &mut [f32]) {
             out[l + 64] = d * scale(is + 4) * q3 as f32;
             out[l + 96] = d * scale(is + 6) * q4 as f32;
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Codes under fixed parameters (repairs)
+// ---------------------------------------------------------------------------------------------
+
+/// The block formats of this file, for a caller that takes a block's parameters from ggml's rule
+/// and then chooses every code itself (a GPTQ repair, `repair.rs`): the block is quantized as
+/// ggml quantizes it ([`Kind::quantize_block`]), its sub-blocks' grids are read back as the
+/// dequantizer reads them ([`Kind::grids`]), and other codes are written over the ggml codes
+/// ([`Kind::set_codes`]), so the result is still an ordinary ggml block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Q5_0,
+    Q5_1,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+/// The largest block of any [`Kind`] in bytes (Q6_K's).
+pub const MAX_BLOCK_BYTES: usize = Q6_K_BLOCK_BYTES;
+/// The most sub-blocks a [`Kind`] block has (Q2_K, Q3_K, Q6_K: 16 of 16 values).
+pub const MAX_SUB_BLOCKS: usize = 16;
+
+/// The grid of one sub-block as the dequantizer decodes it: code `c` is the f32 value
+/// `scale · (c − offset) − min`, evaluated in that order ([`Kind::decode`]).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct SubGrid {
+    pub scale: f32,
+    pub min: f32,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 7] = [
+        Kind::Q5_0,
+        Kind::Q5_1,
+        Kind::Q2K,
+        Kind::Q3K,
+        Kind::Q4K,
+        Kind::Q5K,
+        Kind::Q6K,
+    ];
+
+    fn layout(self) -> Layout {
+        match self {
+            Kind::Q5_0 => Q5_0,
+            Kind::Q5_1 => Q5_1,
+            Kind::Q2K => Q2_K,
+            Kind::Q3K => Q3_K,
+            Kind::Q4K => Q4_K,
+            Kind::Q5K => Q5_K,
+            Kind::Q6K => Q6_K,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        self.layout().name
+    }
+
+    /// Values per block (32 or 256).
+    pub fn block_elements(self) -> usize {
+        self.layout().elements
+    }
+
+    pub fn block_bytes(self) -> usize {
+        self.layout().bytes
+    }
+
+    /// Values sharing one (scale, min): the whole 32-block for Q5_0/Q5_1, 16 or 32 in a K-quant.
+    pub fn sub_len(self) -> usize {
+        match self {
+            Kind::Q5_0 | Kind::Q5_1 | Kind::Q4K | Kind::Q5K => 32,
+            Kind::Q2K | Kind::Q3K | Kind::Q6K => 16,
+        }
+    }
+
+    /// The largest stored code (codes are `0..=max_code`).
+    pub fn max_code(self) -> i32 {
+        match self {
+            Kind::Q2K => 3,
+            Kind::Q3K => 7,
+            Kind::Q4K => 15,
+            Kind::Q5_0 | Kind::Q5_1 | Kind::Q5K => 31,
+            Kind::Q6K => 63,
+        }
+    }
+
+    /// What the dequantizer subtracts from a stored code before scaling: 16 for Q5_0, 4 for
+    /// Q3_K, 32 for Q6_K (symmetric formats), 0 for the formats with a minimum.
+    pub fn code_offset(self) -> i32 {
+        match self {
+            Kind::Q5_0 => 16,
+            Kind::Q3K => 4,
+            Kind::Q6K => 32,
+            Kind::Q5_1 | Kind::Q2K | Kind::Q4K | Kind::Q5K => 0,
+        }
+    }
+
+    /// ggml's `quantize_row_*_ref` of one block (`x.len() == block_elements`): its parameters
+    /// and its own codes.
+    pub fn quantize_block(self, x: &[f32], out: &mut [u8]) {
+        (self.layout().quantize)(x, out)
+    }
+
+    /// The grid of every sub-block of `block`, read as `dequantize_row_*` reads it (the first
+    /// `block_elements / sub_len` entries are used).
+    pub fn grids(self, b: &[u8]) -> [SubGrid; MAX_SUB_BLOCKS] {
+        let mut out = [SubGrid::default(); MAX_SUB_BLOCKS];
+        match self {
+            Kind::Q5_0 => {
+                out[0] = SubGrid {
+                    scale: get_f16(b, 0),
+                    min: 0.0,
+                }
+            }
+            // x = q·d + m, and q·d − (−m) is the same f32 sum.
+            Kind::Q5_1 => {
+                out[0] = SubGrid {
+                    scale: get_f16(b, 0),
+                    min: -get_f16(b, 2),
+                }
+            }
+            Kind::Q2K => {
+                let (sc, dd) = (&b[..16], &b[80..84]);
+                let (d, min) = (get_f16(dd, 0), get_f16(dd, 2));
+                for (g, s) in out.iter_mut().zip(sc) {
+                    *g = SubGrid {
+                        scale: d * f32::from(s & 0xF),
+                        min: min * f32::from(s >> 4),
+                    };
+                }
+            }
+            Kind::Q3K => {
+                let (sc, d) = (&b[96..108], get_f16(b, 108));
+                for (j, g) in out.iter_mut().enumerate() {
+                    *g = SubGrid {
+                        scale: d * (q3_k_scale(sc, j) - 32) as f32,
+                        min: 0.0,
+                    };
+                }
+            }
+            Kind::Q4K | Kind::Q5K => {
+                for (g, (scale, min)) in out.iter_mut().zip(q45_k_scales(&b[..4], &b[4..16])) {
+                    *g = SubGrid { scale, min };
+                }
+            }
+            Kind::Q6K => {
+                let (sc, d) = (&b[192..208], get_f16(b, 208));
+                for (g, s) in out.iter_mut().zip(sc) {
+                    *g = SubGrid {
+                        scale: d * f32::from(*s as i8),
+                        min: 0.0,
+                    };
+                }
+            }
+        }
+        out
+    }
+
+    /// The value stored code `code` of a sub-block with grid `g` decodes to, in the dequantizer's
+    /// f32 operations (`d·q − m`, `(d·sc)·q`, `q·d + m`: each the same product and sum).
+    pub fn decode(self, g: SubGrid, code: i32) -> f32 {
+        g.scale * (code - self.code_offset()) as f32 - g.min
+    }
+
+    /// Writes `codes` (`0..=max_code`, one per value) into `block`, keeping its parameters.
+    pub fn set_codes(self, block: &mut [u8], codes: &[u8]) {
+        match self {
+            Kind::Q5_0 | Kind::Q5_1 => {
+                let at = if self == Kind::Q5_0 { 2 } else { 4 };
+                let codes: &[u8; QK5] = codes.try_into().expect("32 codes");
+                let (qh, qs) = block[at..].split_at_mut(4);
+                pack_q5(codes, qh, qs);
+            }
+            kind => {
+                let codes: &[u8; QK_K] = codes.try_into().expect("256 codes");
+                match kind {
+                    Kind::Q2K => pack_2bit(codes, &mut block[16..80]),
+                    Kind::Q3K => {
+                        let (hmask, rest) = block.split_at_mut(32);
+                        pack_q3_k(codes, hmask, &mut rest[..64]);
+                    }
+                    Kind::Q4K => pack_q4_k(codes, &mut block[16..]),
+                    Kind::Q5K => {
+                        let (qh, ql) = block[16..].split_at_mut(32);
+                        pack_q5_k(codes, qh, ql);
+                    }
+                    Kind::Q6K => {
+                        let (ql, rest) = block.split_at_mut(128);
+                        pack_q6_k(codes, ql, &mut rest[..64]);
+                    }
+                    Kind::Q5_0 | Kind::Q5_1 => unreachable!("handled above"),
+                }
+            }
+        }
+    }
+
+    /// Dequantizes whole blocks (`dequantize_row_*`).
+    pub fn dequantize(self, bytes: &[u8]) -> Result<Vec<f32>, QuantError> {
+        dequantize_blocks(self.layout(), bytes)
     }
 }
 
@@ -1085,5 +1314,55 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn grids_and_codes_reproduce_ggml_blocks() {
+        // ggml's own block, read as grids and rewritten code by code from its dequantized values,
+        // comes back byte for byte: the grids and the packing are the dequantizer's.
+        let inputs_bytes = golden("inputs.safetensors");
+        let inputs = SafeTensors::deserialize(&inputs_bytes).expect("inputs parse");
+        let x = f32s(&inputs, "gauss");
+        for kind in Kind::ALL {
+            let n = kind.block_elements();
+            for block in x.chunks_exact(n).take(4) {
+                let mut bytes = vec![0u8; kind.block_bytes()];
+                kind.quantize_block(block, &mut bytes);
+                let values = kind.dequantize(&bytes).expect("one block");
+                let grids = kind.grids(&bytes);
+                let codes: Vec<u8> = values
+                    .iter()
+                    .enumerate()
+                    .map(|(k, v)| {
+                        let g = grids[k / kind.sub_len()];
+                        let found = (0..=kind.max_code())
+                            .find(|c| kind.decode(g, *c).to_bits() == v.to_bits());
+                        found.unwrap_or_else(|| {
+                            panic!("{}: value {k} = {v} off its grid", kind.name())
+                        }) as u8
+                    })
+                    .collect();
+                let mut rewritten = bytes.clone();
+                kind.set_codes(&mut rewritten, &codes);
+                let again = kind.dequantize(&rewritten).expect("one block");
+                assert_eq!(
+                    again.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    values.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{}",
+                    kind.name()
+                );
+                // Other codes land where decode says they do.
+                let shifted: Vec<u8> = codes
+                    .iter()
+                    .map(|c| (c + 1) % (kind.max_code() as u8 + 1))
+                    .collect();
+                kind.set_codes(&mut rewritten, &shifted);
+                let moved = kind.dequantize(&rewritten).expect("one block");
+                for (k, (v, c)) in moved.iter().zip(&shifted).enumerate() {
+                    let want = kind.decode(grids[k / kind.sub_len()], i32::from(*c));
+                    assert_eq!(v.to_bits(), want.to_bits(), "{} value {k}", kind.name());
+                }
+            }
+        }
     }
 }

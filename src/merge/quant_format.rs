@@ -130,6 +130,25 @@ impl QuantFormat {
         })
     }
 
+    /// The ggml type a 2-D tensor named `tensor` with rows of `cols` values is stored in: a mix's
+    /// choice for that tensor, or a single type with llama-quantize's fallback for rows that are
+    /// not whole blocks (F16 when even the fallback's block does not fit, as convert_hf_to_gguf
+    /// stores such rows of q8_0/q4_0/q4_1). `None` for the bitsandbytes formats and for tensors
+    /// a mix keeps as stored.
+    pub fn stored_type(
+        self,
+        tensor: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<GgmlType>, QuantError> {
+        match self {
+            QuantFormat::Mix(m) => m.type_for(tensor, &[rows, cols]),
+            other => Ok(other
+                .ggml_type()
+                .map(|t| crate::merge::mix::fallback(t, cols))),
+        }
+    }
+
     /// Storage cost including block scales: 8.5, 4.5, 5.0, 5.5, 6.0 for the 32-blocks, 2.625 to
     /// 6.5625 for the K-quants, 4.5 for NF4/FP4 (one f32 per 64). For int8 it is 8.0 and excludes
     /// the per-row f32 `SCB` (`32/cols` more). For a mix it is its base type's (the mix spends a

@@ -7,24 +7,34 @@
 //! * **GPTQ error feedback** ([`gptq`]): columns are rounded in order and each column's rounding
 //!   error is pushed onto the columns not yet rounded, weighted by the inverse of the input
 //!   second moment H = XᵀX (Frantar et al. 2022, "GPTQ", Algorithm 1: 1 % damping, Cholesky of
-//!   H⁻¹ in upper form, 128-column lazy batches). Block formats take each 32-value block's scale
-//!   from the error-updated values when the block starts, like GPTQ with group size 32; for Q4_0
-//!   the scale is searched (a few candidates around ggml's max/−8, least GPTQ-weighted squared
-//!   error), since 16 levels leave ggml's rule far from the best scale on heavy-tailed blocks.
+//!   H⁻¹ in upper form, 128-column lazy batches). Block formats take each block's parameters
+//!   from the error-updated values when the block starts, like GPTQ with group size 32 (or 256
+//!   for a K-quant super-block); for Q4_0 the scale is searched (a few candidates around ggml's
+//!   max/−8, least GPTQ-weighted squared error), since 16 levels leave ggml's rule far from the
+//!   best scale on heavy-tailed blocks. Q5_0, Q5_1 and the K-quants take ggml's own parameters
+//!   (`quantize_row_*_ref` of the block-start values: d, dmin and the 6-bit sub-block scales and
+//!   mins) and then choose each value's code under them, nearest as the dequantizer decodes it.
 //! * **Stochastic rounding** ([`stochastic`]): up or down with probability given by the distance,
 //!   unbiased in expectation and in need of no calibration.
 //!
-//! Both write plain grid values: bf16/f16 numbers, or ggml Q8_0/Q4_0/Q4_1 blocks (bytes laid out
-//! as ggml's `block_q8_0`/`block_q4_0`/`block_q4_1` in `ggml-common.h`) whose dequantized values
-//! are exactly [`Rounded::values`], so every loader reads the result unchanged.
+//! Both write plain grid values: bf16/f16 numbers, or ggml blocks (Q8_0/Q4_0/Q4_1 laid out as
+//! `block_q8_0`/`block_q4_0`/`block_q4_1` in `ggml-common.h`; Q5_0, Q5_1, Q2_K … Q6_K as ggml
+//! quantized them, with the chosen codes packed by `kquant.rs`) whose dequantized values are
+//! exactly [`Rounded::values`], so every loader reads the result unchanged.
+//!
+//! Which grid a tensor gets is the format's per-tensor choice ([`Target::for_tensor`]): a
+//! llama-quantize mix (`q4_k_m`) repairs each block linear onto the type it stores it in, and a
+//! K-quant whose rows are not whole 256-blocks onto llama-quantize's fallback (Q4_K → Q5_0).
 
 use half::f16;
 use rayon::prelude::*;
 use thiserror::Error;
 
 use super::float::FloatFormat;
+use super::ggml::GgmlType;
+use super::kquant::{Kind, MAX_BLOCK_BYTES, MAX_SUB_BLOCKS, QK_K, SubGrid};
 use super::precision::Precision;
-use super::quant::{GGML_QK, Q4_0_BLOCK_BYTES, Q4_1_BLOCK_BYTES, Q8_0_BLOCK_BYTES};
+use super::quant::{GGML_QK, Q4_0_BLOCK_BYTES, Q4_1_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QuantError};
 use super::quant_format::QuantFormat;
 
 /// GPTQ's damping: this fraction of H's mean diagonal is added to the diagonal.
@@ -36,6 +46,15 @@ pub const BATCH_COLUMNS: usize = 128;
 /// Columns whose errors reach each other one at a time; a batch's later columns take each
 /// group's errors as one matrix product (the same sums, grouped for the GEMM kernel).
 const FEEDBACK_GROUP: usize = 32;
+
+// A block's parameters are taken when its first column comes up, from values that must by then
+// hold the feedback of every earlier column: a 32-block starts a feedback group inside one lazy
+// batch, a 256-block starts a lazy batch (whose start follows the previous batches' update).
+const _: () = assert!(
+    FEEDBACK_GROUP == GGML_QK
+        && BATCH_COLUMNS.is_multiple_of(GGML_QK)
+        && QK_K.is_multiple_of(BATCH_COLUMNS)
+);
 
 /// The Q4_0 scales a GPTQ repair tries per block: d = max / divisor, max the block's value of
 /// largest magnitude. −8 is ggml's rule (max lands on code 0); smaller magnitudes clip max,
@@ -123,24 +142,87 @@ pub enum Target {
     Q8_0,
     Q4_0,
     Q4_1,
+    /// ggml's 5-bit formats and the K-quants (`kquant.rs`): each block's parameters by ggml's
+    /// rule from the block-start values, every code chosen under them.
+    Kquant(Kind),
 }
 
 impl Target {
-    /// The repair target of a precision; `None` for f32 (nothing to repair) and for formats not
-    /// supported yet (bitsandbytes, K-quants, mixes).
-    pub fn of(precision: Precision) -> Option<Target> {
+    /// True when `--repair` handles `precision`: bf16, f16 and every ggml format (single types
+    /// and mixes). f32 has nothing to round; bitsandbytes formats are not supported.
+    pub fn repairs(precision: Precision) -> bool {
         match precision {
-            Precision::Float(FloatFormat::F32) => None,
-            Precision::Float(f) => Some(Target::Float(f)),
-            Precision::Quant(QuantFormat::Q8_0) => Some(Target::Q8_0),
-            Precision::Quant(QuantFormat::Q4_0) => Some(Target::Q4_0),
-            Precision::Quant(QuantFormat::Q4_1) => Some(Target::Q4_1),
-            Precision::Quant(_) => None,
+            Precision::Float(f) => f != FloatFormat::F32,
+            Precision::Quant(q) => q.ggml_type().is_some() || matches!(q, QuantFormat::Mix(_)),
         }
     }
 
+    /// The grid a repair of `precision` rounds the 2-D weight `tensor` (rows of `cols` values)
+    /// onto: the ggml type the format stores that tensor in ([`QuantFormat::stored_type`]: a
+    /// mix's per-tensor choice, llama-quantize's fallback for rows that are not whole blocks).
+    /// `None` when that storage is no grid a repair rounds onto (f32, rows stored as f16, a
+    /// tensor a mix keeps as stored) or the precision is not repaired: the plain merge serves it.
+    pub fn for_tensor(
+        precision: Precision,
+        tensor: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<Target>, QuantError> {
+        if !Target::repairs(precision) {
+            return Ok(None);
+        }
+        Ok(match precision {
+            Precision::Float(f) => Some(Target::Float(f)),
+            Precision::Quant(q) => q.stored_type(tensor, rows, cols)?.and_then(Target::of_ggml),
+        })
+    }
+
+    /// The grid of a ggml type, when a repair rounds onto it.
+    fn of_ggml(ty: GgmlType) -> Option<Target> {
+        Some(match ty {
+            GgmlType::Q8_0 => Target::Q8_0,
+            GgmlType::Q4_0 => Target::Q4_0,
+            GgmlType::Q4_1 => Target::Q4_1,
+            GgmlType::Q5_0 => Target::Kquant(Kind::Q5_0),
+            GgmlType::Q5_1 => Target::Kquant(Kind::Q5_1),
+            GgmlType::Q2K => Target::Kquant(Kind::Q2K),
+            GgmlType::Q3K => Target::Kquant(Kind::Q3K),
+            GgmlType::Q4K => Target::Kquant(Kind::Q4K),
+            GgmlType::Q5K => Target::Kquant(Kind::Q5K),
+            GgmlType::Q6K => Target::Kquant(Kind::Q6K),
+            _ => return None,
+        })
+    }
+
+    /// The ggml type a block target's bytes are (`None` for a float target).
+    pub fn ggml_type(self) -> Option<GgmlType> {
+        Some(match self {
+            Target::Float(_) => return None,
+            Target::Q8_0 => GgmlType::Q8_0,
+            Target::Q4_0 => GgmlType::Q4_0,
+            Target::Q4_1 => GgmlType::Q4_1,
+            Target::Kquant(Kind::Q5_0) => GgmlType::Q5_0,
+            Target::Kquant(Kind::Q5_1) => GgmlType::Q5_1,
+            Target::Kquant(Kind::Q2K) => GgmlType::Q2K,
+            Target::Kquant(Kind::Q3K) => GgmlType::Q3K,
+            Target::Kquant(Kind::Q4K) => GgmlType::Q4K,
+            Target::Kquant(Kind::Q5K) => GgmlType::Q5K,
+            Target::Kquant(Kind::Q6K) => GgmlType::Q6K,
+        })
+    }
+
     /// The precisions that can be repaired, for messages.
-    pub const NAMES: &'static str = "bf16, f16, q8_0, q4_0, q4_1";
+    pub const NAMES: &'static str = "bf16, f16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, \
+                                     q5_k, q6_k and the mixes q3_k_m, q4_k_s, q4_k_m, q5_k_m";
+
+    /// Values per block (whose parameters are taken together); `None` for a float target.
+    pub fn block_elements(self) -> Option<usize> {
+        match self {
+            Target::Float(_) => None,
+            Target::Q8_0 | Target::Q4_0 | Target::Q4_1 => Some(GGML_QK),
+            Target::Kquant(k) => Some(k.block_elements()),
+        }
+    }
 
     fn block_bytes(self) -> Option<usize> {
         match self {
@@ -148,15 +230,17 @@ impl Target {
             Target::Q8_0 => Some(Q8_0_BLOCK_BYTES),
             Target::Q4_0 => Some(Q4_0_BLOCK_BYTES),
             Target::Q4_1 => Some(Q4_1_BLOCK_BYTES),
+            Target::Kquant(k) => Some(k.block_bytes()),
         }
     }
 
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Target::Float(f) => f.name(),
             Target::Q8_0 => "q8_0",
             Target::Q4_0 => "q4_0",
             Target::Q4_1 => "q4_1",
+            Target::Kquant(k) => k.name(),
         }
     }
 }
@@ -167,15 +251,89 @@ impl Target {
 pub struct Rounded {
     pub values: Vec<f32>,
     pub ggml: Option<Vec<u8>>,
+    /// The grid the values lie on (the bytes' type).
+    pub target: Target,
 }
 
-/// One 32-value block's parameters, as stored (f16 scale and minimum).
+/// The grid one value is rounded onto: a float format, a 32-value block's parameters as stored
+/// (f16 scale and minimum), or one sub-block of a [`Target::Kquant`] block.
 #[derive(Debug, Clone, Copy)]
 enum Block {
     Float(FloatFormat),
     Q8_0 { d: f16 },
     Q4_0 { d: f16 },
     Q4_1 { d: f16, m: f16 },
+    Sub { kind: Kind, grid: SubGrid },
+}
+
+/// A block's parameters: one grid for all its values, or for a [`Target::Kquant`] the ggml block
+/// quantized from the block-start values (its parameters stay, its codes are replaced) and the
+/// grid of each of its sub-blocks.
+// One per row, replaced at every block start: held inline, a K-quant block costs no allocation.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, Copy)]
+enum Params {
+    Uniform(Block),
+    Kquant {
+        kind: Kind,
+        bytes: [u8; MAX_BLOCK_BYTES],
+        grids: [SubGrid; MAX_SUB_BLOCKS],
+    },
+}
+
+impl Params {
+    /// A placeholder before the first block starts (a float target's only parameters).
+    fn initial(target: Target) -> Params {
+        match target {
+            Target::Float(f) => Params::Uniform(Block::Float(f)),
+            _ => Params::Uniform(Block::Float(FloatFormat::F32)),
+        }
+    }
+
+    /// ggml's parameters for a block with these (f32) values.
+    fn from_values(target: Target, x: &[f32]) -> Params {
+        match target {
+            Target::Kquant(kind) => {
+                let mut bytes = [0u8; MAX_BLOCK_BYTES];
+                kind.quantize_block(x, &mut bytes[..kind.block_bytes()]);
+                let grids = kind.grids(&bytes);
+                Params::Kquant { kind, bytes, grids }
+            }
+            other => Params::Uniform(Block::from_values(other, x)),
+        }
+    }
+
+    /// GPTQ's parameters ([`Block::searched`] for Q4_0, ggml's rule otherwise).
+    fn searched(target: Target, x: &[f32], weights: &[f64]) -> Params {
+        match target {
+            Target::Kquant(_) => Params::from_values(target, x),
+            other => Params::Uniform(Block::searched(other, x, weights)),
+        }
+    }
+
+    /// The grid of value `k` of the block.
+    fn grid(&self, k: usize) -> Block {
+        match self {
+            Params::Uniform(b) => *b,
+            Params::Kquant { kind, grids, .. } => Block::Sub {
+                kind: *kind,
+                grid: grids[k / kind.sub_len()],
+            },
+        }
+    }
+
+    /// Writes the block's bytes with these codes.
+    fn encode(&self, codes: &[i32], out: &mut [u8]) {
+        match self {
+            Params::Uniform(b) => b.encode(codes, out),
+            Params::Kquant { kind, bytes, .. } => {
+                let n = kind.block_bytes();
+                out[..n].copy_from_slice(&bytes[..n]);
+                let codes: Vec<u8> = codes.iter().map(|c| *c as u8).collect();
+                kind.set_codes(&mut out[..n], &codes);
+            }
+        }
+    }
 }
 
 impl Block {
@@ -211,6 +369,8 @@ impl Block {
                     m: f16::from_f32(min),
                 }
             }
+            // Parameters of a K-quant block live in Params; one value alone has none.
+            Target::Kquant(_) => Block::Float(FloatFormat::F32),
         }
     }
 
@@ -271,6 +431,7 @@ impl Block {
             Block::Q8_0 { d } => code as f32 * d.to_f32(),
             Block::Q4_0 { d } => (code - 8) as f32 * d.to_f32(),
             Block::Q4_1 { d, m } => code as f32 * d.to_f32() + m.to_f32(),
+            Block::Sub { kind, grid } => kind.decode(grid, code),
         }
     }
 
@@ -280,6 +441,7 @@ impl Block {
             // ggml's own quantizer never emits −128; neither does a repair.
             Block::Q8_0 { .. } => (-127, 127),
             Block::Q4_0 { .. } | Block::Q4_1 { .. } => (0, 15),
+            Block::Sub { kind, .. } => (0, kind.max_code()),
         }
     }
 
@@ -291,6 +453,9 @@ impl Block {
             Block::Q8_0 { d } => x / step(d),
             Block::Q4_0 { d } => x / step(d) + 8.0,
             Block::Q4_1 { d, m } => (x - f64::from(m.to_f32())) / step(d),
+            Block::Sub { kind, grid } => {
+                (x + f64::from(grid.min)) / f64::from(grid.scale) + f64::from(kind.code_offset())
+            }
         }
     }
 
@@ -347,6 +512,7 @@ impl Block {
     fn zero_code(self) -> i32 {
         match self {
             Block::Q4_0 { .. } => 8,
+            Block::Sub { kind, .. } => kind.code_offset(),
             _ => 0,
         }
     }
@@ -355,7 +521,8 @@ impl Block {
     /// and value j+16 in the high nibble of byte j).
     fn encode(self, codes: &[i32], out: &mut [u8]) {
         match self {
-            Block::Float(_) => {}
+            // A sub-block's bytes are written by its Params.
+            Block::Float(_) | Block::Sub { .. } => {}
             Block::Q8_0 { d } => {
                 out[..2].copy_from_slice(&d.to_le_bytes());
                 for (o, c) in out[2..].iter_mut().zip(codes) {
@@ -453,7 +620,10 @@ fn neighbour(v: f32, up: bool, f: FloatFormat) -> f32 {
 /// F = [0, j) and the rest r: those are the rest's best values given q_F,
 /// w_r + c·R_rr⁻¹ with c = δ_F·R_Fr, and R_rr⁻¹ being upper triangular, its leading 32×32 block
 /// is the inverse of R's 32×32 diagonal block. The running sums hold c/R_kk already, so one small
-/// triangular product per block gives GPTQ's values exactly (`block_inverse`).
+/// triangular product per block gives GPTQ's values exactly (`block_inverse`). A K-quant's
+/// 256-column super-block is the same with R's 256×256 diagonal blocks (`super_inverse`); it
+/// starts a lazy batch, so its running values hold every earlier column's feedback, the half in
+/// the next batch included.
 #[derive(Debug, Clone)]
 pub struct HessianFactor {
     pub n: usize,
@@ -464,6 +634,8 @@ pub struct HessianFactor {
     /// For each whole 32-column block b: the inverse of R's diagonal block, upper triangular,
     /// row-major `[32, 32]` at `b·32·32`.
     pub block_inverse: Vec<f64>,
+    /// The same for each whole 256-column super-block, `[256, 256]` at `b·256·256`.
+    pub super_inverse: Vec<f64>,
 }
 
 impl HessianFactor {
@@ -499,37 +671,46 @@ impl HessianFactor {
                 *v = r(i, j) / r(j, j);
             }
         });
-        let block_inverse: Vec<f64> = (0..n / GGML_QK)
-            .into_par_iter()
-            .flat_map_iter(|b| {
-                // inv(R_bb) = inv(R_bbᵀ)ᵀ, R_bbᵀ lower triangular.
-                let j = b * GGML_QK;
-                let lower: Vec<f64> = (0..GGML_QK * GGML_QK)
-                    .map(|k| r(j + k % GGML_QK, j + k / GGML_QK))
-                    .collect();
-                transpose(&invert_lower_unblocked(&lower, GGML_QK), GGML_QK, GGML_QK)
-            })
-            .collect();
+        let diagonal_inverses = |size: usize| -> Vec<f64> {
+            (0..n / size)
+                .into_par_iter()
+                .flat_map_iter(|b| {
+                    // inv(R_bb) = inv(R_bbᵀ)ᵀ, R_bbᵀ lower triangular.
+                    let j = b * size;
+                    let lower: Vec<f64> = (0..size * size)
+                        .map(|k| r(j + k % size, j + k / size))
+                        .collect();
+                    transpose(&invert_lower_unblocked(&lower, size), size, size)
+                })
+                .collect()
+        };
         Ok(HessianFactor {
             n,
             s,
             d: (0..n).map(|j| r(j, j)).collect(),
-            block_inverse,
+            block_inverse: diagonal_inverses(GGML_QK),
+            super_inverse: diagonal_inverses(QK_K),
         })
     }
 }
 
 impl HessianFactor {
-    /// GPTQ's values of the 32-column block starting at `j` when it comes up, from the running
-    /// values `partial` (w_k + c_k/R_kk) and the original weights `w` (see the type's notes).
-    fn block_start_values(&self, j: usize, partial: &[f64], w: &[f64]) -> Vec<f32> {
-        let inv = &self.block_inverse[j * GGML_QK..(j + GGML_QK) * GGML_QK];
-        let c: Vec<f64> = (0..GGML_QK)
+    /// GPTQ's values of the `size`-column block (32, or a 256 super-block) starting at `j` when
+    /// it comes up, from the running values `partial` (w_k + c_k/R_kk) and the original weights
+    /// `w` (see the type's notes).
+    fn block_start_values(&self, j: usize, size: usize, partial: &[f64], w: &[f64]) -> Vec<f32> {
+        let inverses = if size == QK_K {
+            &self.super_inverse
+        } else {
+            &self.block_inverse
+        };
+        let inv = &inverses[j * size..(j + size) * size];
+        let c: Vec<f64> = (0..size)
             .map(|k| (partial[k] - w[k]) * self.d[j + k])
             .collect();
-        (0..GGML_QK)
+        (0..size)
             .map(|k| {
-                let pushed: f64 = (0..=k).map(|m| c[m] * inv[m * GGML_QK + k]).sum();
+                let pushed: f64 = (0..=k).map(|m| c[m] * inv[m * size + k]).sum();
                 (w[k] + pushed) as f32
             })
             .collect()
@@ -694,11 +875,13 @@ fn check_shape(
             cols,
         });
     }
-    if target.block_bytes().is_some() && !cols.is_multiple_of(GGML_QK) {
+    if let Some(block) = target.block_elements()
+        && !cols.is_multiple_of(block)
+    {
         return Err(RepairError::NotBlockAligned {
             tensor: tensor.to_string(),
             cols,
-            block: GGML_QK,
+            block,
             format: target.name(),
         });
     }
@@ -712,8 +895,9 @@ fn check_shape(
 /// rounding error of column k against the *original* weight ([`HessianFactor`]). Within a
 /// [`BATCH_COLUMNS`]-wide batch each δ_j reaches the later columns at once; the columns after the
 /// batch receive the whole batch's δ in one matrix product when it ends (GPTQ's lazy batch
-/// update; the same sums, grouped for cache). A block format takes each 32-column block's scale
-/// from the values as they are when its first column comes up.
+/// update; the same sums, grouped for cache). A block format takes each block's parameters from
+/// GPTQ's values as they are when its first column comes up (a K-quant super-block spans two
+/// lazy batches: its parameters and codes carry over from one batch to the next).
 pub fn gptq(
     tensor: &str,
     w: &[f64],
@@ -734,10 +918,27 @@ pub fn gptq(
     let s = &factor.s;
     let weights: Vec<f64> = factor.d.iter().map(|d| d * d).collect();
     let block_bytes = target.block_bytes();
-    let row_bytes = block_bytes.map_or(0, |b| cols / GGML_QK * b);
+    // Values per block: a float target has one "block" that never restarts.
+    let block = target.block_elements().unwrap_or(cols.max(1));
+    let row_bytes = block_bytes.map_or(0, |b| cols / block * b);
     let mut work = w.to_vec();
     let mut values = vec![0.0f32; rows * cols];
     let mut bytes = vec![0u8; rows * row_bytes];
+    // Each row's current block parameters and codes, kept across lazy batches.
+    let mut params = vec![Params::initial(target); rows];
+    let mut codes = vec![
+        0i32;
+        if block_bytes.is_some() {
+            rows * block
+        } else {
+            0
+        }
+    ];
+    let code_tile = if block_bytes.is_some() {
+        block * ROW_TILE
+    } else {
+        1
+    };
     let mut start = 0;
     while start < cols {
         let end = (start + BATCH_COLUMNS).min(cols);
@@ -749,84 +950,88 @@ pub fn gptq(
         } else {
             (0..rows.div_ceil(ROW_TILE)).map(|_| None).collect()
         };
+        let mut code_tiles: Vec<&mut [i32]> = codes.chunks_mut(code_tile).collect();
+        code_tiles.resize_with(rows.div_ceil(ROW_TILE), Default::default);
         work.par_chunks_mut(cols * ROW_TILE)
             .zip(w.par_chunks(cols * ROW_TILE))
             .zip(values.par_chunks_mut(cols * ROW_TILE))
             .zip(deltas.par_chunks_mut(width * ROW_TILE))
             .zip(byte_tiles)
-            .for_each(|((((work, original), out), deltas), mut out_bytes)| {
-                let count = out.len() / cols;
-                let mut blocks = vec![Block::from_values(target, &[]); count];
-                let mut codes = vec![0i32; count * GGML_QK];
-                for j in start..end {
-                    if block_bytes.is_some() && j % GGML_QK == 0 {
-                        for (r, block) in blocks.iter_mut().enumerate() {
-                            let at = r * cols + j;
-                            let current = factor.block_start_values(
-                                j,
-                                &work[at..at + GGML_QK],
-                                &original[at..at + GGML_QK],
-                            );
-                            *block = Block::searched(target, &current, &weights[j..j + GGML_QK]);
+            .zip(params.par_chunks_mut(ROW_TILE))
+            .zip(code_tiles)
+            .for_each(
+                |((((((work, original), out), deltas), mut out_bytes), params), codes)| {
+                    let count = out.len() / cols;
+                    for j in start..end {
+                        if block_bytes.is_some() && j % block == 0 {
+                            for (r, p) in params.iter_mut().enumerate() {
+                                let at = r * cols + j;
+                                let current = factor.block_start_values(
+                                    j,
+                                    block,
+                                    &work[at..at + block],
+                                    &original[at..at + block],
+                                );
+                                *p = Params::searched(target, &current, &weights[j..j + block]);
+                            }
                         }
-                    }
-                    // Within a 32-column group the errors go on one column at a time; the rest
-                    // of the batch takes the group's errors as one product when it ends.
-                    let group_start = start + (j - start) / FEEDBACK_GROUP * FEEDBACK_GROUP;
-                    let group_end = (group_start + FEEDBACK_GROUP).min(end);
-                    let spread = &s[j * cols + j + 1..j * cols + group_end];
-                    for r in 0..count {
-                        let x = work[r * cols + j];
-                        let (q, code) = blocks[r].nearest(x);
-                        out[r * cols + j] = q;
-                        codes[r * GGML_QK + j % GGML_QK] = code;
-                        let delta = original[r * cols + j] - f64::from(q);
-                        deltas[r * width + (j - start)] = delta;
-                        let later = &mut work[r * cols + j + 1..r * cols + group_end];
-                        for (v, s) in later.iter_mut().zip(spread) {
-                            *v += delta * s;
+                        // Within a 32-column group the errors go on one column at a time; the
+                        // rest of the batch takes the group's errors as one product when it ends.
+                        let group_start = start + (j - start) / FEEDBACK_GROUP * FEEDBACK_GROUP;
+                        let group_end = (group_start + FEEDBACK_GROUP).min(end);
+                        let spread = &s[j * cols + j + 1..j * cols + group_end];
+                        for r in 0..count {
+                            let x = work[r * cols + j];
+                            let (q, code) = params[r].grid(j % block).nearest(x);
+                            out[r * cols + j] = q;
+                            if block_bytes.is_some() {
+                                codes[r * block + j % block] = code;
+                            }
+                            let delta = original[r * cols + j] - f64::from(q);
+                            deltas[r * width + (j - start)] = delta;
+                            let later = &mut work[r * cols + j + 1..r * cols + group_end];
+                            for (v, s) in later.iter_mut().zip(spread) {
+                                *v += delta * s;
+                            }
                         }
-                    }
-                    if j + 1 == group_end && group_end < end {
-                        gemm_acc(
-                            (work, View::of(group_end, count, end - group_end, cols)),
-                            (
-                                deltas,
-                                View::of(
-                                    group_start - start,
-                                    count,
-                                    group_end - group_start,
-                                    width,
+                        if j + 1 == group_end && group_end < end {
+                            gemm_acc(
+                                (work, View::of(group_end, count, end - group_end, cols)),
+                                (
+                                    deltas,
+                                    View::of(
+                                        group_start - start,
+                                        count,
+                                        group_end - group_start,
+                                        width,
+                                    ),
                                 ),
-                            ),
-                            (
-                                s,
-                                View::of(
-                                    group_start * cols + group_end,
-                                    group_end - group_start,
-                                    end - group_end,
-                                    cols,
+                                (
+                                    s,
+                                    View::of(
+                                        group_start * cols + group_end,
+                                        group_end - group_start,
+                                        end - group_end,
+                                        cols,
+                                    ),
                                 ),
-                            ),
-                            false,
-                            1.0,
-                            gemm::Parallelism::None,
-                        );
-                    }
-                    if let (Some(bb), Some(dst)) = (block_bytes, out_bytes.as_deref_mut())
-                        && j % GGML_QK == GGML_QK - 1
-                    {
-                        let b = j / GGML_QK;
-                        for (r, block) in blocks.iter().enumerate() {
-                            let at = r * row_bytes + b * bb;
-                            block.encode(
-                                &codes[r * GGML_QK..(r + 1) * GGML_QK],
-                                &mut dst[at..at + bb],
+                                false,
+                                1.0,
+                                gemm::Parallelism::None,
                             );
                         }
+                        if let (Some(bb), Some(dst)) = (block_bytes, out_bytes.as_deref_mut())
+                            && j % block == block - 1
+                        {
+                            let b = j / block;
+                            for (r, p) in params.iter().enumerate() {
+                                let at = r * row_bytes + b * bb;
+                                p.encode(&codes[r * block..(r + 1) * block], &mut dst[at..at + bb]);
+                            }
+                        }
                     }
-                }
-            });
+                },
+            );
         // The batch's errors reach every later column at once: W̃[:, end:] += Δ · S[batch, end:],
         // one matrix product (GPTQ's lazy batch update).
         if end < cols {
@@ -845,6 +1050,7 @@ pub fn gptq(
     Ok(Rounded {
         values,
         ggml: block_bytes.map(|_| bytes),
+        target,
     })
 }
 
@@ -976,44 +1182,46 @@ fn round_each(
     round: impl Fn(Block, f64, usize) -> (f32, i32) + Sync,
 ) -> Result<Rounded, RepairError> {
     check_shape(tensor, w.len(), rows, cols, target)?;
-    let block_bytes = target.block_bytes();
-    let row_bytes = block_bytes.map_or(0, |b| cols / GGML_QK * b);
     let mut values = vec![0.0f32; rows * cols];
-    let mut bytes = vec![0u8; rows * row_bytes];
-    let group = if block_bytes.is_some() {
-        GGML_QK
-    } else {
-        cols.max(1)
-    };
-    values
-        .par_chunks_mut(group)
-        .enumerate()
-        .for_each(|(g, out)| {
-            let at = g * group;
-            let x = &w[at..at + out.len()];
-            let current: Vec<f32> = x.iter().map(|v| *v as f32).collect();
-            let block = Block::from_values(target, &current);
-            for (k, (o, v)) in out.iter_mut().zip(x).enumerate() {
-                *o = round(block, *v, at + k).0;
-            }
+    let (Some(block), Some(bb)) = (target.block_elements(), target.block_bytes()) else {
+        let Target::Float(f) = target else {
+            unreachable!("every block target has a block size and bytes")
+        };
+        values.par_iter_mut().enumerate().for_each(|(k, o)| {
+            *o = round(Block::Float(f), w[k], k).0;
         });
-    if let Some(bb) = block_bytes {
-        bytes.par_chunks_mut(bb).enumerate().for_each(|(g, dst)| {
-            let at = g * GGML_QK;
-            let x = &w[at..at + GGML_QK];
+        return Ok(Rounded {
+            values,
+            ggml: None,
+            target,
+        });
+    };
+    let mut bytes = vec![0u8; rows * cols / block * bb];
+    values
+        .par_chunks_mut(block)
+        .zip(bytes.par_chunks_mut(bb))
+        .enumerate()
+        .for_each(|(g, (out, dst))| {
+            let at = g * block;
+            let x = &w[at..at + block];
             let current: Vec<f32> = x.iter().map(|v| *v as f32).collect();
-            let block = Block::from_values(target, &current);
+            let params = Params::from_values(target, &current);
             let codes: Vec<i32> = x
                 .iter()
+                .zip(out.iter_mut())
                 .enumerate()
-                .map(|(k, v)| round(block, *v, at + k).1)
+                .map(|(k, (v, o))| {
+                    let (q, code) = round(params.grid(k), *v, at + k);
+                    *o = q;
+                    code
+                })
                 .collect();
-            block.encode(&codes, dst);
+            params.encode(&codes, dst);
         });
-    }
     Ok(Rounded {
         values,
-        ggml: block_bytes.map(|_| bytes),
+        ggml: Some(bytes),
+        target,
     })
 }
 
@@ -1136,7 +1344,8 @@ mod tests {
 
     #[test]
     fn error_feedback_lowers_the_output_error_in_every_target() {
-        let (rows, cols, tokens) = (16, 256, 64);
+        // 512 columns: two K-quant super-blocks, each spanning two lazy batches.
+        let (rows, cols, tokens) = (16, 512, 96);
         let x = pseudo(2, tokens * cols, 1.0);
         // Correlated inputs: a shared component makes H far from diagonal.
         let shared = pseudo(3, tokens, 1.0);
@@ -1153,7 +1362,10 @@ mod tests {
             Target::Q8_0,
             Target::Q4_0,
             Target::Q4_1,
-        ] {
+        ]
+        .into_iter()
+        .chain(Kind::ALL.map(Target::Kquant))
+        {
             let g = gptq("t", &w, rows, cols, &f, target).expect("repair");
             let n = nearest("t", &w, rows, cols, target).expect("nearest");
             let (eg, en) = (
@@ -1162,6 +1374,103 @@ mod tests {
             );
             assert!(eg < 0.7 * en, "{target:?}: gptq {eg} vs nearest {en}");
         }
+    }
+
+    #[test]
+    fn kquant_bytes_decode_to_the_repaired_values() {
+        // Every repaired K-quant block is an ordinary ggml block: ggml's dequantizer (kquant.rs,
+        // bit-exact with the C) gives back exactly the values the repair reports.
+        let (rows, cols) = (3, 512);
+        let w = pseudo(15, rows * cols, 0.05);
+        let x = pseudo(16, 600 * cols / 4, 1.0);
+        let x: Vec<f64> = (0..600 * cols)
+            .map(|k| x[k / 4] + 0.1 * (k % cols) as f64 / cols as f64)
+            .collect();
+        let f = HessianFactor::from_hessian(&hessian(&x, 600, cols), cols, "t").expect("pd");
+        for kind in Kind::ALL {
+            let target = Target::Kquant(kind);
+            for (how, r) in [
+                ("gptq", gptq("t", &w, rows, cols, &f, target).expect("gptq")),
+                (
+                    "stochastic",
+                    stochastic("t", &w, rows, cols, target).expect("stochastic"),
+                ),
+                (
+                    "nearest",
+                    nearest("t", &w, rows, cols, target).expect("nearest"),
+                ),
+            ] {
+                let bytes = r.ggml.as_deref().expect("block bytes");
+                assert_eq!(
+                    bytes.len(),
+                    rows * cols / kind.block_elements() * kind.block_bytes()
+                );
+                let back = kind.dequantize(bytes).expect("decodes");
+                assert!(
+                    back.iter()
+                        .zip(&r.values)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{} {how}",
+                    kind.name()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn kquant_blocks_keep_ggml_parameters_of_the_block_start_values() {
+        // Without feedback (H = I has no off-diagonal terms to push errors along), GPTQ's
+        // block-start values are the weights themselves: every block's parameter bytes are
+        // ggml's own for those values, and each code is the nearest under them.
+        let (rows, cols) = (2, 512);
+        let w = pseudo(17, rows * cols, 0.05);
+        let mut h = vec![0.0; cols * cols];
+        for i in 0..cols {
+            h[i * cols + i] = 1.0;
+        }
+        let f = HessianFactor::from_hessian(&h, cols, "t").expect("pd");
+        let w32: Vec<f32> = w.iter().map(|v| *v as f32).collect();
+        for kind in Kind::ALL {
+            let target = Target::Kquant(kind);
+            let g = gptq("t", &w, rows, cols, &f, target).expect("gptq");
+            let n = nearest("t", &w, rows, cols, target).expect("nearest");
+            assert_eq!(g.ggml, n.ggml, "{}", kind.name());
+            let (e, bb) = (kind.block_elements(), kind.block_bytes());
+            let bytes = g.ggml.as_deref().expect("bytes");
+            for (b, x) in w32.chunks_exact(e).enumerate() {
+                let mut ggml = vec![0u8; bb];
+                kind.quantize_block(x, &mut ggml);
+                assert_eq!(kind.grids(&ggml), kind.grids(&bytes[b * bb..(b + 1) * bb]));
+            }
+        }
+    }
+
+    #[test]
+    fn each_tensor_is_repaired_onto_the_type_its_format_stores() {
+        use crate::merge::mix::{Mix, MixKind, MixModel};
+        let q4km = Precision::Quant(QuantFormat::Mix(Mix::unbound(MixKind::Q4KM).bind(
+            MixModel {
+                layers: 30,
+                is_70b: false,
+                tied_embeddings: true,
+            },
+        )));
+        let down = "model.layers.0.mlp.down_proj.weight";
+        let q = "model.layers.5.self_attn.q_proj.weight";
+        // Layer 0 of 30 uses more bits: Q6_K; 576-wide rows fall back from Q4_K to Q5_0.
+        let t = |p, name, cols| Target::for_tensor(p, name, 576, cols).expect("bound");
+        assert_eq!(t(q4km, down, 1536), Some(Target::Kquant(Kind::Q6K)));
+        assert_eq!(t(q4km, q, 576), Some(Target::Kquant(Kind::Q5_0)));
+        assert_eq!(t(q4km, q, 512), Some(Target::Kquant(Kind::Q4K)));
+        let q4k = Precision::Quant(QuantFormat::Q4K);
+        assert_eq!(t(q4k, q, 576), Some(Target::Kquant(Kind::Q5_0)));
+        // q8_0 rows that are not whole 32-blocks are stored as f16: no repair grid.
+        assert_eq!(t(Precision::Quant(QuantFormat::Q8_0), q, 40), None);
+        assert_eq!(t(Precision::Float(FloatFormat::F32), q, 576), None);
+        assert!(!Target::repairs(Precision::Quant(QuantFormat::Nf4)));
+        assert!(Target::repairs(Precision::Quant(QuantFormat::Q6K)));
+        let unbound = Precision::Quant(QuantFormat::Mix(Mix::unbound(MixKind::Q4KM)));
+        assert!(Target::for_tensor(unbound, q, 576, 576).is_err());
     }
 
     #[test]
