@@ -256,25 +256,21 @@ fn merge(precision: &str, format: &str, out: &std::path::Path, repair: Option<&s
     assert_eq!(code(&merged), 0, "{args:?}: {}", stderr(&merged));
 }
 
-/// `merge --repair` writes the candidate `check --repair` scores: its file, checked as
-/// `--merged`, has the KL of the repaired row.
-#[test]
-fn merge_writes_the_candidate_check_scored() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let out = dir.path().join("bf16-repaired");
-    merge("bf16", "safetensors", &out, Some("gptq"));
-    let out_s = out.display().to_string();
+/// `check --precision P --repair gptq --merged FILE` on the repair fixture's evaluation text: the
+/// report holding both the `P:repaired` row `check` scored and the `merged` row of the file.
+fn check_gptq_with_merged(precision: &str, merged: &std::path::Path) -> Value {
+    let merged = merged.display().to_string();
     let prompts = fixture(EVAL);
     let (status, report) = check_json_full(
         "models/repair-llama",
         &["adapters/repair-lora"],
         &[
             "--precision",
-            "bf16",
+            precision,
             "--repair",
             "gptq",
             "--merged",
-            &out_s,
+            &merged,
             "--prompts",
             &prompts,
             "--generate",
@@ -282,6 +278,17 @@ fn merge_writes_the_candidate_check_scored() {
         ],
     );
     assert_ne!(status, 2, "{report}");
+    report
+}
+
+/// `merge --repair` writes the candidate `check --repair` scores: its file, checked as
+/// `--merged`, has the KL of the repaired row.
+#[test]
+fn merge_writes_the_candidate_check_scored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("bf16-repaired");
+    merge("bf16", "safetensors", &out, Some("gptq"));
+    let report = check_gptq_with_merged("bf16", &out);
     let scored = row(&report, "bf16:repaired")["logits"]["mean_kl"]
         .as_f64()
         .expect("repaired row");
@@ -353,25 +360,7 @@ fn repaired_mix_gguf_is_the_candidate_check_scored() {
         size(&repaired),
         "the same types, the same bytes"
     );
-    let out_s = repaired.display().to_string();
-    let prompts = fixture(EVAL);
-    let (status, report) = check_json_full(
-        "models/repair-llama",
-        &["adapters/repair-lora"],
-        &[
-            "--precision",
-            "q4_k_m",
-            "--repair",
-            "gptq",
-            "--merged",
-            &out_s,
-            "--prompts",
-            &prompts,
-            "--generate",
-            "0",
-        ],
-    );
-    assert_ne!(status, 2, "{report}");
+    let report = check_gptq_with_merged("q4_k_m", &repaired);
     let kl = |name: &str| {
         row(&report, name)["logits"]["mean_kl"]
             .as_f64()
