@@ -846,6 +846,14 @@ pub fn compare_sharing(
     shared: Option<&SharedBaseLogits>,
     on_step: &(dyn Fn() + Sync),
 ) -> Result<ForwardOutcome, ModelError> {
+    crate::threads::in_pool(|| compare_in_pool(inputs, shared, on_step))
+}
+
+fn compare_in_pool(
+    inputs: &ForwardInputs<'_>,
+    shared: Option<&SharedBaseLogits>,
+    on_step: &(dyn Fn() + Sync),
+) -> Result<ForwardOutcome, ModelError> {
     let shared_key = shared.and_then(|_| SharedBaseLogits::key(inputs));
     let cached_base = match (shared, &shared_key) {
         (Some(s), Some(key)) => s.get(key),
