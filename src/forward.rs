@@ -611,8 +611,21 @@ fn split_rows(t: &Tensor, lengths: &[usize]) -> Result<Vec<Tensor>, ModelError> 
     Ok(out)
 }
 
-fn l2_sq(t: &Tensor) -> Result<f64, ModelError> {
-    Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()? as f64)
+/// ‖h − r‖² (‖h‖² without `r`), each square taken in f32 and summed in f64 in one pass over the
+/// values (candle's sub/sqr would each run a pass on its element-wise barrier pool).
+fn distance_sq(h: &Tensor, r: Option<&Tensor>) -> Result<f64, ModelError> {
+    let h = h.flatten_all()?.to_vec1::<f32>()?;
+    let Some(r) = r else {
+        return Ok(h.iter().map(|v| f64::from(v * v)).sum());
+    };
+    let r = r.flatten_all()?.to_vec1::<f32>()?;
+    Ok(h.iter()
+        .zip(&r)
+        .map(|(a, b)| {
+            let d = a - b;
+            f64::from(d * d)
+        })
+        .sum())
 }
 
 /// The 2-D weights inside the decoder blocks (what quantized formats quantize), and whether they
@@ -813,6 +826,14 @@ pub fn compare_sharing(
     shared: Option<&SharedBaseLogits>,
     on_step: &(dyn Fn() + Sync),
 ) -> Result<ForwardOutcome, ModelError> {
+    crate::threads::in_pool(|| compare_in_pool(inputs, shared, on_step))
+}
+
+fn compare_in_pool(
+    inputs: &ForwardInputs<'_>,
+    shared: Option<&SharedBaseLogits>,
+    on_step: &(dyn Fn() + Sync),
+) -> Result<ForwardOutcome, ModelError> {
     let shared_key = shared.and_then(|_| SharedBaseLogits::key(inputs));
     let cached_base = match (shared, &shared_key) {
         (Some(s), Some(key)) => s.get(key),
@@ -928,11 +949,14 @@ pub fn compare_sharing(
             }
         }
         let reference = &hidden[0];
-        let ref_norm: f64 = reference.iter().map(l2_sq).sum::<Result<f64, _>>()?;
+        let ref_norm: f64 = reference
+            .iter()
+            .map(|r| distance_sq(r, None))
+            .sum::<Result<f64, _>>()?;
         for (m, states) in hidden.iter().enumerate() {
             let mut diff = 0.0;
             for (h, r) in states.iter().zip(reference) {
-                diff += l2_sq(&(h - r)?)?;
+                diff += distance_sq(h, Some(r))?;
             }
             drift[m].push(if ref_norm > 0.0 {
                 (diff / ref_norm).sqrt()

@@ -24,3 +24,14 @@ pub fn configure(requested: usize) -> usize {
         .build_global();
     used
 }
+
+/// Runs `work` on a worker of rayon's global pool and waits for it (inline when already on one).
+///
+/// Every parallel step of a forward (candle's GEMMs, the fused kernels of `model::ops`, weight
+/// builds) runs on that pool. Called from a thread outside it, each step is injected into the pool
+/// while the caller sleeps, and between steps the idle workers spin: three busy threads on two
+/// cores. Started on a worker, a step's first half runs on the caller itself and the other half is
+/// stolen by the second worker, with no hand-off through a queue and a futex.
+pub fn in_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| work())
+}

@@ -357,14 +357,14 @@ impl GemmaConfig {
         };
         if self.sandwich_norms {
             // Gemma 2/3: `post_attention_layernorm` normalises the attention output itself.
-            let x = (x + self.norm(w, &ln_post_attn, &a, hidden)?)?;
+            let x = ops::add(x, &self.norm(w, &ln_post_attn, &a, hidden)?)?;
             let m = gated_mlp(&self.norm(w, &ln_pre_ff, &x, hidden)?)?;
-            Ok((&x + self.norm(w, &ln_post_ff, &m, hidden)?)?)
+            ops::add(&x, &self.norm(w, &ln_post_ff, &m, hidden)?)
         } else {
             // Gemma 1: Llama's pre-norm, `post_attention_layernorm` feeding the MLP.
-            let x = (x + a)?;
+            let x = ops::add(x, &a)?;
             let m = gated_mlp(&self.norm(w, &ln_post_attn, &x, hidden)?)?;
-            Ok((x + m)?)
+            ops::add(&x, &m)
         }
     }
 

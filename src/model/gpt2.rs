@@ -173,7 +173,7 @@ impl Gpt2Config {
         }
         let a = ops::attention(&q, &k, &v, scale, None)?;
         let a = linear::linear(w, &format!("{p}attn.c_proj"), &a, hidden, Layout::Conv1d)?;
-        let x = (a + x)?;
+        let x = ops::add(&a, x)?;
 
         let h = self.layer_norm(w, &format!("{p}ln_2"), &x)?;
         let up = linear::linear(
@@ -185,7 +185,7 @@ impl Gpt2Config {
         )?;
         let act = self.activation.apply(&up)?;
         let down = linear::linear(w, &format!("{p}mlp.c_proj"), &act, hidden, Layout::Conv1d)?;
-        Ok((x + down)?)
+        ops::add(&x, &down)
     }
 
     pub(crate) fn head(&self, w: &dyn WeightProvider, x: &Tensor) -> Result<Tensor, ModelError> {

@@ -214,11 +214,12 @@ fn add_lora(
         check_len(name, "lora_B", &lora.b, &[out, r])?;
         let a = ops::tensor(lora.a, &[r, inp])?;
         let b = ops::tensor(lora.b, &[out, r])?;
-        let term = (input.project(&a)?.matmul(&b.t()?)? * lora.scale)?;
+        // Unscaled `(x·Aᵀ)·Bᵀ`; the scale is applied as candle's `* s` would, inside the add.
+        let product = input.project(&a)?.matmul(&b.t()?)?;
         let still_needed = last_dora.is_some_and(|last| k < last);
         match lora.magnitude {
             None => {
-                y = (y + term)?;
+                y = ops::add_scaled(&y, &product, lora.scale)?;
                 if let Some(w) = trained_on.take().filter(|_| still_needed) {
                     trained_on = Some((w + (b.matmul(&a)? * lora.scale)?)?);
                 }
@@ -235,6 +236,7 @@ fn add_lora(
                 let factor = norm
                     .gt(0.0)?
                     .where_cond(&m.broadcast_div(&norm)?, &norm.zeros_like()?)?;
+                let term = (product * lora.scale)?;
                 y = (y + term)?.broadcast_mul(&factor.t()?)?;
                 if still_needed {
                     trained_on = Some(v.broadcast_mul(&factor)?);

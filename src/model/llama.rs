@@ -226,13 +226,13 @@ impl LlamaConfig {
         let scale = 1.0 / (dh as f64).sqrt();
         let a = ops::attention(&q, &k, &v, scale, self.windows[i])?;
         let a = linear::linear(w, &format!("{attn}o_proj"), &a, hidden, Layout::Linear)?;
-        let x = (x + a)?;
+        let x = ops::add(x, &a)?;
 
         let ln2 = load(w, &format!("{p}post_attention_layernorm.weight"), &[hidden])?;
         let h = ops::rms_norm(&x, &ln2, eps)?;
         if let Some(moe) = self.sparse_moe(i) {
             let (y, routing) = moe.forward(w, &p, &h, self.activation)?;
-            return Ok(((x + y)?, Some(routing)));
+            return Ok((ops::add(&x, &y)?, Some(routing)));
         }
         let mlp = format!("{p}mlp.");
         let inter = self.intermediate_size;
@@ -240,7 +240,7 @@ impl LlamaConfig {
         let up = linear::linear(w, &format!("{mlp}up_proj"), &h, inter, Layout::Linear)?;
         let act = self.activation.gated(&gate, &up)?;
         let down = linear::linear(w, &format!("{mlp}down_proj"), &act, hidden, Layout::Linear)?;
-        Ok(((x + down)?, None))
+        Ok((ops::add(&x, &down)?, None))
     }
 
     pub(crate) fn head(&self, w: &dyn WeightProvider, x: &Tensor) -> Result<Tensor, ModelError> {

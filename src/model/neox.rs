@@ -197,11 +197,11 @@ impl NeoXConfig {
         let ln2 = format!("{p}post_attention_layernorm");
         if self.parallel_residual {
             let m = self.mlp(w, &p, &self.layer_norm(w, &ln2, x)?)?;
-            Ok(((m + a)? + x)?)
+            ops::add(&ops::add(&m, &a)?, x)
         } else {
-            let a = (a + x)?;
+            let a = ops::add(&a, x)?;
             let m = self.mlp(w, &p, &self.layer_norm(w, &ln2, &a)?)?;
-            Ok((m + a)?)
+            ops::add(&m, &a)
         }
     }
 

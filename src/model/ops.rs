@@ -29,6 +29,70 @@ fn contiguous<'a>(
     }
 }
 
+/// `a + b` element-wise, for tensors of one shape (residual adds). candle's own binary ops run on
+/// its element-wise barrier pool, whose extra worker competes with rayon's for the same cores (the
+/// caller spins at the barrier until it is scheduled: 8 % of a check's CPU on 2 cores); this runs on
+/// rayon's pool like every other kernel here. The same f32 sums as candle's.
+pub(crate) fn add(a: &Tensor, b: &Tensor) -> Result<Tensor, ModelError> {
+    Ok(a.contiguous()?
+        .apply_op2_no_bwd(&b.contiguous()?, &AddScaled { scale: None })?)
+}
+
+/// `y + (t · scale + 0)` element-wise in f32: a LoRA term scaled exactly as candle's `Tensor * f64`
+/// (its affine map `v · mul + add`) and added, in one pass on rayon's pool (see [`add`]).
+pub(crate) fn add_scaled(y: &Tensor, t: &Tensor, scale: f64) -> Result<Tensor, ModelError> {
+    Ok(y.contiguous()?.apply_op2_no_bwd(
+        &t.contiguous()?,
+        &AddScaled {
+            scale: Some(scale as f32),
+        },
+    )?)
+}
+
+struct AddScaled {
+    scale: Option<f32>,
+}
+
+impl CustomOp2 for AddScaled {
+    fn name(&self) -> &'static str {
+        "add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = contiguous(s1, l1, self.name())?;
+        let t = contiguous(s2, l2, self.name())?;
+        if l1.shape() != l2.shape() {
+            return Err(candle_core::Error::Msg(format!(
+                "add: {:?} and {:?} differ",
+                l1.dims(),
+                l2.dims()
+            )));
+        }
+        let mut out = vec![0.0f32; y.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(y.par_chunks(CHUNK).zip(t.par_chunks(CHUNK)))
+            .for_each(|(out, (y, t))| match self.scale {
+                None => {
+                    for ((o, y), t) in out.iter_mut().zip(y).zip(t) {
+                        *o = y + t;
+                    }
+                }
+                Some(s) => {
+                    for ((o, y), t) in out.iter_mut().zip(y).zip(t) {
+                        *o = y + (t * s + 0.0);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
 /// `x · rsqrt(mean(x²) + eps) · w` over the last dimension (transformers' `LlamaRMSNorm`); the mean
 /// is accumulated in f64.
 pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor, ModelError> {
@@ -290,37 +354,34 @@ pub(crate) fn attention_capped(
     window: Option<usize>,
     softcap: Option<f32>,
 ) -> Result<Tensor, ModelError> {
-    let (heads, t, dh) = q.dims3()?;
-    let (kv_heads, _, _) = k.dims3()?;
-    let group = heads / kv_heads;
-    // Queries of one key/value group are consecutive heads: fold them into the row dimension so
-    // one batched matmul per kv head serves the whole group without repeating k or v.
-    let q = q.contiguous()?.reshape((kv_heads, group * t, dh))?;
-    let scores = q.matmul(&k.t()?)?; // [KV, G·T, S]
-    let probs = scores.apply_op1_no_bwd(&CausalSoftmax {
-        scale: scale as f32,
-        window: window.unwrap_or(usize::MAX),
-        queries: t,
-        softcap,
-    })?;
-    let out = probs.matmul(&v.contiguous()?)?; // [KV, G·T, Dh]
-    let out = out.reshape((heads, t, dh))?.transpose(0, 1)?;
-    Ok(out.reshape((t, heads * dh))?)
+    Ok(q.contiguous()?.apply_op3_no_bwd(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        &CausalAttention {
+            scale: scale as f32,
+            window: window.unwrap_or(usize::MAX),
+            softcap,
+        },
+    )?)
 }
 
-/// `softmax(scores·scale + causal mask)` over the last axis in one pass: rows are queries (row
-/// index mod `queries`), the last `queries` of the row's keys, so with S keys query i sits at
-/// position S − queries + i; hidden keys get exactly 0 and are never exponentiated. Equal to
-/// adding a −∞ mask and softmaxing, without materialising the mask or four intermediate
-/// `[H, T, S]` tensors.
-struct CausalSoftmax {
+/// Query rows per attention tile: a tile's scores (`TILE` × at most S keys) stay in L2 while
+/// they are softmaxed and multiplied by V.
+const TILE: usize = 64;
+
+/// Causal attention in query tiles: tile (head h, queries r0..r1) multiplies only the keys some
+/// query of the tile can see (`first(r0)..=position(r1 − 1)`), so the masked upper triangle of
+/// `QKᵀ` and of `P·V` (half of both products on a whole sequence) is never computed, and no
+/// `[H, T, S]` score tensor is ever allocated. Within a tile, each row is softmaxed over exactly
+/// its visible keys (hidden keys get 0 and are never exponentiated) as the mask-then-softmax of
+/// transformers does; a hidden key's zero probability adds nothing to `P·V`.
+struct CausalAttention {
     scale: f32,
     window: usize,
-    queries: usize,
     softcap: Option<f32>,
 }
 
-impl CausalSoftmax {
+impl CausalAttention {
     /// A raw score as the softmax sees it: scaled, then soft-capped when asked, in f32 in
     /// transformers' order (`s·scale / cap`, `tanh`, `· cap`).
     fn score(&self, s: f32) -> f32 {
@@ -330,49 +391,176 @@ impl CausalSoftmax {
             None => scaled,
         }
     }
+
+    /// The first key absolute position `p` sees.
+    fn first_key(&self, p: usize) -> usize {
+        (p + 1).saturating_sub(self.window)
+    }
+
+    /// Softmax of `row` (the scores of keys `from..` for the query at position `p`) over its
+    /// visible keys, in place; every other entry becomes 0.
+    fn softmax_row(&self, row: &mut [f32], from: usize, p: usize) {
+        let lo = self.first_key(p) - from;
+        let hi = p + 1 - from;
+        let max = row[lo..hi]
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, s| m.max(self.score(*s)));
+        let mut sum = 0.0f32;
+        for o in &mut row[lo..hi] {
+            *o = (self.score(*o) - max).exp();
+            sum += *o;
+        }
+        for o in &mut row[lo..hi] {
+            *o /= sum;
+        }
+        row[..lo].fill(0.0);
+        row[hi..].fill(0.0);
+    }
 }
 
-impl CustomOp1 for CausalSoftmax {
+/// `dst [m, n] = lhs [m, k] · rhs [k, n]` on one thread (the caller runs tiles in parallel), every
+/// operand a strided view given as (row stride, column stride).
+///
+/// # Safety
+/// Every element of the three views must lie inside its allocation, and `dst` must alias neither
+/// input.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_view(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    (dst_rs, dst_cs): (usize, usize),
+    lhs: *const f32,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    // SAFETY: the caller's contract; `read_dst` is false, so dst is only written.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            dst_cs as isize,
+            dst_rs as isize,
+            false,
+            lhs,
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+impl CustomOp3 for CausalAttention {
     fn name(&self) -> &'static str {
-        "causal-softmax"
+        "causal-attention"
     }
 
     fn cpu_fwd(
         &self,
-        storage: &CpuStorage,
-        layout: &Layout,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let scores = contiguous(storage, layout, self.name())?;
-        let keys = layout.dims().last().copied().unwrap_or(0);
-        if keys < self.queries || self.queries == 0 {
+        let q = contiguous(s1, l1, self.name())?;
+        let k = contiguous(s2, l2, self.name())?;
+        let v = contiguous(s3, l3, self.name())?;
+        let (heads, t, dh) = l1.shape().dims3()?;
+        let (kv_heads, keys, dk) = l2.shape().dims3()?;
+        let (kv_v, keys_v, dv) = l3.shape().dims3()?;
+        if dk != dh
+            || kv_v != kv_heads
+            || keys_v != keys
+            || kv_heads == 0
+            || heads % kv_heads != 0
+            || keys < t
+            || t == 0
+        {
             return Err(candle_core::Error::Msg(format!(
-                "causal softmax: {} queries against {keys} keys",
-                self.queries
+                "causal attention: q {:?}, k {:?}, v {:?}",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
             )));
         }
+        let group = heads / kv_heads;
         // Absolute position of query 0: the keys before it are cached ones.
-        let offset = keys - self.queries;
-        let mut out = vec![0.0f32; scores.len()];
-        out.par_chunks_mut(keys)
-            .zip(scores.par_chunks(keys))
-            .enumerate()
-            .for_each(|(row, (out, scores))| {
-                let i = offset + row % self.queries;
-                let first = (i + 1).saturating_sub(self.window);
-                let visible = &scores[first..=i];
-                let max = visible
-                    .iter()
-                    .fold(f32::NEG_INFINITY, |m, s| m.max(self.score(*s)));
-                let mut sum = 0.0f32;
-                for (o, s) in out[first..=i].iter_mut().zip(visible) {
-                    *o = (self.score(*s) - max).exp();
-                    sum += *o;
+        let offset = keys - t;
+        let tiles = t.div_ceil(TILE);
+        // Largest tiles (the most keys) first, so the last jobs rayon hands out are the short ones.
+        let jobs: Vec<(usize, usize)> = (0..tiles)
+            .rev()
+            .flat_map(|tile| (0..heads).map(move |h| (h, tile)))
+            .collect();
+        let parts: Vec<(usize, usize, Vec<f32>)> = jobs
+            .into_par_iter()
+            .map(|(h, tile)| {
+                let r0 = tile * TILE;
+                let rows = TILE.min(t - r0);
+                // Keys some query of the tile sees: from the first query's first key to the last
+                // query's own position.
+                let from = self.first_key(offset + r0);
+                let to = offset + r0 + rows;
+                let n = to - from;
+                let kvh = h / group;
+                let q_tile = &q[(h * t + r0) * dh..(h * t + r0 + rows) * dh];
+                let k_span = &k[(kvh * keys + from) * dh..(kvh * keys + to) * dh];
+                let v_span = &v[(kvh * keys + from) * dv..(kvh * keys + to) * dv];
+                let mut scores = vec![0.0f32; rows * n];
+                // SAFETY: q_tile is [rows, dh], k_span [n, dh] read transposed as [dh, n], scores
+                // [rows, n]: every index below those bounds lies inside the slices.
+                unsafe {
+                    gemm_view(
+                        (rows, n, dh),
+                        scores.as_mut_ptr(),
+                        (n, 1),
+                        q_tile.as_ptr(),
+                        (dh, 1),
+                        k_span.as_ptr(),
+                        (1, dh),
+                    );
                 }
-                for o in &mut out[first..=i] {
-                    *o /= sum;
+                for (i, row) in scores.chunks_exact_mut(n).enumerate() {
+                    self.softmax_row(row, from, offset + r0 + i);
                 }
-            });
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
+                let mut out = vec![0.0f32; rows * dv];
+                // SAFETY: scores is [rows, n], v_span [n, dv], out [rows, dv].
+                unsafe {
+                    gemm_view(
+                        (rows, dv, n),
+                        out.as_mut_ptr(),
+                        (dv, 1),
+                        scores.as_ptr(),
+                        (n, 1),
+                        v_span.as_ptr(),
+                        (dv, 1),
+                    );
+                }
+                (h, r0, out)
+            })
+            .collect();
+        // Heads concatenated per position: `[T, H·Dv]`.
+        let width = heads * dv;
+        let mut out = vec![0.0f32; t * width];
+        for (h, r0, part) in parts {
+            for (i, row) in part.chunks_exact(dv).enumerate() {
+                let at = (r0 + i) * width + h * dv;
+                out[at..at + dv].copy_from_slice(row);
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((t, width))))
     }
 }
 
@@ -410,29 +598,140 @@ mod tests {
         Tensor::from_slice(data, shape, &Device::Cpu).expect("tensor")
     }
 
+    /// The attention probabilities of `queries` queries over `keys` keys when every score is 1:
+    /// q and k rows are the unit vector e0 and V is the identity, so output row i is row i of P.
+    fn uniform_probs(queries: usize, keys: usize, window: usize) -> Vec<Vec<f32>> {
+        let unit = |rows: usize| -> Vec<f32> {
+            (0..rows * keys)
+                .map(|i| if i % keys == 0 { 1.0 } else { 0.0 })
+                .collect()
+        };
+        let identity: Vec<f32> = (0..keys * keys)
+            .map(|i| if i / keys == i % keys { 1.0 } else { 0.0 })
+            .collect();
+        attention(
+            &t(&unit(queries), &[1, queries, keys]),
+            &t(&unit(keys), &[1, keys, keys]),
+            &t(&identity, &[1, keys, keys]),
+            1.0,
+            Some(window),
+        )
+        .expect("attention")
+        .to_vec2::<f32>()
+        .expect("vec")
+    }
+
     #[test]
     fn causal_softmax_hides_the_future_and_slides() {
-        let scores = t(&[1.0; 16], &[1, 4, 4]);
-        let probs = |window| {
-            scores
-                .apply_op1_no_bwd(&CausalSoftmax {
-                    scale: 1.0,
-                    window,
-                    queries: 4,
-                    softcap: None,
-                })
-                .expect("softmax")
-                .squeeze(0)
-                .expect("squeeze")
-                .to_vec2::<f32>()
-                .expect("vec")
-        };
-        let full = probs(usize::MAX);
+        let full = uniform_probs(4, 4, usize::MAX);
         assert_eq!(full[0], vec![1.0, 0.0, 0.0, 0.0]);
         assert_eq!(full[3], vec![0.25; 4]);
-        let slide = probs(2);
+        let slide = uniform_probs(4, 4, 2);
         assert_eq!(slide[3], vec![0.0, 0.0, 0.5, 0.5]);
         assert_eq!(slide[1], vec![0.5, 0.5, 0.0, 0.0]);
+    }
+
+    /// Deterministic values in [-1, 1).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// Masked attention the plain way: every score, a mask, a softmax per row, P·V.
+    #[allow(clippy::too_many_arguments)]
+    fn naive_attention(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        (heads, kv_heads, t, keys, dh): (usize, usize, usize, usize, usize),
+        scale: f32,
+        window: usize,
+        softcap: Option<f32>,
+    ) -> Vec<f32> {
+        let mut out = vec![0.0f32; t * heads * dh];
+        for h in 0..heads {
+            let kvh = h / (heads / kv_heads);
+            for i in 0..t {
+                let p = keys - t + i;
+                let scores: Vec<f32> = (0..keys)
+                    .map(|j| {
+                        let dot: f32 = (0..dh)
+                            .map(|d| q[(h * t + i) * dh + d] * k[(kvh * keys + j) * dh + d])
+                            .sum();
+                        let s = dot * scale;
+                        let s = softcap.map_or(s, |c| (s / c).tanh() * c);
+                        if j <= p && p - j < window {
+                            s
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
+                    .collect();
+                let max = scores.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
+                let e: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f32 = e.iter().sum();
+                for d in 0..dh {
+                    out[i * heads * dh + h * dh + d] = (0..keys)
+                        .map(|j| e[j] / sum * v[(kvh * keys + j) * dh + d])
+                        .sum();
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn tiled_attention_equals_the_masked_softmax_across_tiles() {
+        // More queries than one tile, cached keys before them, grouped heads, windows and a cap.
+        let (heads, kv_heads, dh) = (4, 2, 8);
+        for (queries, keys, window, softcap) in [
+            (2 * TILE + 7, 2 * TILE + 7, usize::MAX, None),
+            (TILE + 3, TILE + 20, usize::MAX, Some(5.0)),
+            (2 * TILE + 1, 2 * TILE + 1, 37, None),
+            (1, 90, 16, None),
+        ] {
+            let q = values(heads * queries * dh, 1);
+            let k = values(kv_heads * keys * dh, 2);
+            let v = values(kv_heads * keys * dh, 3);
+            let got = attention_capped(
+                &t(&q, &[heads, queries, dh]),
+                &t(&k, &[kv_heads, keys, dh]),
+                &t(&v, &[kv_heads, keys, dh]),
+                0.5,
+                Some(window),
+                softcap,
+            )
+            .expect("attention")
+            .flatten_all()
+            .expect("flat")
+            .to_vec1::<f32>()
+            .expect("vec");
+            let want = naive_attention(
+                &q,
+                &k,
+                &v,
+                (heads, kv_heads, queries, keys, dh),
+                0.5,
+                window,
+                softcap,
+            );
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(
+                worst < 1e-5,
+                "queries {queries}, keys {keys}, window {window}: {worst}"
+            );
+        }
     }
 
     #[test]
@@ -457,34 +756,20 @@ mod tests {
     #[test]
     fn queries_after_cached_keys_see_them_and_the_window_counts_absolute_positions() {
         // 4 keys, the last 2 are the queries (positions 2 and 3).
-        let scores = t(&[1.0; 8], &[1, 2, 4]);
-        let probs = |window| {
-            scores
-                .apply_op1_no_bwd(&CausalSoftmax {
-                    scale: 1.0,
-                    window,
-                    queries: 2,
-                    softcap: None,
-                })
-                .expect("softmax")
-                .squeeze(0)
-                .expect("squeeze")
-                .to_vec2::<f32>()
-                .expect("vec")
-        };
-        let full = probs(usize::MAX);
+        let full = uniform_probs(2, 4, usize::MAX);
         assert_eq!(full[0], vec![1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 0.0]);
         assert_eq!(full[1], vec![0.25; 4]);
-        let slide = probs(2);
+        let slide = uniform_probs(2, 4, 2);
         assert_eq!(slide[0], vec![0.0, 0.5, 0.5, 0.0]);
         assert_eq!(slide[1], vec![0.0, 0.0, 0.5, 0.5]);
         // More queries than keys is an error, not a panic.
-        let err = t(&[1.0; 6], &[1, 3, 2]).apply_op1_no_bwd(&CausalSoftmax {
-            scale: 1.0,
-            window: usize::MAX,
-            queries: 3,
-            softcap: None,
-        });
+        let err = attention(
+            &t(&[1.0; 6], &[1, 3, 2]),
+            &t(&[1.0; 4], &[1, 2, 2]),
+            &t(&[1.0; 4], &[1, 2, 2]),
+            1.0,
+            None,
+        );
         assert!(err.is_err());
     }
 

@@ -170,7 +170,7 @@ impl Phi3Config {
             hidden,
             Layout::Linear,
         )?;
-        let x = (x + a)?;
+        let x = ops::add(x, &a)?;
 
         let ln2 = load(w, &format!("{p}post_attention_layernorm.weight"), &[hidden])?;
         let h = ops::rms_norm(&x, &ln2, eps)?;
@@ -192,7 +192,7 @@ impl Phi3Config {
             hidden,
             Layout::Linear,
         )?;
-        Ok((x + down)?)
+        ops::add(&x, &down)
     }
 
     pub(crate) fn head(&self, w: &dyn WeightProvider, x: &Tensor) -> Result<Tensor, ModelError> {
