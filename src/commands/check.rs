@@ -898,10 +898,9 @@ fn prompts_for(
     )
 }
 
+/// `check` on one model (the base with its stacked adapters); `check --each` is
+/// [`super::each::run`], chosen by the caller.
 pub fn run(args: &CheckArgs) -> anyhow::Result<ExitStatus> {
-    if super::each::requested(args) {
-        return super::each::run(args);
-    }
     prepare_process(args)?;
     let plan = plan(args)?;
     let report = build(args, &plan.settings, &open_base(&args.base)?, "")?;

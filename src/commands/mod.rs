@@ -29,7 +29,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitStatus> {
             inputs.extend(args.each.iter_mut().map(|a| ("--each", a)));
             inputs.extend(args.merged.iter_mut().map(|m| ("--merged", m)));
             args.hub = hub::resolve_all(inputs, &args.revision)?;
-            check::run(&args)
+            if each::requested(&args) {
+                each::run(&args)
+            } else {
+                check::run(&args)
+            }
         }
         Command::Merge(mut args) => {
             let mut inputs = vec![("--base", &mut args.base)];

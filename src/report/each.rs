@@ -5,7 +5,7 @@
 
 use serde::Serialize;
 
-use super::{Format, Report};
+use super::Report;
 use crate::ExitStatus;
 use crate::findings::Verdict;
 
@@ -161,24 +161,6 @@ impl EachReport {
             count(EachVerdict::Fail),
             count(EachVerdict::Error),
         )
-    }
-}
-
-impl Format {
-    /// The `check --each` report rendered in this format.
-    pub fn render_each(self, report: &EachReport) -> anyhow::Result<Vec<u8>> {
-        Ok(match self {
-            Format::Json => {
-                let mut bytes = serde_json::to_vec_pretty(report)?;
-                bytes.push(b'\n');
-                bytes
-            }
-            Format::Csv => super::csv::render_each(report)?,
-            Format::Tokens => super::tokens::render_each(report)?,
-            Format::Html => super::html::render_each(report).into_bytes(),
-            Format::Junit => super::junit::render_each(report).into_bytes(),
-            Format::Summary => super::summary::render_each(report).into_bytes(),
-        })
     }
 }
 

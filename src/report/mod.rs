@@ -235,6 +235,24 @@ impl Format {
             Format::Summary => summary::render(report).into_bytes(),
         })
     }
+
+    /// The `check --each` report rendered in this format (the dispatch lives here, beside
+    /// [`Format::render`], so `each` imports no renderer and no renderer's import of
+    /// [`each::EachReport`] closes a circle).
+    pub fn render_each(self, report: &each::EachReport) -> anyhow::Result<Vec<u8>> {
+        Ok(match self {
+            Format::Json => {
+                let mut bytes = serde_json::to_vec_pretty(report)?;
+                bytes.push(b'\n');
+                bytes
+            }
+            Format::Csv => csv::render_each(report)?,
+            Format::Tokens => tokens::render_each(report)?,
+            Format::Html => html::render_each(report).into_bytes(),
+            Format::Junit => junit::render_each(report).into_bytes(),
+            Format::Summary => summary::render_each(report).into_bytes(),
+        })
+    }
 }
 
 /// The files `--report-dir` writes, and the format of each.
