@@ -43,6 +43,14 @@ fn f32_tensor(st: &safetensors::SafeTensors<'_>, name: &str) -> Vec<f32> {
         .collect()
 }
 
+/// How many of `got` have exactly the bits of the reference value at the same place.
+fn bit_equal(got: &[f32], want: &[f32]) -> usize {
+    got.iter()
+        .zip(want)
+        .filter(|(a, b)| a.to_bits() == b.to_bits())
+        .count()
+}
+
 #[test]
 fn gptq_core_reproduces_the_torch_reference() {
     let bytes = std::fs::read(fixture("goldens/repair/gptq.safetensors")).expect("golden");
@@ -61,26 +69,15 @@ fn gptq_core_reproduces_the_torch_reference() {
     ] {
         let want = f32_tensor(&st, &format!("out.{name}"));
         let got = repair::gptq("golden", &w, rows, n, &factor, target).expect("gptq");
-        let same = got
-            .values
-            .iter()
-            .zip(&want)
-            .filter(|(a, b)| a.to_bits() == b.to_bits())
-            .count();
-        let share = same as f64 / want.len() as f64;
+        let same = bit_equal(&got.values, &want);
         assert!(
-            share >= GPTQ_MIN_SAME,
+            same as f64 / want.len() as f64 >= GPTQ_MIN_SAME,
             "{name}: {same} of {} values equal the torch reference",
             want.len()
         );
         // A plain round-to-nearest would not pass: the test can tell the two apart.
         let nearest = repair::nearest("golden", &w, rows, n, target).expect("nearest");
-        let same_as_nearest = nearest
-            .values
-            .iter()
-            .zip(&want)
-            .filter(|(a, b)| a.to_bits() == b.to_bits())
-            .count();
+        let same_as_nearest = bit_equal(&nearest.values, &want);
         assert!(
             (same_as_nearest as f64 / want.len() as f64) < GPTQ_MIN_SAME,
             "{name}: round-to-nearest matches the GPTQ reference too often ({same_as_nearest})"
@@ -109,15 +106,9 @@ fn gptq_core_reproduces_the_torch_reference_on_kquant_grids() {
         let want = f32_tensor(&st, &format!("out.{name}"));
         let target = Target::Kquant(kind);
         let got = repair::gptq("golden", &w, rows, n, &factor, target).expect("gptq");
-        let same = got
-            .values
-            .iter()
-            .zip(&want)
-            .filter(|(a, b)| a.to_bits() == b.to_bits())
-            .count();
-        let share = same as f64 / want.len() as f64;
+        let same = bit_equal(&got.values, &want);
         assert!(
-            share >= GPTQ_MIN_SAME,
+            same as f64 / want.len() as f64 >= GPTQ_MIN_SAME,
             "{name}: {same} of {} values equal the torch reference",
             want.len()
         );
@@ -127,12 +118,7 @@ fn gptq_core_reproduces_the_torch_reference_on_kquant_grids() {
             .expect("whole blocks");
         assert_eq!(back, got.values, "{name}: bytes decode to the values");
         let nearest = repair::nearest("golden", &w, rows, n, target).expect("nearest");
-        let same_as_nearest = nearest
-            .values
-            .iter()
-            .zip(&want)
-            .filter(|(a, b)| a.to_bits() == b.to_bits())
-            .count();
+        let same_as_nearest = bit_equal(&nearest.values, &want);
         assert!(
             (same_as_nearest as f64 / want.len() as f64) < GPTQ_MIN_SAME,
             "{name}: round-to-nearest matches the GPTQ reference too often ({same_as_nearest})"

@@ -16,6 +16,23 @@ use super::{ModelError, Unsupported};
 const CHUNK: usize = 4096;
 
 /// The contiguous f32 data behind a custom op's input.
+/// The two operands of an element-wise op as contiguous f32 slices of one shape.
+fn contiguous_pair<'a>(
+    (s1, l1): (&'a CpuStorage, &Layout),
+    (s2, l2): (&'a CpuStorage, &Layout),
+    op: &str,
+) -> candle_core::Result<(&'a [f32], &'a [f32])> {
+    let (a, b) = (contiguous(s1, l1, op)?, contiguous(s2, l2, op)?);
+    if l1.shape() != l2.shape() {
+        return Err(candle_core::Error::Msg(format!(
+            "{op}: operands {:?} and {:?} differ",
+            l1.dims(),
+            l2.dims()
+        )));
+    }
+    Ok((a, b))
+}
+
 fn contiguous<'a>(
     storage: &'a CpuStorage,
     layout: &Layout,
@@ -65,15 +82,7 @@ impl CustomOp2 for AddScaled {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = contiguous(s1, l1, self.name())?;
-        let t = contiguous(s2, l2, self.name())?;
-        if l1.shape() != l2.shape() {
-            return Err(candle_core::Error::Msg(format!(
-                "add: {:?} and {:?} differ",
-                l1.dims(),
-                l2.dims()
-            )));
-        }
+        let (y, t) = contiguous_pair((s1, l1), (s2, l2), self.name())?;
         let mut out = vec![0.0f32; y.len()];
         out.par_chunks_mut(CHUNK)
             .zip(y.par_chunks(CHUNK).zip(t.par_chunks(CHUNK)))
@@ -302,15 +311,7 @@ impl CustomOp2 for Activate {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let gate = contiguous(s1, l1, CustomOp2::name(self))?;
-        let up = contiguous(s2, l2, CustomOp2::name(self))?;
-        if l1.shape() != l2.shape() {
-            return Err(candle_core::Error::Msg(format!(
-                "gated activation: gate {:?} and up {:?} differ",
-                l1.dims(),
-                l2.dims()
-            )));
-        }
+        let (gate, up) = contiguous_pair((s1, l1), (s2, l2), CustomOp2::name(self))?;
         let mut out = vec![0.0f32; gate.len()];
         out.par_chunks_mut(CHUNK)
             .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
