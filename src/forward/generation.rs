@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, HashSet};
 use serde::Serialize;
 
 use super::{ForwardInputs, ModelKind, Prepared, block_linear_names, plan_jobs, provider_for};
-use crate::model::{Architecture, ModelError, WeightProvider, argmax, log_sum_exp};
+use crate::model::{Architecture, ModelError, WeightProvider, argmax, continuation_nll};
 
 /// Bytes of f32 weights one decoding model keeps between steps (the rest is rebuilt at each step).
 /// SmolLM2-135M (538 MB) fits whole; a 7B model (about 810 MB per block) keeps its embedding.
@@ -297,21 +297,7 @@ fn score(
     pairs
         .iter()
         .zip(&logits)
-        .map(|((prompt, continuation), rows)| {
-            continuation
-                .iter()
-                .zip(rows)
-                .enumerate()
-                .map(|(j, (&token, row))| {
-                    let z = row.get(token as usize).ok_or(ModelError::Token {
-                        token,
-                        position: prompt.len() + j,
-                        vocab: row.len(),
-                    })?;
-                    Ok(log_sum_exp(row) - *z as f64)
-                })
-                .collect::<Result<Vec<f64>, ModelError>>()
-        })
+        .map(|((prompt, continuation), rows)| continuation_nll(prompt.len(), continuation, rows))
         .collect()
 }
 

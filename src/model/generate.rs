@@ -215,14 +215,24 @@ pub fn sequence_nll(
     // The head is row-wise: only the rows predicting a continuation token are needed.
     let rows = hidden.narrow(0, prompt.len() - 1, continuation.len())?;
     let logits = arch.head(w, &rows)?.to_vec2::<f32>()?;
+    continuation_nll(prompt.len(), continuation, &logits)
+}
+
+/// The negative log-likelihood of each continuation token under the logit row that predicts it
+/// (`rows[j]` predicts `continuation[j]`, which sits at position `prompt_len + j`).
+pub fn continuation_nll(
+    prompt_len: usize,
+    continuation: &[u32],
+    rows: &[Vec<f32>],
+) -> Result<Vec<f64>, ModelError> {
     continuation
         .iter()
-        .zip(&logits)
+        .zip(rows)
         .enumerate()
         .map(|(j, (&token, row))| {
             let z = row.get(token as usize).ok_or(ModelError::Token {
                 token,
-                position: prompt.len() + j,
+                position: prompt_len + j,
                 vocab: row.len(),
             })?;
             Ok(log_sum_exp(row) - *z as f64)

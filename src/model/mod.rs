@@ -51,7 +51,9 @@ pub use crate::merge::delta::Layout;
 
 pub use cache::{KvCache, LayerCache};
 pub use gemma::{GemmaConfig, GemmaGeneration};
-pub use generate::{MaterializedModel, argmax, generate_greedy, log_sum_exp, sequence_nll};
+pub use generate::{
+    MaterializedModel, argmax, continuation_nll, generate_greedy, log_sum_exp, sequence_nll,
+};
 pub use gpt2::Gpt2Config;
 pub use llama::LlamaConfig;
 pub use moe::{ExpertLayout, MoeConfig, Routing};
