@@ -389,35 +389,30 @@ impl Block {
                 max = v;
             }
         }
-        // Block::nearest for Q4_0 with the scale's conversions hoisted; a candidate stops as
-        // soon as its running cost reaches the best (the terms are never negative, so it
-        // could not win).
-        let cost = |d: f16, bound: f64| -> f64 {
-            let (d32, d64) = (d.to_f32(), f64::from(d.to_f32()));
-            let mut sum = 0.0f64;
-            for (v, w) in x.iter().zip(weights) {
-                let v64 = f64::from(*v);
-                let y = v64 / d64 + 8.0;
-                let code = if y.is_finite() {
-                    (y.round() as i32).clamp(0, 15)
-                } else {
-                    8
-                };
-                let e = v64 - f64::from((code - 8) as f32 * d32);
-                sum += w * e * e;
-                if sum >= bound {
-                    break;
+        // Every candidate's cost in full: the weighted squared errors a chunk of values at a time
+        // (vectorized, `q4_0_costs`), each candidate's sum in value order from 0 as the
+        // reference adds them (so the choice is the same to the last bit), the 13 sums side by
+        // side so their additions overlap. Stopping a candidate once its running sum reached the
+        // best would choose the same scale (terms are never negative), but its serial compare-
+        // and-branch cost more than the terms it saved.
+        let candidates = Q4_0_SCALE_DIVISORS.map(|divisor| f16::from_f32(max / divisor));
+        let mut sums = [0.0f64; Q4_0_SCALE_DIVISORS.len()];
+        let mut terms = [[0.0f64; COST_CHUNK]; Q4_0_SCALE_DIVISORS.len()];
+        for (xs, ws) in x.chunks(COST_CHUNK).zip(weights.chunks(COST_CHUNK)) {
+            for (t, d) in terms.iter_mut().zip(candidates) {
+                q4_0_costs(xs, ws, d, t);
+            }
+            for k in 0..xs.len() {
+                for (sum, t) in sums.iter_mut().zip(&terms) {
+                    *sum += t[k];
                 }
             }
-            sum
-        };
-        let first = f16::from_f32(max / Q4_0_SCALE_DIVISORS[0]);
-        let mut best = (cost(first, f64::INFINITY), first);
-        for divisor in Q4_0_SCALE_DIVISORS.iter().skip(1) {
-            let d = f16::from_f32(max / divisor);
-            let c = cost(d, best.0);
-            if c < best.0 {
-                best = (c, d);
+        }
+        // Ties keep the earlier candidate (ggml's rule first).
+        let mut best = (sums[0], candidates[0]);
+        for (c, d) in sums.iter().zip(candidates).skip(1) {
+            if *c < best.0 {
+                best = (*c, d);
             }
         }
         Block::Q4_0 { d: best.1 }
@@ -467,7 +462,7 @@ impl Block {
                 let (lo, hi) = block.code_range();
                 let y = block.code_position(x);
                 let code = if y.is_finite() {
-                    (y.round() as i32).clamp(lo, hi)
+                    (round_half_away(y) as i32).clamp(lo, hi)
                 } else {
                     // A zero scale: every code decodes to the same value.
                     block.zero_code()
@@ -546,6 +541,99 @@ fn pack_nibbles(codes: &[i32], out: &mut [u8]) {
     let half = GGML_QK / 2;
     for j in 0..half {
         out[j] = (codes[j] as u8 & 0x0F) | ((codes[j + half] as u8 & 0x0F) << 4);
+    }
+}
+
+/// Values of a block whose Q4_0 scale-search costs are computed together (see `Block::searched`).
+const COST_CHUNK: usize = GGML_QK;
+
+/// The GPTQ-weighted squared errors `w·(x − q)²` of up to [`COST_CHUNK`] values rounded to
+/// nearest on the Q4_0 grid of scale `d` (as [`Block::nearest`] rounds them) into `terms`.
+///
+/// A whole chunk of finite values with a finite non-zero scale goes through a branch-free loop
+/// the compiler vectorizes: clamping y = x/d + 8 to [0, 15] before rounding leaves the clamped
+/// code unchanged (rounding is monotone), and on [0, 15] rounding half away from zero is
+/// rounding half to even plus one where that took an exact tie down. Anything else (a zero scale, NaN, a short chunk) takes
+/// `Block::nearest` value by value.
+fn q4_0_costs(xs: &[f32], ws: &[f64], d: f16, terms: &mut [f64; COST_CHUNK]) {
+    let (d32, d64) = (d.to_f32(), f64::from(d.to_f32()));
+    let (Ok(xs), Ok(ws)) = (
+        <&[f32; COST_CHUNK]>::try_from(xs),
+        <&[f64; COST_CHUNK]>::try_from(ws),
+    ) else {
+        for ((t, v), w) in terms.iter_mut().zip(xs).zip(ws) {
+            let e = f64::from(*v) - f64::from(Block::Q4_0 { d }.nearest(f64::from(*v)).0);
+            *t = w * e * e;
+        }
+        return;
+    };
+    if d64 == 0.0 || !d64.is_finite() || !xs.iter().all(|v| v.is_finite()) {
+        for ((t, v), w) in terms.iter_mut().zip(xs).zip(ws) {
+            let e = f64::from(*v) - f64::from(Block::Q4_0 { d }.nearest(f64::from(*v)).0);
+            *t = w * e * e;
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above.
+        unsafe { q4_0_chunk_avx2(xs, ws, d32, d64, terms) };
+        return;
+    }
+    q4_0_chunk(xs, ws, d32, d64, terms);
+}
+
+/// [`q4_0_chunk`] compiled for AVX2: four lanes instead of SSE2's two, the same IEEE operations
+/// (Rust never fuses a multiply and an add), so the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn q4_0_chunk_avx2(
+    xs: &[f32; COST_CHUNK],
+    ws: &[f64; COST_CHUNK],
+    d32: f32,
+    d64: f64,
+    terms: &mut [f64; COST_CHUNK],
+) {
+    q4_0_chunk(xs, ws, d32, d64, terms);
+}
+
+/// The branch-free body of [`q4_0_costs`] for finite values and a finite non-zero scale.
+#[inline(always)]
+fn q4_0_chunk(
+    xs: &[f32; COST_CHUNK],
+    ws: &[f64; COST_CHUNK],
+    d32: f32,
+    d64: f64,
+    terms: &mut [f64; COST_CHUNK],
+) {
+    // 2⁵²: adding and subtracting it rounds a y in [0, 2⁵¹) to the nearest integer, ties to even
+    // (exactly, in f64), with no float-to-int conversion to keep the loop from vectorizing.
+    const MAGIC: f64 = 4_503_599_627_370_496.0;
+    for k in 0..COST_CHUNK {
+        let v64 = f64::from(xs[k]);
+        let y = (v64 / d64 + 8.0).clamp(0.0, 15.0);
+        let even = (y + MAGIC) - MAGIC;
+        // Half away from zero: a tie the even rounding took down goes up.
+        let code = even + if y - even == 0.5 { 1.0 } else { 0.0 };
+        let e = v64 - f64::from((code - 8.0) as f32 * d32);
+        terms[k] = ws[k] * e * e;
+    }
+}
+
+/// `y.round()` (half away from zero) without a call into libm, which the baseline x86-64 target
+/// makes of `f64::round`: exact, since the truncation t of y and y − t are exact in f64. Only
+/// codes need it, so a |y| ≥ 2⁶³ (saturated by the cast, then clamped by the caller) may come
+/// out as any value of the same sign beyond every code range.
+#[inline(always)]
+fn round_half_away(y: f64) -> f64 {
+    let t = (y as i64) as f64;
+    let f = y - t;
+    if f >= 0.5 {
+        t + 1.0
+    } else if f <= -0.5 {
+        t - 1.0
+    } else {
+        t
     }
 }
 
@@ -698,27 +786,44 @@ impl HessianFactor {
     /// GPTQ's values of the `size`-column block (32, or a 256 super-block) starting at `j` when
     /// it comes up, from the running values `partial` (w_k + c_k/R_kk) and the original weights
     /// `w` (see the type's notes).
-    fn block_start_values(&self, j: usize, size: usize, partial: &[f64], w: &[f64]) -> Vec<f32> {
+    fn block_start_values(
+        &self,
+        j: usize,
+        size: usize,
+        partial: &[f64],
+        w: &[f64],
+        out: &mut [f32; QK_K],
+    ) {
         let inverses = if size == QK_K {
             &self.super_inverse
         } else {
             &self.block_inverse
         };
         let inv = &inverses[j * size..(j + size) * size];
-        let c: Vec<f64> = (0..size)
-            .map(|k| (partial[k] - w[k]) * self.d[j + k])
-            .collect();
-        (0..size)
-            .map(|k| {
-                let pushed: f64 = (0..=k).map(|m| c[m] * inv[m * size + k]).sum();
-                (w[k] + pushed) as f32
-            })
-            .collect()
+        // On the stack: this runs once per row and block, too often to allocate.
+        let mut c = [0.0f64; QK_K];
+        for (k, ck) in c[..size].iter_mut().enumerate() {
+            *ck = (partial[k] - w[k]) * self.d[j + k];
+        }
+        // pushed_k = Σ_{m≤k} c_m · inv[m, k], each sum in m order from −0.0 (as `Iterator::sum`
+        // would), accumulated row of `inv` by row so the inner loop runs along memory.
+        let mut pushed = [-0.0f64; QK_K];
+        for (m, &cm) in c[..size].iter().enumerate() {
+            let row = &inv[m * size + m..(m + 1) * size];
+            for (p, v) in pushed[m..size].iter_mut().zip(row) {
+                *p += cm * v;
+            }
+        }
+        for ((o, wk), p) in out.iter_mut().zip(&w[..size]).zip(&pushed) {
+            *o = (wk + p) as f32;
+        }
     }
 }
 
-/// Lower Cholesky factor of a symmetric positive-definite `[n, n]` matrix (column by column, the
-/// rows below each pivot in parallel); `Err(pivot)` when a pivot is not positive.
+/// Lower Cholesky factor of a symmetric positive-definite `[n, n]` matrix, column by column;
+/// `Err(pivot)` when a pivot is not positive. Sequential: it only factors the diagonal blocks of
+/// [`cholesky_lower`] (n ≤ [`FACTOR_BLOCK`], n³/6 multiply-adds: a fraction of a millisecond),
+/// where handing each column's rows to the thread pool cost more than the arithmetic.
 fn cholesky_unblocked(a: &[f64], n: usize) -> Result<Vec<f64>, usize> {
     let mut l = vec![0.0f64; n * n];
     for j in 0..n {
@@ -729,14 +834,10 @@ fn cholesky_unblocked(a: &[f64], n: usize) -> Result<Vec<f64>, usize> {
         }
         let d = pivot.sqrt();
         l[j * n + j] = d;
-        l[(j + 1) * n..]
-            .par_chunks_mut(n)
-            .enumerate()
-            .with_min_len(16)
-            .for_each(|(k, row)| {
-                let i = j + 1 + k;
-                row[j] = (a[i * n + j] - dot(&row[..j], &row_j)) / d;
-            });
+        for (k, row) in l[(j + 1) * n..].chunks_mut(n).enumerate() {
+            let i = j + 1 + k;
+            row[j] = (a[i * n + j] - dot(&row[..j], &row_j)) / d;
+        }
     }
     Ok(l)
 }
@@ -964,15 +1065,21 @@ pub fn gptq(
                     let count = out.len() / cols;
                     for j in start..end {
                         if block_bytes.is_some() && j % block == 0 {
+                            let mut current = [0.0f32; QK_K];
                             for (r, p) in params.iter_mut().enumerate() {
                                 let at = r * cols + j;
-                                let current = factor.block_start_values(
+                                factor.block_start_values(
                                     j,
                                     block,
                                     &work[at..at + block],
                                     &original[at..at + block],
+                                    &mut current,
                                 );
-                                *p = Params::searched(target, &current, &weights[j..j + block]);
+                                *p = Params::searched(
+                                    target,
+                                    &current[..block],
+                                    &weights[j..j + block],
+                                );
                             }
                         }
                         // Within a 32-column group the errors go on one column at a time; the
@@ -1256,6 +1363,75 @@ mod tests {
             }
         }
         h
+    }
+
+    #[test]
+    fn round_half_away_is_f64_round() {
+        let edges: [f64; 15] = [
+            0.0,
+            -0.0,
+            0.5,
+            -0.5,
+            1.5,
+            -1.5,
+            2.5,
+            7.5,
+            15.5,
+            -0.49999999999999994,
+            0.49999999999999994,
+            4503599627370495.5,
+            4503599627370497.0,
+            1e300,
+            -1e300,
+        ];
+        for y in edges {
+            let want = y.round();
+            let got = round_half_away(y);
+            // Beyond i64 the result only needs the sign and to lie outside every code range.
+            if want.abs() >= 9.0e18 {
+                assert_eq!(got.signum(), want.signum(), "{y}");
+                assert!(got.abs() >= 9.0e18, "{y}");
+            } else {
+                // (−0.0 and 0.0 compare equal: both are code 0.)
+                assert_eq!(got, want, "{y}");
+            }
+        }
+        for (i, u) in pseudo(7, 100_000, 40.0).into_iter().enumerate() {
+            // Halves and near-halves as well as arbitrary values.
+            let y = if i % 3 == 0 {
+                (u * 2.0).round() / 2.0
+            } else {
+                u
+            };
+            assert_eq!(round_half_away(y), y.round(), "{y}");
+        }
+    }
+
+    #[test]
+    fn q4_0_costs_match_nearest_value_by_value() {
+        let xs = pseudo(11, COST_CHUNK * 2000, 0.05);
+        let ws = pseudo(12, COST_CHUNK * 2000, 3.0);
+        for (i, (x, w)) in xs.chunks(COST_CHUNK).zip(ws.chunks(COST_CHUNK)).enumerate() {
+            let mut x: Vec<f32> = x.iter().map(|v| *v as f32).collect();
+            let w: Vec<f64> = w.iter().map(|v| v.abs()).collect();
+            let d = f16::from_f32(x.iter().fold(0.0f32, |m, v| m.max(v.abs())) / -8.0);
+            // Exact half-steps, a clipped value and (last chunks) a zero scale.
+            if i % 4 == 0 {
+                x[3] = 2.5 * d.to_f32();
+                x[5] = -20.0 * d.to_f32();
+            }
+            let d = if i % 500 == 499 { f16::ZERO } else { d };
+            let mut got = [0.0f64; COST_CHUNK];
+            q4_0_costs(&x, &w, d, &mut got);
+            for k in 0..COST_CHUNK {
+                let e = f64::from(x[k]) - f64::from(Block::Q4_0 { d }.nearest(f64::from(x[k])).0);
+                assert_eq!(
+                    got[k].to_bits(),
+                    (w[k] * e * e).to_bits(),
+                    "chunk {i} value {k}"
+                );
+            }
+        }
     }
 
     fn pseudo(seed: u64, len: usize, scale: f64) -> Vec<f64> {
