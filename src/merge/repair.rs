@@ -260,10 +260,28 @@ pub struct Rounded {
 #[derive(Debug, Clone, Copy)]
 enum Block {
     Float(FloatFormat),
-    Q8_0 { d: f16 },
-    Q4_0 { d: f16 },
-    Q4_1 { d: f16, m: f16 },
+    Q8_0 { d: Param },
+    Q4_0 { d: Param },
+    Q4_1 { d: Param, m: Param },
     Sub { kind: Kind, grid: SubGrid },
+}
+
+/// A block parameter as ggml stores it (f16) and its f32 value, converted once per block: every
+/// value of the block is rounded against it, and a conversion per value cost a function call
+/// (the `half` crate's runtime F16C dispatch).
+#[derive(Debug, Clone, Copy)]
+struct Param {
+    stored: f16,
+    value: f32,
+}
+
+impl Param {
+    fn new(stored: f16) -> Param {
+        Param {
+            stored,
+            value: stored.to_f32(),
+        }
+    }
 }
 
 /// A block's parameters: one grid for all its values, or for a [`Target::Kquant`] the ggml block
@@ -346,7 +364,7 @@ impl Block {
             Target::Q8_0 => {
                 let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
                 Block::Q8_0 {
-                    d: f16::from_f32(amax / 127.0),
+                    d: Param::new(f16::from_f32(amax / 127.0)),
                 }
             }
             Target::Q4_0 => {
@@ -358,15 +376,15 @@ impl Block {
                     }
                 }
                 Block::Q4_0 {
-                    d: f16::from_f32(max / -8.0),
+                    d: Param::new(f16::from_f32(max / -8.0)),
                 }
             }
             Target::Q4_1 => {
                 let min = x.iter().fold(f32::MAX, |m, v| m.min(*v));
                 let max = x.iter().fold(-f32::MAX, |m, v| m.max(*v));
                 Block::Q4_1 {
-                    d: f16::from_f32((max - min) / 15.0),
-                    m: f16::from_f32(min),
+                    d: Param::new(f16::from_f32((max - min) / 15.0)),
+                    m: Param::new(f16::from_f32(min)),
                 }
             }
             // Parameters of a K-quant block live in Params; one value alone has none.
@@ -415,7 +433,9 @@ impl Block {
                 best = (*c, d);
             }
         }
-        Block::Q4_0 { d: best.1 }
+        Block::Q4_0 {
+            d: Param::new(best.1),
+        }
     }
 
     /// The code range and the value of a code, computed as ggml's dequantizers do (f32 product;
@@ -423,9 +443,9 @@ impl Block {
     fn value(self, code: i32) -> f32 {
         match self {
             Block::Float(_) => f32::NAN,
-            Block::Q8_0 { d } => code as f32 * d.to_f32(),
-            Block::Q4_0 { d } => (code - 8) as f32 * d.to_f32(),
-            Block::Q4_1 { d, m } => code as f32 * d.to_f32() + m.to_f32(),
+            Block::Q8_0 { d } => code as f32 * d.value,
+            Block::Q4_0 { d } => (code - 8) as f32 * d.value,
+            Block::Q4_1 { d, m } => code as f32 * d.value + m.value,
             Block::Sub { kind, grid } => kind.decode(grid, code),
         }
     }
@@ -442,12 +462,12 @@ impl Block {
 
     /// `x` in code units (fractional), before rounding.
     fn code_position(self, x: f64) -> f64 {
-        let step = |d: f16| f64::from(d.to_f32());
+        let step = |d: Param| f64::from(d.value);
         match self {
             Block::Float(_) => f64::NAN,
             Block::Q8_0 { d } => x / step(d),
             Block::Q4_0 { d } => x / step(d) + 8.0,
-            Block::Q4_1 { d, m } => (x - f64::from(m.to_f32())) / step(d),
+            Block::Q4_1 { d, m } => (x - f64::from(m.value)) / step(d),
             Block::Sub { kind, grid } => {
                 (x + f64::from(grid.min)) / f64::from(grid.scale) + f64::from(kind.code_offset())
             }
@@ -519,18 +539,18 @@ impl Block {
             // A sub-block's bytes are written by its Params.
             Block::Float(_) | Block::Sub { .. } => {}
             Block::Q8_0 { d } => {
-                out[..2].copy_from_slice(&d.to_le_bytes());
+                out[..2].copy_from_slice(&d.stored.to_le_bytes());
                 for (o, c) in out[2..].iter_mut().zip(codes) {
                     *o = (*c as i8) as u8;
                 }
             }
             Block::Q4_0 { d } => {
-                out[..2].copy_from_slice(&d.to_le_bytes());
+                out[..2].copy_from_slice(&d.stored.to_le_bytes());
                 pack_nibbles(codes, &mut out[2..]);
             }
             Block::Q4_1 { d, m } => {
-                out[..2].copy_from_slice(&d.to_le_bytes());
-                out[2..4].copy_from_slice(&m.to_le_bytes());
+                out[..2].copy_from_slice(&d.stored.to_le_bytes());
+                out[2..4].copy_from_slice(&m.stored.to_le_bytes());
                 pack_nibbles(codes, &mut out[4..]);
             }
         }
@@ -562,14 +582,16 @@ fn q4_0_costs(xs: &[f32], ws: &[f64], d: f16, terms: &mut [f64; COST_CHUNK]) {
         <&[f64; COST_CHUNK]>::try_from(ws),
     ) else {
         for ((t, v), w) in terms.iter_mut().zip(xs).zip(ws) {
-            let e = f64::from(*v) - f64::from(Block::Q4_0 { d }.nearest(f64::from(*v)).0);
+            let e = f64::from(*v)
+                - f64::from(Block::Q4_0 { d: Param::new(d) }.nearest(f64::from(*v)).0);
             *t = w * e * e;
         }
         return;
     };
     if d64 == 0.0 || !d64.is_finite() || !xs.iter().all(|v| v.is_finite()) {
         for ((t, v), w) in terms.iter_mut().zip(xs).zip(ws) {
-            let e = f64::from(*v) - f64::from(Block::Q4_0 { d }.nearest(f64::from(*v)).0);
+            let e = f64::from(*v)
+                - f64::from(Block::Q4_0 { d: Param::new(d) }.nearest(f64::from(*v)).0);
             *t = w * e * e;
         }
         return;
@@ -1424,7 +1446,8 @@ mod tests {
             let mut got = [0.0f64; COST_CHUNK];
             q4_0_costs(&x, &w, d, &mut got);
             for k in 0..COST_CHUNK {
-                let e = f64::from(x[k]) - f64::from(Block::Q4_0 { d }.nearest(f64::from(x[k])).0);
+                let e = f64::from(x[k])
+                    - f64::from(Block::Q4_0 { d: Param::new(d) }.nearest(f64::from(x[k])).0);
                 assert_eq!(
                     got[k].to_bits(),
                     (w[k] * e * e).to_bits(),
