@@ -663,12 +663,14 @@ pub fn merged_float(
     recipe: Recipe,
 ) -> Vec<f32> {
     match recipe {
-        Recipe::Exact => delta::merge_exact(base, rows, cols, updates)
-            .iter()
-            .map(|v| dtype.round_from_f64(*v))
-            .collect(),
+        Recipe::Exact => round_exact(&delta::merge_exact(base, rows, cols, updates), dtype),
         Recipe::Peft => delta::merge_peft(base, rows, cols, updates, dtype),
     }
+}
+
+/// The exact merge W* rounded once to `dtype`: the exact recipe's merged tensor.
+pub fn round_exact(exact: &[f64], dtype: FloatFormat) -> Vec<f32> {
+    exact.iter().map(|v| dtype.round_from_f64(*v)).collect()
 }
 
 /// Statistics of one tensor in one precision, with a note when the format had to fall back.
