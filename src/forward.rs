@@ -17,6 +17,7 @@ use crate::io::adapter::Adapter;
 use crate::io::checkpoint::Checkpoint;
 use crate::io::prompts::TokenizedPrompts;
 use crate::merge::engine::{self, MergePlan, TensorJob};
+use crate::merge::float::FloatFormat;
 use crate::merge::precision::{Precision, Recipe};
 use crate::merge::quant_format::QuantFormat;
 use crate::merge::repair::{self, RepairMethod, Target};
@@ -81,6 +82,65 @@ struct MergedProvider<'a> {
     precision: Precision,
     recipe: Recipe,
     block_linear: &'a BlockLinear,
+    /// The comparison's exact merges of the current block, shared by every merged candidate.
+    exact: Option<&'a ExactMerges>,
+}
+
+/// Bytes of exact merges (f64) [`ExactMerges`] keeps for one block: all of a small model's block
+/// (SmolLM2: 28 MB), a 7B block's attention weights at most, so the comparison's memory stays
+/// about what it was (issue 12 §1).
+const EXACT_MERGE_MEMO_BYTES: usize = 256 << 20;
+
+/// The exact merge W* (f64) of each target tensor of the block being compared, computed by the
+/// first merged candidate that builds it and reused by the others: every precision rounds or
+/// quantizes the same W*, which was read, merged and dropped once per candidate (with
+/// `--precision all` nine times per tensor). The values are the ones each candidate computed
+/// itself. Kept within [`EXACT_MERGE_MEMO_BYTES`] (a tensor past it is merged per candidate, as
+/// before) and emptied after each step of the comparison.
+#[derive(Default)]
+struct ExactMerges {
+    kept: Mutex<KeptMerges>,
+}
+
+/// The merges [`ExactMerges`] holds, and their bytes.
+#[derive(Default)]
+struct KeptMerges {
+    by_name: HashMap<String, Arc<Vec<f64>>>,
+    bytes: usize,
+}
+
+impl ExactMerges {
+    /// `name`'s W*, from the memo or computed by `merge` (and kept while the budget allows).
+    fn get_or_merge(
+        &self,
+        name: &str,
+        merge: impl FnOnce() -> Result<Vec<f64>, ModelError>,
+    ) -> Result<Arc<Vec<f64>>, ModelError> {
+        if let Some(w) = self
+            .kept
+            .lock()
+            .ok()
+            .and_then(|k| k.by_name.get(name).cloned())
+        {
+            return Ok(w);
+        }
+        let w = Arc::new(merge()?);
+        let bytes = w.len() * std::mem::size_of::<f64>();
+        if let Ok(mut kept) = self.kept.lock()
+            && kept.bytes + bytes <= EXACT_MERGE_MEMO_BYTES
+        {
+            kept.bytes += bytes;
+            kept.by_name.insert(name.to_string(), Arc::clone(&w));
+        }
+        Ok(w)
+    }
+
+    /// Drops every kept merge (the comparison moves on to the next block).
+    fn clear(&self) {
+        if let Ok(mut kept) = self.kept.lock() {
+            *kept = KeptMerges::default();
+        }
+    }
 }
 
 fn model_error(tensor: &str, e: impl std::error::Error + Send + Sync + 'static) -> ModelError {
@@ -118,28 +178,48 @@ fn ship(
     }
 }
 
-impl WeightProvider for MergedProvider<'_> {
-    fn weight(&self, name: &str) -> Result<Vec<f32>, ModelError> {
-        if let Some(job) = self.jobs.get(name) {
+impl MergedProvider<'_> {
+    /// The exact merge W* of `job` (f64), shared through the comparison's memo when there is one.
+    fn exact_merge(&self, name: &str, job: &TensorJob) -> Result<Arc<Vec<f64>>, ModelError> {
+        let merge = || {
             let stored = engine::base_weight(job, self.base, self.adapters)
                 .map_err(|e| model_error(name, e))?;
             let updates =
                 engine::load_updates(job, self.adapters).map_err(|e| model_error(name, e))?;
+            Ok(crate::merge::delta::merge_exact(
+                &stored, job.rows, job.cols, &updates,
+            ))
+        };
+        match self.exact {
+            Some(memo) => memo.get_or_merge(name, merge),
+            None => merge().map(Arc::new),
+        }
+    }
+}
+
+impl WeightProvider for MergedProvider<'_> {
+    fn weight(&self, name: &str) -> Result<Vec<f32>, ModelError> {
+        if let Some(job) = self.jobs.get(name) {
             return match self.precision {
-                Precision::Float(f) => Ok(engine::merged_float(
-                    &stored,
-                    job.rows,
-                    job.cols,
-                    &updates,
-                    f,
-                    self.recipe,
-                )),
+                // PEFT's recipe merges in the precision itself, from the stored base.
+                Precision::Float(f) if self.recipe == Recipe::Peft => {
+                    let stored = engine::base_weight(job, self.base, self.adapters)
+                        .map_err(|e| model_error(name, e))?;
+                    let updates = engine::load_updates(job, self.adapters)
+                        .map_err(|e| model_error(name, e))?;
+                    Ok(engine::merged_float(
+                        &stored,
+                        job.rows,
+                        job.cols,
+                        &updates,
+                        f,
+                        self.recipe,
+                    ))
+                }
+                Precision::Float(f) => Ok(engine::round_exact(&self.exact_merge(name, job)?, f)),
                 Precision::Quant(q) => {
-                    let exact: Vec<f32> =
-                        crate::merge::delta::merge_exact(&stored, job.rows, job.cols, &updates)
-                            .iter()
-                            .map(|v| *v as f32)
-                            .collect();
+                    let exact =
+                        engine::round_exact(&self.exact_merge(name, job)?, FloatFormat::F32);
                     if self.block_linear.quantizes(q, name) {
                         engine::fake_quantize(
                             q,
@@ -690,6 +770,7 @@ fn provider_for<'a>(
     jobs: &'a HashMap<String, TensorJob>,
     block_linear: &'a BlockLinear,
     moments: Option<&'a MomentSlot>,
+    exact: Option<&'a ExactMerges>,
 ) -> Box<dyn WeightProvider + 'a> {
     let base = inputs.base;
     match kind {
@@ -717,6 +798,7 @@ fn provider_for<'a>(
             precision: p,
             recipe: inputs.recipe,
             block_linear,
+            exact,
         }),
         ModelKind::AdapterBeside(q) => Box::new(QuantizedBase {
             inner: CheckpointProvider::with_adapters(base, inputs.adapters, inputs.plan),
@@ -734,6 +816,7 @@ fn provider_for<'a>(
                 precision: p,
                 recipe: inputs.recipe,
                 block_linear,
+                exact,
             },
             method,
             moments,
@@ -747,6 +830,7 @@ fn provider_for<'a>(
                 precision: p,
                 recipe: inputs.recipe,
                 block_linear,
+                exact,
             };
             match inputs.residuals {
                 Some(residuals) => Box::new(ResidualProvider {
@@ -869,8 +953,14 @@ fn compare_in_pool(
     // GPTQ candidates read the current block's input moments, computed from the calibration
     // text one block ahead of them (the reference's own provider, a separate walk).
     let moments: MomentSlot = RwLock::new(None);
-    let calibration_reference =
-        provider_for(ModelKind::Reference, inputs, &jobs, &block_linear, None);
+    let calibration_reference = provider_for(
+        ModelKind::Reference,
+        inputs,
+        &jobs,
+        &block_linear,
+        None,
+        None,
+    );
     let mut calibration = match inputs.calibration {
         Some(c) if inputs.needs_calibration() => Some(calibration::Calibration::start(
             arch,
@@ -879,9 +969,19 @@ fn compare_in_pool(
         )?),
         _ => None,
     };
+    let exact = ExactMerges::default();
     let providers: Vec<Box<dyn WeightProvider + '_>> = kinds
         .iter()
-        .map(|kind| provider_for(*kind, inputs, &jobs, &block_linear, Some(&moments)))
+        .map(|kind| {
+            provider_for(
+                *kind,
+                inputs,
+                &jobs,
+                &block_linear,
+                Some(&moments),
+                Some(&exact),
+            )
+        })
         .collect();
     let sequences = &inputs.prompts.sequences;
 
@@ -906,6 +1006,7 @@ fn compare_in_pool(
         };
         hidden.push(states);
     }
+    exact.clear();
     on_step();
 
     // Blocks: every model through block i; then drift (and, on a sparse block, routing) against
@@ -943,6 +1044,7 @@ fn compare_in_pool(
             .map(|per_sequence| per_sequence.into_iter().unzip())
             .unzip();
         hidden = states;
+        exact.clear();
         for (m, model_routes) in routes.iter().enumerate() {
             if let Some(layer) = routing_against(i, model_routes, &routes[0]) {
                 routing[m].push(layer);

@@ -18,6 +18,7 @@ pub mod io;
 pub mod merge;
 pub mod model;
 pub mod report;
+pub mod simd;
 pub mod stats;
 pub mod threads;
 

@@ -25,6 +25,28 @@ pub fn configure(requested: usize) -> usize {
     used
 }
 
+/// Without `--threads`: keeps every pool at its own default size, but decided once. candle asks
+/// for its GEMM thread count on every matmul and, with `RAYON_NUM_THREADS` unset, recounts the
+/// physical cores by reading `/proc/cpuinfo` each time: 4.7 % of a `check --precision all`'s CPU
+/// on SmolLM2 (perf), most of it in the generation check's thousands of one-token matmuls. So
+/// candle's default is read once into `RAYON_NUM_THREADS`, and rayon's global pool is built first
+/// with rayon's own default (every logical core), which that variable would otherwise change.
+/// A `RAYON_NUM_THREADS` the user set is left alone. Call once, before any other thread exists.
+pub fn pin_defaults() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
+        return;
+    }
+    let candle = candle_core::utils::get_num_threads();
+    // SAFETY: as in `configure`: called from the command's entry before any other thread exists.
+    unsafe {
+        std::env::set_var("RAYON_NUM_THREADS", candle.to_string());
+    }
+    let rayon_default = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(rayon_default)
+        .build_global();
+}
+
 /// Runs `work` on a worker of rayon's global pool and waits for it (inline when already on one).
 ///
 /// Every parallel step of a forward (candle's GEMMs, the fused kernels of `model::ops`, weight

@@ -922,6 +922,8 @@ pub(crate) fn prepare_process(args: &CheckArgs) -> anyhow::Result<()> {
                 true,
             )?;
         }
+    } else {
+        crate::threads::pin_defaults();
     }
     crate::interrupt::install();
     Ok(())

@@ -20,6 +20,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+use rayon::prelude::*;
 use serde::Serialize;
 
 use super::{ForwardInputs, ModelKind, Prepared, block_linear_names, plan_jobs, provider_for};
@@ -193,12 +194,23 @@ fn decode(
         })?;
         for i in 0..layers {
             let states = std::mem::take(&mut hidden);
+            // The active prompts' caches, in `active` order (each prompt's own, so they can step
+            // in parallel).
+            let mut steppers: Vec<&mut crate::model::KvCache> = caches
+                .iter_mut()
+                .enumerate()
+                .filter(|(p, _)| !done[*p])
+                .map(|(_, c)| c)
+                .collect();
             hidden = model.with_group(1 + i, |w| {
-                active
-                    .iter()
-                    .zip(&states)
-                    .map(|(&p, h)| {
-                        let cache = caches[p]
+                // Prompts step in parallel: a one-token step's matmuls are single-threaded GEMVs
+                // (gemm's m = 1 path), so one prompt at a time left the second core idle. Each
+                // prompt's arithmetic is its own, so the values are the same as in turn.
+                steppers
+                    .par_iter_mut()
+                    .zip(states.par_iter())
+                    .map(|(cache, h)| {
+                        let cache = cache
                             .layer_mut(i)
                             .ok_or(ModelError::NoBlock { index: i, layers })?;
                         let start = cache.len();
@@ -209,9 +221,10 @@ fn decode(
         }
         let head = model.head_group();
         let tokens = model.with_group(head, |w| {
+            // In parallel as the blocks (one row each: single-threaded GEMVs over the head).
             active
-                .iter()
-                .zip(&hidden)
+                .par_iter()
+                .zip(hidden.par_iter())
                 .map(|(&p, h)| {
                     let last = h.narrow(0, inputs[p].len() - 1, 1)?;
                     let logits = arch.head(w, &last)?.flatten_all()?.to_vec1::<f32>()?;
@@ -415,6 +428,10 @@ pub fn generation_steps(inputs: &ForwardInputs<'_>, max_new: usize) -> usize {
 /// each candidate checks and extends its text (`follow`), then the reference scores them all; each
 /// model's weights are streamed (module comment), so memory stays a block or
 /// [`GENERATION_KEEP_BYTES`] wide whatever the model's size. `on_step` counts [`generation_steps`].
+///
+/// Runs on a worker of rayon's pool, as the comparison does ([`crate::threads::in_pool`]): its
+/// thousands of small GEMMs and weight builds then start on the calling worker instead of being
+/// injected into the pool from a sleeping main thread.
 pub fn generation_check(
     inputs: &ForwardInputs<'_>,
     prompts: &[Vec<u32>],
@@ -422,14 +439,16 @@ pub fn generation_check(
     stop: &[u32],
     on_step: &(dyn Fn() + Sync),
 ) -> Result<BTreeMap<String, GenerationStats>, ModelError> {
-    generation_check_within(
-        inputs,
-        prompts,
-        max_new,
-        stop,
-        on_step,
-        GENERATION_KEEP_BYTES,
-    )
+    crate::threads::in_pool(|| {
+        generation_check_within(
+            inputs,
+            prompts,
+            max_new,
+            stop,
+            on_step,
+            GENERATION_KEEP_BYTES,
+        )
+    })
 }
 
 fn generation_check_within(
@@ -443,7 +462,14 @@ fn generation_check_within(
     let arch = inputs.arch;
     let block_linear = block_linear_names(arch, inputs.base);
     let jobs = plan_jobs(inputs.plan);
-    let provider = provider_for(ModelKind::Reference, inputs, &jobs, &block_linear, None);
+    let provider = provider_for(
+        ModelKind::Reference,
+        inputs,
+        &jobs,
+        &block_linear,
+        None,
+        None,
+    );
     // The reference's kept groups are dropped before the candidates run, so at most one model's
     // budget is held at a time; scoring builds them again.
     let ref_texts = {
@@ -452,7 +478,7 @@ fn generation_check_within(
     };
     let mut outputs: Vec<(String, Vec<Vec<u32>>)> = Vec::new();
     for kind in candidates(inputs) {
-        let candidate = provider_for(kind, inputs, &jobs, &block_linear, None);
+        let candidate = provider_for(kind, inputs, &jobs, &block_linear, None, None);
         let mut model = StreamedModel::new(arch, candidate.as_ref(), keep_bytes);
         let texts = follow(
             arch, &mut model, prompts, &ref_texts, max_new, stop, on_step,

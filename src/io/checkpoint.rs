@@ -687,12 +687,45 @@ pub fn decode_f32(info: &TensorInfo, bytes: &[u8]) -> Result<Vec<f32>, Checkpoin
         TensorDtype::F16 => chunks
             .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect(),
-        TensorDtype::Bf16 => chunks
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
+        TensorDtype::Bf16 => widen_bf16(bytes),
         TensorDtype::Other(_) => unreachable!("bytes_per_element is None for Other"),
     };
     Ok(values)
+}
+
+/// Little-endian bf16 values widened to f32, in an AVX2 copy where the processor has one
+/// ([`crate::simd`]): the widening is a shift, eight values per instruction there.
+fn widen_bf16(bytes: &[u8]) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::avx2() {
+        // SAFETY: the processor supports AVX2, checked just above.
+        return unsafe { widen_bf16_avx2(bytes) };
+    }
+    widen_bf16_plain(bytes)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn widen_bf16_avx2(bytes: &[u8]) -> Vec<f32> {
+    widen_bf16_plain(bytes)
+}
+
+#[inline(always)]
+fn widen_bf16_plain(bytes: &[u8]) -> Vec<f32> {
+    let mut out = vec![0f32; bytes.len() / 2];
+    for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+        *o = bf16_to_f32([c[0], c[1]]);
+    }
+    out
+}
+
+/// A little-endian bf16 widened to f32: the bits shifted up, and a NaN made quiet by setting its
+/// top mantissa bit, as `half::bf16::to_f32` does (branch-free so the decode loop vectorizes).
+#[inline(always)]
+fn bf16_to_f32(bytes: [u8; 2]) -> f32 {
+    let bits = u32::from(u16::from_le_bytes(bytes));
+    let quiet = if bits & 0x7fff > 0x7f80 { 0x40 } else { 0 };
+    f32::from_bits((bits | quiet) << 16)
 }
 
 /// Maps a file read-only (validated as at least 8 bytes long).
@@ -738,6 +771,15 @@ fn file_name(path: &Path) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn bf16_widening_equals_half_for_every_value() {
+        for bits in 0..=u16::MAX {
+            let ours = super::bf16_to_f32(bits.to_le_bytes());
+            let theirs = half::bf16::from_bits(bits).to_f32();
+            assert_eq!(ours.to_bits(), theirs.to_bits(), "bf16 bits {bits:#06x}");
+        }
+    }
+
     use super::*;
 
     fn stacked(shape: Vec<usize>, bytes: usize) -> TensorInfo {

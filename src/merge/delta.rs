@@ -91,12 +91,31 @@ impl LowRank {
         w.par_chunks_mut(cols.max(1))
             .enumerate()
             .for_each(|(row, w_row)| {
-                self.delta_row_tiles(row, cols, |start, delta| {
-                    for (w, d) in w_row[start..].iter_mut().zip(delta) {
-                        *w += d;
-                    }
-                })
+                #[cfg(target_arch = "x86_64")]
+                if crate::simd::avx2() {
+                    // SAFETY: the processor supports AVX2, checked just above.
+                    unsafe { self.add_delta_row_avx2(row, cols, w_row) };
+                    return;
+                }
+                self.add_delta_row(row, cols, w_row);
             });
+    }
+
+    /// [`Self::add_delta_row`] compiled for AVX2 ([`crate::simd`]: no FMA, the same bits).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn add_delta_row_avx2(&self, row: usize, cols: usize, w_row: &mut [f64]) {
+        self.add_delta_row(row, cols, w_row);
+    }
+
+    /// Adds row `row` of ΔW to `w_row`.
+    #[inline(always)]
+    fn add_delta_row(&self, row: usize, cols: usize, w_row: &mut [f64]) {
+        self.delta_row_tiles(row, cols, |start, delta| {
+            for (w, d) in w_row[start..].iter_mut().zip(delta) {
+                *w += d;
+            }
+        })
     }
 
     /// Row `row` of ΔW into `out` (`cols` long).
@@ -111,6 +130,7 @@ impl LowRank {
     /// element is `(Σ_k L[row,k]·R[k,col]) · s` in f64, summed in rank order from +0 and skipping
     /// zero L entries; a tile's sums stay in L1 while the rank loop streams R's rows, where one
     /// pass per rank over a whole row went through L2 (the merge's hot loop at 7B).
+    #[inline(always)]
     fn delta_row_tiles(&self, row: usize, cols: usize, mut visit: impl FnMut(usize, &[f64])) {
         let r = self.rank;
         let left = &self.left[row * r..(row + 1) * r];

@@ -149,12 +149,23 @@ pub enum Values<'a> {
 }
 
 impl Values<'_> {
-    #[inline(always)]
-    fn at(&self, i: usize) -> f32 {
+    /// Values `start..start + out.len()` into `out`: the variant is matched once per chunk, so
+    /// each arm is a plain loop the compiler vectorizes (matched per element inside the
+    /// statistics loop it was not, and that loop was 5 % of a `check --precision all`'s CPU).
+    fn fill(&self, start: usize, out: &mut [f32]) {
+        let range = start..start + out.len();
         match self {
-            Values::Stored(v) => v[i],
-            Values::RoundedF64(f, v) => f.round_from_f64(v[i]),
-            Values::Rounded(f, v) => f.round(v[i]),
+            Values::Stored(v) => out.copy_from_slice(&v[range]),
+            Values::RoundedF64(f, v) => {
+                for (o, x) in out.iter_mut().zip(&v[range]) {
+                    *o = f.round_from_f64(*x);
+                }
+            }
+            Values::Rounded(f, v) => {
+                for (o, x) in out.iter_mut().zip(&v[range]) {
+                    *o = f.round(*x);
+                }
+            }
         }
     }
 
@@ -202,40 +213,54 @@ pub fn precision_stats(precision: Precision, a: &CandidateArrays<'_>) -> Precisi
     let (wstar, w_ref, user) = (&a.wstar[..n], &a.w_ref[..n], &a.wstar_user[..n]);
     let (floor, base_p, cand) = (a.floor, a.base_in_p, a.candidate);
     let limit = limit.unwrap_or(f64::INFINITY);
-    // Branch-light so the loop stays fast on 100M-element models: selects instead of ifs.
-    for i in 0..n {
-        let ws = wstar[i];
-        let floor_i = floor.at(i);
-        let base_p_i = base_p.at(i);
-        let c32 = match cand {
-            Some(c) => c.at(i),
-            None => floor_i,
+    // The three derived arrays are produced a chunk at a time into stack buffers, then one
+    // branch-light pass (selects instead of ifs) runs over plain slices; the sums still run over
+    // i in order, so every statistic is the same bit for bit as element-by-element access.
+    const CHUNK: usize = 1024;
+    let (mut floor_buf, mut base_buf, mut cand_buf) = ([0f32; CHUNK], [0f32; CHUNK], [0f32; CHUNK]);
+    for start in (0..n).step_by(CHUNK) {
+        let len = CHUNK.min(n - start);
+        floor.fill(start, &mut floor_buf[..len]);
+        base_p.fill(start, &mut base_buf[..len]);
+        let cand_chunk: &[f32] = match cand {
+            Some(c) => {
+                c.fill(start, &mut cand_buf[..len]);
+                &cand_buf[..len]
+            }
+            None => &floor_buf[..len],
         };
-        let c = c32 as f64;
-        let d = ws - w_ref[i] as f64;
-        let finite = c32.is_finite();
-        nan += c32.is_nan() as usize;
-        inf += c32.is_infinite() as usize;
-        let e = if finite { c - ws } else { 0.0 };
-        sum_err2 += e * e;
-        max_abs_error = max_abs_error.max(e.abs());
-        out_of_range += (user[i].abs() > limit) as usize;
-        let f = floor_i as f64 - ws;
-        sum_floor2 += if f.is_finite() { f * f } else { 0.0 };
-        sum_d2 += d * d;
-        sum_w2 += ws * ws;
-        dot += if finite {
-            (c - base_p_i as f64) * d
-        } else {
-            0.0
-        };
-        let moved = d != 0.0;
-        nonzero += moved as usize;
-        let lost = match precision {
-            Precision::Float(fmt) => d.abs() < half_ulp(fmt, w_ref[i]),
-            Precision::Quant(_) => c32 == base_p_i,
-        };
-        vanished += (moved && lost) as usize;
+        for j in 0..len {
+            let i = start + j;
+            let ws = wstar[i];
+            let floor_i = floor_buf[j];
+            let base_p_i = base_buf[j];
+            let c32 = cand_chunk[j];
+            let c = c32 as f64;
+            let d = ws - w_ref[i] as f64;
+            let finite = c32.is_finite();
+            nan += c32.is_nan() as usize;
+            inf += c32.is_infinite() as usize;
+            let e = if finite { c - ws } else { 0.0 };
+            sum_err2 += e * e;
+            max_abs_error = max_abs_error.max(e.abs());
+            out_of_range += (user[i].abs() > limit) as usize;
+            let f = floor_i as f64 - ws;
+            sum_floor2 += if f.is_finite() { f * f } else { 0.0 };
+            sum_d2 += d * d;
+            sum_w2 += ws * ws;
+            dot += if finite {
+                (c - base_p_i as f64) * d
+            } else {
+                0.0
+            };
+            let moved = d != 0.0;
+            nonzero += moved as usize;
+            let lost = match precision {
+                Precision::Float(fmt) => d.abs() < half_ulp(fmt, w_ref[i]),
+                Precision::Quant(_) => c32 == base_p_i,
+            };
+            vanished += (moved && lost) as usize;
+        }
     }
     let delta_norm = sum_d2.sqrt();
     let rel = |x: f64| (delta_norm > 0.0).then(|| x.sqrt() / delta_norm);
