@@ -597,7 +597,7 @@ fn q4_0_costs(xs: &[f32], ws: &[f64], d: f16, terms: &mut [f64; COST_CHUNK]) {
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
+    if crate::simd::avx2() {
         // SAFETY: the CPU has AVX2, checked just above.
         unsafe { q4_0_chunk_avx2(xs, ws, d32, d64, terms) };
         return;
@@ -606,7 +606,7 @@ fn q4_0_costs(xs: &[f32], ws: &[f64], d: f16, terms: &mut [f64; COST_CHUNK]) {
 }
 
 /// [`q4_0_chunk`] compiled for AVX2: four lanes instead of SSE2's two, the same IEEE operations
-/// (Rust never fuses a multiply and an add), so the same bits.
+/// (no FMA: `crate::simd` says why that keeps the bits).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn q4_0_chunk_avx2(
