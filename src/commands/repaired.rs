@@ -80,10 +80,22 @@ pub struct RepairJob<'a> {
 /// quantized formats each block linear the format stores in a ggml block type; float formats
 /// the block linears an adapter changes) and turns each into its final bytes with `encode`
 /// (`None`: the writer's plain path handles it).
+///
+/// Runs on a worker of rayon's pool ([`crate::threads::in_pool`], as `check`'s comparison does):
+/// from the main thread every GEMM and kernel of the calibration forward and of GPTQ was handed
+/// to the pool while idle workers spun, 12 % of a bf16 repair's CPU in candle's barrier wait.
 pub fn repair_all(
     job: &RepairJob<'_>,
     encode: &Encode<'_>,
-    on_layer: &dyn Fn(),
+    on_layer: &(dyn Fn() + Sync),
+) -> anyhow::Result<Repaired> {
+    crate::threads::in_pool(|| repair_all_in_pool(job, encode, on_layer))
+}
+
+fn repair_all_in_pool(
+    job: &RepairJob<'_>,
+    encode: &Encode<'_>,
+    on_layer: &(dyn Fn() + Sync),
 ) -> anyhow::Result<Repaired> {
     if job.arch.conv1d() {
         bail!(
@@ -181,7 +193,19 @@ pub struct KeepJob<'a> {
 /// The weights (`….q_proj.weight`) a mixed merge keeps unmerged, block by block as `check`'s
 /// mixed candidate decides them: the block linears with a plain LoRA update that the list names,
 /// or (`auto`) whose ρ on the calibration text exceeds the threshold.
-pub fn kept_weights(job: &KeepJob<'_>, on_layer: &dyn Fn()) -> anyhow::Result<BTreeSet<String>> {
+///
+/// On a worker of rayon's pool, like [`repair_all`].
+pub fn kept_weights(
+    job: &KeepJob<'_>,
+    on_layer: &(dyn Fn() + Sync),
+) -> anyhow::Result<BTreeSet<String>> {
+    crate::threads::in_pool(|| kept_weights_in_pool(job, on_layer))
+}
+
+fn kept_weights_in_pool(
+    job: &KeepJob<'_>,
+    on_layer: &(dyn Fn() + Sync),
+) -> anyhow::Result<BTreeSet<String>> {
     let jobs: HashMap<&str, &TensorJob> = job
         .plan
         .weights
