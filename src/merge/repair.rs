@@ -577,25 +577,18 @@ const COST_CHUNK: usize = GGML_QK;
 /// `Block::nearest` value by value.
 fn q4_0_costs(xs: &[f32], ws: &[f64], d: f16, terms: &mut [f64; COST_CHUNK]) {
     let (d32, d64) = (d.to_f32(), f64::from(d.to_f32()));
-    let (Ok(xs), Ok(ws)) = (
-        <&[f32; COST_CHUNK]>::try_from(xs),
-        <&[f64; COST_CHUNK]>::try_from(ws),
-    ) else {
+    let whole = <&[f32; COST_CHUNK]>::try_from(xs)
+        .ok()
+        .zip(<&[f64; COST_CHUNK]>::try_from(ws).ok())
+        .filter(|(xs, _)| d64 != 0.0 && d64.is_finite() && xs.iter().all(|v| v.is_finite()));
+    let Some((xs, ws)) = whole else {
+        let block = Block::Q4_0 { d: Param::new(d) };
         for ((t, v), w) in terms.iter_mut().zip(xs).zip(ws) {
-            let e = f64::from(*v)
-                - f64::from(Block::Q4_0 { d: Param::new(d) }.nearest(f64::from(*v)).0);
+            let e = f64::from(*v) - f64::from(block.nearest(f64::from(*v)).0);
             *t = w * e * e;
         }
         return;
     };
-    if d64 == 0.0 || !d64.is_finite() || !xs.iter().all(|v| v.is_finite()) {
-        for ((t, v), w) in terms.iter_mut().zip(xs).zip(ws) {
-            let e = f64::from(*v)
-                - f64::from(Block::Q4_0 { d: Param::new(d) }.nearest(f64::from(*v)).0);
-            *t = w * e * e;
-        }
-        return;
-    }
     #[cfg(target_arch = "x86_64")]
     if crate::simd::avx2() {
         // SAFETY: the CPU has AVX2, checked just above.
