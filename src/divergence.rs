@@ -114,25 +114,28 @@ impl TokenScores {
         vocab: usize,
         next: &[Option<u32>],
     ) {
-        self.push_rows(&ReferenceRows::new(reference, vocab), candidate, next);
+        self.push_rows(&ReferenceRows::new(reference, vocab), 0, candidate, next);
     }
 
-    /// Scores a candidate's `[positions, vocab]` logits against the reference's, rows in parallel
-    /// on rayon's pool; `next[i]` is the token that follows position i (if any).
+    /// Scores a candidate's logits for the positions `first..` (`[rows, vocab]`, so a candidate
+    /// can be scored a chunk of positions at a time, in order) against the reference's same rows,
+    /// rows in parallel on rayon's pool; `next[i]` is the token that follows position i (if any).
     pub fn push_rows(
         &mut self,
         reference: &ReferenceRows<'_>,
+        first: usize,
         candidate: &[f32],
         next: &[Option<u32>],
     ) {
         let vocab = reference.vocab.max(1);
-        let rows: Vec<RowScore> = reference
-            .logits
+        let rows: Vec<RowScore> = reference.logits[(first * vocab).min(reference.logits.len())..]
             .par_chunks_exact(vocab)
             .zip(candidate.par_chunks_exact(vocab))
-            .zip(&reference.log_z)
+            .zip(&reference.log_z[first.min(reference.log_z.len())..])
             .enumerate()
-            .map(|(i, ((r, c), log_z_r))| score_row(r, *log_z_r, c, next.get(i).copied().flatten()))
+            .map(|(i, ((r, c), log_z_r))| {
+                score_row(r, *log_z_r, c, next.get(first + i).copied().flatten())
+            })
             .collect();
         for row in rows {
             self.kl.push(row.kl);

@@ -1078,18 +1078,23 @@ fn compare_in_pool(
     // Chunks of positions bound the [positions, vocab] buffers (49k-token vocabularies make a
     // 512-position logit matrix 100 MB).
     const HEAD_CHUNK: usize = 256;
-    let head_logits = |m: usize| -> Result<Vec<f32>, ModelError> {
+    // Model m's logits a chunk of positions at a time: `each(first position, [len, vocab])`.
+    let head_chunks = |m: usize, each: &mut dyn FnMut(usize, Vec<f32>)| -> Result<(), ModelError> {
         let joined = Tensor::cat(&hidden[m], 0)?;
         let total = joined.dims()[0];
-        let mut out = Vec::new();
         let mut start = 0;
         while start < total {
             let len = HEAD_CHUNK.min(total - start);
             let part = joined.narrow(0, start, len)?.contiguous()?;
             let logits = arch.head(providers[m].as_ref(), &part)?;
-            out.extend(logits.flatten_all()?.to_vec1::<f32>()?);
+            each(start, logits.flatten_all()?.to_vec1::<f32>()?);
             start += len;
         }
+        Ok(())
+    };
+    let head_logits = |m: usize| -> Result<Vec<f32>, ModelError> {
+        let mut out = Vec::new();
+        head_chunks(m, &mut |_, chunk| out.extend(chunk))?;
         Ok(out)
     };
     let reference_logits = head_logits(0)?;
@@ -1099,9 +1104,19 @@ fn compare_in_pool(
     let mut scores: Vec<TokenScores> = vec![TokenScores::default(); providers.len()];
     let mut nonfinite = vec![0; providers.len()];
     for m in 1..providers.len() {
+        // The base's logits are kept whole when other adapters' checks reuse them (`--each`);
+        // every other model is scored a chunk at a time, so a second [positions, vocab] matrix
+        // (100 MB on SmolLM2's vocabulary) never exists beside the reference's.
         let logits = match (m, &cached_base) {
             (1, Some(cached)) => Arc::clone(cached),
-            _ => Arc::new(head_logits(m)?),
+            (1, None) if shared.is_some() => Arc::new(head_logits(m)?),
+            _ => {
+                head_chunks(m, &mut |first, chunk| {
+                    nonfinite[m] += chunk.iter().filter(|v| !v.is_finite()).count();
+                    scores[m].push_rows(&reference_rows, first, &chunk, &next_tokens);
+                })?;
+                continue;
+            }
         };
         if m == 1
             && cached_base.is_none()
@@ -1113,7 +1128,7 @@ fn compare_in_pool(
             }
         }
         nonfinite[m] = logits.iter().filter(|v| !v.is_finite()).count();
-        scores[m].push_rows(&reference_rows, &logits, &next_tokens);
+        scores[m].push_rows(&reference_rows, 0, &logits, &next_tokens);
     }
     on_step();
 
