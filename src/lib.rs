@@ -7,6 +7,7 @@
 pub mod alloc_policy;
 pub mod cli;
 pub mod commands;
+pub mod dense;
 pub mod divergence;
 pub mod exit_status;
 pub mod findings;

@@ -36,6 +36,7 @@ use super::kquant::{Kind, MAX_BLOCK_BYTES, MAX_SUB_BLOCKS, QK_K, SubGrid};
 use super::precision::Precision;
 use super::quant::{GGML_QK, Q4_0_BLOCK_BYTES, Q4_1_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QuantError};
 use super::quant_format::QuantFormat;
+use crate::dense::{View, gemm_acc};
 
 /// GPTQ's damping: this fraction of H's mean diagonal is added to the diagonal.
 pub const DAMPING: f64 = 0.01;
@@ -1174,97 +1175,6 @@ pub fn gptq(
         ggml: block_bytes.map(|_| bytes),
         target,
     })
-}
-
-/// A row-major f64 matrix view: `rows × cols` starting at `at`, `stride` values between rows.
-#[derive(Clone, Copy)]
-struct View {
-    at: usize,
-    rows: usize,
-    cols: usize,
-    stride: usize,
-}
-
-impl View {
-    fn of(at: usize, rows: usize, cols: usize, stride: usize) -> View {
-        View {
-            at,
-            rows,
-            cols,
-            stride,
-        }
-    }
-
-    /// True when every element lies inside a slice of `len` values.
-    fn fits(self, len: usize) -> bool {
-        self.rows == 0
-            || self.cols == 0
-            || (self.cols <= self.stride || self.rows == 1)
-                && self.at + (self.rows - 1) * self.stride + self.cols <= len
-    }
-}
-
-/// dst += sign · lhs · op(rhs) in f64, in place, on the `gemm` crate candle itself runs on
-/// (rayon-parallel), with `op` the transpose when `rhs_transposed`. Strided views, so no panel is
-/// copied and no product materialized. Panics (a bug, not an input error) if a view leaves its
-/// slice: the bounds are checked here, before the one unsafe call.
-fn gemm_acc(
-    (dst, d): (&mut [f64], View),
-    (lhs, l): (&[f64], View),
-    (rhs, r): (&[f64], View),
-    rhs_transposed: bool,
-    sign: f64,
-    parallelism: gemm::Parallelism,
-) {
-    let (k, n) = if rhs_transposed {
-        (r.cols, r.rows)
-    } else {
-        (r.rows, r.cols)
-    };
-    assert!(
-        d.rows == l.rows && d.cols == n && l.cols == k,
-        "gemm shapes: dst {}x{}, lhs {}x{}, rhs {}x{} (transposed {rhs_transposed})",
-        d.rows,
-        d.cols,
-        l.rows,
-        l.cols,
-        r.rows,
-        r.cols
-    );
-    assert!(d.fits(dst.len()) && l.fits(lhs.len()) && r.fits(rhs.len()));
-    if d.rows == 0 || n == 0 || k == 0 {
-        return;
-    }
-    let (rhs_rs, rhs_cs) = if rhs_transposed {
-        (1, r.stride as isize)
-    } else {
-        (r.stride as isize, 1)
-    };
-    // SAFETY: the asserts above keep every element of the three views inside its slice; dst is
-    // borrowed mutably, so it aliases neither input.
-    unsafe {
-        gemm::gemm(
-            d.rows,
-            n,
-            k,
-            dst.as_mut_ptr().add(d.at),
-            1,
-            d.stride as isize,
-            true,
-            lhs.as_ptr().add(l.at),
-            1,
-            l.stride as isize,
-            rhs.as_ptr().add(r.at),
-            rhs_cs,
-            rhs_rs,
-            1.0,
-            sign,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
 }
 
 /// Round-to-nearest with the same block parameters a repair uses (ggml's), for comparisons and

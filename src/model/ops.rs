@@ -11,6 +11,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, S
 use rayon::prelude::*;
 
 use super::{ModelError, Unsupported};
+use crate::dense::{View, gemm_acc};
 
 /// Elements per parallel work unit of the element-wise kernels.
 const CHUNK: usize = 4096;
@@ -419,48 +420,6 @@ impl CausalAttention {
     }
 }
 
-/// `dst [m, n] = lhs [m, k] · rhs [k, n]` on one thread (the caller runs tiles in parallel), every
-/// operand a strided view given as (row stride, column stride).
-///
-/// # Safety
-/// Every element of the three views must lie inside its allocation, and `dst` must alias neither
-/// input.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_view(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    (dst_rs, dst_cs): (usize, usize),
-    lhs: *const f32,
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: *const f32,
-    (rhs_rs, rhs_cs): (usize, usize),
-) {
-    // SAFETY: the caller's contract; `read_dst` is false, so dst is only written.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            dst_cs as isize,
-            dst_rs as isize,
-            false,
-            lhs,
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs,
-            rhs_cs as isize,
-            rhs_rs as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
-}
-
 impl CustomOp3 for CausalAttention {
     fn name(&self) -> &'static str {
         "causal-attention"
@@ -519,36 +478,30 @@ impl CustomOp3 for CausalAttention {
                 let q_tile = &q[(h * t + r0) * dh..(h * t + r0 + rows) * dh];
                 let k_span = &k[(kvh * keys + from) * dh..(kvh * keys + to) * dh];
                 let v_span = &v[(kvh * keys + from) * dv..(kvh * keys + to) * dv];
+                // Q·Kᵀ: q_tile [rows, dh] times k_span [n, dh] read transposed; one thread per
+                // tile (the tiles run in parallel).
                 let mut scores = vec![0.0f32; rows * n];
-                // SAFETY: q_tile is [rows, dh], k_span [n, dh] read transposed as [dh, n], scores
-                // [rows, n]: every index below those bounds lies inside the slices.
-                unsafe {
-                    gemm_view(
-                        (rows, n, dh),
-                        scores.as_mut_ptr(),
-                        (n, 1),
-                        q_tile.as_ptr(),
-                        (dh, 1),
-                        k_span.as_ptr(),
-                        (1, dh),
-                    );
-                }
+                gemm_acc(
+                    (&mut scores, View::of(0, rows, n, n)),
+                    (q_tile, View::of(0, rows, dh, dh)),
+                    (k_span, View::of(0, n, dh, dh)),
+                    true,
+                    1.0,
+                    gemm::Parallelism::None,
+                );
                 for (i, row) in scores.chunks_exact_mut(n).enumerate() {
                     self.softmax_row(row, from, offset + r0 + i);
                 }
+                // P·V: scores [rows, n] times v_span [n, dv].
                 let mut out = vec![0.0f32; rows * dv];
-                // SAFETY: scores is [rows, n], v_span [n, dv], out [rows, dv].
-                unsafe {
-                    gemm_view(
-                        (rows, dv, n),
-                        out.as_mut_ptr(),
-                        (dv, 1),
-                        scores.as_ptr(),
-                        (n, 1),
-                        v_span.as_ptr(),
-                        (dv, 1),
-                    );
-                }
+                gemm_acc(
+                    (&mut out, View::of(0, rows, dv, dv)),
+                    (&scores, View::of(0, rows, n, n)),
+                    (v_span, View::of(0, n, dv, dv)),
+                    false,
+                    1.0,
+                    gemm::Parallelism::None,
+                );
                 (h, r0, out)
             })
             .collect();
