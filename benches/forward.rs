@@ -124,6 +124,7 @@ fn generation_32(arch: &Architecture, w: &CheckpointProvider<'_>) {
 }
 
 fn main() {
+    lora_doctor::alloc_policy::apply();
     let cache = std::env::var_os("LD_CACHE")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/lora-doctor")));

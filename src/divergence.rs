@@ -9,6 +9,8 @@
 use rayon::prelude::*;
 use serde::Serialize;
 
+use crate::exp;
+
 /// Per-token scores of one candidate against the reference.
 #[derive(Debug, Clone, Default)]
 pub struct TokenScores {
@@ -24,6 +26,10 @@ pub struct TokenScores {
     pub nll_reference: Vec<f64>,
 }
 
+/// Values per slice of exponentials ([`exp::exp_f64_in_place`]): a stack buffer, summed in
+/// order right after.
+const EXP_CHUNK: usize = 256;
+
 /// The log normalizer `log Σ exp(z)` of one row in f64, shifted by the largest finite value.
 fn log_normalizer(row: &[f32]) -> f64 {
     let max = row
@@ -31,7 +37,16 @@ fn log_normalizer(row: &[f32]) -> f64 {
         .copied()
         .filter(|v| v.is_finite())
         .fold(f32::NEG_INFINITY, f32::max) as f64;
-    let sum: f64 = row.iter().map(|v| (*v as f64 - max).exp()).sum();
+    let mut buf = [0f64; EXP_CHUNK];
+    let mut sum = 0.0f64;
+    for chunk in row.chunks(EXP_CHUNK) {
+        let e = &mut buf[..chunk.len()];
+        for (e, v) in e.iter_mut().zip(chunk) {
+            *e = *v as f64 - max;
+        }
+        exp::exp_f64_in_place(e);
+        sum = e.iter().fold(sum, |s, e| s + e);
+    }
     max + sum.ln()
 }
 
@@ -76,16 +91,29 @@ fn score_row(r: &[f32], log_z_r: f64, c: &[f32], next: Option<u32>) -> RowScore 
     let mut kl = 0.0f64;
     let (mut top_r, mut best_r) = (0, f64::NAN);
     let (mut top_c, mut best_c) = (0, f64::NAN);
-    for (i, (rv, cv)) in r.iter().zip(c).enumerate() {
-        let a = *rv as f64 - log_z_r;
-        let b = *cv as f64 - log_z_c;
-        let p = a.exp();
-        kl += if p > 0.0 { p * (a - b) } else { 0.0 };
-        if i == 0 || a > best_r {
-            (top_r, best_r) = (i, a);
+    let mut p_buf = [0f64; EXP_CHUNK];
+    for (start, (r, c)) in r
+        .chunks(EXP_CHUNK)
+        .zip(c.chunks(EXP_CHUNK))
+        .enumerate()
+        .map(|(k, rc)| (k * EXP_CHUNK, rc))
+    {
+        let p_chunk = &mut p_buf[..r.len()];
+        for (p, rv) in p_chunk.iter_mut().zip(r) {
+            *p = *rv as f64 - log_z_r;
         }
-        if i == 0 || b > best_c {
-            (top_c, best_c) = (i, b);
+        exp::exp_f64_in_place(p_chunk);
+        for (j, ((rv, cv), p)) in r.iter().zip(c).zip(p_chunk.iter()).enumerate() {
+            let i = start + j;
+            let a = *rv as f64 - log_z_r;
+            let b = *cv as f64 - log_z_c;
+            kl += if *p > 0.0 { p * (a - b) } else { 0.0 };
+            if i == 0 || a > best_r {
+                (top_r, best_r) = (i, a);
+            }
+            if i == 0 || b > best_c {
+                (top_c, best_c) = (i, b);
+            }
         }
     }
     let lr = |i: usize| r[i] as f64 - log_z_r;
@@ -97,7 +125,7 @@ fn score_row(r: &[f32], log_z_r: f64, c: &[f32], next: Option<u32>) -> RowScore 
             kl.max(0.0)
         },
         same_top1: top_r == top_c,
-        dp: lc(top_r).exp() - lr(top_r).exp(),
+        dp: exp::exp_f64(lc(top_r)) - exp::exp_f64(lr(top_r)),
         nll: next
             .map(|t| t as usize)
             .filter(|t| *t < r.len())
@@ -333,7 +361,7 @@ mod tests {
                 .iter()
                 .zip(&lc)
                 .map(|(a, b)| {
-                    let p = a.exp();
+                    let p = exp::exp_f64(*a);
                     if p > 0.0 { p * (a - b) } else { 0.0 }
                 })
                 .sum();
@@ -344,7 +372,7 @@ mod tests {
                 kl.max(0.0)
             });
             s.same_top1.push(top_r == top_c);
-            s.dp.push(lc[top_r].exp() - lr[top_r].exp());
+            s.dp.push(exp::exp_f64(lc[top_r]) - exp::exp_f64(lr[top_r]));
             if let Some(Some(t)) = next.get(i) {
                 let t = *t as usize;
                 if t < vocab {

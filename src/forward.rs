@@ -1081,14 +1081,22 @@ fn compare_in_pool(
     const HEAD_CHUNK: usize = 128;
     // Model m's logits a chunk of positions at a time: `each(first position, [len, vocab])`,
     // read in place from the head's output tensor (a copy would double the chunk's 50 MB).
+    // The head's weights are fetched once per model (a 49k-row matrix takes 30 ms to widen from
+    // bf16), then every chunk reads them.
+    let mut head_names = arch.head_tensors();
+    // A tied model whose provider serves its own `lm_head.weight` reads that instead.
+    if !head_names.iter().any(|n| n == arch.head_matrix()) {
+        head_names.push(arch.head_matrix().to_string());
+    }
     let head_chunks = |m: usize, each: &mut dyn FnMut(usize, &[f32])| -> Result<(), ModelError> {
         let joined = Tensor::cat(&hidden[m], 0)?;
         let total = joined.dims()[0];
+        let prepared = Prepared::load(providers[m].as_ref(), &head_names)?;
         let mut start = 0;
         while start < total {
             let len = HEAD_CHUNK.min(total - start);
             let part = joined.narrow(0, start, len)?.contiguous()?;
-            let logits = arch.head(providers[m].as_ref(), &part)?.contiguous()?;
+            let logits = arch.head(&prepared, &part)?.contiguous()?;
             let (storage, layout) = logits.storage_and_layout();
             let candle_core::Storage::Cpu(cpu) = &*storage else {
                 return Err(candle_core::Error::Msg("logits off the CPU".into()).into());

@@ -10,6 +10,7 @@ pub mod commands;
 pub mod dense;
 pub mod divergence;
 pub mod exit_status;
+pub mod exp;
 pub mod findings;
 pub mod forensics;
 pub mod forward;

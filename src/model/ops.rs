@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use super::{ModelError, Unsupported};
 use crate::dense::{View, gemm_acc};
+use crate::exp;
 
 /// Elements per parallel work unit of the element-wise kernels.
 const CHUNK: usize = 4096;
@@ -242,11 +243,29 @@ impl Activation {
         }
     }
 
+    /// `out[i] = act(x[i])` over one chunk. SiLU takes its exponentials a slice at a time
+    /// ([`exp::exp_f32_in_place`]); the others go value by value.
+    fn chunk(self, x: &[f32], out: &mut [f32]) {
+        if self == Activation::Silu {
+            // x / (1 + e^-x): for very negative x the denominator is inf and the result -0, as
+            // in torch.
+            for (o, x) in out.iter_mut().zip(x) {
+                *o = -x;
+            }
+            exp::exp_f32_in_place(out);
+            for (o, x) in out.iter_mut().zip(x) {
+                *o = x / (1.0 + *o);
+            }
+            return;
+        }
+        for (o, x) in out.iter_mut().zip(x) {
+            *o = self.scalar(*x);
+        }
+    }
+
     fn scalar(self, x: f32) -> f32 {
         match self {
-            // x / (1 + e^-x): for very negative x the denominator is inf and the result -0, as in
-            // torch.
-            Activation::Silu => x / (1.0 + (-x).exp()),
+            Activation::Silu => x / (1.0 + exp::exp_f32(-x)),
             Activation::GeluErf => {
                 let erf =
                     candle_core::cpu::erf::erf_f64(x as f64 * std::f64::consts::FRAC_1_SQRT_2);
@@ -291,11 +310,7 @@ impl CustomOp1 for Activate {
         let mut out = vec![0.0f32; x.len()];
         out.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
-            .for_each(|(out, x)| {
-                for (o, x) in out.iter_mut().zip(x) {
-                    *o = self.act.scalar(*x);
-                }
-            });
+            .for_each(|(out, x)| self.act.chunk(x, out));
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }
@@ -317,8 +332,9 @@ impl CustomOp2 for Activate {
         out.par_chunks_mut(CHUNK)
             .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
             .for_each(|(out, (gate, up))| {
-                for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
-                    *o = self.act.scalar(*g) * u;
+                self.act.chunk(gate, out);
+                for (o, u) in out.iter_mut().zip(up) {
+                    *o *= u;
                 }
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -404,15 +420,18 @@ impl CausalAttention {
     fn softmax_row(&self, row: &mut [f32], from: usize, p: usize) {
         let lo = self.first_key(p) - from;
         let hi = p + 1 - from;
-        let max = row[lo..hi]
-            .iter()
-            .fold(f32::NEG_INFINITY, |m, s| m.max(self.score(*s)));
-        let mut sum = 0.0f32;
-        for o in &mut row[lo..hi] {
-            *o = (self.score(*o) - max).exp();
-            sum += *o;
+        let visible = &mut row[lo..hi];
+        let mut max = f32::NEG_INFINITY;
+        for o in visible.iter_mut() {
+            *o = self.score(*o);
+            max = max.max(*o);
         }
-        for o in &mut row[lo..hi] {
+        for o in visible.iter_mut() {
+            *o -= max;
+        }
+        exp::exp_f32_in_place(visible);
+        let sum: f32 = visible.iter().fold(0.0, |s, e| s + e);
+        for o in visible.iter_mut() {
             *o /= sum;
         }
         row[..lo].fill(0.0);
