@@ -680,17 +680,6 @@ fn routing_against(
     })
 }
 
-/// Splits `[ΣT, hidden]` back into one tensor per sequence.
-fn split_rows(t: &Tensor, lengths: &[usize]) -> Result<Vec<Tensor>, ModelError> {
-    let mut start = 0;
-    let mut out = Vec::with_capacity(lengths.len());
-    for len in lengths {
-        out.push(t.narrow(0, start, *len)?.contiguous()?);
-        start += len;
-    }
-    Ok(out)
-}
-
 /// ‖h − r‖² (‖h‖² without `r`), each square taken in f32 and summed in f64 in one pass over the
 /// values (candle's sub/sqr would each run a pass on its element-wise barrier pool).
 fn distance_sq(h: &Tensor, r: Option<&Tensor>) -> Result<f64, ModelError> {
@@ -990,21 +979,24 @@ fn compare_in_pool(
     let lengths: Vec<usize> = sequences.iter().map(Vec::len).collect();
     let positional = arch.learned_positions();
     let all_tokens: Vec<u32> = sequences.iter().flatten().copied().collect();
-    let mut hidden: Vec<Vec<Tensor>> = Vec::with_capacity(providers.len());
+    // Every model's hidden states are its sequences' rows laid end to end (`lengths`), so each
+    // block's projections run as one GEMM over all of them (Architecture::block_segments).
+    let mut hidden: Vec<Option<Tensor>> = Vec::with_capacity(providers.len());
     for (m, provider) in providers.iter().enumerate() {
         if !walks(m) {
-            hidden.push(Vec::new());
+            hidden.push(None);
             continue;
         }
         let states = if positional {
-            sequences
+            let parts = sequences
                 .iter()
                 .map(|s| arch.embed(provider.as_ref(), s))
-                .collect::<Result<_, _>>()?
+                .collect::<Result<Vec<_>, _>>()?;
+            Tensor::cat(&parts, 0)?
         } else {
-            split_rows(&arch.embed(provider.as_ref(), &all_tokens)?, &lengths)?
+            arch.embed(provider.as_ref(), &all_tokens)?
         };
-        hidden.push(states);
+        hidden.push(Some(states));
     }
     exact.clear();
     on_step();
@@ -1029,37 +1021,38 @@ fn compare_in_pool(
             .zip(hidden)
             .enumerate()
             .map(|(m, (provider, states))| {
-                if !walks(m) {
-                    return Ok(Vec::new());
-                }
+                let Some(states) = states.filter(|_| walks(m)) else {
+                    return Ok((None, None));
+                };
                 let prepared = Prepared::load(provider.as_ref(), &names)?;
-                states
-                    .iter()
-                    .map(|h| arch.block_routed(i, &prepared, h))
-                    .collect::<Result<Vec<_>, _>>()
+                let (out, route) = arch.block_segments(i, &prepared, &states, &lengths)?;
+                Ok((Some(out), route))
             })
-            .collect::<Result<Vec<_>, _>>()?;
-        let (states, routes): (Vec<Vec<Tensor>>, Vec<Vec<Option<Routing>>>) = stepped
-            .into_iter()
-            .map(|per_sequence| per_sequence.into_iter().unzip())
-            .unzip();
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        let (states, routes): (Vec<Option<Tensor>>, Vec<Option<Routing>>) =
+            stepped.into_iter().unzip();
         hidden = states;
         exact.clear();
-        for (m, model_routes) in routes.iter().enumerate() {
-            if let Some(layer) = routing_against(i, model_routes, &routes[0]) {
+        for (m, route) in routes.iter().enumerate() {
+            let layer = routing_against(
+                i,
+                std::slice::from_ref(route),
+                std::slice::from_ref(&routes[0]),
+            );
+            if let Some(layer) = layer {
                 routing[m].push(layer);
             }
         }
-        let reference = &hidden[0];
-        let ref_norm: f64 = reference
-            .iter()
-            .map(|r| distance_sq(r, None))
-            .sum::<Result<f64, _>>()?;
+        let reference = hidden[0].as_ref().ok_or(ModelError::NoBlock {
+            index: i,
+            layers: arch.num_layers(),
+        })?;
+        let ref_norm = distance_sq(reference, None)?;
         for (m, states) in hidden.iter().enumerate() {
-            let mut diff = 0.0;
-            for (h, r) in states.iter().zip(reference) {
-                diff += distance_sq(h, Some(r))?;
-            }
+            let diff = match states {
+                Some(h) => distance_sq(h, Some(reference))?,
+                None => 0.0,
+            };
             drift[m].push(if ref_norm > 0.0 {
                 (diff / ref_norm).sqrt()
             } else {
@@ -1089,7 +1082,9 @@ fn compare_in_pool(
         head_names.push(arch.head_matrix().to_string());
     }
     let head_chunks = |m: usize, each: &mut dyn FnMut(usize, &[f32])| -> Result<(), ModelError> {
-        let joined = Tensor::cat(&hidden[m], 0)?;
+        let Some(joined) = hidden[m].as_ref() else {
+            return Ok(());
+        };
         let total = joined.dims()[0];
         let prepared = Prepared::load(providers[m].as_ref(), &head_names)?;
         let mut start = 0;

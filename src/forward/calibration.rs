@@ -50,7 +50,9 @@ pub struct LayerMoments {
 pub struct Calibration<'a> {
     arch: &'a Architecture,
     reference: &'a dyn WeightProvider,
-    hidden: Vec<Tensor>,
+    /// Every calibration sequence's rows laid end to end (`lengths`).
+    hidden: Tensor,
+    lengths: Vec<usize>,
     next: usize,
     /// Calibration tokens run.
     pub tokens: usize,
@@ -134,14 +136,15 @@ impl<'a> Calibration<'a> {
         if sequences.is_empty() {
             return Err(ModelError::Empty);
         }
-        let hidden = sequences
+        let parts = sequences
             .iter()
             .map(|s| arch.embed(reference, s))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Calibration {
             arch,
             reference,
-            hidden,
+            hidden: Tensor::cat(&parts, 0)?,
+            lengths: sequences.iter().map(Vec::len).collect(),
             next: 0,
             tokens: sequences.iter().map(Vec::len).sum(),
         })
@@ -156,15 +159,12 @@ impl<'a> Calibration<'a> {
             inner: &prepared,
             state: Mutex::new(RecorderState::default()),
         };
-        let mut next = Vec::with_capacity(self.hidden.len());
-        for h in &self.hidden {
-            // Inputs of one sequence are new tensors: the sharing map starts afresh.
-            if let Ok(mut state) = recorder.state.lock() {
-                state.owner_of_input.clear();
-            }
-            next.push(self.arch.block(i, &recorder, h)?);
-        }
-        self.hidden = next;
+        // One step over every sequence's rows: each input is observed once, its XᵀX summing
+        // over all calibration tokens in one product.
+        self.hidden = self
+            .arch
+            .block_segments(i, &recorder, &self.hidden, &self.lengths)?
+            .0;
         self.next += 1;
         let state = recorder.state.into_inner().map_err(|_| ModelError::Read {
             tensor: format!("block {i}"),

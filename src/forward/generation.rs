@@ -20,6 +20,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+use candle_core::Tensor;
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -265,33 +266,37 @@ fn continuation_logits(
         .iter()
         .map(|&k| [pairs[k].0, pairs[k].1].concat())
         .collect();
+    // Every pair's rows laid end to end: each block's projections run once over all of them
+    // (Architecture::block_segments), the head once over the scored rows.
+    let lengths: Vec<usize> = tokens.iter().map(Vec::len).collect();
     let mut hidden = model.with_group(0, |w| {
-        tokens
+        let parts = tokens
             .iter()
             .map(|t| arch.embed(w, t))
-            .collect::<Result<Vec<_>, _>>()
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
     })?;
     for i in 0..arch.num_layers() {
-        let states = std::mem::take(&mut hidden);
         hidden = model.with_group(1 + i, |w| {
-            states
-                .iter()
-                .map(|h| arch.block(i, w, h))
-                .collect::<Result<Vec<_>, _>>()
+            Ok(arch.block_segments(i, w, &hidden, &lengths)?.0)
         })?;
     }
+    // Row j of pair k's continuation is predicted at position prompt + j − 1 of its sequence.
+    let mut picked = Vec::with_capacity(scored.len());
+    let mut start = 0;
+    for (&k, len) in scored.iter().zip(&lengths) {
+        let (prompt, continuation) = pairs[k];
+        picked.push(hidden.narrow(0, start + prompt.len() - 1, continuation.len())?);
+        start += len;
+    }
+    let picked = Tensor::cat(&picked, 0)?;
     let head = model.head_group();
-    let rows = model.with_group(head, |w| {
-        scored
-            .iter()
-            .zip(&hidden)
-            .map(|(&k, h)| {
-                let (prompt, continuation) = pairs[k];
-                let rows = h.narrow(0, prompt.len() - 1, continuation.len())?;
-                Ok(arch.head(w, &rows)?.to_vec2::<f32>()?)
-            })
-            .collect::<Result<Vec<_>, ModelError>>()
-    })?;
+    let all_rows = model.with_group(head, |w| Ok(arch.head(w, &picked)?.to_vec2::<f32>()?))?;
+    let mut all_rows = all_rows.into_iter();
+    let rows: Vec<Vec<Vec<f32>>> = scored
+        .iter()
+        .map(|&k| all_rows.by_ref().take(pairs[k].1.len()).collect())
+        .collect();
     for (k, logits) in scored.into_iter().zip(rows) {
         out[k] = logits;
     }

@@ -331,3 +331,69 @@ fn block_tensors_are_exactly_what_the_checkpoint_holds() {
         assert_eq!(listed, stored, "{name}");
     }
 }
+
+#[test]
+fn blocks_over_sequences_laid_end_to_end_equal_each_sequence_alone() {
+    // Llama's segmented step (dense and sparse), and the sequence-by-sequence fallback of the
+    // other architectures: the rows of every sequence, and a sparse block's routing, are those
+    // of the sequence run on its own.
+    for name in ["tiny-llama", "moe-mixtral", "tiny-gpt2", "tiny-phi3"] {
+        let (base, config) = tiny(name);
+        let w = CheckpointProvider::base(&base);
+        let arch = Architecture::from_config(&config, &|n| base.contains(n)).expect("arch");
+        let sequences: Vec<Vec<u32>> = [70usize, 4, 33]
+            .iter()
+            .enumerate()
+            .map(|(s, len)| {
+                (0..*len as u32)
+                    .map(|i| (i * 37 + 11 * s as u32 + 5) % 300)
+                    .collect()
+            })
+            .collect();
+        let lengths: Vec<usize> = sequences.iter().map(Vec::len).collect();
+        let mut alone: Vec<Tensor> = sequences
+            .iter()
+            .map(|s| arch.embed(&w, s).expect("embed"))
+            .collect();
+        let mut joined = Tensor::cat(&alone, 0).expect("cat");
+        for i in 0..arch.num_layers() {
+            let (next, routing) = arch
+                .block_segments(i, &w, &joined, &lengths)
+                .expect("segments");
+            let mut experts = Vec::new();
+            for h in alone.iter_mut() {
+                let (out, route) = arch.block_routed(i, &w, h).expect("block");
+                *h = out;
+                experts.extend(route.map(|r| r.experts).unwrap_or_default());
+            }
+            assert_eq!(
+                routing.map(|r| r.experts).unwrap_or_default(),
+                experts,
+                "{name} block {i}: routing"
+            );
+            let want = Tensor::cat(&alone, 0)
+                .expect("cat")
+                .flatten_all()
+                .expect("flat");
+            let got = next.flatten_all().expect("flat");
+            let worst = max_abs_diff(
+                &got.to_vec1::<f32>().expect("vec"),
+                &want.to_vec1::<f32>().expect("vec"),
+            );
+            assert!(worst < 1e-5, "{name} block {i}: {worst}");
+            joined = next;
+        }
+    }
+    let (base, config) = tiny("tiny-llama");
+    let w = CheckpointProvider::base(&base);
+    let arch = Architecture::from_config(&config, &|n| base.contains(n)).expect("arch");
+    let h = arch.embed(&w, &[1, 2, 3]).expect("embed");
+    assert!(
+        arch.block_segments(0, &w, &h, &[2]).is_err(),
+        "lengths must cover the rows"
+    );
+    assert!(
+        arch.block_segments(0, &w, &h, &[3, 0]).is_err(),
+        "no empty sequence"
+    );
+}

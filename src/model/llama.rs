@@ -8,13 +8,13 @@
 use candle_core::Tensor;
 use serde_json::Value;
 
-use super::cache::LayerCache;
 use super::linear::{self, load};
 use super::moe::{MoeConfig, Routing};
 use super::ops::{self, Activation};
 use super::rope::Rope;
 use super::{
-    Layout, ModelError, Unsupported, WeightProvider, bounded, find_prefix, required, text_config,
+    Layout, ModelError, Positions, Unsupported, WeightProvider, bounded, find_prefix, required,
+    text_config,
 };
 use crate::io::config::ModelConfig;
 
@@ -181,8 +181,7 @@ impl LlamaConfig {
         i: usize,
         w: &dyn WeightProvider,
         x: &Tensor,
-        cache: &mut LayerCache,
-        start: usize,
+        positions: Positions<'_>,
     ) -> Result<(Tensor, Option<Routing>), ModelError> {
         let p = self.layer(i);
         let (t, hidden) = x.dims2()?;
@@ -218,13 +217,23 @@ impl LlamaConfig {
         } else {
             (q, k)
         };
-        let tables = self.rope.tables_at(start, t)?;
+        let tables = match &positions {
+            Positions::Cached { start, .. } => self.rope.tables_at(*start, t)?,
+            Positions::Segments(lengths) => self.rope.tables_for_segments(lengths)?,
+        };
         let q = self.rope.apply(&q, heads, dh, &tables)?;
         let k = self.rope.apply(&k, kv_heads, dh, &tables)?;
         let v = ops::split_heads(&v, kv_heads, dh)?;
-        let (k, v) = cache.append(k, v)?;
         let scale = 1.0 / (dh as f64).sqrt();
-        let a = ops::attention(&q, &k, &v, scale, self.windows[i])?;
+        let a = match positions {
+            Positions::Cached { cache, .. } => {
+                let (k, v) = cache.append(k, v)?;
+                ops::attention(&q, &k, &v, scale, self.windows[i])?
+            }
+            Positions::Segments(lengths) => {
+                ops::attention_segments(&q, &k, &v, scale, self.windows[i], lengths)?
+            }
+        };
         let a = linear::linear(w, &format!("{attn}o_proj"), &a, hidden, Layout::Linear)?;
         let x = ops::add(x, &a)?;
 

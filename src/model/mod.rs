@@ -185,6 +185,17 @@ pub struct UnmergedLora {
     pub magnitude: Option<Vec<f32>>,
 }
 
+/// Where a block step's rows sit: new positions of one sequence after `start` cached ones
+/// (generation, or a whole sequence from 0 with an empty cache), or several whole sequences laid
+/// end to end (`lengths`), each from position 0, with no cache.
+pub(crate) enum Positions<'a> {
+    Cached {
+        cache: &'a mut LayerCache,
+        start: usize,
+    },
+    Segments(&'a [usize]),
+}
+
 /// A decoder architecture with its resolved hyper-parameters and tensor names.
 #[derive(Debug, Clone)]
 pub enum Architecture {
@@ -466,12 +477,68 @@ impl Architecture {
             });
         }
         match self {
-            Architecture::Llama(c) => c.block_step(i, w, hidden_new, cache, start_pos),
+            Architecture::Llama(c) => c.block_step(
+                i,
+                w,
+                hidden_new,
+                Positions::Cached {
+                    cache,
+                    start: start_pos,
+                },
+            ),
             Architecture::Gemma(c) => Ok((c.block_step(i, w, hidden_new, cache, start_pos)?, None)),
             Architecture::Phi3(c) => Ok((c.block_step(i, w, hidden_new, cache, start_pos)?, None)),
             Architecture::Gpt2(c) => Ok((c.block_step(i, w, hidden_new, cache)?, None)),
             Architecture::NeoX(c) => Ok((c.block_step(i, w, hidden_new, cache, start_pos)?, None)),
         }
+    }
+
+    /// [`block_routed`](Self::block_routed) on several whole sequences at once: `hidden` is their
+    /// rows laid end to end (`lengths[s]` each), and so is the result. Position-wise work (norms,
+    /// projections, the MLP) runs once over all rows, so each projection is one GEMM of ΣT rows
+    /// rather than one per sequence; rotary positions and the causal mask are per sequence.
+    /// Architectures without a segmented step run sequence by sequence. A sparse block's routing
+    /// covers every row in order.
+    pub fn block_segments(
+        &self,
+        i: usize,
+        w: &dyn WeightProvider,
+        hidden: &Tensor,
+        lengths: &[usize],
+    ) -> Result<(Tensor, Option<Routing>), ModelError> {
+        let layers = self.num_layers();
+        if i >= layers {
+            return Err(ModelError::NoBlock { index: i, layers });
+        }
+        self.check_hidden(hidden)?;
+        let rows = hidden.dims()[0];
+        if lengths.iter().sum::<usize>() != rows || lengths.contains(&0) {
+            return Err(ModelError::Hidden {
+                got: hidden.dims().to_vec(),
+                hidden: self.hidden_size(),
+            });
+        }
+        if let Architecture::Llama(c) = self {
+            return c.block_step(i, w, hidden, Positions::Segments(lengths));
+        }
+        let mut outputs = Vec::with_capacity(lengths.len());
+        let mut routing: Option<Routing> = None;
+        let mut start = 0;
+        for &len in lengths {
+            let part = hidden.narrow(0, start, len)?.contiguous()?;
+            let (out, route) = self.block_routed(i, w, &part)?;
+            outputs.push(out);
+            if let Some(r) = route {
+                let joined = routing.get_or_insert_with(|| Routing {
+                    experts: Vec::new(),
+                    margins: Vec::new(),
+                });
+                joined.experts.extend(r.experts);
+                joined.margins.extend(r.margins);
+            }
+            start += len;
+        }
+        Ok((Tensor::cat(&outputs, 0)?, routing))
     }
 
     /// Final norm and output projection: logits `[T, vocab]` in f32 for every position.

@@ -361,6 +361,30 @@ pub(crate) fn attention(
     attention_capped(q, k, v, scale, window, None)
 }
 
+/// [`attention`] over several sequences laid end to end (`lengths[s]` rows each, no cache): each
+/// query sees only the keys of its own sequence, each sequence's positions count from 0. The
+/// projections around it then run once over every sequence's rows (one GEMM of ΣT rows instead
+/// of one per sequence).
+pub(crate) fn attention_segments(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    window: Option<usize>,
+    lengths: &[usize],
+) -> Result<Tensor, ModelError> {
+    Ok(q.contiguous()?.apply_op3_no_bwd(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        &CausalAttention {
+            scale: scale as f32,
+            window: window.unwrap_or(usize::MAX),
+            softcap: None,
+            segments: lengths.to_vec(),
+        },
+    )?)
+}
+
 /// [`attention`] with Gemma 2's attention-logit soft-capping: each scaled score s becomes
 /// `cap · tanh(s / cap)` before the mask and the softmax (transformers' `eager_attention_forward`
 /// with `softcap`).
@@ -379,6 +403,7 @@ pub(crate) fn attention_capped(
             scale: scale as f32,
             window: window.unwrap_or(usize::MAX),
             softcap,
+            segments: Vec::new(),
         },
     )?)
 }
@@ -397,6 +422,18 @@ struct CausalAttention {
     scale: f32,
     window: usize,
     softcap: Option<f32>,
+    /// Row counts of sequences laid end to end (no cache); empty for one sequence whose queries
+    /// are the last T of the S keys.
+    segments: Vec<usize>,
+}
+
+/// One sequence's place in the attention's inputs: its queries are rows `row..row + len` of q,
+/// its keys start at row `row` of k, and its first query sits at position `offset` (the number
+/// of cached keys before it).
+struct Segment {
+    row: usize,
+    len: usize,
+    offset: usize,
 }
 
 impl CausalAttention {
@@ -475,28 +512,59 @@ impl CustomOp3 for CausalAttention {
             )));
         }
         let group = heads / kv_heads;
-        // Absolute position of query 0: the keys before it are cached ones.
-        let offset = keys - t;
-        let tiles = t.div_ceil(TILE);
+        let segments: Vec<Segment> = if self.segments.is_empty() {
+            // Absolute position of query 0: the keys before it are cached ones.
+            vec![Segment {
+                row: 0,
+                len: t,
+                offset: keys - t,
+            }]
+        } else {
+            if keys != t || self.segments.iter().sum::<usize>() != t {
+                return Err(candle_core::Error::Msg(format!(
+                    "causal attention: segments {:?} for {t} queries and {keys} keys",
+                    self.segments
+                )));
+            }
+            let mut row = 0;
+            self.segments
+                .iter()
+                .map(|&len| {
+                    row += len;
+                    Segment {
+                        row: row - len,
+                        len,
+                        offset: 0,
+                    }
+                })
+                .collect()
+        };
         // Largest tiles (the most keys) first, so the last jobs rayon hands out are the short ones.
-        let jobs: Vec<(usize, usize)> = (0..tiles)
-            .rev()
-            .flat_map(|tile| (0..heads).map(move |h| (h, tile)))
+        let mut jobs: Vec<(usize, &Segment, usize)> = segments
+            .iter()
+            .flat_map(|seg| {
+                (0..seg.len.div_ceil(TILE))
+                    .flat_map(move |tile| (0..heads).map(move |h| (h, seg, tile)))
+            })
             .collect();
+        jobs.sort_by_key(|(_, seg, tile)| std::cmp::Reverse(seg.offset + (tile + 1) * TILE));
         let parts: Vec<(usize, usize, Vec<f32>)> = jobs
             .into_par_iter()
-            .map(|(h, tile)| {
+            .map(|(h, seg, tile)| {
                 let r0 = tile * TILE;
-                let rows = TILE.min(t - r0);
+                let rows = TILE.min(seg.len - r0);
+                let offset = seg.offset;
                 // Keys some query of the tile sees: from the first query's first key to the last
-                // query's own position.
+                // query's own position (positions within the segment; its keys start at
+                // `seg.row`).
                 let from = self.first_key(offset + r0);
                 let to = offset + r0 + rows;
                 let n = to - from;
                 let kvh = h / group;
-                let q_tile = &q[(h * t + r0) * dh..(h * t + r0 + rows) * dh];
-                let k_span = &k[(kvh * keys + from) * dh..(kvh * keys + to) * dh];
-                let v_span = &v[(kvh * keys + from) * dv..(kvh * keys + to) * dv];
+                let (q0, k0) = (h * t + seg.row + r0, kvh * keys + seg.row);
+                let q_tile = &q[q0 * dh..(q0 + rows) * dh];
+                let k_span = &k[(k0 + from) * dh..(k0 + to) * dh];
+                let v_span = &v[(k0 + from) * dv..(k0 + to) * dv];
                 // Q·Kᵀ: q_tile [rows, dh] times k_span [n, dh] read transposed; one thread per
                 // tile (the tiles run in parallel).
                 let mut scores = vec![0.0f32; rows * n];
@@ -521,7 +589,7 @@ impl CustomOp3 for CausalAttention {
                     1.0,
                     gemm::Parallelism::None,
                 );
-                (h, r0, out)
+                (h, seg.row + r0, out)
             })
             .collect();
         // Heads concatenated per position: `[T, H·Dv]`.
@@ -705,6 +773,64 @@ mod tests {
                 "queries {queries}, keys {keys}, window {window}: {worst}"
             );
         }
+    }
+
+    #[test]
+    fn segmented_attention_equals_each_sequence_alone() {
+        // Sequences laid end to end across tile edges (one shorter than a tile, one spanning
+        // three), grouped heads, with and without a window: every sequence's rows are exactly
+        // the attention of that sequence on its own.
+        let (heads, kv_heads, dh) = (4, 2, 8);
+        let lengths = [TILE + 6, 3, 2 * TILE + 3];
+        let total: usize = lengths.iter().sum();
+        let q = values(heads * total * dh, 4);
+        let k = values(kv_heads * total * dh, 5);
+        let v = values(kv_heads * total * dh, 6);
+        // Rows start..start + len of every head of a `[H, T, Dh]` buffer.
+        let rows = |x: &[f32], h: usize, start: usize, len: usize| -> Vec<f32> {
+            (0..h)
+                .flat_map(|head| {
+                    x[(head * total + start) * dh..(head * total + start + len) * dh].to_vec()
+                })
+                .collect()
+        };
+        for window in [None, Some(37)] {
+            let got = attention_segments(
+                &t(&q, &[heads, total, dh]),
+                &t(&k, &[kv_heads, total, dh]),
+                &t(&v, &[kv_heads, total, dh]),
+                0.5,
+                window,
+                &lengths,
+            )
+            .expect("segmented")
+            .to_vec2::<f32>()
+            .expect("vec");
+            let mut start = 0;
+            for len in lengths {
+                let want = attention(
+                    &t(&rows(&q, heads, start, len), &[heads, len, dh]),
+                    &t(&rows(&k, kv_heads, start, len), &[kv_heads, len, dh]),
+                    &t(&rows(&v, kv_heads, start, len), &[kv_heads, len, dh]),
+                    0.5,
+                    window,
+                )
+                .expect("alone")
+                .to_vec2::<f32>()
+                .expect("vec");
+                assert_eq!(&got[start..start + len], &want[..], "window {window:?}");
+                start += len;
+            }
+        }
+        let bad = attention_segments(
+            &t(&q, &[heads, total, dh]),
+            &t(&k, &[kv_heads, total, dh]),
+            &t(&v, &[kv_heads, total, dh]),
+            0.5,
+            None,
+            &[total - 1],
+        );
+        assert!(bad.is_err(), "segments must cover every row");
     }
 
     #[test]

@@ -236,6 +236,23 @@ impl Rope {
         })
     }
 
+    /// The tables of several sequences laid end to end, `lengths[s]` positions each, every one
+    /// from position 0 (its own dynamic frequencies when they depend on the length).
+    pub(crate) fn tables_for_segments(&self, lengths: &[usize]) -> Result<RopeTables, ModelError> {
+        let mut joined = RopeTables {
+            cos: Vec::new(),
+            sin: Vec::new(),
+            positions: 0,
+        };
+        for &len in lengths {
+            let part = self.tables_at(0, len)?;
+            joined.cos.extend(part.cos);
+            joined.sin.extend(part.sin);
+            joined.positions += part.positions;
+        }
+        Ok(joined)
+    }
+
     /// Rotates the heads of `x` `[T, heads·Dh]` (a projection's output) and returns them as
     /// `[heads, T, Dh]`: with x₁, x₂ the two halves of the rotated part,
     /// `(x₁·cos − x₂·sin, x₂·cos + x₁·sin)`; the remaining `Dh − rotary_dim` dimensions are copied.
