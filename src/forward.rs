@@ -12,7 +12,7 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::divergence::{LogitStats, ReferenceRows, RoutingLayer, TokenScores};
+use crate::divergence::{LogitStats, ReferenceRows, RoutingLayer, StreamedScores, TokenScores};
 use crate::io::adapter::Adapter;
 use crate::io::checkpoint::Checkpoint;
 use crate::io::prompts::TokenizedPrompts;
@@ -259,6 +259,48 @@ impl WeightProvider for MergedProvider<'_> {
         self.base.contains(name) || self.jobs.contains_key(name)
     }
 
+    /// Rows of a stored tensor the adapters leave alone, when the candidate rounds it element by
+    /// element (a float format) or keeps it (a quantized format that does not quantize it).
+    fn rows_available(&self, name: &str) -> Option<usize> {
+        if self.jobs.contains_key(name) {
+            return None;
+        }
+        if let Precision::Quant(q) = self.precision
+            && self.block_linear.quantizes(q, name)
+        {
+            return None;
+        }
+        self.base.row_readable(name).map(|(rows, _)| rows)
+    }
+
+    fn weight_rows(
+        &self,
+        name: &str,
+        rows: std::ops::Range<usize>,
+    ) -> Result<Vec<f32>, ModelError> {
+        if self.rows_available(name).is_none() {
+            return Err(ModelError::Missing {
+                tensor: name.to_string(),
+            });
+        }
+        let data = self
+            .base
+            .read_f32_rows(name, rows)
+            .map_err(|e| model_error(name, e))?;
+        match self.precision {
+            Precision::Float(f)
+                if !self
+                    .base
+                    .info(name)
+                    .and_then(|info| info.dtype.float_format())
+                    .is_some_and(|stored| f.holds(stored)) =>
+            {
+                Ok(data.into_iter().map(|v| f.round(v)).collect())
+            }
+            _ => Ok(data),
+        }
+    }
+
     fn lora(&self, _name: &str) -> Result<Vec<UnmergedLora>, ModelError> {
         Ok(Vec::new())
     }
@@ -481,6 +523,26 @@ impl WeightProvider for QuantizedBase<'_> {
     }
     fn lora(&self, name: &str) -> Result<Vec<UnmergedLora>, ModelError> {
         self.inner.lora(name)
+    }
+    /// Rows of a tensor this model does not quantize (a quantizer's choices can depend on the
+    /// whole shape, so quantized tensors are only built whole).
+    fn rows_available(&self, name: &str) -> Option<usize> {
+        match self.precision {
+            Some(p) if self.block_linear.stored_in(p, name) => None,
+            _ => self.inner.rows_available(name),
+        }
+    }
+    fn weight_rows(
+        &self,
+        name: &str,
+        rows: std::ops::Range<usize>,
+    ) -> Result<Vec<f32>, ModelError> {
+        match self.rows_available(name) {
+            Some(_) => self.inner.weight_rows(name, rows),
+            None => Err(ModelError::Missing {
+                tensor: name.to_string(),
+            }),
+        }
     }
 }
 
@@ -1062,58 +1124,35 @@ fn compare_in_pool(
         on_step();
     }
 
-    // Head: position-wise, so every sequence goes through in one call per model. The reference's
-    // logits are kept; every other model's are scored and dropped before the next one.
+    // Head: position-wise, so every sequence goes through in one call per model.
     let next_tokens: Vec<Option<u32>> = sequences
         .iter()
         .flat_map(|s| (0..s.len()).map(move |i| s.get(i + 1).copied()))
         .collect();
-    // Chunks of positions bound the [positions, vocab] buffers (49k-token vocabularies make a
-    // 512-position logit matrix 100 MB). 128 rather than 256: 20-35 MiB less peak RSS on
-    // SmolLM2's baseline job (354-366 MiB, issue 12 §3's 0.15x) for ~5 % more wall time.
-    const HEAD_CHUNK: usize = 128;
-    // Model m's logits a chunk of positions at a time: `each(first position, [len, vocab])`,
-    // read in place from the head's output tensor (a copy would double the chunk's 50 MB).
-    // The head's weights are fetched once per model (a 49k-row matrix takes 30 ms to widen from
-    // bf16), then every chunk reads them.
-    let mut head_names = arch.head_tensors();
-    // A tied model whose provider serves its own `lm_head.weight` reads that instead.
-    if !head_names.iter().any(|n| n == arch.head_matrix()) {
-        head_names.push(arch.head_matrix().to_string());
-    }
-    let head_chunks = |m: usize, each: &mut dyn FnMut(usize, &[f32])| -> Result<(), ModelError> {
-        let Some(joined) = hidden[m].as_ref() else {
-            return Ok(());
-        };
-        let total = joined.dims()[0];
-        let prepared = Prepared::load(providers[m].as_ref(), &head_names)?;
-        let mut start = 0;
-        while start < total {
-            let len = HEAD_CHUNK.min(total - start);
-            let part = joined.narrow(0, start, len)?.contiguous()?;
-            let logits = arch.head(&prepared, &part)?.contiguous()?;
-            let (storage, layout) = logits.storage_and_layout();
-            let candle_core::Storage::Cpu(cpu) = &*storage else {
-                return Err(candle_core::Error::Msg("logits off the CPU".into()).into());
-            };
-            let values = &cpu.as_slice::<f32>()?[layout.start_offset()..];
-            each(start, &values[..layout.shape().elem_count()]);
-            start += len;
-        }
-        Ok(())
-    };
+    // Every model's head runs over all positions a block of vocabulary rows at a time
+    // (head::BlockedHead), so its f32 matrix (113 MB on SmolLM2) is never held whole where the
+    // rows can be read on their own. The reference's [positions, vocab] logits (100 MB) are kept
+    // whole; every other model is scored block by block against them (StreamedScores), so no
+    // second such matrix exists.
     let positions = next_tokens.len().max(1);
+    let block_values = |logits: &Tensor| -> Result<Vec<f32>, ModelError> {
+        Ok(logits.flatten_all()?.to_vec1::<f32>()?)
+    };
+    // Model m's whole [positions, vocab] logits, written block by block into one buffer.
     let head_logits = |m: usize| -> Result<Vec<f32>, ModelError> {
-        let mut out = Vec::new();
-        head_chunks(m, &mut |start, chunk| {
-            // Sized once from the first chunk's row width: growing by doubling held the old
-            // and the new buffer at once (64 + 128 MB for SmolLM2's 512 × 49k logits).
-            if start == 0 {
-                let rows = HEAD_CHUNK.min(positions);
-                out.reserve_exact(chunk.len() / rows * positions);
-            }
-            out.extend_from_slice(chunk)
-        })?;
+        let Some(joined) = hidden[m].as_ref() else {
+            return Ok(Vec::new());
+        };
+        let head = BlockedHead::new(arch, providers[m].as_ref())?;
+        let vocab = head.vocab();
+        let mut out = vec![0f32; positions * vocab];
+        for rows in head.blocks() {
+            let block = block_values(&head.logits(joined, rows.clone())?)?;
+            let width = rows.len();
+            out.par_chunks_exact_mut(vocab)
+                .zip(block.par_chunks_exact(width))
+                .for_each(|(row, part)| row[rows.clone()].copy_from_slice(part));
+        }
         Ok(out)
     };
     let reference_logits = head_logits(0)?;
@@ -1122,17 +1161,35 @@ fn compare_in_pool(
     let mut scores: Vec<TokenScores> = vec![TokenScores::default(); providers.len()];
     let mut nonfinite = vec![0; providers.len()];
     for m in 1..providers.len() {
-        // The base's logits are kept whole when other adapters' checks reuse them (`--each`);
-        // every other model is scored a chunk at a time, so a second [positions, vocab] matrix
-        // (100 MB on SmolLM2's vocabulary) never exists beside the reference's.
+        // The base's logits are kept whole when other adapters' checks reuse them (`--each`).
         let logits = match (m, &cached_base) {
             (1, Some(cached)) => Arc::clone(cached),
             (1, None) if shared.is_some() => Arc::new(head_logits(m)?),
             _ => {
-                head_chunks(m, &mut |first, chunk| {
-                    nonfinite[m] += chunk.iter().filter(|v| !v.is_finite()).count();
-                    scores[m].push_rows(&reference_rows, first, chunk, &next_tokens);
-                })?;
+                let Some(joined) = hidden[m].as_ref() else {
+                    continue;
+                };
+                let head = BlockedHead::new(arch, providers[m].as_ref())?;
+                if head.vocab() != vocab {
+                    return Err(ModelError::Shape {
+                        tensor: arch.head_matrix().to_string(),
+                        expected: vec![vocab, arch.hidden_size()],
+                        got: head.vocab() * arch.hidden_size(),
+                    });
+                }
+                let mut streamed = StreamedScores::new(positions);
+                for rows in head.blocks() {
+                    let block = block_values(&head.logits(joined, rows.clone())?)?;
+                    nonfinite[m] += block.iter().filter(|v| !v.is_finite()).count();
+                    streamed.push_block(
+                        &reference_rows,
+                        rows.start,
+                        &block,
+                        rows.len(),
+                        &next_tokens,
+                    );
+                }
+                streamed.finish(&reference_rows, &next_tokens, &mut scores[m]);
                 continue;
             }
         };
@@ -1146,7 +1203,11 @@ fn compare_in_pool(
             }
         }
         nonfinite[m] = logits.iter().filter(|v| !v.is_finite()).count();
-        scores[m].push_rows(&reference_rows, 0, &logits, &next_tokens);
+        // In the blocks its head would have streamed (the base model carries no LoRA terms, so
+        // they are VOCAB_BLOCK wide): the numbers of a run that does not share it.
+        let mut streamed = StreamedScores::new(positions);
+        streamed.push_whole(&reference_rows, &logits, head::VOCAB_BLOCK, &next_tokens);
+        streamed.finish(&reference_rows, &next_tokens, &mut scores[m]);
     }
     on_step();
 
@@ -1191,6 +1252,8 @@ fn compare_in_pool(
 
 pub mod calibration;
 mod generation;
+mod head;
+use head::BlockedHead;
 #[cfg(test)]
 mod goldens;
 

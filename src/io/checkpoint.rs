@@ -538,6 +538,57 @@ impl Checkpoint {
         reorder_rows(info, values?)
     }
 
+    /// The `(rows, cols)` of a 2-D tensor whose rows [`Self::read_f32_rows`] can read on their
+    /// own: one stored in transformers' row order (a safetensors tensor, or a GGUF one the
+    /// converter did not reorder), in a float dtype or ggml blocks that never straddle a row.
+    pub fn row_readable(&self, name: &str) -> Option<(usize, usize)> {
+        let info = self.tensors.get(name)?;
+        let [rows, cols] = info.shape.as_slice() else {
+            return None;
+        };
+        let whole_rows = *rows > 0 && info.nbytes() % rows == 0;
+        (matches!(info.order, RowOrder::Same) && whole_rows).then_some((*rows, *cols))
+    }
+
+    /// Rows `rows` of a tensor [`Self::row_readable`] accepts, in f32 (exact, as
+    /// [`Self::read_f32`]); those rows' pages are then handed back to the kernel. A head's
+    /// logits are computed a block of vocabulary rows at a time from this, so the whole matrix
+    /// is never widened to f32 at once.
+    pub fn read_f32_rows(
+        &self,
+        name: &str,
+        rows: std::ops::Range<usize>,
+    ) -> Result<Vec<f32>, CheckpointError> {
+        let (info, bytes) = self.raw(name)?;
+        let unreadable = || CheckpointError::UnsupportedGgml {
+            tensor: info.name.clone(),
+            ty: info.dtype.name().to_string(),
+            reason: format!("rows {rows:?} cannot be read on their own"),
+        };
+        let (total, cols) = self.row_readable(name).ok_or_else(unreadable)?;
+        if rows.start > rows.end || rows.end > total {
+            return Err(unreadable());
+        }
+        let row_bytes = bytes.len() / total;
+        let part = &bytes[rows.start * row_bytes..rows.end * row_bytes];
+        let mut sub = info.clone();
+        sub.shape = vec![rows.len(), cols];
+        sub.start = info.start + rows.start * row_bytes;
+        sub.end = sub.start + part.len();
+        let values = match info.ggml {
+            Some(ty) => ggml::dequantize(ty, part, sub.numel()).map_err(|e| {
+                CheckpointError::UnsupportedGgml {
+                    tensor: info.name.clone(),
+                    ty: ty.name(),
+                    reason: e.to_string(),
+                }
+            }),
+            _ => decode_f32(&sub, part),
+        };
+        self.release(&sub);
+        values
+    }
+
     /// The stored ggml type of a GGUF tensor (floats included), `None` for safetensors.
     pub fn ggml_type(&self, name: &str) -> Option<GgmlType> {
         self.tensors.get(name)?.ggml

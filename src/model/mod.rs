@@ -154,6 +154,24 @@ pub trait WeightProvider: Sync {
     fn shared(&self, _name: &str) -> Option<Tensor> {
         None
     }
+    /// The row count of the 2-D weight `name` when [`weight_rows`](Self::weight_rows) builds a
+    /// range of its rows without the whole matrix (a head is then computed a block of vocabulary
+    /// rows at a time); `None` (the default) when it cannot.
+    fn rows_available(&self, _name: &str) -> Option<usize> {
+        None
+    }
+    /// Rows `rows` of the 2-D weight `name`, exactly those rows of [`weight`](Self::weight).
+    /// Only called where [`rows_available`](Self::rows_available) answered; the default (for
+    /// providers that never do) reports the weight as missing.
+    fn weight_rows(
+        &self,
+        name: &str,
+        _rows: std::ops::Range<usize>,
+    ) -> Result<Vec<f32>, ModelError> {
+        Err(ModelError::Missing {
+            tensor: name.to_string(),
+        })
+    }
     /// Called by every linear layer with its input `[T, in]` just before the product with
     /// `name` (`….weight`): a calibration run records it to build H = XᵀX per input. Modules that
     /// share an input (q/k/v, gate/up) are handed the same tensor. The default ignores it.

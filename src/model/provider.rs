@@ -137,6 +137,28 @@ impl WeightProvider for CheckpointProvider<'_> {
         self.base.read_f32(name).map_err(|e| read_error(name, e))
     }
 
+    fn rows_available(&self, name: &str) -> Option<usize> {
+        if self.weights.contains_key(name) || self.biases.contains_key(name) {
+            return None;
+        }
+        self.base.row_readable(name).map(|(rows, _)| rows)
+    }
+
+    fn weight_rows(
+        &self,
+        name: &str,
+        rows: std::ops::Range<usize>,
+    ) -> Result<Vec<f32>, ModelError> {
+        if self.rows_available(name).is_none() {
+            return Err(ModelError::Missing {
+                tensor: name.to_string(),
+            });
+        }
+        self.base
+            .read_f32_rows(name, rows)
+            .map_err(|e| read_error(name, e))
+    }
+
     fn has(&self, name: &str) -> bool {
         self.base.contains(name)
             || self.biases.contains_key(name)
