@@ -278,15 +278,8 @@ impl WeightProvider for MergedProvider<'_> {
         name: &str,
         rows: std::ops::Range<usize>,
     ) -> Result<Vec<f32>, ModelError> {
-        if self.rows_available(name).is_none() {
-            return Err(ModelError::Missing {
-                tensor: name.to_string(),
-            });
-        }
-        let data = self
-            .base
-            .read_f32_rows(name, rows)
-            .map_err(|e| model_error(name, e))?;
+        let available = self.rows_available(name).is_some();
+        let data = crate::model::stored_rows(self.base, name, rows, available)?;
         match self.precision {
             Precision::Float(f)
                 if !self

@@ -78,24 +78,33 @@ pub fn round_f32_from_f64(x: f64) -> f32 {
 /// values that `x` itself was not halfway between.
 ///
 /// f16's normal binades (|x| in [2⁻¹⁴, 2¹⁶)) take the bit path of [`round_bf16_from_f64`] with
-/// 42 dropped bits, then a result past f16's largest value (65504) becomes infinity, the RNE
+/// 42 dropped bits ([`round_normal_on_bits`]), then a result past f16's largest value (65504) becomes infinity, the RNE
 /// overflow; zeros, subnormals, larger values, infinities and NaN take the grid path (the f16
 /// rounding of the exact merge was a tenth of the weight statistics' CPU on SmolLM2).
 #[inline]
 pub fn round_f16_from_f64(x: f64) -> f32 {
-    const DROPPED: u32 = 52 - 10;
-    let bits = x.to_bits();
-    let biased = (bits >> 52) & 0x7FF;
-    if (1023 - 14..=1023 + 15).contains(&biased) {
-        let kept_lsb = (bits >> DROPPED) & 1;
-        let rounded = (bits + ((1u64 << (DROPPED - 1)) - 1) + kept_lsb) & !((1u64 << DROPPED) - 1);
-        let value = f64::from_bits(rounded);
-        if value.abs() > F16_GRID.max_finite {
-            return f32::INFINITY.copysign(value as f32);
-        }
-        return value as f32;
+    match round_normal_on_bits(x, &F16_GRID) {
+        Some(value) if value.abs() > F16_GRID.max_finite => f32::INFINITY.copysign(value as f32),
+        Some(value) => value as f32,
+        None => round_to_grid_f64(x, &F16_GRID),
     }
-    round_to_grid_f64(x, &F16_GRID)
+}
+
+/// `x` rounded ties-to-even to `grid`'s significand precision on its bits, when its binade is one
+/// of the grid's normal binades (else `None`): adding `2^(dropped − 1) − 1` plus the kept last bit
+/// and clearing the dropped bits (a carry moves into the exponent, as rounding up a binade does).
+/// The result may lie past the grid's largest value; overflow is the caller's.
+#[inline]
+fn round_normal_on_bits(x: f64, grid: &Grid) -> Option<f64> {
+    let dropped = (53 - grid.precision) as u32;
+    let bits = x.to_bits();
+    let biased = ((bits >> 52) & 0x7FF) as i32;
+    if !(1023 + grid.min_exp..=1023 + grid.max_exp).contains(&biased) {
+        return None;
+    }
+    let kept_lsb = (bits >> dropped) & 1;
+    let rounded = (bits + ((1u64 << (dropped - 1)) - 1) + kept_lsb) & !((1u64 << dropped) - 1);
+    Some(f64::from_bits(rounded))
 }
 
 /// Round an f64 to the nearest bf16 in a single rounding (RNE, overflow to ±inf), widened to f32.
@@ -110,15 +119,10 @@ pub fn round_f16_from_f64(x: f64) -> f32 {
 /// grid path.
 #[inline]
 pub fn round_bf16_from_f64(x: f64) -> f32 {
-    const DROPPED: u32 = 52 - 7;
-    let bits = x.to_bits();
-    let biased = (bits >> 52) & 0x7FF;
-    if (1023 - 126..=1023 + 127).contains(&biased) {
-        let kept_lsb = (bits >> DROPPED) & 1;
-        let rounded = (bits + ((1u64 << (DROPPED - 1)) - 1) + kept_lsb) & !((1u64 << DROPPED) - 1);
-        return f64::from_bits(rounded) as f32;
+    match round_normal_on_bits(x, &BF16_GRID) {
+        Some(value) => value as f32,
+        None => round_to_grid_f64(x, &BF16_GRID),
     }
-    round_to_grid_f64(x, &BF16_GRID)
 }
 
 /// Spacing of the f16 grid at `|x|`: `2^(e − 10)` with `e = floor(log2 |x|)` clamped to the

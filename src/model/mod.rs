@@ -61,6 +61,7 @@ pub use neox::NeoXConfig;
 pub use ops::Activation;
 pub use phi3::Phi3Config;
 pub use provider::CheckpointProvider;
+pub(crate) use provider::stored_rows;
 pub use rope::{Rope, RopeScaling};
 
 /// Errors while running the forward pass. Each names the tensor and the shape involved.

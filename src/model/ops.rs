@@ -373,16 +373,7 @@ pub(crate) fn attention_segments(
     window: Option<usize>,
     lengths: &[usize],
 ) -> Result<Tensor, ModelError> {
-    Ok(q.contiguous()?.apply_op3_no_bwd(
-        &k.contiguous()?,
-        &v.contiguous()?,
-        &CausalAttention {
-            scale: scale as f32,
-            window: window.unwrap_or(usize::MAX),
-            softcap: None,
-            segments: lengths.to_vec(),
-        },
-    )?)
+    causal_attention(q, k, v, scale, window, None, lengths)
 }
 
 /// [`attention`] with Gemma 2's attention-logit soft-capping: each scaled score s becomes
@@ -396,6 +387,19 @@ pub(crate) fn attention_capped(
     window: Option<usize>,
     softcap: Option<f32>,
 ) -> Result<Tensor, ModelError> {
+    causal_attention(q, k, v, scale, window, softcap, &[])
+}
+
+/// The [`CausalAttention`] op on contiguous q, k, v: `segments` empty for one sequence.
+fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    window: Option<usize>,
+    softcap: Option<f32>,
+    segments: &[usize],
+) -> Result<Tensor, ModelError> {
     Ok(q.contiguous()?.apply_op3_no_bwd(
         &k.contiguous()?,
         &v.contiguous()?,
@@ -403,7 +407,7 @@ pub(crate) fn attention_capped(
             scale: scale as f32,
             window: window.unwrap_or(usize::MAX),
             softcap,
-            segments: Vec::new(),
+            segments: segments.to_vec(),
         },
     )?)
 }

@@ -93,6 +93,23 @@ impl<'a> CheckpointProvider<'a> {
     }
 }
 
+/// Rows `rows` of `base`'s stored tensor `name` for a provider that serves them as stored
+/// (`available`: its [`WeightProvider::rows_available`] answered); otherwise `name` is missing.
+pub(crate) fn stored_rows(
+    base: &Checkpoint,
+    name: &str,
+    rows: std::ops::Range<usize>,
+    available: bool,
+) -> Result<Vec<f32>, ModelError> {
+    if !available {
+        return Err(ModelError::Missing {
+            tensor: name.to_string(),
+        });
+    }
+    base.read_f32_rows(name, rows)
+        .map_err(|e| read_error(name, e))
+}
+
 /// Index of the last full replacement among a job's sources.
 fn last_replace(job: &TensorJob) -> Option<usize> {
     job.sources
@@ -149,14 +166,7 @@ impl WeightProvider for CheckpointProvider<'_> {
         name: &str,
         rows: std::ops::Range<usize>,
     ) -> Result<Vec<f32>, ModelError> {
-        if self.rows_available(name).is_none() {
-            return Err(ModelError::Missing {
-                tensor: name.to_string(),
-            });
-        }
-        self.base
-            .read_f32_rows(name, rows)
-            .map_err(|e| read_error(name, e))
+        stored_rows(self.base, name, rows, self.rows_available(name).is_some())
     }
 
     fn has(&self, name: &str) -> bool {
