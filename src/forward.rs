@@ -6,6 +6,7 @@
 //! dropped. Only the reference's logits are kept while candidates are scored one by one.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Range;
 use std::sync::{Arc, Mutex, RwLock};
 
 use candle_core::Tensor;
@@ -179,6 +180,28 @@ fn ship(
 }
 
 impl MergedProvider<'_> {
+    /// A stored tensor the adapters leave alone (or rows of it, `shape`), as this candidate
+    /// stores it.
+    fn ship_stored(
+        &self,
+        name: &str,
+        data: Vec<f32>,
+        shape: &[usize],
+    ) -> Result<Vec<f32>, ModelError> {
+        // A stored tensor the format already holds (a bf16 base shipped in bf16 or f32) rounds to
+        // itself: skip the pass over it (a tenth of a check's time on SmolLM2).
+        if let Precision::Float(f) = self.precision
+            && self
+                .base
+                .info(name)
+                .and_then(|info| info.dtype.float_format())
+                .is_some_and(|stored| f.holds(stored))
+        {
+            return Ok(data);
+        }
+        ship(self.precision, name, data, shape, self.block_linear)
+    }
+
     /// The exact merge W* of `job` (f64), shared through the comparison's memo when there is one.
     fn exact_merge(&self, name: &str, job: &TensorJob) -> Result<Arc<Vec<f64>>, ModelError> {
         let merge = || {
@@ -240,19 +263,8 @@ impl WeightProvider for MergedProvider<'_> {
         let info = self.base.info(name).ok_or_else(|| ModelError::Missing {
             tensor: name.to_string(),
         })?;
-        let shape = info.shape.clone();
         let data = self.base.read_f32(name).map_err(|e| model_error(name, e))?;
-        // A stored tensor the format already holds (a bf16 base shipped in bf16 or f32) rounds to
-        // itself: skip the pass over it (a tenth of a check's time on SmolLM2).
-        if let Precision::Float(f) = self.precision
-            && info
-                .dtype
-                .float_format()
-                .is_some_and(|stored| f.holds(stored))
-        {
-            return Ok(data);
-        }
-        ship(self.precision, name, data, &shape, self.block_linear)
+        self.ship_stored(name, data, &info.shape)
     }
 
     fn has(&self, name: &str) -> bool {
@@ -279,25 +291,23 @@ impl WeightProvider for MergedProvider<'_> {
         rows: std::ops::Range<usize>,
     ) -> Result<Vec<f32>, ModelError> {
         let available = self.rows_available(name).is_some();
+        let shape = [
+            rows.len(),
+            self.base.row_readable(name).map_or(0, |(_, cols)| cols),
+        ];
         let data = crate::model::stored_rows(self.base, name, rows, available)?;
-        match self.precision {
-            Precision::Float(f)
-                if !self
-                    .base
-                    .info(name)
-                    .and_then(|info| info.dtype.float_format())
-                    .is_some_and(|stored| f.holds(stored)) =>
-            {
-                Ok(data.into_iter().map(|v| f.round(v)).collect())
-            }
-            _ => Ok(data),
-        }
+        // Element by element (rows_available excludes what the format quantizes), so rows come
+        // out as those rows of the whole tensor would.
+        self.ship_stored(name, data, &shape)
     }
 
     fn lora(&self, _name: &str) -> Result<Vec<UnmergedLora>, ModelError> {
         Ok(Vec::new())
     }
 }
+
+/// What receives a model's logits block by block: `(vocabulary, rows, [positions, rows.len()])`.
+type HeadBlock<'f> = dyn FnMut(usize, Range<usize>, &[f32]) + 'f;
 
 /// The input moments of the block being run, shared by every GPTQ candidate.
 type MomentSlot = RwLock<Option<Arc<calibration::LayerMoments>>>;
@@ -1128,27 +1138,43 @@ fn compare_in_pool(
     // whole; every other model is scored block by block against them (StreamedScores), so no
     // second such matrix exists.
     let positions = next_tokens.len().max(1);
-    let block_values = |logits: &Tensor| -> Result<Vec<f32>, ModelError> {
-        Ok(logits.flatten_all()?.to_vec1::<f32>()?)
-    };
-    // Model m's whole [positions, vocab] logits, written block by block into one buffer.
-    let head_logits = |m: usize| -> Result<Vec<f32>, ModelError> {
-        let Some(joined) = hidden[m].as_ref() else {
-            return Ok(Vec::new());
+    // Model m's head over every position, block by block: `each(vocabulary, rows, [positions,
+    // rows.len()] logits)`. A candidate's vocabulary must be `expected`, the reference's. Nothing
+    // runs for a model the walk skipped.
+    let head_blocks =
+        |m: usize, expected: Option<usize>, each: &mut HeadBlock<'_>| -> Result<(), ModelError> {
+            let Some(joined) = hidden[m].as_ref() else {
+                return Ok(());
+            };
+            let head = BlockedHead::new(arch, providers[m].as_ref())?;
+            let vocab = head.vocab();
+            if let Some(want) = expected.filter(|want| *want != vocab) {
+                return Err(ModelError::Shape {
+                    tensor: arch.head_matrix().to_string(),
+                    expected: vec![want, arch.hidden_size()],
+                    got: vocab * arch.hidden_size(),
+                });
+            }
+            for rows in head.blocks() {
+                let block = head.logits(joined, rows.clone())?.flatten_all()?;
+                each(vocab, rows, &block.to_vec1::<f32>()?);
+            }
+            Ok(())
         };
-        let head = BlockedHead::new(arch, providers[m].as_ref())?;
-        let vocab = head.vocab();
-        let mut out = vec![0f32; positions * vocab];
-        for rows in head.blocks() {
-            let block = block_values(&head.logits(joined, rows.clone())?)?;
-            let width = rows.len();
+    // Model m's whole [positions, vocab] logits, written block by block into one buffer.
+    let head_logits = |m: usize, expected: Option<usize>| -> Result<Vec<f32>, ModelError> {
+        let mut out = Vec::new();
+        head_blocks(m, expected, &mut |vocab, rows, block| {
+            if out.is_empty() {
+                out = vec![0f32; positions * vocab];
+            }
             out.par_chunks_exact_mut(vocab)
-                .zip(block.par_chunks_exact(width))
+                .zip(block.par_chunks_exact(rows.len()))
                 .for_each(|(row, part)| row[rows.clone()].copy_from_slice(part));
-        }
+        })?;
         Ok(out)
     };
-    let reference_logits = head_logits(0)?;
+    let reference_logits = head_logits(0, None)?;
     let vocab = reference_logits.len() / positions;
     let reference_rows = ReferenceRows::new(&reference_logits, vocab);
     let mut scores: Vec<TokenScores> = vec![TokenScores::default(); providers.len()];
@@ -1157,32 +1183,22 @@ fn compare_in_pool(
         // The base's logits are kept whole when other adapters' checks reuse them (`--each`).
         let logits = match (m, &cached_base) {
             (1, Some(cached)) => Arc::clone(cached),
-            (1, None) if shared.is_some() => Arc::new(head_logits(m)?),
+            (1, None) if shared.is_some() => Arc::new(head_logits(m, Some(vocab))?),
             _ => {
-                let Some(joined) = hidden[m].as_ref() else {
-                    continue;
-                };
-                let head = BlockedHead::new(arch, providers[m].as_ref())?;
-                if head.vocab() != vocab {
-                    return Err(ModelError::Shape {
-                        tensor: arch.head_matrix().to_string(),
-                        expected: vec![vocab, arch.hidden_size()],
-                        got: head.vocab() * arch.hidden_size(),
-                    });
-                }
                 let mut streamed = StreamedScores::new(positions);
-                for rows in head.blocks() {
-                    let block = block_values(&head.logits(joined, rows.clone())?)?;
+                head_blocks(m, Some(vocab), &mut |_, rows, block| {
                     nonfinite[m] += block.iter().filter(|v| !v.is_finite()).count();
                     streamed.push_block(
                         &reference_rows,
                         rows.start,
-                        &block,
+                        block,
                         rows.len(),
                         &next_tokens,
                     );
+                })?;
+                if hidden[m].is_some() {
+                    streamed.finish(&reference_rows, &next_tokens, &mut scores[m]);
                 }
-                streamed.finish(&reference_rows, &next_tokens, &mut scores[m]);
                 continue;
             }
         };
