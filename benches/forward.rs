@@ -9,7 +9,8 @@
 //! Prints: one forward over 512 tokens, block by block, best of `LD_TIMING_RUNS` (default 3), and
 //! with `LD_SMOLLM2_LOGITS` (a safetensors file holding transformers' `logits` [512, vocab] for
 //! the same tokens) the largest logit difference; then 32 greedy tokens from a 16-token prompt
-//! with the KV cache, checked against a cache-less greedy loop of full forwards.
+//! with the KV cache, checked against a cache-less greedy loop of full forwards
+//! (`LD_BENCH_ONLY=forward` leaves the generation out).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -138,6 +139,9 @@ fn main() {
         .expect("config.json");
     let arch = Architecture::from_config(&config, &|n| base.contains(n)).expect("llama");
     let w = CheckpointProvider::base(&base);
-    generation_32(&arch, &w);
+    // `LD_BENCH_ONLY=forward` skips the generation timing (for a profile of the forward alone).
+    if std::env::var("LD_BENCH_ONLY").as_deref() != Ok("forward") {
+        generation_32(&arch, &w);
+    }
     forward_512(&arch, &w);
 }

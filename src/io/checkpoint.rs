@@ -8,9 +8,11 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
+use rayon::prelude::*;
 
 use crate::merge::float::FloatFormat;
 use safetensors::{Dtype, SafeTensors};
@@ -727,47 +729,80 @@ pub fn decode_f32(info: &TensorInfo, bytes: &[u8]) -> Result<Vec<f32>, Checkpoin
         .dtype
         .bytes_per_element()
         .ok_or_else(|| CheckpointError::unsupported(&info.name, &info.dtype))?;
-    let chunks = bytes.chunks_exact(width);
     let values = match info.dtype {
-        TensorDtype::F64 => chunks
-            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
-            .collect(),
-        TensorDtype::F32 => chunks
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        TensorDtype::F16 => chunks
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        TensorDtype::Bf16 => widen_bf16(bytes),
+        TensorDtype::F64 => decode_parallel(bytes, width, |b, o| {
+            for (o, c) in o.iter_mut().zip(b.chunks_exact(8)) {
+                o.write(
+                    f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32,
+                );
+            }
+        }),
+        TensorDtype::F32 => decode_parallel(bytes, width, |b, o| {
+            for (o, c) in o.iter_mut().zip(b.chunks_exact(4)) {
+                o.write(f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+            }
+        }),
+        TensorDtype::F16 => decode_parallel(bytes, width, |b, o| {
+            for (o, c) in o.iter_mut().zip(b.chunks_exact(2)) {
+                o.write(half::f16::from_le_bytes([c[0], c[1]]).to_f32());
+            }
+        }),
+        TensorDtype::Bf16 => decode_parallel(bytes, width, widen_bf16),
         TensorDtype::Other(_) => unreachable!("bytes_per_element is None for Other"),
     };
     Ok(values)
 }
 
-/// Little-endian bf16 values widened to f32, in an AVX2 copy where the processor has one
-/// ([`crate::simd`]): the widening is a shift, eight values per instruction there.
-fn widen_bf16(bytes: &[u8]) -> Vec<f32> {
+/// Values decoded per rayon task: 256 KiB of f32 output, big enough that the split costs
+/// nothing next to the copy, small enough that both cores share a small block's tensors.
+const DECODE_CHUNK: usize = 1 << 16;
+
+/// Decodes `bytes` (`width` bytes per value) into a new f32 vector, in parallel chunks on
+/// rayon's pool, writing each value once: no zero-fill first. Reading a weight is on the
+/// forward's critical path (every linear of every model reads its weight just before use), and
+/// a one-thread decode there left the second core idle.
+fn decode_parallel(
+    bytes: &[u8],
+    width: usize,
+    decode: impl Fn(&[u8], &mut [MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
+    let n = bytes.len() / width;
+    let mut out = Vec::with_capacity(n);
+    out.spare_capacity_mut()[..n]
+        .par_chunks_mut(DECODE_CHUNK)
+        .zip(bytes[..n * width].par_chunks(DECODE_CHUNK * width))
+        .for_each(|(o, b)| {
+            debug_assert_eq!(o.len() * width, b.len());
+            decode(b, o)
+        });
+    // SAFETY: the chunks cover the first `n` slots exactly once, and each decode closure above
+    // writes every slot of its chunk (one value per `width` input bytes, chunk lengths matching).
+    unsafe { out.set_len(n) };
+    out
+}
+
+/// Little-endian bf16 values widened to f32 into `out`, in an AVX2 copy where the processor has
+/// one ([`crate::simd`]): the widening is a shift, eight values per instruction there.
+fn widen_bf16(bytes: &[u8], out: &mut [MaybeUninit<f32>]) {
     #[cfg(target_arch = "x86_64")]
     if crate::simd::avx2() {
         // SAFETY: the processor supports AVX2, checked just above.
-        return unsafe { widen_bf16_avx2(bytes) };
+        return unsafe { widen_bf16_avx2(bytes, out) };
     }
-    widen_bf16_plain(bytes)
+    widen_bf16_plain(bytes, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn widen_bf16_avx2(bytes: &[u8]) -> Vec<f32> {
-    widen_bf16_plain(bytes)
+unsafe fn widen_bf16_avx2(bytes: &[u8], out: &mut [MaybeUninit<f32>]) {
+    widen_bf16_plain(bytes, out)
 }
 
 #[inline(always)]
-fn widen_bf16_plain(bytes: &[u8]) -> Vec<f32> {
-    let mut out = vec![0f32; bytes.len() / 2];
+fn widen_bf16_plain(bytes: &[u8], out: &mut [MaybeUninit<f32>]) {
     for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-        *o = bf16_to_f32([c[0], c[1]]);
+        o.write(bf16_to_f32([c[0], c[1]]));
     }
-    out
 }
 
 /// A little-endian bf16 widened to f32: the bits shifted up, and a NaN made quiet by setting its

@@ -82,7 +82,7 @@ pub(crate) fn linear(
         }
         Layout::Linear | Layout::Embedding => {
             let weight = load(w, &name, &[out, inp])?;
-            let base = x.matmul(&weight.t()?)?;
+            let base = ops::linear_product(x, &weight)?;
             (weight, base)
         }
     };
@@ -150,7 +150,7 @@ pub(crate) fn head(
 ) -> Result<Tensor, ModelError> {
     let (_t, hidden) = x.dims2()?;
     let weight = load_rows(w, weight_name, hidden)?;
-    let base = x.matmul(&weight.t()?)?;
+    let base = ops::linear_product(x, &weight)?;
     add_lora(
         base,
         LoraInput::Activations(x),

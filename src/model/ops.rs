@@ -57,6 +57,42 @@ pub(crate) fn add(a: &Tensor, b: &Tensor) -> Result<Tensor, ModelError> {
         .apply_op2_no_bwd(&b.contiguous()?, &AddScaled { scale: None })?)
 }
 
+/// `x · wᵀ` for `x` `[T, in]` and a linear weight `w` `[out, in]`: candle's `x.matmul(&w.t())`
+/// bit for bit, without zero-filling the output first ([`crate::dense::product_nt`]).
+pub(crate) fn linear_product(x: &Tensor, w: &Tensor) -> Result<Tensor, ModelError> {
+    Ok(x.contiguous()?
+        .apply_op2_no_bwd(&w.contiguous()?, &LinearProduct)?)
+}
+
+struct LinearProduct;
+
+impl CustomOp2 for LinearProduct {
+    fn name(&self) -> &'static str {
+        "linear-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous(s1, l1, self.name())?;
+        let w = contiguous(s2, l2, self.name())?;
+        let ((t, k), (n, kw)) = (l1.shape().dims2()?, l2.shape().dims2()?);
+        if k != kw {
+            return Err(candle_core::Error::Msg(format!(
+                "linear product: input {:?}, weight {:?}",
+                l1.dims(),
+                l2.dims()
+            )));
+        }
+        let out = crate::dense::product_nt(x, w, t, k, n);
+        Ok((CpuStorage::F32(out), Shape::from((t, n))))
+    }
+}
+
 /// `y + (t · scale + 0)` element-wise in f32: a LoRA term scaled exactly as candle's `Tensor * f64`
 /// (its affine map `v · mul + add`) and added, in one pass on rayon's pool (see [`add`]).
 pub(crate) fn add_scaled(y: &Tensor, t: &Tensor, scale: f64) -> Result<Tensor, ModelError> {
