@@ -172,6 +172,40 @@ impl FloatFormat {
         }
     }
 
+    /// [`Self::round`] of every value of `src` into `out` (of the same length), with the same
+    /// bits. f16 goes eight values at a time through F16C's conversions where the processor has
+    /// them: the `half` crate rounds each value through those very instructions (IEEE
+    /// round-to-nearest-even, NaN kept quiet), one call per value. The weight statistics round
+    /// every base weight this way, once per precision.
+    pub fn round_slice(self, src: &[f32], out: &mut [f32]) {
+        assert_eq!(src.len(), out.len(), "round_slice lengths");
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if self == FloatFormat::F16 && std::arch::is_x86_feature_detected!("f16c") {
+            // SAFETY: the processor supports F16C (and so AVX), checked just above.
+            done = unsafe { round_f16_groups_f16c(src, out) };
+        }
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::avx2() {
+            // SAFETY: the processor supports AVX2, checked just above.
+            return unsafe { round_avx2(self, &src[done..], &mut out[done..]) };
+        }
+        round_plain(self, &src[done..], &mut out[done..])
+    }
+
+    /// [`Self::round_from_f64`] of every value of `src` into `out` (same length), in an AVX2 copy
+    /// where the processor has one ([`crate::simd`]): the bit path is branch-free selects the
+    /// compiler vectorizes there, so the same bits as one value at a time.
+    pub fn round_slice_from_f64(self, src: &[f64], out: &mut [f32]) {
+        assert_eq!(src.len(), out.len(), "round_slice_from_f64 lengths");
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::avx2() {
+            // SAFETY: the processor supports AVX2, checked just above.
+            return unsafe { round_from_f64_avx2(self, src, out) };
+        }
+        round_from_f64_plain(self, src, out)
+    }
+
     /// Whether every value of `other` is a value of this format, so rounding it here is the
     /// identity: f32 holds f16 and bf16 (wider exponent and mantissa), each format holds itself;
     /// f16 and bf16 hold neither of each other.
@@ -323,8 +357,125 @@ fn ulp_on_grid(x: f32, grid: &Grid) -> f32 {
     quantum(e, grid) as f32
 }
 
+/// The whole groups of eight of `src` rounded to f16 and widened back through F16C; returns how
+/// many values it wrote.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "f16c,avx")]
+unsafe fn round_f16_groups_f16c(src: &[f32], out: &mut [f32]) -> usize {
+    use std::arch::x86_64::*;
+    let groups = src.len() / 8;
+    for g in 0..groups {
+        let (from, to) = (&src[g * 8..g * 8 + 8], &mut out[g * 8..g * 8 + 8]);
+        // SAFETY: both slices hold exactly eight f32 (bounds-checked above); unaligned forms.
+        unsafe {
+            let half = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(from.as_ptr()));
+            _mm256_storeu_ps(to.as_mut_ptr(), _mm256_cvtph_ps(half));
+        }
+    }
+    groups * 8
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn round_avx2(format: FloatFormat, src: &[f32], out: &mut [f32]) {
+    round_plain(format, src, out)
+}
+
+#[inline(always)]
+fn round_plain(format: FloatFormat, src: &[f32], out: &mut [f32]) {
+    match format {
+        FloatFormat::F32 => out.copy_from_slice(src),
+        FloatFormat::F16 => out
+            .iter_mut()
+            .zip(src)
+            .for_each(|(o, x)| *o = round_f16(*x)),
+        FloatFormat::Bf16 => out
+            .iter_mut()
+            .zip(src)
+            .for_each(|(o, x)| *o = round_bf16(*x)),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn round_from_f64_avx2(format: FloatFormat, src: &[f64], out: &mut [f32]) {
+    round_from_f64_plain(format, src, out)
+}
+
+#[inline(always)]
+fn round_from_f64_plain(format: FloatFormat, src: &[f64], out: &mut [f32]) {
+    match format {
+        FloatFormat::F32 => out.iter_mut().zip(src).for_each(|(o, x)| *o = *x as f32),
+        FloatFormat::F16 => out
+            .iter_mut()
+            .zip(src)
+            .for_each(|(o, x)| *o = round_f16_from_f64(*x)),
+        FloatFormat::Bf16 => out
+            .iter_mut()
+            .zip(src)
+            .for_each(|(o, x)| *o = round_bf16_from_f64(*x)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    /// The slice roundings (F16C groups, AVX2 copies, scalar tails) give the bits of rounding one
+    /// value at a time, on ties, subnormals, overflow, infinities and NaN, at lengths that leave
+    /// tails.
+    #[test]
+    fn slice_rounding_matches_one_value_at_a_time() {
+        let mut values: Vec<f64> = vec![
+            0.0,
+            -0.0,
+            1.0 + 2f64.powi(-11),
+            1.0 + 3.0 * 2f64.powi(-11),
+            1.0 + 2f64.powi(-8),
+            65504.0,
+            65519.99,
+            65520.0,
+            -1e6,
+            6e-8,
+            3e-8,
+            1e-40,
+            3.4e38,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::NAN,
+        ];
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..1000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let unit = (seed >> 11) as f64 / (1u64 << 53) as f64 - 0.5;
+            values.push(unit * 2f64.powi((seed % 40) as i32 - 20));
+        }
+        for len in [values.len(), values.len() - 3, 7] {
+            let wide = &values[..len];
+            let narrow: Vec<f32> = wide.iter().map(|v| *v as f32).collect();
+            for fmt in [FloatFormat::F32, FloatFormat::F16, FloatFormat::Bf16] {
+                let mut out = vec![0f32; len];
+                fmt.round_slice(&narrow, &mut out);
+                let one: Vec<u32> = narrow.iter().map(|v| fmt.round(*v).to_bits()).collect();
+                assert_eq!(
+                    out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    one,
+                    "{fmt:?}"
+                );
+                fmt.round_slice_from_f64(wide, &mut out);
+                let one: Vec<u32> = wide
+                    .iter()
+                    .map(|v| fmt.round_from_f64(*v).to_bits())
+                    .collect();
+                assert_eq!(
+                    out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    one,
+                    "{fmt:?} f64"
+                );
+            }
+        }
+    }
+
     #[test]
     fn bf16_bit_path_equals_the_grid_rounding() {
         bit_path_equals_the_grid_rounding(&super::BF16_GRID, super::round_bf16_from_f64);

@@ -10,6 +10,7 @@ use serde::Serialize;
 use crate::merge::float::{F16_MAX, FloatFormat};
 use crate::merge::precision::Precision;
 use crate::merge::quant_format::QuantFormat;
+use crate::stats::lanes::{Chunk, LANES, Sums};
 
 /// The distribution of ΔW = W* − W_ref over one tensor (precision-independent).
 #[derive(Debug, Clone, Serialize)]
@@ -150,22 +151,14 @@ pub enum Values<'a> {
 
 impl Values<'_> {
     /// Values `start..start + out.len()` into `out`: the variant is matched once per chunk, so
-    /// each arm is a plain loop the compiler vectorizes (matched per element inside the
-    /// statistics loop it was not, and that loop was 5 % of a `check --precision all`'s CPU).
+    /// each arm is one vectorized slice operation (matched per element inside the statistics
+    /// loop it was not, and that loop was 5 % of a `check --precision all`'s CPU).
     fn fill(&self, start: usize, out: &mut [f32]) {
         let range = start..start + out.len();
         match self {
             Values::Stored(v) => out.copy_from_slice(&v[range]),
-            Values::RoundedF64(f, v) => {
-                for (o, x) in out.iter_mut().zip(&v[range]) {
-                    *o = f.round_from_f64(*x);
-                }
-            }
-            Values::Rounded(f, v) => {
-                for (o, x) in out.iter_mut().zip(&v[range]) {
-                    *o = f.round(*x);
-                }
-            }
+            Values::RoundedF64(f, v) => f.round_slice_from_f64(&v[range], out),
+            Values::Rounded(f, v) => f.round_slice(&v[range], out),
         }
     }
 
@@ -197,14 +190,8 @@ pub struct CandidateArrays<'a> {
 /// Computes every per-precision statistic in one pass.
 pub fn precision_stats(precision: Precision, a: &CandidateArrays<'_>) -> PrecisionStats {
     let limit = range_limit(precision);
-    let mut sum_err2 = 0.0;
-    let mut sum_floor2 = 0.0;
-    let mut sum_d2 = 0.0;
-    let mut dot = 0.0;
-    let mut sum_w2 = 0.0;
-    let mut max_abs_error = 0.0f64;
-    let (mut nan, mut inf, mut out_of_range) = (0, 0, 0);
-    let (mut nonzero, mut vanished) = (0usize, 0usize);
+    let mut sums = Sums::default();
+    let mut counts = Counts::default();
     let n = a.wstar.len();
     assert!(
         a.floor.len() == n && a.base_in_p.len() == n && a.candidate.is_none_or(|c| c.len() == n),
@@ -213,10 +200,14 @@ pub fn precision_stats(precision: Precision, a: &CandidateArrays<'_>) -> Precisi
     let (wstar, w_ref, user) = (&a.wstar[..n], &a.w_ref[..n], &a.wstar_user[..n]);
     let (floor, base_p, cand) = (a.floor, a.base_in_p, a.candidate);
     let limit = limit.unwrap_or(f64::INFINITY);
-    // The three derived arrays are produced a chunk at a time into stack buffers, then one
-    // branch-light pass (selects instead of ifs) runs over plain slices; the sums still run over
-    // i in order, so every statistic is the same bit for bit as element-by-element access.
+    // The three derived arrays are produced a chunk at a time into stack buffers. The float sums
+    // then run in four interleaved lanes ([`Sums`]: the same bits on every machine), the counts
+    // in one branch-light pass (selects instead of ifs; counts do not depend on order).
     const CHUNK: usize = 1024;
+    const _: () = assert!(
+        CHUNK.is_multiple_of(LANES),
+        "chunks start on a lane boundary"
+    );
     let (mut floor_buf, mut base_buf, mut cand_buf) = ([0f32; CHUNK], [0f32; CHUNK], [0f32; CHUNK]);
     for start in (0..n).step_by(CHUNK) {
         let len = CHUNK.min(n - start);
@@ -229,39 +220,34 @@ pub fn precision_stats(precision: Precision, a: &CandidateArrays<'_>) -> Precisi
             }
             None => &floor_buf[..len],
         };
-        for j in 0..len {
-            let i = start + j;
-            let ws = wstar[i];
-            let floor_i = floor_buf[j];
-            let base_p_i = base_buf[j];
-            let c32 = cand_chunk[j];
-            let c = c32 as f64;
-            let d = ws - w_ref[i] as f64;
-            let finite = c32.is_finite();
-            nan += c32.is_nan() as usize;
-            inf += c32.is_infinite() as usize;
-            let e = if finite { c - ws } else { 0.0 };
-            sum_err2 += e * e;
-            max_abs_error = max_abs_error.max(e.abs());
-            out_of_range += (user[i].abs() > limit) as usize;
-            let f = floor_i as f64 - ws;
-            sum_floor2 += if f.is_finite() { f * f } else { 0.0 };
-            sum_d2 += d * d;
-            sum_w2 += ws * ws;
-            dot += if finite {
-                (c - base_p_i as f64) * d
-            } else {
-                0.0
-            };
-            let moved = d != 0.0;
-            nonzero += moved as usize;
-            let lost = match precision {
-                Precision::Float(fmt) => d.abs() < half_ulp(fmt, w_ref[i]),
-                Precision::Quant(_) => c32 == base_p_i,
-            };
-            vanished += (moved && lost) as usize;
-        }
+        let range = start..start + len;
+        sums.add(Chunk {
+            wstar: &wstar[range.clone()],
+            w_ref: &w_ref[range.clone()],
+            candidate: cand_chunk,
+            floor: &floor_buf[..len],
+            base_in_p: &base_buf[..len],
+        });
+        counts.add(
+            precision,
+            limit,
+            (&wstar[range.clone()], &w_ref[range.clone()], &user[range]),
+            (cand_chunk, &base_buf[..len]),
+        );
     }
+    let Counts {
+        nan,
+        inf,
+        out_of_range,
+        nonzero,
+        vanished,
+    } = counts;
+    let sum_err2 = Sums::total(sums.err2);
+    let sum_floor2 = Sums::total(sums.floor2);
+    let sum_d2 = Sums::total(sums.d2);
+    let sum_w2 = Sums::total(sums.w2);
+    let dot = Sums::total(sums.dot);
+    let max_abs_error = Sums::max(sums.max_abs);
     let delta_norm = sum_d2.sqrt();
     let rel = |x: f64| (delta_norm > 0.0).then(|| x.sqrt() / delta_norm);
     let rel_error = if nan + inf > 0 {
@@ -286,6 +272,90 @@ pub fn precision_stats(precision: Precision, a: &CandidateArrays<'_>) -> Precisi
         nan,
         inf,
         out_of_range,
+    }
+}
+
+/// The counted statistics of one tensor in one precision.
+#[derive(Default)]
+struct Counts {
+    nan: usize,
+    inf: usize,
+    out_of_range: usize,
+    /// Entries the update moves (d ≠ 0).
+    nonzero: usize,
+    /// Moved entries the precision loses (below half an ulp, or quantized back onto the base).
+    vanished: usize,
+}
+
+impl Counts {
+    /// Counts one chunk: W*, W_ref and the user's W* (`exact`), the candidate and the base stored
+    /// in the precision (`stored`), in an AVX2 copy where the processor has one: counts do not
+    /// depend on order, so whatever the compiler vectorizes there gives the same numbers.
+    fn add(
+        &mut self,
+        precision: Precision,
+        limit: f64,
+        exact: (&[f64], &[f32], &[f64]),
+        stored: (&[f32], &[f32]),
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::avx2() {
+            // SAFETY: the processor supports AVX2, checked just above.
+            return unsafe { self.add_avx2(precision, limit, exact, stored) };
+        }
+        self.add_plain(precision, limit, exact, stored)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn add_avx2(
+        &mut self,
+        precision: Precision,
+        limit: f64,
+        exact: (&[f64], &[f32], &[f64]),
+        stored: (&[f32], &[f32]),
+    ) {
+        self.add_plain(precision, limit, exact, stored)
+    }
+
+    #[inline(always)]
+    fn add_plain(
+        &mut self,
+        precision: Precision,
+        limit: f64,
+        (wstar, w_ref, user): (&[f64], &[f32], &[f64]),
+        (cand, base_p): (&[f32], &[f32]),
+    ) {
+        let n = wstar.len();
+        let (w_ref, user, cand, base_p) = (&w_ref[..n], &user[..n], &cand[..n], &base_p[..n]);
+        for i in 0..n {
+            let c32 = cand[i];
+            self.nan += c32.is_nan() as usize;
+            self.inf += c32.is_infinite() as usize;
+            self.out_of_range += (user[i].abs() > limit) as usize;
+        }
+        // One loop per kind of loss, so neither matches per element; zipped slices (no index
+        // to bounds-check) and `&` rather than `&&` (no branch).
+        let (mut nonzero, mut vanished) = (0usize, 0usize);
+        match precision {
+            Precision::Float(fmt) => {
+                for (ws, w) in wstar.iter().zip(w_ref) {
+                    let d = ws - *w as f64;
+                    let moved = d != 0.0;
+                    nonzero += moved as usize;
+                    vanished += (moved & (d.abs() < half_ulp(fmt, *w))) as usize;
+                }
+            }
+            Precision::Quant(_) => {
+                for (((ws, w), c), b) in wstar.iter().zip(w_ref).zip(cand).zip(base_p) {
+                    let moved = ws - *w as f64 != 0.0;
+                    nonzero += moved as usize;
+                    vanished += (moved & (c == b)) as usize;
+                }
+            }
+        }
+        self.nonzero += nonzero;
+        self.vanished += vanished;
     }
 }
 
