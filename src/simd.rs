@@ -20,3 +20,30 @@ pub fn avx2() -> bool {
         false
     }
 }
+
+/// Defines a function whose body runs in an AVX2 copy where the processor has one ([`avx2`]), and
+/// as plain code elsewhere: the body is compiled twice (an `#[inline(always)]` function and a
+/// `#[target_feature(enable = "avx2")]` wrapper around it). For element-wise loops whose every
+/// lane rounds as the scalar code does (no reassociated sums, no FMA), so both copies give the
+/// same bits.
+macro_rules! avx2_copy {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn plain($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2")]
+            unsafe fn with_avx2($($arg: $ty),*) {
+                plain($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            if $crate::simd::avx2() {
+                // SAFETY: the processor supports AVX2, checked just above.
+                return unsafe { with_avx2($($arg),*) };
+            }
+            plain($($arg),*)
+        }
+    };
+}
+pub(crate) use avx2_copy;

@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use super::{ModelError, Unsupported};
 use crate::dense::{View, gemm_acc};
 use crate::exp;
+use crate::simd::avx2_copy;
 
 /// Elements per parallel work unit of the element-wise kernels.
 const CHUNK: usize = 4096;
@@ -93,6 +94,81 @@ impl CustomOp2 for LinearProduct {
     }
 }
 
+// The element-wise loops of the ops below, each in an AVX2 copy (`simd::avx2_copy`: the same
+// bits, eight lanes where the baseline build has four).
+
+avx2_copy! {
+    /// out = y + t.
+    fn add_into(out: &mut [f32], y: &[f32], t: &[f32]) {
+        for ((o, y), t) in out.iter_mut().zip(y).zip(t) {
+            *o = y + t;
+        }
+    }
+}
+
+avx2_copy! {
+    /// out = y + (t · s + 0), candle's affine map of a scaled LoRA term.
+    fn add_scaled_into(out: &mut [f32], y: &[f32], t: &[f32], s: f32) {
+        for ((o, y), t) in out.iter_mut().zip(y).zip(t) {
+            *o = y + (t * s + 0.0);
+        }
+    }
+}
+
+avx2_copy! {
+    /// out = w · (x · inv), an RMS-normalized row.
+    fn scale_weighted_into(out: &mut [f32], x: &[f32], w: &[f32], inv: f32) {
+        for ((o, x), w) in out.iter_mut().zip(x).zip(w) {
+            *o = w * (x * inv);
+        }
+    }
+}
+
+avx2_copy! {
+    /// out ·= up, the gate times the up projection.
+    fn mul_in_place(out: &mut [f32], up: &[f32]) {
+        for (o, u) in out.iter_mut().zip(up) {
+            *o *= u;
+        }
+    }
+}
+
+avx2_copy! {
+    /// out = −x.
+    fn negate_into(out: &mut [f32], x: &[f32]) {
+        for (o, x) in out.iter_mut().zip(x) {
+            *o = -x;
+        }
+    }
+}
+
+avx2_copy! {
+    /// out = x / (1 + out), SiLU from out = e^−x.
+    fn silu_from_exp(out: &mut [f32], x: &[f32]) {
+        for (o, x) in out.iter_mut().zip(x) {
+            *o = x / (1.0 + *o);
+        }
+    }
+}
+
+avx2_copy! {
+    /// v −= by.
+    fn sub_in_place(v: &mut [f32], by: f32) {
+        for o in v.iter_mut() {
+            *o -= by;
+        }
+    }
+}
+
+avx2_copy! {
+    /// v /= by.
+    fn div_in_place(v: &mut [f32], by: f32) {
+        for o in v.iter_mut() {
+            *o /= by;
+        }
+    }
+}
+
 /// `y + (t · scale + 0)` element-wise in f32: a LoRA term scaled exactly as candle's `Tensor * f64`
 /// (its affine map `v · mul + add`) and added, in one pass on rayon's pool (see [`add`]).
 pub(crate) fn add_scaled(y: &Tensor, t: &Tensor, scale: f64) -> Result<Tensor, ModelError> {
@@ -125,16 +201,8 @@ impl CustomOp2 for AddScaled {
         out.par_chunks_mut(CHUNK)
             .zip(y.par_chunks(CHUNK).zip(t.par_chunks(CHUNK)))
             .for_each(|(out, (y, t))| match self.scale {
-                None => {
-                    for ((o, y), t) in out.iter_mut().zip(y).zip(t) {
-                        *o = y + t;
-                    }
-                }
-                Some(s) => {
-                    for ((o, y), t) in out.iter_mut().zip(y).zip(t) {
-                        *o = y + (t * s + 0.0);
-                    }
-                }
+                None => add_into(out, y, t),
+                Some(s) => add_scaled_into(out, y, t, s),
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -173,9 +241,7 @@ impl CustomOp2 for RmsNorm {
                 let squares: f64 = x.iter().map(|v| (*v as f64) * (*v as f64)).sum();
                 let mean = squares / x.len() as f64;
                 let inv = 1.0 / (mean as f32 + self.eps as f32).sqrt();
-                for ((o, x), w) in out.iter_mut().zip(x).zip(w) {
-                    *o = w * (x * inv);
-                }
+                scale_weighted_into(out, x, w, inv);
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -285,13 +351,9 @@ impl Activation {
         if self == Activation::Silu {
             // x / (1 + e^-x): for very negative x the denominator is inf and the result -0, as
             // in torch.
-            for (o, x) in out.iter_mut().zip(x) {
-                *o = -x;
-            }
+            negate_into(out, x);
             exp::exp_f32_in_place(out);
-            for (o, x) in out.iter_mut().zip(x) {
-                *o = x / (1.0 + *o);
-            }
+            silu_from_exp(out, x);
             return;
         }
         for (o, x) in out.iter_mut().zip(x) {
@@ -369,9 +431,7 @@ impl CustomOp2 for Activate {
             .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
             .for_each(|(out, (gate, up))| {
                 self.act.chunk(gate, out);
-                for (o, u) in out.iter_mut().zip(up) {
-                    *o *= u;
-                }
+                mul_in_place(out, up);
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -503,14 +563,11 @@ impl CausalAttention {
             *o = self.score(*o);
             max = max.max(*o);
         }
-        for o in visible.iter_mut() {
-            *o -= max;
-        }
+        sub_in_place(visible, max);
         exp::exp_f32_in_place(visible);
+        // In order, as the scores always were summed (a reassociated sum would move the bits).
         let sum: f32 = visible.iter().fold(0.0, |s, e| s + e);
-        for o in visible.iter_mut() {
-            *o /= sum;
-        }
+        div_in_place(visible, sum);
         row[..lo].fill(0.0);
         row[hi..].fill(0.0);
     }
