@@ -314,11 +314,11 @@ pub fn merge_peft(
     updates: &[Update],
     dtype: FloatFormat,
 ) -> Vec<f32> {
-    let mut w: Vec<f32> = dtype.round_vec(base);
+    let mut w: Vec<f32> = base.iter().map(|v| dtype.round(*v)).collect();
     for update in updates {
         match update {
             Update::Replace(values) => {
-                w = dtype.round_vec(values);
+                w = values.iter().map(|v| dtype.round(*v)).collect();
             }
             Update::LowRank(lr) => {
                 let delta = lr.delta_peft_f32(rows, cols);
@@ -329,13 +329,9 @@ pub fn merge_peft(
                             .for_each(|(w, d)| *w = dtype.round(*w + dtype.round(*d)));
                     }
                     (None, _) => {
-                        // w + d in f32, then rounded: per chunk, as two vectorized passes.
-                        w.par_chunks_mut(1 << 16)
-                            .zip(delta.par_chunks(1 << 16))
-                            .for_each(|(w, d)| {
-                                w.iter_mut().zip(d).for_each(|(w, d)| *w += *d);
-                                dtype.round_in_place(w);
-                            });
+                        w.par_iter_mut()
+                            .zip(&delta)
+                            .for_each(|(w, d)| *w = dtype.round(*w + *d));
                     }
                     (Some(m), layout) => {
                         let mut v: Vec<f32> = w.iter().zip(&delta).map(|(w, d)| *w + *d).collect();

@@ -8,7 +8,7 @@
 use thiserror::Error;
 
 use super::delta::{self, Layout, LowRank, Update, transpose};
-use super::float::FloatFormat;
+use super::float::{FloatFormat, round_bf16_from_f64, round_f16_from_f64, round_f32_from_f64};
 use super::ggml::GgmlType;
 use super::precision::{Precision, Recipe};
 use super::quant::GGML_QK;
@@ -668,11 +668,15 @@ pub fn merged_float(
     }
 }
 
-/// The exact merge W* rounded once to `dtype`: the exact recipe's merged tensor, rounded in
-/// parallel vectorized chunks ([`FloatFormat::round_vec_from_f64`]; an out-of-line call per
-/// element was once 5 % of a default check's CPU).
+/// The exact merge W* rounded once to `dtype`: the exact recipe's merged tensor. One loop per
+/// format (the rounding inlined in each; an out-of-line call per element was 5 % of a default
+/// check's CPU).
 pub fn round_exact(exact: &[f64], dtype: FloatFormat) -> Vec<f32> {
-    dtype.round_vec_from_f64(exact)
+    match dtype {
+        FloatFormat::F32 => exact.iter().map(|v| round_f32_from_f64(*v)).collect(),
+        FloatFormat::F16 => exact.iter().map(|v| round_f16_from_f64(*v)).collect(),
+        FloatFormat::Bf16 => exact.iter().map(|v| round_bf16_from_f64(*v)).collect(),
+    }
 }
 
 /// Statistics of one tensor in one precision, with a note when the format had to fall back.

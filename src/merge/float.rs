@@ -193,46 +193,6 @@ impl FloatFormat {
         round_plain(self, &src[done..], &mut out[done..])
     }
 
-    /// [`Self::round`] of every value of `v`, in place, with the same bits (F16C groups for
-    /// f16, as [`Self::round_slice`]).
-    pub fn round_in_place(self, v: &mut [f32]) {
-        let mut done = 0;
-        #[cfg(target_arch = "x86_64")]
-        if self == FloatFormat::F16 && std::arch::is_x86_feature_detected!("f16c") {
-            // SAFETY: the processor supports F16C (and so AVX), checked just above.
-            done = unsafe { round_f16_groups_in_place_f16c(v) };
-        }
-        let rest = &mut v[done..];
-        #[cfg(target_arch = "x86_64")]
-        if crate::simd::avx2() {
-            // SAFETY: the processor supports AVX2, checked just above.
-            return unsafe { round_in_place_avx2(self, rest) };
-        }
-        round_in_place_plain(self, rest)
-    }
-
-    /// A new vector of [`Self::round_from_f64`] of every value of `src`, rounded in parallel
-    /// chunks on rayon's pool ([`Self::round_slice_from_f64`] each): the candidates' merged
-    /// weights are built this way just before their forward uses them.
-    pub fn round_vec_from_f64(self, src: &[f64]) -> Vec<f32> {
-        use rayon::prelude::*;
-        let mut out = vec![0f32; src.len()];
-        out.par_chunks_mut(ROUND_CHUNK)
-            .zip(src.par_chunks(ROUND_CHUNK))
-            .for_each(|(o, x)| self.round_slice_from_f64(x, o));
-        out
-    }
-
-    /// A new vector of [`Self::round`] of every value of `src`, in parallel chunks.
-    pub fn round_vec(self, src: &[f32]) -> Vec<f32> {
-        use rayon::prelude::*;
-        let mut out = vec![0f32; src.len()];
-        out.par_chunks_mut(ROUND_CHUNK)
-            .zip(src.par_chunks(ROUND_CHUNK))
-            .for_each(|(o, x)| self.round_slice(x, o));
-        out
-    }
-
     /// [`Self::round_from_f64`] of every value of `src` into `out` (same length), in an AVX2 copy
     /// where the processor has one ([`crate::simd`]): the bit path is branch-free selects the
     /// compiler vectorizes there, so the same bits as one value at a time.
@@ -395,42 +355,6 @@ fn ulp_on_grid(x: f32, grid: &Grid) -> f32 {
         binade_f64(magnitude)
     };
     quantum(e, grid) as f32
-}
-
-/// Values per rayon task of the parallel roundings (256 KiB of f32).
-const ROUND_CHUNK: usize = 1 << 16;
-
-/// [`round_f16_groups_f16c`] in place.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "f16c,avx")]
-unsafe fn round_f16_groups_in_place_f16c(v: &mut [f32]) -> usize {
-    use std::arch::x86_64::*;
-    let groups = v.len() / 8;
-    for g in 0..groups {
-        let group = &mut v[g * 8..g * 8 + 8];
-        // SAFETY: the slice holds exactly eight f32 (bounds-checked above); unaligned forms.
-        unsafe {
-            let half =
-                _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(group.as_ptr()));
-            _mm256_storeu_ps(group.as_mut_ptr(), _mm256_cvtph_ps(half));
-        }
-    }
-    groups * 8
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn round_in_place_avx2(format: FloatFormat, v: &mut [f32]) {
-    round_in_place_plain(format, v)
-}
-
-#[inline(always)]
-fn round_in_place_plain(format: FloatFormat, v: &mut [f32]) {
-    match format {
-        FloatFormat::F32 => {}
-        FloatFormat::F16 => v.iter_mut().for_each(|x| *x = round_f16(*x)),
-        FloatFormat::Bf16 => v.iter_mut().for_each(|x| *x = round_bf16(*x)),
-    }
 }
 
 /// The whole groups of eight of `src` rounded to f16 and widened back through F16C; returns how
