@@ -15,6 +15,8 @@
 
 use half::{bf16, f16};
 
+use crate::simd::avx2_copy;
+
 /// Largest finite f16, `0x7BFF`.
 pub const F16_MAX: f32 = 65504.0;
 /// Largest finite bf16, `0x7F7F` (= (2 − 2⁻⁷)·2¹²⁷ ≈ 3.3895314e38).
@@ -185,12 +187,7 @@ impl FloatFormat {
             // SAFETY: the processor supports F16C (and so AVX), checked just above.
             done = unsafe { round_f16_groups_f16c(src, out) };
         }
-        #[cfg(target_arch = "x86_64")]
-        if crate::simd::avx2() {
-            // SAFETY: the processor supports AVX2, checked just above.
-            return unsafe { round_avx2(self, &src[done..], &mut out[done..]) };
-        }
-        round_plain(self, &src[done..], &mut out[done..])
+        round_values(self, &src[done..], &mut out[done..])
     }
 
     /// [`Self::round_from_f64`] of every value of `src` into `out` (same length), in an AVX2 copy
@@ -198,12 +195,7 @@ impl FloatFormat {
     /// compiler vectorizes there, so the same bits as one value at a time.
     pub fn round_slice_from_f64(self, src: &[f64], out: &mut [f32]) {
         assert_eq!(src.len(), out.len(), "round_slice_from_f64 lengths");
-        #[cfg(target_arch = "x86_64")]
-        if crate::simd::avx2() {
-            // SAFETY: the processor supports AVX2, checked just above.
-            return unsafe { round_from_f64_avx2(self, src, out) };
-        }
-        round_from_f64_plain(self, src, out)
+        round_values_from_f64(self, src, out)
     }
 
     /// Whether every value of `other` is a value of this format, so rounding it here is the
@@ -375,45 +367,26 @@ unsafe fn round_f16_groups_f16c(src: &[f32], out: &mut [f32]) -> usize {
     groups * 8
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn round_avx2(format: FloatFormat, src: &[f32], out: &mut [f32]) {
-    round_plain(format, src, out)
-}
-
-#[inline(always)]
-fn round_plain(format: FloatFormat, src: &[f32], out: &mut [f32]) {
-    match format {
-        FloatFormat::F32 => out.copy_from_slice(src),
-        FloatFormat::F16 => out
-            .iter_mut()
-            .zip(src)
-            .for_each(|(o, x)| *o = round_f16(*x)),
-        FloatFormat::Bf16 => out
-            .iter_mut()
-            .zip(src)
-            .for_each(|(o, x)| *o = round_bf16(*x)),
+avx2_copy! {
+    /// `format`'s rounding of each value of `src` into `out`.
+    fn round_values(format: FloatFormat, src: &[f32], out: &mut [f32]) {
+        match format {
+            FloatFormat::F32 => out.copy_from_slice(src),
+            FloatFormat::F16 => out.iter_mut().zip(src).for_each(|(o, x)| *o = round_f16(*x)),
+            FloatFormat::Bf16 => out.iter_mut().zip(src).for_each(|(o, x)| *o = round_bf16(*x)),
+        }
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn round_from_f64_avx2(format: FloatFormat, src: &[f64], out: &mut [f32]) {
-    round_from_f64_plain(format, src, out)
-}
-
-#[inline(always)]
-fn round_from_f64_plain(format: FloatFormat, src: &[f64], out: &mut [f32]) {
-    match format {
-        FloatFormat::F32 => out.iter_mut().zip(src).for_each(|(o, x)| *o = *x as f32),
-        FloatFormat::F16 => out
-            .iter_mut()
-            .zip(src)
-            .for_each(|(o, x)| *o = round_f16_from_f64(*x)),
-        FloatFormat::Bf16 => out
-            .iter_mut()
-            .zip(src)
-            .for_each(|(o, x)| *o = round_bf16_from_f64(*x)),
+avx2_copy! {
+    /// `format`'s single rounding of each f64 of `src` into `out`.
+    fn round_values_from_f64(format: FloatFormat, src: &[f64], out: &mut [f32]) {
+        let pairs = out.iter_mut().zip(src);
+        match format {
+            FloatFormat::F32 => pairs.for_each(|(o, x)| *o = round_f32_from_f64(*x)),
+            FloatFormat::F16 => pairs.for_each(|(o, x)| *o = round_f16_from_f64(*x)),
+            FloatFormat::Bf16 => pairs.for_each(|(o, x)| *o = round_bf16_from_f64(*x)),
+        }
     }
 }
 
