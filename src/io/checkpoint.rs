@@ -20,6 +20,7 @@ use thiserror::Error;
 
 use crate::io::gguf::{self, GgufHeader, names::RowOrder};
 use crate::merge::ggml::{self, GgmlType};
+use crate::simd::avx2_copy;
 
 /// Storage dtype of one tensor. Only the float formats can be read as numbers; the rest are kept
 /// by name so an inventory (and a quantized-base finding) can still be produced.
@@ -526,16 +527,7 @@ impl Checkpoint {
     /// it resident: peak memory stays a few tensors wide.
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>, CheckpointError> {
         let (info, bytes) = self.raw(name)?;
-        let values = match info.ggml {
-            Some(ty) => ggml::dequantize(ty, bytes, info.numel()).map_err(|e| {
-                CheckpointError::UnsupportedGgml {
-                    tensor: info.name.clone(),
-                    ty: ty.name(),
-                    reason: e.to_string(),
-                }
-            }),
-            _ => decode_f32(info, bytes),
-        };
+        let values = to_f32(info, bytes);
         self.release(info);
         reorder_rows(info, values?)
     }
@@ -577,16 +569,7 @@ impl Checkpoint {
         sub.shape = vec![rows.len(), cols];
         sub.start = info.start + rows.start * row_bytes;
         sub.end = sub.start + part.len();
-        let values = match info.ggml {
-            Some(ty) => ggml::dequantize(ty, part, sub.numel()).map_err(|e| {
-                CheckpointError::UnsupportedGgml {
-                    tensor: info.name.clone(),
-                    ty: ty.name(),
-                    reason: e.to_string(),
-                }
-            }),
-            _ => decode_f32(&sub, part),
-        };
+        let values = to_f32(&sub, part);
         self.release(&sub);
         values
     }
@@ -723,6 +706,21 @@ fn is_gguf(path: &Path) -> bool {
         .is_ok_and(|()| gguf::has_magic(&magic))
 }
 
+/// The f32 values of a tensor's (or a run of its rows') stored bytes: ggml blocks dequantized,
+/// float dtypes decoded.
+fn to_f32(info: &TensorInfo, bytes: &[u8]) -> Result<Vec<f32>, CheckpointError> {
+    match info.ggml {
+        Some(ty) => ggml::dequantize(ty, bytes, info.numel()).map_err(|e| {
+            CheckpointError::UnsupportedGgml {
+                tensor: info.name.clone(),
+                ty: ty.name(),
+                reason: e.to_string(),
+            }
+        }),
+        None => decode_f32(info, bytes),
+    }
+}
+
 /// Converts little-endian tensor bytes of a float dtype to f32.
 pub fn decode_f32(info: &TensorInfo, bytes: &[u8]) -> Result<Vec<f32>, CheckpointError> {
     let width = info
@@ -781,27 +779,13 @@ fn decode_parallel(
     out
 }
 
-/// Little-endian bf16 values widened to f32 into `out`, in an AVX2 copy where the processor has
-/// one ([`crate::simd`]): the widening is a shift, eight values per instruction there.
-fn widen_bf16(bytes: &[u8], out: &mut [MaybeUninit<f32>]) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::simd::avx2() {
-        // SAFETY: the processor supports AVX2, checked just above.
-        return unsafe { widen_bf16_avx2(bytes, out) };
-    }
-    widen_bf16_plain(bytes, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn widen_bf16_avx2(bytes: &[u8], out: &mut [MaybeUninit<f32>]) {
-    widen_bf16_plain(bytes, out)
-}
-
-#[inline(always)]
-fn widen_bf16_plain(bytes: &[u8], out: &mut [MaybeUninit<f32>]) {
-    for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-        o.write(bf16_to_f32([c[0], c[1]]));
+avx2_copy! {
+    /// Little-endian bf16 values widened to f32 into `out` (an AVX2 copy where the processor has
+    /// one: the widening is a shift, eight values per instruction there).
+    fn widen_bf16(bytes: &[u8], out: &mut [MaybeUninit<f32>]) {
+        for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+            o.write(bf16_to_f32([c[0], c[1]]));
+        }
     }
 }
 
